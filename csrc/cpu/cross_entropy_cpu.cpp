@@ -1,0 +1,206 @@
+// CPU implementations of the fused_ce operators: argument unpacking, target
+// validation and threading around the SIMD kernels of
+// cross_entropy_kernel.cpp.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../cross_entropy.h"
+#include "cross_entropy_kernel.h"
+
+namespace fused_ce {
+namespace {
+
+// The kernels' torch-free storage type for each ATen scalar type.
+template <typename scalar_t>
+struct StorageOf {
+  using type = scalar_t;
+};
+template <>
+struct StorageOf<at::BFloat16> {
+  using type = cpu::BFloat16Bits;
+};
+template <>
+struct StorageOf<at::Half> {
+  using type = cpu::Float16Bits;
+};
+
+cpu::Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Fills the problem description shared by every mode.
+template <typename T>
+cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
+                             const at::Tensor& weight_acc, const ProblemShape& shape,
+                             int64_t ignore_index, double label_smoothing) {
+  using Acc = cpu::acc_t<T>;
+  cpu::KernelArgs<T> args;
+  args.N = shape.N;
+  args.C = shape.C;
+  args.D = shape.D;
+  args.input = reinterpret_cast<const T*>(input.const_data_ptr());
+  args.input_strides = strides3(input);
+  if (shape.probability_target) {
+    args.prob_target = reinterpret_cast<const T*>(target.const_data_ptr());
+    args.prob_target_strides = strides3(target);
+  } else {
+    args.class_target = target.const_data_ptr<int64_t>();
+    args.class_target_stride_n = target.stride(0);
+    args.class_target_stride_d = target.stride(1);
+  }
+  if (weight_acc.defined()) {
+    args.weight = weight_acc.const_data_ptr<Acc>();
+    args.weight_sum = weight_acc.sum(at::kDouble).item<double>();
+  } else {
+    args.weight_sum = Acc(shape.C);
+  }
+  args.ignore_index = ignore_index;
+  args.label_smoothing = Acc(label_smoothing);
+  args.use_row_kernel = !shape.probability_target && input.stride(1) == 1 &&
+                        shape.C >= cpu::kRowKernelMinClasses;
+  return args;
+}
+
+// Checks every class-index target and returns the mean's denominator: the
+// sum of the targets' weights over non-ignored elements (their count without
+// weights), or the number of elements for probability targets. Accumulates
+// in float64 so that counts stay exact far beyond 2^24 elements.
+double validate_targets_and_total_weight(const at::Tensor& target, const at::Tensor& weight_acc,
+                                         const ProblemShape& shape, int64_t ignore_index) {
+  if (shape.probability_target) return double(shape.N) * double(shape.D);
+  const at::Tensor weight64 = weight_acc.defined() ? weight_acc.to(at::kDouble) : at::Tensor();
+  const double* w = weight64.defined() ? weight64.const_data_ptr<double>() : nullptr;
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t sn = target.stride(0), sd = target.stride(1);
+  double total = 0;
+  for (int64_t n = 0; n < shape.N; ++n) {
+    for (int64_t d = 0; d < shape.D; ++d) {
+      const int64_t t = y[n * sn + d * sd];
+      if (t == ignore_index) continue;
+      TORCH_CHECK_INDEX(t >= 0 && t < shape.C, "Target ", t, " is out of bounds.");
+      total += w ? w[t] : 1.0;
+    }
+  }
+  return total;
+}
+
+template <typename T>
+void launch(const cpu::KernelArgs<T>& args) {
+  const int64_t items = cpu::num_work_items(args);
+  if (items == 0) return;
+  // About 64k elements per task: enough to amortise scheduling, small
+  // enough to balance rows across threads.
+  const int64_t per_item = args.C * (args.use_row_kernel ? 1 : cpu::tile_positions<T>());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
+  at::parallel_for(0, items, grain,
+                   [&](int64_t begin, int64_t end) { cpu::run_kernel(args, begin, end); });
+}
+
+// Shared body of the two forward operators. grad_input is undefined for the
+// plain forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, Reduction reduction, at::Tensor grad_input) {
+  const ProblemShape shape = check_arguments(input, target, weight, label_smoothing);
+  const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
+  const double total_weight =
+      validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
+  const auto acc_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  at::Tensor loss = at::empty({shape.N, shape.D}, acc_options);
+  at::Tensor lse = at::empty({shape.N, shape.D}, acc_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fused_ce_forward_cpu", [&] {
+    using T = typename StorageOf<scalar_t>::type;
+    using Acc = cpu::acc_t<T>;
+    cpu::KernelArgs<T> args =
+        make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
+    args.compute_forward = true;
+    args.loss = loss.mutable_data_ptr<Acc>();
+    args.lse = lse.mutable_data_ptr<Acc>();
+    if (grad_input.defined()) {
+      // d(mean)/d(loss_i) = 1 / total_weight: inf when every target is
+      // ignored, but ignored positions get an exact 0 and there are no others.
+      args.grad_scale = reduction == Reduction::Mean ? Acc(1.0 / total_weight) : Acc(1);
+      args.grad_input = reinterpret_cast<T*>(grad_input.mutable_data_ptr());
+      args.grad_input_strides = strides3(grad_input);
+    }
+    launch(args);
+  });
+  return {loss, lse, at::scalar_tensor(total_weight, acc_options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input,
+                                                           const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           int64_t ignore_index,
+                                                           double label_smoothing) {
+  return forward_impl(input, target, weight, ignore_index, label_smoothing, Reduction::None,
+                      at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  TORCH_CHECK(reduction == int64_t(Reduction::Mean) || reduction == int64_t(Reduction::Sum),
+              "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got ", reduction);
+  // Same strides as the input when it is dense, so that the gradient of a
+  // channels-last or transposed input keeps its layout.
+  at::Tensor grad_input = at::empty_like(input);
+  auto [loss, lse, total_weight] = forward_impl(input, target, weight, ignore_index,
+                                                label_smoothing, Reduction(reduction), grad_input);
+  return {loss, lse, total_weight, grad_input};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
+                                                const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight,
+                                                const at::Tensor& lse, int64_t ignore_index,
+                                                double label_smoothing, bool input_grad,
+                                                bool target_grad) {
+  const ProblemShape shape = check_arguments(input, target, weight, label_smoothing);
+  check_per_element(grad_loss, "grad_loss", input, shape);
+  check_per_element(lse, "lse", input, shape);
+  TORCH_CHECK(!target_grad || shape.probability_target,
+              "fused_ce: target_grad needs probability targets");
+  const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
+  validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
+  const at::Tensor lse_contiguous = lse.contiguous();
+  at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor grad_target = target_grad ? at::empty_like(target) : at::empty({0}, target.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fused_ce_backward_cpu", [&] {
+    using T = typename StorageOf<scalar_t>::type;
+    using Acc = cpu::acc_t<T>;
+    cpu::KernelArgs<T> args =
+        make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
+    args.compute_forward = false;
+    args.saved_lse = lse_contiguous.const_data_ptr<Acc>();
+    args.grad_loss = grad_loss.const_data_ptr<Acc>();
+    args.grad_loss_stride_n = grad_loss.stride(0);
+    args.grad_loss_stride_d = grad_loss.stride(1);
+    if (input_grad) {
+      args.grad_input = reinterpret_cast<T*>(grad_input.mutable_data_ptr());
+      args.grad_input_strides = strides3(grad_input);
+    }
+    if (target_grad) {
+      args.grad_target = reinterpret_cast<T*>(grad_target.mutable_data_ptr());
+      args.grad_target_strides = strides3(grad_target);
+    }
+    if (input_grad || target_grad) launch(args);
+  });
+  return {grad_input, grad_target};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
+  m.impl("cross_entropy_forward", &forward_cpu);
+  m.impl("cross_entropy_forward_with_grad", &forward_with_grad_cpu);
+  m.impl("cross_entropy_backward", &backward_cpu);
+}
+
+}  // namespace fused_ce

@@ -1,0 +1,504 @@
+// Fused log-softmax + NLL kernels for the CPU: forward, forward with the
+// gradient, and backward, for class-index and probability targets.
+//
+// Two loop structures share one set of formulas (DESIGN.md section 2):
+//
+//  * RowKernel: the class axis is contiguous and long (language models,
+//    ImageNet classifiers). One position at a time, vectorised along the
+//    classes. The row stays in L1/L2 between its passes, so memory sees one
+//    read of the logits and, with a gradient, one write.
+//  * TileKernel: everything else (few classes, class-strided (N, C, d...)
+//    layouts, probability targets). One position per SIMD lane: a tile of
+//    positions is gathered into a class-major buffer and the classes are
+//    walked with the positions side by side in the vector lanes.
+//
+// Every function below is inlined into run_kernel(), which is compiled once
+// per instruction set (FUSED_CE_MULTIVERSION) and selected at load time.
+
+#include "cross_entropy_kernel.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// AVX-512 (x86-64-v4), AVX2 + FMA + F16C (x86-64-v3) and baseline SSE2.
+#define FUSED_CE_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FUSED_CE_HAS_MULTIVERSION 1
+#else
+#define FUSED_CE_MULTIVERSION
+#define FUSED_CE_HAS_MULTIVERSION 0
+#endif
+
+namespace fused_ce {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Conversions between storage and accumulate types.
+
+FUSED_CE_INLINE float to_acc(float v) { return v; }
+FUSED_CE_INLINE double to_acc(double v) { return v; }
+FUSED_CE_INLINE float to_acc(BFloat16Bits v) {
+  const uint32_t bits = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+FUSED_CE_INLINE float to_acc(Float16Bits v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, sizeof h);
+  return float(h);
+}
+
+template <typename T>
+FUSED_CE_INLINE T from_acc(acc_t<T> v) {
+  return T(v);
+}
+template <>
+FUSED_CE_INLINE BFloat16Bits from_acc<BFloat16Bits>(float v) {
+  // Round to nearest even, as c10::BFloat16 does; NaN stays a quiet NaN.
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if (v != v) return BFloat16Bits{0x7FC0};
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return BFloat16Bits{uint16_t(bits >> 16)};
+}
+template <>
+FUSED_CE_INLINE Float16Bits from_acc<Float16Bits>(float v) {
+  const _Float16 h = _Float16(v);
+  Float16Bits out;
+  std::memcpy(&out.bits, &h, sizeof h);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for contiguous accumulate-type rows.
+
+// Loads up to one vector from p; lanes past `count` hold `fill`.
+template <typename Vec, typename Acc>
+FUSED_CE_INLINE Vec load_partial(const Acc* p, int64_t count, Acc fill) {
+  constexpr int kLanes = sizeof(Vec) / sizeof(Acc);
+  Acc tmp[kLanes];
+  for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? p[i] : fill;
+  return load_vec<Vec>(tmp);
+}
+
+template <typename Vec, typename Acc>
+FUSED_CE_INLINE void store_partial(Acc* p, Vec v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) p[i] = v[i];
+}
+
+// A heap array of 64-byte aligned vectors. (std::vector of an
+// over-aligned type is not: GCC loses the alignment of vector typedefs used
+// through templates.)
+template <typename Vec>
+class VectorBuffer {
+ public:
+  VectorBuffer() = default;
+  VectorBuffer(const VectorBuffer&) = delete;
+  VectorBuffer& operator=(const VectorBuffer&) = delete;
+  ~VectorBuffer() { std::free(data_); }
+
+  void resize(int64_t count) {
+    std::free(data_);
+    data_ = static_cast<Vec*>(std::aligned_alloc(kVectorBytes, size_t(count) * sizeof(Vec)));
+    if (!data_ && count > 0) throw std::bad_alloc();
+  }
+  Vec* data() const { return data_; }
+
+ private:
+  Vec* data_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------
+// Row kernel: class stride 1, class-index targets.
+
+template <typename T>
+class RowKernel {
+  using Acc = acc_t<T>;
+  using Vec = typename Simd<Acc>::Vec;
+  static constexpr int kLanes = Simd<Acc>::kLanes;
+  // The gradient row can double as scratch when it is a contiguous row of
+  // the accumulate type (float32 and float64 inputs).
+  static constexpr bool kStorageIsAcc = std::is_same<T, Acc>::value;
+
+ public:
+  explicit RowKernel(const KernelArgs<T>& args) : a_(args) {
+    if (!kStorageIsAcc) row_.resize(a_.C);
+    if (a_.grad_input && (!kStorageIsAcc || a_.grad_input_strides.c != 1)) grad_.resize(a_.C);
+  }
+
+  FUSED_CE_INLINE void run(int64_t pos) {
+    if (a_.weight) {
+      run_impl<true>(pos);
+    } else {
+      run_impl<false>(pos);
+    }
+  }
+
+ private:
+  template <bool kHasWeight>
+  FUSED_CE_INLINE Vec weight_vec(int64_t c) const {
+    return kHasWeight ? load_vec<Vec>(a_.weight + c) : Vec{} + Acc(1);
+  }
+
+  template <bool kHasWeight>
+  FUSED_CE_INLINE void run_impl(int64_t pos) {
+    const int64_t C = a_.C;
+    const int64_t n = pos / a_.D, d = pos - n * a_.D;
+    const T* raw = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
+    const Acc* x;
+    if constexpr (kStorageIsAcc) {
+      x = raw;
+    } else {
+      for (int64_t c = 0; c < C; ++c) row_[c] = to_acc(raw[c]);
+      x = row_.data();
+    }
+
+    const int64_t target = a_.class_target[n * a_.class_target_stride_n + d * a_.class_target_stride_d];
+    const bool ignored = target == a_.ignore_index;
+    const Acc w_target = ignored ? Acc(0) : (kHasWeight ? a_.weight[target] : Acc(1));
+    const Acc eps = a_.label_smoothing;
+    const Acc eps_per_class = eps / Acc(C);
+
+    T* grad_out = a_.grad_input ? a_.grad_input + n * a_.grad_input_strides.n +
+                                      d * a_.grad_input_strides.d
+                                : nullptr;
+    // Where the gradient row is assembled before it is stored.
+    Acc* grad_row = nullptr;
+    if (grad_out) {
+      if constexpr (kStorageIsAcc) {
+        grad_row = a_.grad_input_strides.c == 1 ? grad_out : grad_.data();
+      } else {
+        grad_row = grad_.data();
+      }
+    }
+
+    Acc lse;
+    Acc inv_sum = 0;  // 1 / sum(exp(x - max)), forward with grad only
+    if (a_.compute_forward) {
+      // Pass 1 (memory): row max and, for label smoothing, sum_c w_c x_c.
+      const bool need_wx = eps != Acc(0) && !ignored;
+      Vec vmax = Vec{} - std::numeric_limits<Acc>::infinity();
+      Vec vwx{};
+      int64_t c = 0;
+      for (; c + kLanes <= C; c += kLanes) {
+        const Vec v = load_vec<Vec>(x + c);
+        vmax = max_vec(vmax, v);
+        if (need_wx) vwx += v * weight_vec<kHasWeight>(c);
+      }
+      Acc row_max = reduce_max<Acc>(vmax);
+      Acc wx = reduce_sum<Acc>(vwx);
+      for (; c < C; ++c) {
+        row_max = max_scalar(row_max, x[c]);
+        if (need_wx) wx += x[c] * (kHasWeight ? a_.weight[c] : Acc(1));
+      }
+
+      // Pass 2 (cache): sum of exp(x - max); keep the exponentials when the
+      // gradient follows so that each element costs one exp in total.
+      Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
+      Vec vsum{};
+      c = 0;
+      for (; c + kLanes <= C; c += kLanes) {
+        const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c) - row_max);
+        vsum += e;
+        if (keep) store_vec(keep + c, e);
+      }
+      if (c < C) {
+        const Vec e = Simd<Acc>::exp(
+            load_partial<Vec>(x + c, C - c, -std::numeric_limits<Acc>::infinity()) - row_max);
+        vsum += e;
+        if (keep) store_partial(keep + c, e, C - c);
+      }
+      const Acc sum = reduce_sum<Acc>(vsum);
+      lse = row_max + std::log(sum);
+      inv_sum = Acc(1) / sum;
+
+      Acc loss = 0;
+      if (!ignored) {
+        loss = (Acc(1) - eps) * w_target * (lse - x[target]);
+        if (need_wx) loss += eps_per_class * (a_.weight_sum * lse - wx);
+      }
+      a_.loss[pos] = loss;
+      a_.lse[pos] = lse;
+    } else {
+      lse = a_.saved_lse[pos];
+    }
+    if (!grad_out) return;
+
+    if (ignored) {
+      for (int64_t c = 0; c < C; ++c) grad_out[c * a_.grad_input_strides.c] = from_acc<T>(Acc(0));
+      return;
+    }
+
+    // Pass 3 (cache): grad_c = coef_p * p_c - coef_w * w_c, and the target
+    // class additionally loses g * (1 - eps) * w_target.
+    const Acc g = a_.grad_loss ? a_.grad_loss[n * a_.grad_loss_stride_n + d * a_.grad_loss_stride_d]
+                               : a_.grad_scale;
+    const Acc coef_p = g * ((Acc(1) - eps) * w_target + eps_per_class * a_.weight_sum);
+    const Acc coef_w = g * eps_per_class;
+    int64_t c = 0;
+    if (a_.compute_forward) {
+      // grad_row holds exp(x - max); p = that / sum.
+      const Acc coef_e = coef_p * inv_sum;
+      for (; c + kLanes <= C; c += kLanes) {
+        const Vec e = load_vec<Vec>(grad_row + c);
+        store_vec(grad_row + c, coef_e * e - coef_w * weight_vec<kHasWeight>(c));
+      }
+      for (; c < C; ++c) {
+        grad_row[c] = coef_e * grad_row[c] - coef_w * (kHasWeight ? a_.weight[c] : Acc(1));
+      }
+    } else {
+      for (; c + kLanes <= C; c += kLanes) {
+        const Vec p = Simd<Acc>::exp(load_vec<Vec>(x + c) - lse);
+        store_vec(grad_row + c, coef_p * p - coef_w * weight_vec<kHasWeight>(c));
+      }
+      if (c < C) {
+        const Vec p = Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, Acc(0)) - lse);
+        Vec wv = Vec{} + Acc(1);
+        if (kHasWeight) wv = load_partial<Vec>(a_.weight + c, C - c, Acc(0));
+        store_partial(grad_row + c, coef_p * p - coef_w * wv, C - c);
+      }
+    }
+    grad_row[target] -= g * (Acc(1) - eps) * w_target;
+
+    if (grad_row != static_cast<void*>(grad_out)) {
+      const int64_t stride = a_.grad_input_strides.c;
+      for (int64_t k = 0; k < C; ++k) grad_out[k * stride] = from_acc<T>(grad_row[k]);
+    }
+  }
+
+  const KernelArgs<T>& a_;
+  std::vector<Acc> row_;   // the row in the accumulate type (half inputs)
+  std::vector<Acc> grad_;  // gradient row scratch when the output can't be used
+};
+
+// ---------------------------------------------------------------------------
+// Tile kernel: one position per lane, any strides, either target kind.
+
+template <typename T>
+class TileKernel {
+  using Acc = acc_t<T>;
+  using Vec = typename Simd<Acc>::Vec;
+  static constexpr int kLanes = Simd<Acc>::kLanes;
+  static_assert(kLanes == tile_positions<T>(), "a tile is one vector of positions");
+
+ public:
+  explicit TileKernel(const KernelArgs<T>& args) : a_(args) {
+    x_.resize(a_.C);
+    if (a_.prob_target) t_.resize(a_.C);
+    if (a_.grad_input || a_.grad_target) g_.resize(a_.C);
+  }
+
+  FUSED_CE_INLINE void run(int64_t tile_index) {
+    const int64_t C = a_.C;
+    const int64_t positions = a_.N * a_.D;
+    const int64_t first = tile_index * kLanes;
+    const int valid = int(positions - first < kLanes ? positions - first : kLanes);
+    const Acc eps = a_.label_smoothing;
+    const Acc eps_per_class = eps / Acc(C);
+    const bool is_prob = a_.prob_target != nullptr;
+
+    // Per-lane coordinates. Lanes past the end repeat the last position so
+    // that every load stays in bounds; their results are never stored.
+    int64_t n[kLanes], d[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t pos = first + (l < valid ? l : valid - 1);
+      n[l] = pos / a_.D;
+      d[l] = pos - n[l] * a_.D;
+    }
+    gather(a_.input, a_.input_strides, n, d, x_.data());
+    if (is_prob) {
+      gather(a_.prob_target, a_.prob_target_strides, n, d, t_.data());
+      // Smoothed targets t' = (1 - eps) t + eps / C.
+      Vec* t = t_.data();
+      for (int64_t c = 0; c < C; ++c) t[c] = (Acc(1) - eps) * t[c] + eps_per_class;
+    }
+    const Vec* X = x_.data();
+    const Vec* Tp = t_.data();
+    Vec* G = g_.data();
+
+    int64_t target[kLanes];
+    Acc w_target[kLanes];
+    bool ignored[kLanes];
+    if (!is_prob) {
+      for (int l = 0; l < kLanes; ++l) {
+        target[l] = a_.class_target[n[l] * a_.class_target_stride_n + d[l] * a_.class_target_stride_d];
+        ignored[l] = target[l] == a_.ignore_index;
+        w_target[l] = ignored[l] ? Acc(0) : (a_.weight ? a_.weight[target[l]] : Acc(1));
+      }
+    } else {
+      for (int l = 0; l < kLanes; ++l) ignored[l] = false;
+    }
+
+    Vec lse;
+    Vec inv_sum{};
+    // For probability targets: S_t = sum_c w_c t'_c (needed by the gradient).
+    Vec sum_wt{};
+    const bool keep_exp = a_.compute_forward && a_.grad_input != nullptr;
+    if (a_.compute_forward) {
+      Vec vmax = Vec{} - std::numeric_limits<Acc>::infinity();
+      for (int64_t c = 0; c < C; ++c) vmax = max_vec(vmax, X[c]);
+      Vec wx{}, sum_wtx{};
+      if (is_prob) {
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec wt = Tp[c] * weight_at(c);
+          sum_wt += wt;
+          sum_wtx += wt * X[c];
+        }
+      } else if (eps != Acc(0)) {
+        for (int64_t c = 0; c < C; ++c) wx += X[c] * weight_at(c);
+      }
+      Vec vsum{};
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec e = Simd<Acc>::exp(X[c] - vmax);
+        vsum += e;
+        if (keep_exp) G[c] = e;
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        lse[l] = vmax[l] + std::log(vsum[l]);
+        inv_sum[l] = Acc(1) / vsum[l];
+      }
+      for (int l = 0; l < valid; ++l) {
+        Acc loss;
+        if (is_prob) {
+          loss = sum_wt[l] * lse[l] - sum_wtx[l];
+        } else if (ignored[l]) {
+          loss = 0;
+        } else {
+          loss = (Acc(1) - eps) * w_target[l] * (lse[l] - X[target[l]][l]);
+          if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * lse[l] - wx[l]);
+        }
+        a_.loss[first + l] = loss;
+        a_.lse[first + l] = lse[l];
+      }
+    } else {
+      for (int l = 0; l < kLanes; ++l) lse[l] = a_.saved_lse[first + (l < valid ? l : valid - 1)];
+      if (is_prob) {
+        for (int64_t c = 0; c < C; ++c) sum_wt += Tp[c] * weight_at(c);
+      }
+    }
+
+    if (!a_.grad_input && !a_.grad_target) return;
+    Vec g;
+    for (int l = 0; l < kLanes; ++l) {
+      g[l] = a_.grad_loss ? a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d]
+                          : a_.grad_scale;
+    }
+
+    if (a_.grad_target) {
+      // d loss / d t_c = -(1 - eps) w_c (x_c - lse) g. Uses G as scratch
+      // before the input gradient needs it (backward mode never keeps exp).
+      const Vec coef = g * (Acc(1) - eps);
+      for (int64_t c = 0; c < C; ++c) G[c] = -coef * weight_at(c) * (X[c] - lse);
+      scatter(G, a_.grad_target, a_.grad_target_strides, valid, first, nullptr);
+    }
+    if (!a_.grad_input) return;
+
+    if (is_prob) {
+      // grad_c = g (S_t p_c - w_c t'_c)
+      const Vec coef_p = g * sum_wt;
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec p = keep_exp ? G[c] * inv_sum : Simd<Acc>::exp(X[c] - lse);
+        G[c] = coef_p * p - g * weight_at(c) * Tp[c];
+      }
+    } else {
+      Vec wt{};
+      for (int l = 0; l < kLanes; ++l) wt[l] = w_target[l];
+      const Vec coef_p = g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum);
+      const Vec coef_w = g * eps_per_class;
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec p = keep_exp ? G[c] * inv_sum : Simd<Acc>::exp(X[c] - lse);
+        G[c] = coef_p * p - coef_w * weight_at(c);
+      }
+      for (int l = 0; l < valid; ++l) {
+        if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
+      }
+    }
+    scatter(G, a_.grad_input, a_.grad_input_strides, valid, first, ignored);
+  }
+
+ private:
+  FUSED_CE_INLINE Acc weight_at(int64_t c) const { return a_.weight ? a_.weight[c] : Acc(1); }
+
+  // Loads a (C, lanes) tile in the accumulate type.
+  FUSED_CE_INLINE void gather(const T* src, const Strides3& s, const int64_t* n, const int64_t* d,
+                              Vec* dst) const {
+    int64_t base[kLanes];
+    for (int l = 0; l < kLanes; ++l) base[l] = n[l] * s.n + d[l] * s.d;
+    for (int64_t c = 0; c < a_.C; ++c) {
+      const T* col = src + c * s.c;
+      for (int l = 0; l < kLanes; ++l) dst[c][l] = to_acc(col[base[l]]);
+    }
+  }
+
+  // Stores the valid lanes of a (C, lanes) tile; lanes flagged in `zero`
+  // (ignored targets) get an exact 0.
+  FUSED_CE_INLINE void scatter(const Vec* tile, T* dst, const Strides3& s, int valid, int64_t first,
+                               const bool* zero) const {
+    for (int l = 0; l < valid; ++l) {
+      const int64_t pos = first + l;
+      const int64_t n = pos / a_.D, d = pos - n * a_.D;
+      T* out = dst + n * s.n + d * s.d;
+      const bool z = zero && zero[l];
+      for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(z ? Acc(0) : tile[c][l]);
+    }
+  }
+
+  const KernelArgs<T>& a_;
+  // Tiles are (C, lanes), class-major: one vector per class.
+  VectorBuffer<Vec> x_;  // logits
+  VectorBuffer<Vec> t_;  // smoothed probability targets
+  VectorBuffer<Vec> g_;  // exp(x - max), then the gradient
+};
+
+template <typename T>
+FUSED_CE_INLINE void run_kernel_impl(const KernelArgs<T>& args, int64_t begin, int64_t end) {
+  if (args.use_row_kernel) {
+    RowKernel<T> kernel(args);
+    for (int64_t i = begin; i < end; ++i) kernel.run(i);
+  } else {
+    TileKernel<T> kernel(args);
+    for (int64_t i = begin; i < end; ++i) kernel.run(i);
+  }
+}
+
+}  // namespace
+
+FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<double>& args, int64_t begin, int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<BFloat16Bits>& args, int64_t begin,
+                                      int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<Float16Bits>& args, int64_t begin,
+                                      int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+
+const char* cpu_capability() {
+#if FUSED_CE_HAS_MULTIVERSION
+  // Mirrors the order in which the target_clones resolver picks a clone.
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+  return "default";
+#else
+  return "default (compiler auto-vectorisation)";
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fused_ce

@@ -1,0 +1,115 @@
+// Interface between the torch-facing CPU operators (cross_entropy_cpu.cpp)
+// and the SIMD kernels (cross_entropy_kernel.cpp). Free of torch headers so
+// the kernels can be compiled once per instruction set without pulling
+// torch's inline functions into ISA-specific code.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_ce {
+namespace cpu {
+
+// Storage types for the half-precision inputs, bit-compatible with
+// c10::BFloat16 and c10::Half.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct Float16Bits {
+  uint16_t bits;
+};
+
+// Accumulation type: float64 for float64 inputs, float32 for the rest.
+template <typename T>
+struct AccumulateType {
+  using type = float;
+};
+template <>
+struct AccumulateType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccumulateType<T>::type;
+
+// Element strides of the canonical (N, C, D) view of a tensor.
+struct Strides3 {
+  int64_t n, c, d;
+};
+
+// Everything one kernel launch needs. Positions are the N * D (n, d) pairs;
+// each position has one softmax over the C classes of axis 1.
+//
+// Three modes share this struct:
+//   forward            compute_forward, no grad_input
+//   forward with grad  compute_forward and grad_input (grad_loss == nullptr:
+//                      every position is scaled by grad_scale)
+//   backward           !compute_forward; lse_in and grad_loss are read
+template <typename T>
+struct KernelArgs {
+  using Acc = acc_t<T>;
+
+  int64_t N = 0, C = 0, D = 0;
+  const T* input = nullptr;
+  Strides3 input_strides{};
+
+  // Exactly one of the two target kinds is set.
+  const int64_t* class_target = nullptr;  // (N, D) class indices
+  int64_t class_target_stride_n = 0, class_target_stride_d = 0;
+  const T* prob_target = nullptr;  // (N, C, D) probabilities
+  Strides3 prob_target_strides{};
+
+  const Acc* weight = nullptr;  // (C) contiguous, nullptr means all ones
+  Acc weight_sum = 0;           // sum of weight (C without weight)
+  int64_t ignore_index = -100;
+  Acc label_smoothing = 0;
+
+  bool compute_forward = true;
+  Acc* loss = nullptr;  // (N * D) contiguous, forward modes
+  Acc* lse = nullptr;   // (N * D) contiguous, forward modes
+  const Acc* saved_lse = nullptr;  // (N * D) contiguous, backward
+
+  const Acc* grad_loss = nullptr;  // backward: d(loss)/d(loss_i), any strides
+  int64_t grad_loss_stride_n = 0, grad_loss_stride_d = 0;
+  Acc grad_scale = 1;  // forward with grad: d(loss)/d(loss_i) for every i
+
+  T* grad_input = nullptr;  // (N, C, D), nullptr when not wanted
+  Strides3 grad_input_strides{};
+  T* grad_target = nullptr;  // (N, C, D), probability targets only
+  Strides3 grad_target_strides{};
+
+  // True when the row-wise kernel applies: class stride 1, class-index
+  // targets and enough classes to fill vectors. Otherwise positions are
+  // processed in tiles with one position per SIMD lane.
+  bool use_row_kernel = false;
+};
+
+// Positions handled per work item by the tile kernel: one per lane of a
+// 64-byte vector of the accumulate type.
+template <typename T>
+constexpr int64_t tile_positions() {
+  return 64 / int64_t(sizeof(acc_t<T>));
+}
+
+// Fewest classes for which the row-wise kernel beats the tile kernel.
+constexpr int64_t kRowKernelMinClasses = 64;
+
+// Work items: rows for the row kernel, tiles of kTilePositions positions
+// otherwise.
+template <typename T>
+int64_t num_work_items(const KernelArgs<T>& args) {
+  const int64_t positions = args.N * args.D;
+  constexpr int64_t tile = tile_positions<T>();
+  return args.use_row_kernel ? positions : (positions + tile - 1) / tile;
+}
+
+// Runs work items [begin, end). Thread-safe for disjoint ranges; picks the
+// best instruction set the CPU supports at load time.
+void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end);
+void run_kernel(const KernelArgs<double>& args, int64_t begin, int64_t end);
+void run_kernel(const KernelArgs<BFloat16Bits>& args, int64_t begin, int64_t end);
+void run_kernel(const KernelArgs<Float16Bits>& args, int64_t begin, int64_t end);
+
+// Name of the instruction set run_kernel dispatches to on this CPU.
+const char* cpu_capability();
+
+}  // namespace cpu
+}  // namespace fused_ce

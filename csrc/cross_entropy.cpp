@@ -1,0 +1,58 @@
+#include "cross_entropy.h"
+
+namespace fused_ce {
+
+ProblemShape check_arguments(const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, double label_smoothing) {
+  TORCH_CHECK(input.dim() == 3, "fused_ce: input must be (N, C, D), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_ce: input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(target.device() == input.device(), "fused_ce: target is on ", target.device(),
+              " but input is on ", input.device());
+  const int64_t N = input.size(0), C = input.size(1), D = input.size(2);
+  TORCH_CHECK(C > 0, "fused_ce: input must have at least one class");
+  const bool probability_target = at::isFloatingType(target.scalar_type());
+  if (probability_target) {
+    TORCH_CHECK(target.scalar_type() == input.scalar_type(),
+                "fused_ce: probability target must have the input's dtype ", input.scalar_type(),
+                ", got ", target.scalar_type());
+    TORCH_CHECK(target.sizes() == input.sizes(), "fused_ce: probability target must have shape ",
+                input.sizes(), ", got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong,
+                "fused_ce: class-index target must be int64, got ", target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == N && target.size(1) == D,
+                "fused_ce: class-index target must have shape (", N, ", ", D, "), got ",
+                target.sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C,
+                "fused_ce: weight must have shape (", C, "), got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == input.scalar_type(),
+                "fused_ce: weight must have the input's dtype ", input.scalar_type(), ", got ",
+                weight->scalar_type());
+    TORCH_CHECK(weight->device() == input.device(), "fused_ce: weight is on ", weight->device(),
+                " but input is on ", input.device());
+  }
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "fused_ce: label_smoothing must be in [0, 1], got ", label_smoothing);
+  return ProblemShape{N, C, D, probability_target};
+}
+
+void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& input,
+                       const ProblemShape& shape) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == shape.N && t.size(1) == shape.D, "fused_ce: ", name,
+              " must have shape (", shape.N, ", ", shape.D, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == accumulate_type(input.scalar_type()), "fused_ce: ", name,
+              " must be ", accumulate_type(input.scalar_type()), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fused_ce: ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+}
+
+at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& input) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  return weight->to(accumulate_type(input.scalar_type())).contiguous();
+}
+
+}  // namespace fused_ce

@@ -1,0 +1,39 @@
+// Shared by the CPU and CUDA operator implementations: the contract of the
+// canonical operator arguments (see ops.cpp) and small type helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fused_ce {
+
+// Same numbering as at::Reduction.
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+// float64 inputs accumulate in float64, every other floating type in float32.
+inline at::ScalarType accumulate_type(at::ScalarType input_type) {
+  return input_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Sizes of the canonical (N, C, D) problem.
+struct ProblemShape {
+  int64_t N, C, D;
+  bool probability_target;
+};
+
+// Validates the operator arguments (the Python layer has already produced
+// friendly, PyTorch-style errors for user input; these checks guard direct
+// calls of torch.ops.fused_ce.*) and returns the problem sizes.
+ProblemShape check_arguments(const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, double label_smoothing);
+
+// Checks a backward's grad_loss / lse, both (N, D) in the accumulate type.
+void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& input,
+                       const ProblemShape& shape);
+
+// The class weights in the accumulate type, contiguous (undefined if none).
+at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& input);
+
+}  // namespace fused_ce

@@ -1,0 +1,41 @@
+// Operator schemas of the fused_ce library. Implementations are registered
+// per backend (cpu/cross_entropy_cpu.cpp, cuda/cross_entropy_cuda.cu); the
+// fake (meta) kernels used by torch.compile live in fused_ce/_ops.py.
+//
+// All operators take the canonical layout built by fused_ce/functional.py:
+// input (N, C, D) with any strides (class axis 1), and either class-index
+// targets (N, D) int64 or probability targets shaped like the input.
+// Per-element results are in the accumulate type (float64 for float64
+// inputs, float32 otherwise); reductions happen in Python, where they are
+// cheap and autograd-visible.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_ce, m) {
+  // Per-element loss, per-element log-sum-exp and the mean's denominator
+  // (sum of target weights over non-ignored elements, N * D for
+  // probability targets).
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)",
+      {at::Tag::pt2_compliant_tag});
+
+  // The forward plus the gradient of the reduced loss (reduction 1 = mean,
+  // 2 = sum) for an upstream gradient of 1, in the same pass over the
+  // logits. The backward then only scales it, so forward + backward reads
+  // the logits once.
+  m.def(
+      "cross_entropy_forward_with_grad(Tensor input, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int reduction) -> "
+      "(Tensor loss, Tensor lse, Tensor total_weight, Tensor grad_input)",
+      {at::Tag::pt2_compliant_tag});
+
+  // Gradients from the saved log-sum-exp: grad_loss is d(loss)/d(loss_i),
+  // (N, D) in the accumulate type, any strides (0 for a broadcast scalar).
+  // A gradient that is not requested comes back as an empty tensor.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor lse, int ignore_index, float label_smoothing, bool input_grad, bool target_grad) "
+      "-> (Tensor grad_input, Tensor grad_target)",
+      {at::Tag::pt2_compliant_tag});
+}

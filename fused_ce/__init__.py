@@ -1,0 +1,21 @@
+"""fused_ce: a fused log-softmax + NLL cross-entropy for PyTorch.
+
+Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
+``torch.nn.CrossEntropyLoss`` backed by C++ (CPU) and CUDA kernels
+registered as ``torch.ops.fused_ce.*``.
+"""
+
+from ._ops import built_with_cuda, cpu_capability
+from .autograd import CrossEntropyFunction
+from .functional import cross_entropy
+from .modules import CrossEntropyLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
+    "built_with_cuda",
+    "cpu_capability",
+    "cross_entropy",
+]

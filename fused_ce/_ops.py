@@ -1,0 +1,54 @@
+"""Loads the native library and registers the fake (meta) kernels.
+
+Importing ``fused_ce._C`` registers ``torch.ops.fused_ce.*`` (schemas in
+csrc/ops.cpp). The fake kernels below describe each operator's outputs
+without computing them, which is what torch.compile, FakeTensor and
+``torch.library.opcheck`` need; they must agree with the C++ implementations
+on shapes, dtypes and strides.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library, registering the operators)
+
+ops = torch.ops.fused_ce
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs accumulate in float64, every other floating type in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_element(input: torch.Tensor) -> torch.Tensor:
+    n, _, d = input.shape
+    return input.new_empty((n, d), dtype=accumulate_dtype(input.dtype))
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_forward")
+def _forward_fake(input, target, weight, ignore_index, label_smoothing):
+    total_weight = input.new_empty((), dtype=accumulate_dtype(input.dtype))
+    return _per_element(input), _per_element(input), total_weight
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_forward_with_grad")
+def _forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, reduction):
+    loss, lse, total_weight = _forward_fake(input, target, weight, ignore_index, label_smoothing)
+    return loss, lse, total_weight, torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_backward")
+def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing,
+                   input_grad, target_grad):
+    grad_input = torch.empty_like(input) if input_grad else input.new_empty((0,))
+    grad_target = torch.empty_like(target) if target_grad else target.new_empty((0,))
+    return grad_input, grad_target
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels use on this machine: avx512, avx2 or default."""
+    return _C.cpu_capability()
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of fused_ce contains the CUDA kernels."""
+    return _C.built_with_cuda()

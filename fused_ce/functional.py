@@ -1,0 +1,135 @@
+"""``cross_entropy``: PyTorch's argument handling in front of the fused kernel.
+
+Everything user-facing happens here: legacy arguments, PyTorch-style errors,
+dtype promotion for soft targets, and the reshape of every accepted input
+form into the canonical ``(N, C, D)`` layout of the operators. The reshape
+is a view for contiguous and channels-last inputs: the kernels walk the
+class axis with its stride instead of moving it last.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+
+from .autograd import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction
+
+_REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
+
+# c10's names for dtypes, which PyTorch's own error messages use.
+_DTYPE_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Drop-in replacement for :func:`torch.nn.functional.cross_entropy`.
+
+    Same arguments, same results and gradients, computed by one fused
+    log-softmax + NLL kernel. ``input`` is ``(C)``, ``(N, C)`` or
+    ``(N, C, d1, ..., dk)``; ``target`` holds class indices (int64 or uint8,
+    the input's shape without the class axis) or class probabilities (the
+    input's shape, floating point).
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("cross_entropy(): input and target must be tensors, got "
+                        f"{type(input).__name__} and {type(target).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy(): input must have at least one dimension (the classes), "
+                           "got a 0-d tensor")
+    if target.device != input.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
+                           f"{input.device} and target on {target.device}")
+
+    unbatched = input.dim() == 1
+    num_classes = input.shape[0] if unbatched else input.shape[1]
+    weight = _check_weight(weight, input, num_classes)
+
+    if target.is_floating_point():
+        if ignore_index != -100:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        if target.shape != input.shape:
+            raise RuntimeError(f"Expected target size {list(input.shape)}, got {list(target.shape)}")
+        # PyTorch promotes (float32 logits, float64 probabilities) to float64.
+        common = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(common), target.to(common)
+        if weight is not None:
+            weight = weight.to(common)
+    else:
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+        _check_class_target_shape(input, target, unbatched)
+        target = target.long()
+
+    if unbatched:
+        input3 = input.reshape(1, num_classes, 1)
+        target_canonical = target.reshape(1, num_classes, 1) if target.is_floating_point() else target.reshape(1, 1)
+        loss_shape = ()
+    else:
+        n = input.shape[0]
+        d = math.prod(input.shape[2:])
+        input3 = input.reshape(n, num_classes, d)
+        target_canonical = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
+        loss_shape = (n,) + tuple(input.shape[2:])
+
+    loss = CrossEntropyFunction.apply(input3, target_canonical, weight, int(ignore_index),
+                                      label_smoothing, _REDUCTIONS[reduction])
+    if reduction == "none":
+        loss = loss.reshape(loss_shape)
+    return loss
+
+
+def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
+                           f"or no classes but got weight tensor of shape: {list(weight.shape)}")
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found "
+                           f"{_dtype_name(weight.dtype)}")
+    if weight.device != input.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
+                           f"{input.device} and weight on {weight.device}")
+    return weight.contiguous()
+
+
+def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) -> None:
+    if unbatched:
+        if target.dim() != 0:
+            raise RuntimeError(f"For unbatched input of shape {list(input.shape)}, expected a 0-d class "
+                               f"index target, got shape {list(target.shape)}")
+        return
+    if target.dim() == 0 or target.shape[0] != input.shape[0]:
+        got = target.shape[0] if target.dim() > 0 else "a 0-d tensor"
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({got}).")
+    expected = (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")
