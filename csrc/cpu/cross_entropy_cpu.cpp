@@ -6,7 +6,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../cross_entropy.h"
 #include "cross_entropy_kernel.h"
@@ -86,6 +91,24 @@ double validate_targets_and_total_weight(const at::Tensor& target, const at::Ten
   return total;
 }
 
+// A fresh gradient is usually a fresh mmap: faulting it in 4 KiB pages costs
+// several times the write itself (measured 5x a copy for 500 MB). Asking
+// for transparent huge pages cuts the faults 512-fold. Only advice: where
+// the kernel refuses, nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < 4 * kHugePage) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 template <typename T>
 void launch(const cpu::KernelArgs<T>& args) {
   const int64_t items = cpu::num_work_items(args);
@@ -149,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu
   // Same strides as the input when it is dense, so that the gradient of a
   // channels-last or transposed input keeps its layout.
   at::Tensor grad_input = at::empty_like(input);
+  advise_huge_pages(grad_input);
   auto [loss, lse, total_weight] = forward_impl(input, target, weight, ignore_index,
                                                 label_smoothing, Reduction(reduction), grad_input);
   return {loss, lse, total_weight, grad_input};
@@ -170,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
   const at::Tensor lse_contiguous = lse.contiguous();
   at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor grad_target = target_grad ? at::empty_like(target) : at::empty({0}, target.options());
+  if (input_grad) advise_huge_pages(grad_input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fused_ce_backward_cpu", [&] {

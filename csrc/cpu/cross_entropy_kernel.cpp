@@ -96,7 +96,7 @@ FUSED_CE_INLINE void store_partial(Acc* p, Vec v, int64_t count) {
   for (int64_t i = 0; i < count; ++i) p[i] = v[i];
 }
 
-// A heap array of 64-byte aligned vectors. (std::vector of an
+// A heap array of vector-aligned vectors. (std::vector of an
 // over-aligned type is not: GCC loses the alignment of vector typedefs used
 // through templates.)
 template <typename Vec>
@@ -117,6 +117,78 @@ class VectorBuffer {
  private:
   Vec* data_ = nullptr;
 };
+
+// Row reductions, unrolled over independent accumulators so that the loop
+// is limited by loads and arithmetic rather than by one dependency chain.
+constexpr int kUnroll = 4;
+
+template <typename Acc>
+FUSED_CE_INLINE Acc max_of_row(const Acc* x, int64_t C) {
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int kLanes = Simd<Acc>::kLanes;
+  const Vec lowest = Vec{} - std::numeric_limits<Acc>::infinity();
+  Vec m[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) m[u] = lowest;
+  int64_t c = 0;
+  for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
+    for (int u = 0; u < kUnroll; ++u) m[u] = max_vec(m[u], load_vec<Vec>(x + c + u * kLanes));
+  }
+  for (; c + kLanes <= C; c += kLanes) m[0] = max_vec(m[0], load_vec<Vec>(x + c));
+  Acc result = reduce_max<Acc>(max_vec(max_vec(m[0], m[1]), max_vec(m[2], m[3])));
+  for (; c < C; ++c) result = max_scalar(result, x[c]);
+  return result;
+}
+
+// sum_c w_c x_c (w_c = 1 without weights).
+template <bool kHasWeight, typename Acc>
+FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C) {
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int kLanes = Simd<Acc>::kLanes;
+  Vec s[kUnroll] = {};
+  int64_t c = 0;
+  for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const Vec v = load_vec<Vec>(x + c + u * kLanes);
+      s[u] += kHasWeight ? v * load_vec<Vec>(w + c + u * kLanes) : v;
+    }
+  }
+  for (; c + kLanes <= C; c += kLanes) {
+    const Vec v = load_vec<Vec>(x + c);
+    s[0] += kHasWeight ? v * load_vec<Vec>(w + c) : v;
+  }
+  Acc result = reduce_sum<Acc>((s[0] + s[1]) + (s[2] + s[3]));
+  for (; c < C; ++c) result += kHasWeight ? x[c] * w[c] : x[c];
+  return result;
+}
+
+// sum_c exp(x_c - shift), optionally storing each exp into keep[c].
+template <bool kKeep, typename Acc>
+FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep) {
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int kLanes = Simd<Acc>::kLanes;
+  Vec s[kUnroll] = {};
+  int64_t c = 0;
+  for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c + u * kLanes) - shift);
+      s[u] += e;
+      if (kKeep) store_vec(keep + c + u * kLanes, e);
+    }
+  }
+  for (; c + kLanes <= C; c += kLanes) {
+    const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c) - shift);
+    s[0] += e;
+    if (kKeep) store_vec(keep + c, e);
+  }
+  if (c < C) {
+    // -inf padding contributes exp(-inf) = 0.
+    const Vec e = Simd<Acc>::exp(
+        load_partial<Vec>(x + c, C - c, -std::numeric_limits<Acc>::infinity()) - shift);
+    s[0] += e;
+    if (kKeep) store_partial(keep + c, e, C - c);
+  }
+  return reduce_sum<Acc>((s[0] + s[1]) + (s[2] + s[3]));
+}
 
 // ---------------------------------------------------------------------------
 // Row kernel: class stride 1, class-index targets.
@@ -185,40 +257,15 @@ class RowKernel {
     Acc lse;
     Acc inv_sum = 0;  // 1 / sum(exp(x - max)), forward with grad only
     if (a_.compute_forward) {
-      // Pass 1 (memory): row max and, for label smoothing, sum_c w_c x_c.
+      // Pass 1 (memory): the row max. Pass 2 (cache): sum of exp(x - max),
+      // keeping the exponentials when the gradient follows so that each
+      // element costs one exp in total. Label smoothing adds sum_c w_c x_c.
       const bool need_wx = eps != Acc(0) && !ignored;
-      Vec vmax = Vec{} - std::numeric_limits<Acc>::infinity();
-      Vec vwx{};
-      int64_t c = 0;
-      for (; c + kLanes <= C; c += kLanes) {
-        const Vec v = load_vec<Vec>(x + c);
-        vmax = max_vec(vmax, v);
-        if (need_wx) vwx += v * weight_vec<kHasWeight>(c);
-      }
-      Acc row_max = reduce_max<Acc>(vmax);
-      Acc wx = reduce_sum<Acc>(vwx);
-      for (; c < C; ++c) {
-        row_max = max_scalar(row_max, x[c]);
-        if (need_wx) wx += x[c] * (kHasWeight ? a_.weight[c] : Acc(1));
-      }
-
-      // Pass 2 (cache): sum of exp(x - max); keep the exponentials when the
-      // gradient follows so that each element costs one exp in total.
+      const Acc row_max = max_of_row(x, C);
+      const Acc wx = need_wx ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C) : Acc(0);
       Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
-      Vec vsum{};
-      c = 0;
-      for (; c + kLanes <= C; c += kLanes) {
-        const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c) - row_max);
-        vsum += e;
-        if (keep) store_vec(keep + c, e);
-      }
-      if (c < C) {
-        const Vec e = Simd<Acc>::exp(
-            load_partial<Vec>(x + c, C - c, -std::numeric_limits<Acc>::infinity()) - row_max);
-        vsum += e;
-        if (keep) store_partial(keep + c, e, C - c);
-      }
-      const Acc sum = reduce_sum<Acc>(vsum);
+      const Acc sum = keep ? sum_exp_of_row<true>(x, C, row_max, keep)
+                           : sum_exp_of_row<false>(x, C, row_max, keep);
       lse = row_max + std::log(sum);
       inv_sum = Acc(1) / sum;
 
@@ -312,7 +359,8 @@ class TileKernel {
     int64_t n[kLanes], d[kLanes];
     for (int l = 0; l < kLanes; ++l) {
       const int64_t pos = first + (l < valid ? l : valid - 1);
-      n[l] = pos / a_.D;
+      // (N, C) inputs skip the division: it costs as much as a small row.
+      n[l] = a_.D == 1 ? pos : pos / a_.D;
       d[l] = pos - n[l] * a_.D;
     }
     gather(a_.input, a_.input_strides, n, d, x_.data());
@@ -363,10 +411,8 @@ class TileKernel {
         vsum += e;
         if (keep_exp) G[c] = e;
       }
-      for (int l = 0; l < kLanes; ++l) {
-        lse[l] = vmax[l] + std::log(vsum[l]);
-        inv_sum[l] = Acc(1) / vsum[l];
-      }
+      lse = vmax + Simd<Acc>::log(vsum);
+      inv_sum = Acc(1) / vsum;
       for (int l = 0; l < valid; ++l) {
         Acc loss;
         if (is_prob) {
@@ -399,7 +445,7 @@ class TileKernel {
       // before the input gradient needs it (backward mode never keeps exp).
       const Vec coef = g * (Acc(1) - eps);
       for (int64_t c = 0; c < C; ++c) G[c] = -coef * weight_at(c) * (X[c] - lse);
-      scatter(G, a_.grad_target, a_.grad_target_strides, valid, first, nullptr);
+      scatter(G, a_.grad_target, a_.grad_target_strides, n, d, valid, nullptr);
     }
     if (!a_.grad_input) return;
 
@@ -423,7 +469,7 @@ class TileKernel {
         if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
       }
     }
-    scatter(G, a_.grad_input, a_.grad_input_strides, valid, first, ignored);
+    scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, ignored);
   }
 
  private:
@@ -442,12 +488,10 @@ class TileKernel {
 
   // Stores the valid lanes of a (C, lanes) tile; lanes flagged in `zero`
   // (ignored targets) get an exact 0.
-  FUSED_CE_INLINE void scatter(const Vec* tile, T* dst, const Strides3& s, int valid, int64_t first,
-                               const bool* zero) const {
+  FUSED_CE_INLINE void scatter(const Vec* tile, T* dst, const Strides3& s, const int64_t* n,
+                               const int64_t* d, int valid, const bool* zero) const {
     for (int l = 0; l < valid; ++l) {
-      const int64_t pos = first + l;
-      const int64_t n = pos / a_.D, d = pos - n * a_.D;
-      T* out = dst + n * s.n + d * s.d;
+      T* out = dst + n[l] * s.n + d[l] * s.d;
       const bool z = zero && zero[l];
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(z ? Acc(0) : tile[c][l]);
     }

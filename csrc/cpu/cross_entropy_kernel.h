@@ -83,10 +83,10 @@ struct KernelArgs {
 };
 
 // Positions handled per work item by the tile kernel: one per lane of a
-// 64-byte vector of the accumulate type.
+// 32-byte vector of the accumulate type (simd.h's kVectorBytes).
 template <typename T>
 constexpr int64_t tile_positions() {
-  return 64 / int64_t(sizeof(acc_t<T>));
+  return 32 / int64_t(sizeof(acc_t<T>));
 }
 
 // Fewest classes for which the row-wise kernel beats the tile kernel.

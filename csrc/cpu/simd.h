@@ -16,8 +16,10 @@
 namespace fused_ce {
 namespace cpu {
 
-// 64 bytes: one AVX-512 register, two AVX2 registers, four SSE registers.
-constexpr int kVectorBytes = 64;
+// 32 bytes: one AVX2 register (and an AVX-512VL one), two SSE registers.
+// Wider generic vectors are legal but GCC lowers them to spills when they
+// exceed the hardware width, which costs far more than AVX-512 gains.
+constexpr int kVectorBytes = 32;
 
 typedef float VecF __attribute__((vector_size(kVectorBytes)));
 typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
@@ -68,6 +70,35 @@ struct Simd<float> {
     Vec result = p * two_to_n;
     return x < min_arg ? Vec{} : result;
   }
+
+  // Natural log for positive, normal, finite lanes (the kernels take the log
+  // of sums of exponentials, which lie in [1, C]); NaN passes through.
+  //
+  // x = 2^e * m with m in [sqrt(1/2), sqrt(2)); with s = (m - 1) / (m + 1),
+  // log(m) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), |s| < 0.172, so the
+  // series to s^9 is accurate to float precision.
+  static FUSED_CE_INLINE Vec log(Vec x) {
+    VecI32 bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    VecI32 exponent = (bits >> 23) - 127;
+    const VecI32 mantissa_bits = (bits & 0x007FFFFF) | 0x3F800000;  // m in [1, 2)
+    Vec m;
+    std::memcpy(&m, &mantissa_bits, sizeof m);
+    const VecI32 above_sqrt2 = m > 1.41421356f;  // lanes of -1 where true
+    m = above_sqrt2 ? m * 0.5f : m;
+    exponent -= above_sqrt2;
+    const Vec s = (m - 1.0f) / (m + 1.0f);
+    const Vec s2 = s * s;
+    Vec series = s2 * (1.0f / 9.0f) + (1.0f / 7.0f);
+    series = series * s2 + (1.0f / 5.0f);
+    series = series * s2 + (1.0f / 3.0f);
+    series = series * s2 + 1.0f;
+    const Vec e = __builtin_convertvector(exponent, Vec);
+    const float kLn2Hi = 0.693145751953125f;
+    const float kLn2Lo = 1.428606765330187e-06f;
+    const Vec result = e * kLn2Hi + (e * kLn2Lo + 2.0f * s * series);
+    return x != x ? x : result;
+  }
 };
 
 template <>
@@ -78,6 +109,11 @@ struct Simd<double> {
   // float64 is the precision reference path: libm's exp, lane by lane.
   static FUSED_CE_INLINE Vec exp(Vec x) {
     for (int i = 0; i < kLanes; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
+
+  static FUSED_CE_INLINE Vec log(Vec x) {
+    for (int i = 0; i < kLanes; ++i) x[i] = std::log(x[i]);
     return x;
   }
 };
@@ -94,16 +130,16 @@ FUSED_CE_INLINE void store_vec(void* p, Vec v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// Lane-wise max that lets NaN win, so that a NaN logit poisons its row the
-// way it does in PyTorch (a NaN max makes every exp() NaN).
+// Lane-wise max. NaN handling is left to the exp pass: a NaN logit makes
+// its exp, and so the row's sum and log-sum-exp, NaN whatever the max is.
 template <typename Vec>
 FUSED_CE_INLINE Vec max_vec(Vec a, Vec b) {
-  return ((a > b) | (a != a)) ? a : b;
+  return a > b ? a : b;
 }
 
 template <typename Scalar>
 FUSED_CE_INLINE Scalar max_scalar(Scalar a, Scalar b) {
-  return (a > b || a != a) ? a : b;
+  return a > b ? a : b;
 }
 
 template <typename Acc, typename Vec>
