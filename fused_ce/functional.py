@@ -68,21 +68,44 @@ def cross_entropy(
         raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
                            f"{input.device} and target on {target.device}")
 
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        # cross_entropy is on autocast's float32 list: PyTorch computes it in
+        # float32 under autocast, and so do we.
+        input = input.float()
+        if weight is not None:
+            weight = weight.float()
+        if target.is_floating_point():
+            target = target.float()
+
     unbatched = input.dim() == 1
     num_classes = input.shape[0] if unbatched else input.shape[1]
-    weight = _check_weight(weight, input, num_classes)
 
-    if target.is_floating_point():
-        if ignore_index != -100:
+    # Like PyTorch, a target with the input's shape holds class probabilities;
+    # any other shape holds class indices.
+    probability_target = target.shape == input.shape
+    if probability_target:
+        if not target.is_floating_point():
+            raise RuntimeError("Expected floating point type for target with class probabilities, "
+                               f"got {_dtype_name(target.dtype)}")
+        if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
-        if target.shape != input.shape:
-            raise RuntimeError(f"Expected target size {list(input.shape)}, got {list(target.shape)}")
-        # PyTorch promotes (float32 logits, float64 probabilities) to float64.
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            # PyTorch differentiates its soft-target formula w.r.t. weight; we don't.
+            raise NotImplementedError("fused_ce.cross_entropy: gradients with respect to weight "
+                                      "are not supported (weight.requires_grad is True)")
+        # PyTorch's soft-target formula promotes logits, probabilities and
+        # weight to a common dtype (float32 logits + float64 targets -> float64).
+        weight = _check_weight(weight, input, num_classes, check_dtype=False)
         common = torch.promote_types(input.dtype, target.dtype)
-        input, target = input.to(common), target.to(common)
         if weight is not None:
+            common = torch.promote_types(common, weight.dtype)
             weight = weight.to(common)
+        input, target = input.to(common), target.to(common)
     else:
+        weight = _check_weight(weight, input, num_classes, check_dtype=True)
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "
+                               "to argument 'weight'. This input cannot have requires_grad True.")
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
         _check_class_target_shape(input, target, unbatched)
@@ -90,13 +113,13 @@ def cross_entropy(
 
     if unbatched:
         input3 = input.reshape(1, num_classes, 1)
-        target_canonical = target.reshape(1, num_classes, 1) if target.is_floating_point() else target.reshape(1, 1)
+        target_canonical = target.reshape(1, num_classes, 1) if probability_target else target.reshape(1, 1)
         loss_shape = ()
     else:
         n = input.shape[0]
         d = math.prod(input.shape[2:])
         input3 = input.reshape(n, num_classes, d)
-        target_canonical = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
+        target_canonical = target.reshape(n, num_classes, d) if probability_target else target.reshape(n, d)
         loss_shape = (n,) + tuple(input.shape[2:])
 
     loss = CrossEntropyFunction.apply(input3, target_canonical, weight, int(ignore_index),
@@ -106,13 +129,14 @@ def cross_entropy(
     return loss
 
 
-def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int) -> Optional[Tensor]:
+def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
+                  check_dtype: bool) -> Optional[Tensor]:
     if weight is None:
         return None
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")
-    if weight.dtype != input.dtype:
+    if not weight.is_floating_point() or (check_dtype and weight.dtype != input.dtype):
         raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found "
                            f"{_dtype_name(weight.dtype)}")
     if weight.device != input.device:
@@ -122,14 +146,17 @@ def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int) -> 
 
 
 def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) -> None:
+    """PyTorch's shape rules (and messages) for class-index targets."""
     if unbatched:
-        if target.dim() != 0:
-            raise RuntimeError(f"For unbatched input of shape {list(input.shape)}, expected a 0-d class "
-                               f"index target, got shape {list(target.shape)}")
+        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
+            raise ValueError("For 1D input, 1D target must have size 1, but got target size: "
+                             f"{target.shape[0] if target.dim() == 1 else list(target.shape)}")
         return
-    if target.dim() == 0 or target.shape[0] != input.shape[0]:
-        got = target.shape[0] if target.dim() > 0 else "a 0-d tensor"
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({got}).")
+    batch = target.shape[0] if target.dim() > 0 else 0
+    if batch != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     expected = (input.shape[0],) + tuple(input.shape[2:])
     if tuple(target.shape) != expected:
         raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")

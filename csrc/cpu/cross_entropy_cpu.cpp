@@ -140,7 +140,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     using Acc = cpu::acc_t<T>;
     cpu::KernelArgs<T> args =
         make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
-    args.compute_forward = true;
     args.loss = loss.mutable_data_ptr<Acc>();
     args.lse = lse.mutable_data_ptr<Acc>();
     if (grad_input.defined()) {
@@ -186,12 +185,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
                                                 bool target_grad) {
   const ProblemShape shape = check_arguments(input, target, weight, label_smoothing);
   check_per_element(grad_loss, "grad_loss", input, shape);
+  // lse is part of the operator's contract (the CUDA backward uses it), but
+  // the CPU kernels recompute the row statistics: see KernelArgs.
   check_per_element(lse, "lse", input, shape);
   TORCH_CHECK(!target_grad || shape.probability_target,
               "fused_ce: target_grad needs probability targets");
   const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
   validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
-  const at::Tensor lse_contiguous = lse.contiguous();
   at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor grad_target = target_grad ? at::empty_like(target) : at::empty({0}, target.options());
   if (input_grad) advise_huge_pages(grad_input);
@@ -202,8 +202,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
     using Acc = cpu::acc_t<T>;
     cpu::KernelArgs<T> args =
         make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
-    args.compute_forward = false;
-    args.saved_lse = lse_contiguous.const_data_ptr<Acc>();
     args.grad_loss = grad_loss.const_data_ptr<Acc>();
     args.grad_loss_stride_n = grad_loss.stride(0);
     args.grad_loss_stride_d = grad_loss.stride(1);

@@ -139,25 +139,25 @@ FUSED_CE_INLINE Acc max_of_row(const Acc* x, int64_t C) {
   return result;
 }
 
-// sum_c w_c x_c (w_c = 1 without weights).
+// sum_c w_c (x_c - shift) (w_c = 1 without weights).
 template <bool kHasWeight, typename Acc>
-FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C) {
+FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C, Acc shift) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   Vec s[kUnroll] = {};
   int64_t c = 0;
   for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
     for (int u = 0; u < kUnroll; ++u) {
-      const Vec v = load_vec<Vec>(x + c + u * kLanes);
+      const Vec v = load_vec<Vec>(x + c + u * kLanes) - shift;
       s[u] += kHasWeight ? v * load_vec<Vec>(w + c + u * kLanes) : v;
     }
   }
   for (; c + kLanes <= C; c += kLanes) {
-    const Vec v = load_vec<Vec>(x + c);
+    const Vec v = load_vec<Vec>(x + c) - shift;
     s[0] += kHasWeight ? v * load_vec<Vec>(w + c) : v;
   }
   Acc result = reduce_sum<Acc>((s[0] + s[1]) + (s[2] + s[3]));
-  for (; c < C; ++c) result += kHasWeight ? x[c] * w[c] : x[c];
+  for (; c < C; ++c) result += kHasWeight ? (x[c] - shift) * w[c] : x[c] - shift;
   return result;
 }
 
@@ -254,46 +254,50 @@ class RowKernel {
       }
     }
 
-    Acc lse;
-    Acc inv_sum = 0;  // 1 / sum(exp(x - max)), forward with grad only
-    if (a_.compute_forward) {
-      // Pass 1 (memory): the row max. Pass 2 (cache): sum of exp(x - max),
-      // keeping the exponentials when the gradient follows so that each
-      // element costs one exp in total. Label smoothing adds sum_c w_c x_c.
-      const bool need_wx = eps != Acc(0) && !ignored;
-      const Acc row_max = max_of_row(x, C);
-      const Acc wx = need_wx ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C) : Acc(0);
-      Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
-      const Acc sum = keep ? sum_exp_of_row<true>(x, C, row_max, keep)
-                           : sum_exp_of_row<false>(x, C, row_max, keep);
-      lse = row_max + std::log(sum);
-      inv_sum = Acc(1) / sum;
+    // Pass 1 (memory): the row max. Pass 2 (cache): sum of exp(x - max),
+    // keeping the exponentials when the gradient follows so that each
+    // element costs one exp in total. Label smoothing adds a pass for
+    // sum_c w_c (x_c - max).
+    //
+    // Everything is expressed relative to the max, never as lse - x: for
+    // logits of large magnitude (a constant row of 1000s, 1e30) lse
+    // itself has lost the digits the loss consists of.
+    const bool need_smoothing = eps != Acc(0) && !ignored;
+    const Acc row_max = max_of_row(x, C);
+    const Acc shifted_wx =
+        need_smoothing ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C, row_max) : Acc(0);
+    Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
+    const Acc sum = keep ? sum_exp_of_row<true>(x, C, row_max, keep)
+                         : sum_exp_of_row<false>(x, C, row_max, keep);
+    const Acc log_sum = std::log(sum);
+    const Acc lse = row_max + log_sum;
+    const Acc inv_sum = Acc(1) / sum;
 
-      Acc loss = 0;
-      if (!ignored) {
-        loss = (Acc(1) - eps) * w_target * (lse - x[target]);
-        if (need_wx) loss += eps_per_class * (a_.weight_sum * lse - wx);
-      }
+    Acc loss = 0;
+    if (!ignored) {
+      // -lp[y] = (max - x_y) + log_sum;  -sum_c w_c lp_c = W log_sum - sum_c w_c (x_c - max)
+      loss = (Acc(1) - eps) * w_target * ((row_max - x[target]) + log_sum);
+      if (need_smoothing) loss += eps_per_class * (a_.weight_sum * log_sum - shifted_wx);
+    }
+    if (a_.loss) {
       a_.loss[pos] = loss;
       a_.lse[pos] = lse;
-    } else {
-      lse = a_.saved_lse[pos];
     }
     if (!grad_out) return;
 
-    if (ignored) {
-      for (int64_t c = 0; c < C; ++c) grad_out[c * a_.grad_input_strides.c] = from_acc<T>(Acc(0));
-      return;
-    }
-
     // Pass 3 (cache): grad_c = coef_p * p_c - coef_w * w_c, and the target
-    // class additionally loses g * (1 - eps) * w_target.
-    const Acc g = a_.grad_loss ? a_.grad_loss[n * a_.grad_loss_stride_n + d * a_.grad_loss_stride_d]
-                               : a_.grad_scale;
+    // class additionally loses g * (1 - eps) * w_target. An ignored element
+    // has zero coefficients (even when the mean of an all-ignored batch
+    // makes g infinite), yet, as in PyTorch's 0 - p * 0, its gradient is
+    // NaN wherever p is.
+    const Acc g = ignored ? Acc(0)
+                : a_.grad_loss
+                    ? a_.grad_loss[n * a_.grad_loss_stride_n + d * a_.grad_loss_stride_d]
+                    : a_.grad_scale;
     const Acc coef_p = g * ((Acc(1) - eps) * w_target + eps_per_class * a_.weight_sum);
     const Acc coef_w = g * eps_per_class;
     int64_t c = 0;
-    if (a_.compute_forward) {
+    if (!ignored) {
       // grad_row holds exp(x - max); p = that / sum.
       const Acc coef_e = coef_p * inv_sum;
       for (; c + kLanes <= C; c += kLanes) {
@@ -315,7 +319,7 @@ class RowKernel {
         store_partial(grad_row + c, coef_p * p - coef_w * wv, C - c);
       }
     }
-    grad_row[target] -= g * (Acc(1) - eps) * w_target;
+    if (!ignored) grad_row[target] -= g * (Acc(1) - eps) * w_target;
 
     if (grad_row != static_cast<void*>(grad_out)) {
       const int64_t stride = a_.grad_input_strides.c;
@@ -387,89 +391,80 @@ class TileKernel {
       for (int l = 0; l < kLanes; ++l) ignored[l] = false;
     }
 
-    Vec lse;
-    Vec inv_sum{};
-    // For probability targets: S_t = sum_c w_c t'_c (needed by the gradient).
-    Vec sum_wt{};
-    const bool keep_exp = a_.compute_forward && a_.grad_input != nullptr;
-    if (a_.compute_forward) {
-      Vec vmax = Vec{} - std::numeric_limits<Acc>::infinity();
-      for (int64_t c = 0; c < C; ++c) vmax = max_vec(vmax, X[c]);
-      Vec wx{}, sum_wtx{};
-      if (is_prob) {
-        for (int64_t c = 0; c < C; ++c) {
-          const Vec wt = Tp[c] * weight_at(c);
-          sum_wt += wt;
-          sum_wtx += wt * X[c];
-        }
-      } else if (eps != Acc(0)) {
-        for (int64_t c = 0; c < C; ++c) wx += X[c] * weight_at(c);
-      }
-      Vec vsum{};
+    const bool want_grad = a_.grad_input != nullptr || a_.grad_target != nullptr;
+    Vec vmax = Vec{} - std::numeric_limits<Acc>::infinity();
+    for (int64_t c = 0; c < C; ++c) vmax = max_vec(vmax, X[c]);
+    // Sums relative to the max, as in the row kernel: sum_c w_c (x_c - max)
+    // for label smoothing, sum_c w_c t'_c (x_c - max) for probabilities, and
+    // S_t = sum_c w_c t'_c, which the probability gradient needs too.
+    Vec shifted_wx{}, shifted_wtx{}, sum_wt{};
+    if (is_prob) {
       for (int64_t c = 0; c < C; ++c) {
-        const Vec e = Simd<Acc>::exp(X[c] - vmax);
-        vsum += e;
-        if (keep_exp) G[c] = e;
+        const Vec wt = Tp[c] * weight_at(c);
+        sum_wt += wt;
+        shifted_wtx += wt * (X[c] - vmax);
       }
-      lse = vmax + Simd<Acc>::log(vsum);
-      inv_sum = Acc(1) / vsum;
+    } else if (eps != Acc(0)) {
+      for (int64_t c = 0; c < C; ++c) shifted_wx += (X[c] - vmax) * weight_at(c);
+    }
+    Vec vsum{};
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec e = Simd<Acc>::exp(X[c] - vmax);
+      vsum += e;
+      if (want_grad) G[c] = e;
+    }
+    const Vec log_sum = Simd<Acc>::log(vsum);
+    if (a_.loss) {
+      const Vec lse = vmax + log_sum;
       for (int l = 0; l < valid; ++l) {
         Acc loss;
         if (is_prob) {
-          loss = sum_wt[l] * lse[l] - sum_wtx[l];
+          loss = sum_wt[l] * log_sum[l] - shifted_wtx[l];
         } else if (ignored[l]) {
           loss = 0;
         } else {
-          loss = (Acc(1) - eps) * w_target[l] * (lse[l] - X[target[l]][l]);
-          if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * lse[l] - wx[l]);
+          loss = (Acc(1) - eps) * w_target[l] * ((vmax[l] - X[target[l]][l]) + log_sum[l]);
+          if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * log_sum[l] - shifted_wx[l]);
         }
         a_.loss[first + l] = loss;
         a_.lse[first + l] = lse[l];
       }
-    } else {
-      for (int l = 0; l < kLanes; ++l) lse[l] = a_.saved_lse[first + (l < valid ? l : valid - 1)];
-      if (is_prob) {
-        for (int64_t c = 0; c < C; ++c) sum_wt += Tp[c] * weight_at(c);
-      }
     }
+    if (!want_grad) return;
 
-    if (!a_.grad_input && !a_.grad_target) return;
+    // Ignored lanes get zero coefficients (see RowKernel: NaN where p is).
     Vec g;
     for (int l = 0; l < kLanes; ++l) {
-      g[l] = a_.grad_loss ? a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d]
+      g[l] = ignored[l] ? Acc(0)
+           : a_.grad_loss ? a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d]
                           : a_.grad_scale;
     }
 
+    if (a_.grad_input) {
+      // G holds exp(x - max); p = that / sum.
+      const Vec inv_sum = Acc(1) / vsum;
+      if (is_prob) {
+        // grad_c = g (S_t p_c - w_c t'_c)
+        const Vec coef_p = g * sum_wt * inv_sum;
+        for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - g * weight_at(c) * Tp[c];
+      } else {
+        Vec wt{};
+        for (int l = 0; l < kLanes; ++l) wt[l] = w_target[l];
+        const Vec coef_p = g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum) * inv_sum;
+        const Vec coef_w = g * eps_per_class;
+        for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - coef_w * weight_at(c);
+        for (int l = 0; l < valid; ++l) {
+          if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
+        }
+      }
+      scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid);
+    }
     if (a_.grad_target) {
-      // d loss / d t_c = -(1 - eps) w_c (x_c - lse) g. Uses G as scratch
-      // before the input gradient needs it (backward mode never keeps exp).
+      // d loss / d t_c = -(1 - eps) w_c lp_c g, lp_c = (x_c - max) - log_sum.
       const Vec coef = g * (Acc(1) - eps);
-      for (int64_t c = 0; c < C; ++c) G[c] = -coef * weight_at(c) * (X[c] - lse);
-      scatter(G, a_.grad_target, a_.grad_target_strides, n, d, valid, nullptr);
+      for (int64_t c = 0; c < C; ++c) G[c] = -coef * weight_at(c) * ((X[c] - vmax) - log_sum);
+      scatter(G, a_.grad_target, a_.grad_target_strides, n, d, valid);
     }
-    if (!a_.grad_input) return;
-
-    if (is_prob) {
-      // grad_c = g (S_t p_c - w_c t'_c)
-      const Vec coef_p = g * sum_wt;
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec p = keep_exp ? G[c] * inv_sum : Simd<Acc>::exp(X[c] - lse);
-        G[c] = coef_p * p - g * weight_at(c) * Tp[c];
-      }
-    } else {
-      Vec wt{};
-      for (int l = 0; l < kLanes; ++l) wt[l] = w_target[l];
-      const Vec coef_p = g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum);
-      const Vec coef_w = g * eps_per_class;
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec p = keep_exp ? G[c] * inv_sum : Simd<Acc>::exp(X[c] - lse);
-        G[c] = coef_p * p - coef_w * weight_at(c);
-      }
-      for (int l = 0; l < valid; ++l) {
-        if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
-      }
-    }
-    scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, ignored);
   }
 
  private:
@@ -486,14 +481,12 @@ class TileKernel {
     }
   }
 
-  // Stores the valid lanes of a (C, lanes) tile; lanes flagged in `zero`
-  // (ignored targets) get an exact 0.
+  // Stores the valid lanes of a (C, lanes) tile.
   FUSED_CE_INLINE void scatter(const Vec* tile, T* dst, const Strides3& s, const int64_t* n,
-                               const int64_t* d, int valid, const bool* zero) const {
+                               const int64_t* d, int valid) const {
     for (int l = 0; l < valid; ++l) {
       T* out = dst + n[l] * s.n + d[l] * s.d;
-      const bool z = zero && zero[l];
-      for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(z ? Acc(0) : tile[c][l]);
+      for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
     }
   }
 

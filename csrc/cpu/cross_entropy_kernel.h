@@ -38,11 +38,17 @@ struct Strides3 {
 // Everything one kernel launch needs. Positions are the N * D (n, d) pairs;
 // each position has one softmax over the C classes of axis 1.
 //
-// Three modes share this struct:
-//   forward            compute_forward, no grad_input
-//   forward with grad  compute_forward and grad_input (grad_loss == nullptr:
-//                      every position is scaled by grad_scale)
-//   backward           !compute_forward; lse_in and grad_loss are read
+// Every launch computes the row statistics from the logits; what it writes
+// depends on the pointers set:
+//   loss, lse    the forward outputs (nullptr in the backward)
+//   grad_input   the gradient, scaled per position by grad_loss (backward)
+//                or by grad_scale when grad_loss is nullptr (the forward
+//                with the gradient of a reduced loss)
+//   grad_target  probability targets only
+// The backward deliberately recomputes the statistics instead of reading a
+// saved log-sum-exp: the logits are read anyway, and lse alone cannot give
+// exp(x - lse) accurately when |x| is large (for a row of 1e30s, lse equals
+// the max to float precision and the log of the sum is lost).
 template <typename T>
 struct KernelArgs {
   using Acc = acc_t<T>;
@@ -62,10 +68,8 @@ struct KernelArgs {
   int64_t ignore_index = -100;
   Acc label_smoothing = 0;
 
-  bool compute_forward = true;
-  Acc* loss = nullptr;  // (N * D) contiguous, forward modes
-  Acc* lse = nullptr;   // (N * D) contiguous, forward modes
-  const Acc* saved_lse = nullptr;  // (N * D) contiguous, backward
+  Acc* loss = nullptr;  // (N * D) contiguous, or nullptr
+  Acc* lse = nullptr;   // (N * D) contiguous, set together with loss
 
   const Acc* grad_loss = nullptr;  // backward: d(loss)/d(loss_i), any strides
   int64_t grad_loss_stride_n = 0, grad_loss_stride_d = 0;
