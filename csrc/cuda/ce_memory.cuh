@@ -1,0 +1,233 @@
+// Global-memory access helpers: vector packs, cache-policy loads/stores and
+// the "slot" view of one row that lets every row, whatever its alignment, be
+// read with aligned 16-byte accesses.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "ce_common.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+// Bytes one vector access moves.  16 bytes is the widest single load/store.
+constexpr int kVectorBytes = 16;
+
+// Elements of T per 16-byte vector (8 half/bf16, 4 float, 2 double).
+template <typename T>
+constexpr int vector_width() {
+  return kVectorBytes / static_cast<int>(sizeof(T));
+}
+
+// VEC consecutive elements, aligned so one instruction moves them.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Unsigned integer types of each access size: loads and stores go through
+// them so the cache-hinted intrinsics (__ldg/__ldcs/__stcs), which only
+// exist for builtin types, can be used for every storage type.
+template <int BYTES>
+struct RawBits;
+template <>
+struct RawBits<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawBits<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawBits<8> {
+  using type = unsigned long long;
+};
+template <>
+struct RawBits<16> {
+  using type = uint4;
+};
+
+// kKeep: read-only path through L1, normal L2 priority (first read of data
+// that is read again soon).  kStream: evict-first (last read of data, or
+// writes that must not push the logits out of L2).
+enum class CachePolicy { kKeep, kStream };
+
+template <CachePolicy P, typename V>
+__device__ __forceinline__ V load_global(const V* ptr) {
+  using Raw = typename RawBits<sizeof(V)>::type;
+  static_assert(sizeof(Raw) == sizeof(V), "unsupported access size");
+  const Raw* raw_ptr = reinterpret_cast<const Raw*>(ptr);
+  Raw raw = (P == CachePolicy::kStream) ? __ldcs(raw_ptr) : __ldg(raw_ptr);
+  V value;
+  memcpy(&value, &raw, sizeof(V));
+  return value;
+}
+
+template <CachePolicy P, typename V>
+__device__ __forceinline__ void store_global(V* ptr, const V& value) {
+  using Raw = typename RawBits<sizeof(V)>::type;
+  static_assert(sizeof(Raw) == sizeof(V), "unsupported access size");
+  Raw raw;
+  memcpy(&raw, &value, sizeof(V));
+  Raw* raw_ptr = reinterpret_cast<Raw*>(ptr);
+  if (P == CachePolicy::kStream) {
+    __stcs(raw_ptr, raw);
+  } else {
+    *raw_ptr = raw;
+  }
+}
+
+// How one row of C elements is split for vector access.
+//
+// A row rarely starts on a 16-byte boundary (C = 50257, a sliced tensor), so
+// it is cut into
+//   head  classes [0, head): the elements before the first 16-byte boundary
+//   body  body_slots aligned VEC-wide "slots"; slot k is classes
+//         [head + k*VEC, head + (k+1)*VEC) and is one aligned vector access
+//   tail  classes [tail_begin, C): the elements after the last full slot.
+// Head and tail have fewer than VEC elements each and are spread one element
+// per lane (lane j owns head class j and tail class tail_begin + j), so the
+// hot loops over the body need no per-element bounds checks, and no access
+// ever falls outside the row.
+//
+// With VEC == 1 there is no head or tail, slot k is class k, and the row may
+// have any class stride (the class-strided (N, C, D) layout).  With VEC > 1
+// the class stride is 1 for every tensor involved, and the launcher has
+// checked that all of them have the same 16-byte phase on every row, so one
+// RowSplit (computed from the input row) serves them all.
+template <int VEC>
+struct RowSplit {
+  int num_classes;  // C
+  int head;         // < VEC
+  int body_slots;
+  int tail_begin;   // head + body_slots * VEC
+  int tail;         // < VEC
+
+  template <typename T>
+  __device__ __forceinline__ static RowSplit make(const T* row, int num_classes) {
+    RowSplit s;
+    s.num_classes = num_classes;
+    if (VEC == 1) {
+      s.head = 0;
+    } else {
+      // Element offset of `row` from the previous 16-byte boundary.
+      const int phase = static_cast<int>((reinterpret_cast<uintptr_t>(row) % kVectorBytes) / sizeof(T));
+      s.head = phase == 0 ? 0 : (VEC - phase < num_classes ? VEC - phase : num_classes);
+    }
+    s.body_slots = (num_classes - s.head) / VEC;
+    s.tail_begin = s.head + s.body_slots * VEC;
+    s.tail = num_classes - s.tail_begin;
+    return s;
+  }
+
+  // An empty row (idle groups still take part in reductions).
+  __device__ __forceinline__ void clear() {
+    head = 0;
+    body_slots = 0;
+    tail_begin = 0;
+    tail = 0;
+  }
+
+  __device__ __forceinline__ int slot_class(int slot) const { return head + slot * VEC; }
+
+  // The class of this lane's head (e = 0) or tail (e = 1) element, or -1.
+  __device__ __forceinline__ int edge_class(int lane, int e) const {
+    if (e == 0) return lane < head ? lane : -1;
+    return lane < tail ? tail_begin + lane : -1;
+  }
+};
+
+// Number of edge elements a lane may own (one head, one tail).
+constexpr int kEdges = 2;
+
+// Body slot `slot` of `row` into `out` (`fill` when slot >= body_slots).
+// `stride` is the class stride, only used when VEC == 1.
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void load_slot(const T* row, int64_t stride, const RowSplit<VEC>& rs, int slot,
+                                          T fill, T (&out)[VEC]) {
+  if (slot >= rs.body_slots) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = fill;
+  } else if (VEC == 1) {
+    out[0] = load_global<P>(row + static_cast<int64_t>(slot) * stride);
+  } else {
+    const Pack<T, VEC> p = load_global<P>(reinterpret_cast<const Pack<T, VEC>*>(row + rs.slot_class(slot)));
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = p.v[j];
+  }
+}
+
+// Stores body slot `slot` of `row` (nothing when slot >= body_slots).
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void store_slot(T* row, int64_t stride, const RowSplit<VEC>& rs, int slot,
+                                           const T (&in)[VEC]) {
+  if (slot >= rs.body_slots) return;
+  if (VEC == 1) {
+    store_global<P>(row + static_cast<int64_t>(slot) * stride, in[0]);
+  } else {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p.v[j] = in[j];
+    store_global<P>(reinterpret_cast<Pack<T, VEC>*>(row + rs.slot_class(slot)), p);
+  }
+}
+
+// One step of a streaming loop over the body: a thread's U slots first,
+// first + TPR, ..., first + (U-1)*TPR (consecutive threads of the group take
+// consecutive slots, so each of the U accesses is coalesced across the
+// group).  All U loads are issued before any is consumed, which is what
+// keeps enough bytes in flight.
+template <CachePolicy P, int U, int TPR, int VEC, typename T>
+__device__ __forceinline__ void load_step(const T* row, int64_t stride, const RowSplit<VEC>& rs,
+                                          int first, T fill, T (&out)[U][VEC]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_slot<P>(row, stride, rs, first + u * TPR, fill, out[u]);
+}
+
+template <CachePolicy P, int U, int TPR, int VEC, typename T>
+__device__ __forceinline__ void store_step(T* row, int64_t stride, const RowSplit<VEC>& rs, int first,
+                                           const T (&in)[U][VEC]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) store_slot<P>(row, stride, rs, first + u * TPR, in[u]);
+}
+
+template <int U, int VEC, typename T>
+__device__ __forceinline__ void fill_step(T (&out)[U][VEC], T value) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[u][j] = value;
+}
+
+// The lane's edge elements (class -1: none, value `fill`).  Edges only exist
+// with VEC > 1, where the class stride is 1.
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void load_edges(const T* row, const RowSplit<VEC>& rs, int lane, T fill,
+                                           T (&out)[kEdges]) {
+#pragma unroll
+  for (int e = 0; e < kEdges; ++e) {
+    const int c = rs.edge_class(lane, e);
+    out[e] = c >= 0 ? load_global<P>(row + c) : fill;
+  }
+}
+
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void store_edges(T* row, const RowSplit<VEC>& rs, int lane, const T (&in)[kEdges]) {
+#pragma unroll
+  for (int e = 0; e < kEdges; ++e) {
+    const int c = rs.edge_class(lane, e);
+    if (c >= 0) store_global<P>(row + c, in[e]);
+  }
+}
+
+// Class weight w_c in the accumulation type (1 when there are no weights).
+// Weights are a small vector read by every row, so the read-only cache
+// serves them.
+template <typename T>
+__device__ __forceinline__ acc_t<T> class_weight(const T* weight, int64_t c) {
+  return weight == nullptr ? acc_t<T>(1) : to_acc(load_global<CachePolicy::kKeep>(weight + c));
+}
+
+}  // namespace cuda
+}  // namespace fused_ce

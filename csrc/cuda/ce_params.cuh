@@ -1,0 +1,112 @@
+// The host-side contract between the torch binding and the CUDA kernels:
+// parameter blocks (raw pointers, sizes, element strides) and the launcher
+// entry points.  Nothing here knows about torch.
+//
+// Layout conventions (see the operator spec):
+//   input        canonical (N, C, D) view with arbitrary element strides
+//   target       class indices: int64 (N, D), arbitrary strides
+//   target_prob  probabilities: same dtype and (N, C, D) shape as input
+//   weight       nullptr or contiguous (C,) of the input dtype
+//   loss, lse    contiguous (N, D), accumulation dtype
+//   grad_*       contiguous (N, C, D), input dtype
+#pragma once
+
+#include <cstdint>
+
+#include "ce_common.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+// Scratch every launcher needs, in accumulation-type elements; the caller
+// allocates it (uninitialised) on the launch device.  Layout:
+//   [0, kMaxWeightPartials)   per-block partial sums of the target weights
+//   kWorkspaceScaleSlot       grad_output scale used by forward_with_grad
+//   kWorkspaceWeightSumSlot   sum of the class weights (backward)
+constexpr int kMaxWeightPartials = 1024;
+constexpr int kWorkspaceScaleSlot = kMaxWeightPartials;
+constexpr int kWorkspaceWeightSumSlot = kMaxWeightPartials + 1;
+constexpr int kWorkspaceElems = kMaxWeightPartials + 2;
+
+template <typename T>
+struct CrossEntropyForwardParams {
+  using Acc = acc_t<T>;
+
+  // Logits.
+  const T* input = nullptr;
+  int64_t N = 0, C = 0, D = 0;
+  int64_t input_stride_n = 0, input_stride_c = 0, input_stride_d = 0;
+
+  // Exactly one of `target` (class indices) and `target_prob` is non-null.
+  const int64_t* target = nullptr;
+  int64_t target_stride_n = 0, target_stride_d = 0;
+  const T* target_prob = nullptr;
+  int64_t prob_stride_n = 0, prob_stride_c = 0, prob_stride_d = 0;
+
+  const T* weight = nullptr;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+
+  // Outputs.
+  Acc* loss = nullptr;          // (N, D)
+  Acc* lse = nullptr;           // (N, D)
+  Acc* total_weight = nullptr;  // 0-d
+  Acc* workspace = nullptr;     // kWorkspaceElems
+
+  // forward_with_grad only: gradient of the reduced loss (grad_output = 1).
+  T* grad_input = nullptr;  // (N, C, D)
+  int reduction = kReductionMean;
+};
+
+template <typename T>
+struct CrossEntropyBackwardParams {
+  using Acc = acc_t<T>;
+
+  // dL/dloss_i, (N, D), arbitrary strides (0 for a broadcast scalar).
+  const Acc* grad_loss = nullptr;
+  int64_t grad_loss_stride_n = 0, grad_loss_stride_d = 0;
+
+  const T* input = nullptr;
+  int64_t N = 0, C = 0, D = 0;
+  int64_t input_stride_n = 0, input_stride_c = 0, input_stride_d = 0;
+
+  const int64_t* target = nullptr;
+  int64_t target_stride_n = 0, target_stride_d = 0;
+  const T* target_prob = nullptr;
+  int64_t prob_stride_n = 0, prob_stride_c = 0, prob_stride_d = 0;
+
+  const T* weight = nullptr;
+
+  // Log-sum-exp saved by the forward, (N, D), arbitrary strides.
+  const Acc* lse = nullptr;
+  int64_t lse_stride_n = 0, lse_stride_d = 0;
+
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+
+  // Either may be null (not requested); grad_target only for probabilities.
+  T* grad_input = nullptr;   // (N, C, D)
+  T* grad_target = nullptr;  // (N, C, D)
+  Acc* workspace = nullptr;  // kWorkspaceElems
+};
+
+// Launchers: enqueue the work on `stream` without synchronising and return
+// cudaGetLastError() (or cudaErrorInvalidValue for a contract violation).
+// All three accept N * D == 0 (they then only write total_weight).
+//
+// loss, lse, total_weight.
+template <typename T>
+cudaError_t launch_cross_entropy_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stream);
+
+// loss, lse, total_weight and grad_input (p.grad_input must be set; p.reduction
+// is kReductionMean or kReductionSum).
+template <typename T>
+cudaError_t launch_cross_entropy_forward_with_grad(const CrossEntropyForwardParams<T>& p,
+                                                   cudaStream_t stream);
+
+// grad_input and/or grad_target.
+template <typename T>
+cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_ce

@@ -1,0 +1,157 @@
+// Reductions across the threads that share one row ("the group"): a single
+// thread, a power-of-two slice of a warp, or a whole block.  Every thread of
+// the group gets the result, and the combination order is fixed by the
+// launch shape, so results are bitwise reproducible run to run (no atomics).
+#pragma once
+
+#include "ce_common.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+
+// K accumulators reduced together, so a block-wide reduction of several
+// row statistics costs one round of barriers instead of K.
+template <typename Acc, int K>
+struct Fields {
+  Acc v[K];
+};
+
+// Combiners.  Each must treat its identity exactly: idle threads (past the
+// end of a short row) contribute the identity.
+struct SumOp {
+  template <typename Acc, int K>
+  __device__ __forceinline__ Fields<Acc, K> operator()(const Fields<Acc, K>& a,
+                                                        const Fields<Acc, K>& b) const {
+    Fields<Acc, K> r;
+#pragma unroll
+    for (int i = 0; i < K; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+};
+
+struct MaxOp {
+  template <typename Acc, int K>
+  __device__ __forceinline__ Fields<Acc, K> operator()(const Fields<Acc, K>& a,
+                                                        const Fields<Acc, K>& b) const {
+    Fields<Acc, K> r;
+#pragma unroll
+    for (int i = 0; i < K; ++i) r.v[i] = acc_max(a.v[i], b.v[i]);
+    return r;
+  }
+};
+
+// Online log-sum-exp: v[0] = running max m, v[1] = sum of exp(x - m); the
+// remaining fields are plain sums.  Identity: (-inf, 0, 0...).  The rescale
+// factor is taken as exactly 1 when a side already holds the maximum, which
+// also keeps (-inf, 0) + (-inf, 0) from producing exp(-inf - -inf) = NaN.
+struct LseSumOp {
+  template <typename Acc, int K>
+  __device__ __forceinline__ Fields<Acc, K> operator()(const Fields<Acc, K>& a,
+                                                        const Fields<Acc, K>& b) const {
+    static_assert(K >= 2, "LseSumOp needs (max, sum) in fields 0 and 1");
+    Fields<Acc, K> r;
+    const Acc m = acc_max(a.v[0], b.v[0]);
+    const Acc sa = (a.v[0] == m) ? Acc(1) : fast_exp(a.v[0] - m);
+    const Acc sb = (b.v[0] == m) ? Acc(1) : fast_exp(b.v[0] - m);
+    r.v[0] = m;
+    r.v[1] = a.v[1] * sa + b.v[1] * sb;
+#pragma unroll
+    for (int i = 2; i < K; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+};
+
+// Folds N more logits (storage or accumulation type) into a thread's online
+// log-sum-exp (m, s): s is the sum of exp(x - m) over everything seen, m
+// the maximum.  The running sum is
+// rescaled once per call, not once per element, and the exps go to four
+// independent accumulators to shorten the dependency chain.
+template <int N, typename T, typename Acc>
+__device__ __forceinline__ void online_lse_add(Acc& m, Acc& s, const T* vals) {
+  Acc step_max = acc_neg_inf<Acc>();
+#pragma unroll
+  for (int i = 0; i < N; ++i) step_max = acc_max(step_max, to_acc(vals[i]));
+  const Acc m_new = acc_max(m, step_max);
+  // While everything seen is -inf (masked logits, padding) there is nothing
+  // to add, and exp(-inf - -inf) would be NaN.
+  if (m_new == acc_neg_inf<Acc>()) return;
+  constexpr int kAcc = N < 4 ? N : 4;
+  Acc part[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) part[i] = Acc(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) part[i % kAcc] += fast_exp(to_acc(vals[i]) - m_new);
+  Acc total = (m == m_new) ? s : s * fast_exp(m - m_new);
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) total += part[i];
+  m = m_new;
+  s = total;
+}
+
+// All-reduce over a group of TPR threads inside blocks of BLOCK threads.
+// TPR == 1: nothing to do.  TPR <= 32: xor butterfly within the warp slice
+// (every lane of the warp must call it, which the kernels guarantee by
+// giving whole warps the same trip counts).  TPR == BLOCK: butterfly per
+// warp, then every thread folds the per-warp results in warp order; must be
+// called by all threads of the block.
+template <int TPR, int BLOCK, typename Acc, int K, typename Op>
+__device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op op) {
+  static_assert(TPR == 1 || (TPR <= kWarpSize && (TPR & (TPR - 1)) == 0) ||
+                    (TPR == BLOCK && BLOCK % kWarpSize == 0),
+                "a group is one thread, a power-of-two warp slice or the whole block");
+  if constexpr (TPR == 1) {
+    return x;
+  } else {
+    constexpr int kWarpSpan = TPR < kWarpSize ? TPR : kWarpSize;
+#pragma unroll
+    for (int offset = kWarpSpan / 2; offset > 0; offset /= 2) {
+      Fields<Acc, K> other;
+#pragma unroll
+      for (int i = 0; i < K; ++i) other.v[i] = __shfl_xor_sync(0xffffffffu, x.v[i], offset);
+      // Both partners evaluate op(lower lane's value, upper lane's value), so
+      // every lane ends with bitwise the same result even when the compiler
+      // contracts op's arithmetic into FMAs (which breaks commutativity).
+      const bool upper = (threadIdx.x & offset) != 0;
+      Fields<Acc, K> lo, hi;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        lo.v[i] = upper ? other.v[i] : x.v[i];
+        hi.v[i] = upper ? x.v[i] : other.v[i];
+      }
+      x = op(lo, hi);
+    }
+    if constexpr (TPR <= kWarpSize) {
+      return x;
+    } else {
+      constexpr int kWarps = BLOCK / kWarpSize;
+      __shared__ Fields<Acc, K> partial[kWarps];
+      const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+      if (threadIdx.x % kWarpSize == 0) partial[warp] = x;
+      __syncthreads();
+      Fields<Acc, K> r = partial[0];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) r = op(r, partial[w]);
+      // `partial` is reused by the next reduction of the same kind.
+      __syncthreads();
+      return r;
+    }
+  }
+}
+
+// Convenience wrappers for a single value.
+template <int TPR, int BLOCK, typename Acc>
+__device__ __forceinline__ Acc group_max(Acc v) {
+  Fields<Acc, 1> f{{v}};
+  return group_allreduce<TPR, BLOCK>(f, MaxOp{}).v[0];
+}
+
+template <int TPR, int BLOCK, typename Acc>
+__device__ __forceinline__ Acc group_sum(Acc v) {
+  Fields<Acc, 1> f{{v}};
+  return group_allreduce<TPR, BLOCK>(f, SumOp{}).v[0];
+}
+
+}  // namespace cuda
+}  // namespace fused_ce

@@ -1,0 +1,283 @@
+// Register-resident forward_with_grad for class-index targets: the fast path
+// of training with reduction='mean'/'sum'.
+//
+// The whole row is loaded once into registers (CH 16-byte slots per thread,
+// kept packed: 32 registers hold 64 bf16 logits), then one pass computes the
+// online max / sum of exp (and the smoothing sums), one group reduction
+// gives lse, and a second pass writes the gradient from the registers:
+// exactly one read of the logits and one write of the gradient, i.e. the
+// cost of a copy (DESIGN section 4).
+// The gradient scale (1/total_weight or 1) is already on the device because
+// the total-weight kernels only need the targets and ran first.
+//
+// Requirements checked by the launcher: class stride 1, D == 1 (gradient
+// rows contiguous), vectorisable (same 16-byte phase for input and gradient
+// rows), and at most TPR * CH body slots per row.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "ce_common.cuh"
+#include "ce_memory.cuh"
+#include "ce_params.cuh"
+#include "ce_reduce.cuh"
+#include "ce_rows.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+// The row lives in registers as raw 32-bit words (kWordsPerSlot per 16-byte
+// slot) rather than as T values, so that decoding is explicit (one integer op
+// for bf16) and the compilers can be kept from holding a float copy of every
+// element between the statistics pass and the gradient pass, which triples
+// the registers of a 16-bit row and made the large configurations spill:
+//  - an empty asm that "modifies" the words after the reduction stops NVVM
+//    from reusing the first pass's decodes (forget_words);
+//  - ptxas does not see that asm (it emits no PTX instruction) and would
+//    merge the two identical decodes itself, so the gradient pass decodes
+//    with a differently spelled instruction (get_again).
+constexpr int kWordsPerSlot = kVectorBytes / 4;
+
+template <typename T>
+struct WordCodec;
+
+template <>
+struct WordCodec<float> {
+  __device__ __forceinline__ static float get(const uint32_t* w, int j) { return __uint_as_float(w[j]); }
+  __device__ __forceinline__ static float get_again(const uint32_t* w, int j) { return get(w, j); }
+  __device__ __forceinline__ static void put(uint32_t* w, int j, float v) { w[j] = __float_as_uint(v); }
+  __device__ __forceinline__ static uint32_t neg_inf_word(int) { return 0xff800000u; }
+};
+
+template <>
+struct WordCodec<double> {
+  __device__ __forceinline__ static double get(const uint32_t* w, int j) {
+    return __hiloint2double(static_cast<int>(w[2 * j + 1]), static_cast<int>(w[2 * j]));
+  }
+  __device__ __forceinline__ static double get_again(const uint32_t* w, int j) { return get(w, j); }
+  __device__ __forceinline__ static void put(uint32_t* w, int j, double v) {
+    w[2 * j] = static_cast<uint32_t>(__double2loint(v));
+    w[2 * j + 1] = static_cast<uint32_t>(__double2hiint(v));
+  }
+  // -inf = 0xfff00000'00000000: high word odd, low word even.
+  __device__ __forceinline__ static uint32_t neg_inf_word(int i) { return (i % 2) ? 0xfff00000u : 0u; }
+};
+
+// Two 16-bit elements per word, element 2k in the low half (little endian).
+// Impl provides encode(float) -> 16 bits.
+template <typename Impl>
+struct HalfWordCodec {
+  __device__ __forceinline__ static uint32_t bits(const uint32_t* w, int j) {
+    return (j % 2) ? (w[j / 2] >> 16) : (w[j / 2] & 0xffffu);
+  }
+  __device__ __forceinline__ static void put(uint32_t* w, int j, float v) {
+    const uint32_t b = Impl::encode(v);
+    w[j / 2] = (j % 2) ? ((w[j / 2] & 0x0000ffffu) | (b << 16)) : ((w[j / 2] & 0xffff0000u) | b);
+  }
+};
+
+template <>
+struct WordCodec<__half> : HalfWordCodec<WordCodec<__half>> {
+  __device__ __forceinline__ static float get(const uint32_t* w, int j) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits(w, j))));
+  }
+  // Same value as get(), spelled so that ptxas cannot merge it with get():
+  // see the codec comment above.
+  __device__ __forceinline__ static float get_again(const uint32_t* w, int j) {
+    float v;
+    if (j % 2) {
+      asm("{ .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.f32.f16 %0, hi; }" : "=f"(v) : "r"(w[j / 2]));
+    } else {
+      asm("{ .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.f32.f16 %0, lo; }" : "=f"(v) : "r"(w[j / 2]));
+    }
+    return v;
+  }
+  __device__ __forceinline__ static uint32_t encode(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static uint32_t neg_inf_word(int) { return 0xfc00fc00u; }
+};
+
+template <>
+struct WordCodec<__nv_bfloat16> : HalfWordCodec<WordCodec<__nv_bfloat16>> {
+  // bf16 -> fp32 is exact: the bf16 bits are the top half of the float.
+  __device__ __forceinline__ static float get(const uint32_t* w, int j) {
+    return __uint_as_float((j % 2) ? (w[j / 2] & 0xffff0000u) : (w[j / 2] << 16));
+  }
+  // Same value as get(), spelled as a byte permute so that ptxas cannot
+  // merge it with get()'s shift/mask: see the codec comment above.
+  __device__ __forceinline__ static float get_again(const uint32_t* w, int j) {
+    uint32_t bits;
+    if (j % 2) {
+      asm("prmt.b32 %0, %1, 0, 0x3254;" : "=r"(bits) : "r"(w[j / 2]));
+    } else {
+      asm("prmt.b32 %0, %1, 0, 0x1054;" : "=r"(bits) : "r"(w[j / 2]));
+    }
+    return __uint_as_float(bits);
+  }
+  __device__ __forceinline__ static uint32_t encode(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+  __device__ __forceinline__ static uint32_t neg_inf_word(int) { return 0xff80ff80u; }
+};
+
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void load_slot_words(const T* row, const RowSplit<VEC>& rs, int slot,
+                                                uint32_t (&w)[kWordsPerSlot]) {
+  if (slot < rs.body_slots) {
+    const uint4 v = load_global<P>(reinterpret_cast<const uint4*>(row + rs.slot_class(slot)));
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWordsPerSlot; ++i) w[i] = WordCodec<T>::neg_inf_word(i);
+  }
+}
+
+template <CachePolicy P, int VEC, typename T>
+__device__ __forceinline__ void store_slot_words(T* row, const RowSplit<VEC>& rs, int slot,
+                                                 const uint32_t (&w)[kWordsPerSlot]) {
+  if (slot >= rs.body_slots) return;
+  store_global<P>(reinterpret_cast<uint4*>(row + rs.slot_class(slot)), make_uint4(w[0], w[1], w[2], w[3]));
+}
+
+// The fence takes the pass's reduced result as an input so it cannot be
+// hoisted above the pass it separates (a volatile asm may otherwise move
+// freely past ordinary arithmetic).
+__device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], float after) {
+#pragma unroll
+  for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "f"(after));
+}
+__device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], double after) {
+#pragma unroll
+  for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "d"(after));
+}
+
+template <typename T, int TPR, int BLOCK, int VEC, int CH>
+__global__ void __launch_bounds__(BLOCK)
+    ce_forward_grad_resident_kernel(const CrossEntropyForwardParams<T> p) {
+  static_assert(VEC > 1 && TPR >= VEC, "vectorised rows only; a lane owns at most one head/tail element");
+  static_assert(VEC * sizeof(T) == kVectorBytes, "one slot is one 16-byte vector");
+  using Acc = acc_t<T>;
+  using Codec = WordCodec<T>;
+  using Sched = RowSchedule<TPR, BLOCK>;
+
+  const int lane = Sched::lane();
+  const int64_t rows = p.N;  // D == 1
+  const int C = static_cast<int>(p.C);
+  const Acc eps = static_cast<Acc>(p.label_smoothing);
+  const Acc one_minus_eps = Acc(1) - eps;
+  const Acc eps_per_class = eps / static_cast<Acc>(C);
+  const bool smoothing = eps > Acc(0);
+  const Acc grad_scale = p.workspace[kWorkspaceScaleSlot];
+  const T neg_inf = storage_neg_inf<T>();
+  const T zero = from_acc<T>(Acc(0));
+
+  for (int64_t base = Sched::first_base(); base < rows; base += Sched::base_step()) {
+    const int64_t row = base + Sched::group();
+    const bool active = row < rows;
+    const T* x = p.input + (active ? row : 0) * p.input_stride_n;
+    RowSplit<VEC> rs = RowSplit<VEC>::make(x, C);
+    if (!active) rs.clear();
+    const int64_t y =
+        active ? read_class_target(p.target, row * p.target_stride_n, p.ignore_index, p.C) : -1;
+    // x_y, also the reference the smoothing sum is taken relative to (see
+    // ce_forward_stream_kernel).
+    Acc x_target = Acc(0);
+    if (y >= 0 && (lane == 0 || smoothing)) x_target = to_acc(load_global<CachePolicy::kKeep>(x + y));
+    const Acc ref = isfinite(x_target) ? x_target : Acc(0);
+
+    // The only read of the row: body slot ch * TPR + lane goes to xw[ch],
+    // the lane's head/tail elements to xe; padding is -inf.  Evict-first:
+    // nothing reads the row again.
+    uint32_t xw[CH][kWordsPerSlot];
+    T xe[kEdges];
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) load_slot_words<CachePolicy::kStream>(x, rs, ch * TPR + lane, xw[ch]);
+    load_edges<CachePolicy::kStream>(x, rs, lane, neg_inf, xe);
+
+    // One pass over the registers: an online (max, sum of exp) per slot plus,
+    // with smoothing, sum_c w_c (x_c - ref) and sum_c w_c; then one group
+    // reduction.
+    Fields<Acc, 4> st{{acc_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)}};
+    auto add_smoothing = [&](Acc xa, int c) {
+      const Acc w = class_weight(p.weight, c);
+      st.v[2] += w * (xa - ref);
+      st.v[3] += w;
+    };
+    online_lse_add<kEdges>(st.v[0], st.v[1], xe);
+    if (smoothing) {
+#pragma unroll
+      for (int e = 0; e < kEdges; ++e) {
+        const int c = rs.edge_class(lane, e);
+        if (c >= 0) add_smoothing(to_acc(xe[e]), c);
+      }
+    }
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+      Acc vals[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) vals[j] = Codec::get(xw[ch], j);
+      online_lse_add<VEC>(st.v[0], st.v[1], vals);
+      const int slot = ch * TPR + lane;
+      if (smoothing && slot < rs.body_slots) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) add_smoothing(vals[j], rs.slot_class(slot) + j);
+      }
+    }
+    st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
+    // See ce_forward_stream_kernel for why the losses use (max - x) + log_s.
+    const Acc log_s = acc_log(st.v[1]);
+    const Acc lse = st.v[0] + log_s;
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) forget_words(xw[ch], lse);
+
+    const Acc weight_sum = p.weight != nullptr ? st.v[3] : static_cast<Acc>(C);
+    const Acc w_target = y >= 0 ? class_weight(p.weight, y) : Acc(0);
+
+    if (!active) continue;  // no collectives past this point
+    if (lane == 0) {
+      Acc loss = Acc(0);
+      if (y >= 0) {
+        loss = one_minus_eps * w_target * ((st.v[0] - x_target) + log_s);
+        if (smoothing) loss += eps_per_class * (weight_sum * ((st.v[0] - ref) + log_s) - st.v[2]);
+      }
+      p.loss[row] = loss;
+      p.lse[row] = lse;
+    }
+
+    // g (a p_c - b [c == y] - e w_c), see ce_forward_stream_kernel; exact
+    // zeros for an ignored row.
+    T* gx = p.grad_input + row * p.C;
+    const bool zero_row = y < 0;
+    const Acc ga = grad_scale * (one_minus_eps * w_target + (smoothing ? eps_per_class * weight_sum : Acc(0)));
+    const Acc gb = grad_scale * one_minus_eps * w_target;
+    const Acc ge = grad_scale * eps_per_class;
+    auto grad_at = [&](Acc xa, int c) -> Acc {
+      if (zero_row) return Acc(0);
+      Acc grad = ga * fast_exp((xa - st.v[0]) - log_s);  // see ce_forward_stream_kernel
+      if (smoothing) grad -= ge * class_weight(p.weight, c);
+      if (c == y) grad -= gb;
+      return grad;
+    };
+#pragma unroll
+    for (int e = 0; e < kEdges; ++e) {
+      const int c = rs.edge_class(lane, e);
+      xe[e] = c >= 0 ? from_acc<T>(grad_at(to_acc(xe[e]), c)) : zero;
+    }
+    store_edges<CachePolicy::kStream>(gx, rs, lane, xe);
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+      const int slot = ch * TPR + lane;
+      if (slot >= rs.body_slots) continue;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        Codec::put(xw[ch], j, grad_at(Acc(Codec::get_again(xw[ch], j)), rs.slot_class(slot) + j));
+      store_slot_words<CachePolicy::kStream>(gx, rs, slot, xw[ch]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fused_ce

@@ -1,0 +1,80 @@
+// Deterministic reductions that do not depend on the logits:
+//
+//   total_weight = sum over non-ignored rows of w[y]  (count without weights)
+//   scale        = 1 / total_weight (mean) or 1 (sum), for forward_with_grad
+//   weight_sum   = sum_c w_c, for the label-smoothed backward
+//
+// total_weight only needs the targets (8 bytes per row), so it is computed
+// before the row kernels rather than inside them: that is what lets
+// forward_with_grad write the final, scaled gradient in the same pass that
+// reads the logits.  No atomics: stage 1 gives each block a fixed
+// contiguous range of rows and writes one partial per block, stage 2 (one
+// block) folds the partials in index order.  The number of partials depends
+// only on N * D, so results are bitwise reproducible on any GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "ce_common.cuh"
+#include "ce_memory.cuh"
+#include "ce_params.cuh"
+#include "ce_reduce.cuh"
+#include "ce_rows.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+constexpr int kReduceThreads = 256;
+// Rows per stage-1 block before a second block is worth it.
+constexpr int64_t kMinRowsPerPartial = 8 * kReduceThreads;
+
+// Stage 1: partials[b] = sum of w[y] over rows [b * chunk, (b + 1) * chunk).
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    ce_target_weight_partials_kernel(const CrossEntropyForwardParams<T> p, int64_t chunk) {
+  using Acc = acc_t<T>;
+  const int64_t rows = p.N * p.D;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < rows ? begin + chunk : rows;
+  Acc sum = Acc(0);
+  for (int64_t row = begin + threadIdx.x; row < end; row += kReduceThreads) {
+    const RowCoord rc = split_row(row, p.D);
+    const int64_t y = read_class_target(p.target, rc.n * p.target_stride_n + rc.d * p.target_stride_d,
+                                        p.ignore_index, p.C);
+    if (y >= 0) sum += class_weight(p.weight, y);
+  }
+  sum = group_sum<kReduceThreads, kReduceThreads>(sum);
+  if (threadIdx.x == 0) p.workspace[blockIdx.x] = sum;
+}
+
+// Stage 2 (one block): total = base + sum(partials[0:num_partials]).
+// Probability targets pass num_partials = 0 and base = N * D.
+template <typename Acc>
+__global__ void __launch_bounds__(kReduceThreads)
+    ce_finalize_total_weight_kernel(Acc* workspace, int num_partials, Acc base, int reduction,
+                                    Acc* total_weight) {
+  Acc sum = Acc(0);
+  for (int i = static_cast<int>(threadIdx.x); i < num_partials; i += kReduceThreads) sum += workspace[i];
+  sum = group_sum<kReduceThreads, kReduceThreads>(sum);
+  if (threadIdx.x == 0) {
+    const Acc total = base + sum;
+    *total_weight = total;
+    // 0 / 0 for an all-ignored mean stays the caller's business (NaN loss);
+    // the gradient of ignored rows is written as exact zeros regardless.
+    workspace[kWorkspaceScaleSlot] = reduction == kReductionMean ? Acc(1) / total : Acc(1);
+  }
+}
+
+// sum_c w_c into workspace[kWorkspaceWeightSumSlot] (one block).
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    ce_weight_sum_kernel(const T* weight, int64_t num_classes, acc_t<T>* workspace) {
+  using Acc = acc_t<T>;
+  Acc sum = Acc(0);
+  for (int64_t c = threadIdx.x; c < num_classes; c += kReduceThreads) sum += class_weight(weight, c);
+  sum = group_sum<kReduceThreads, kReduceThreads>(sum);
+  if (threadIdx.x == 0) workspace[kWorkspaceWeightSumSlot] = sum;
+}
+
+}  // namespace cuda
+}  // namespace fused_ce

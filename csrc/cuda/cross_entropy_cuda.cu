@@ -1,0 +1,248 @@
+// CUDA implementations of the fused_ce operators (schemas: csrc/ops.cpp).
+//
+// A thin layer: check arguments, allocate outputs, translate tensors into the
+// torch-free parameter blocks of cross_entropy_kernels.cuh and launch on the
+// current stream.  No host synchronisation anywhere (CUDA-graph capturable):
+// every reduction the operators need, including total_weight and the
+// forward_with_grad scale 1 / total_weight, stays on the device.
+//
+// Output conventions (operator spec): loss and lse are (N, D) in the
+// accumulation dtype (float64 for float64 input, else float32), total_weight
+// is 0-d in that dtype, gradients are contiguous (N, C, D) in the input dtype,
+// and a gradient that is not requested is an empty (0,) tensor.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cross_entropy_kernels.cuh"
+
+namespace {
+
+namespace ce = fused_ce::cuda;
+
+// ATen's 16-bit types and CUDA's share their bit layout; the kernels use the
+// CUDA ones.
+template <typename scalar_t>
+struct KernelType {
+  using type = scalar_t;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+static_assert(sizeof(at::Half) == sizeof(__half), "at::Half and __half must have the same layout");
+static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16),
+              "at::BFloat16 and __nv_bfloat16 must have the same layout");
+
+template <typename scalar_t>
+const typename KernelType<scalar_t>::type* kernel_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename KernelType<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+typename KernelType<scalar_t>::type* kernel_mutable_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename KernelType<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Validated operator inputs in the canonical layout.
+struct Inputs {
+  int64_t N = 0, C = 0, D = 0;
+  bool prob = false;   // probability targets
+  at::Tensor target;   // int64 (N, D) or input-dtype (N, C, D)
+  at::Tensor weight;   // undefined or contiguous (C,)
+};
+
+Inputs check_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, double label_smoothing) {
+  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got one on ", input.device());
+  TORCH_CHECK(input.dim() == 3, op, ": expected the canonical (N, C, D) input, got ", input.dim(),
+              " dimensions");
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+
+  Inputs in;
+  in.N = input.size(0);
+  in.C = input.size(1);
+  in.D = input.size(2);
+  TORCH_CHECK(in.C > 0 || in.N * in.D == 0, op, ": the class dimension is empty");
+
+  in.prob = at::isFloatingType(target.scalar_type());
+  if (in.prob) {
+    TORCH_CHECK(target.sizes() == input.sizes(), op, ": probability target of shape ", target.sizes(),
+                " does not match input of shape ", input.sizes());
+    TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": expected target dtype ",
+                input.scalar_type(), " but got ", target.scalar_type());
+    in.target = target;
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+                "expected target dtype to be Long or Byte, but got ", target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == in.N && target.size(1) == in.D, op,
+                ": expected a class-index target of shape [", in.N, ", ", in.D, "], got ",
+                target.sizes());
+    in.target = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+  }
+
+  if (weight.has_value() && weight->defined()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(), " but input is on ",
+                input.device());
+    TORCH_CHECK(w.scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
+                " but found ", w.scalar_type());
+    TORCH_CHECK(w.dim() == 1 && w.numel() == in.C, "weight tensor should be defined either for all ",
+                in.C, " classes or no classes but got weight tensor of shape: ", w.sizes());
+    in.weight = w.contiguous();
+  }
+  return in;
+}
+
+// Fills the fields shared by the forward and backward parameter blocks.
+template <typename scalar_t, typename Params>
+void fill_common(Params& p, const at::Tensor& input, const Inputs& in, int64_t ignore_index,
+                 double label_smoothing) {
+  p.input = kernel_ptr<scalar_t>(input);
+  p.N = in.N;
+  p.C = in.C;
+  p.D = in.D;
+  p.input_stride_n = input.stride(0);
+  p.input_stride_c = input.stride(1);
+  p.input_stride_d = input.stride(2);
+  if (in.prob) {
+    p.target_prob = kernel_ptr<scalar_t>(in.target);
+    p.prob_stride_n = in.target.stride(0);
+    p.prob_stride_c = in.target.stride(1);
+    p.prob_stride_d = in.target.stride(2);
+  } else {
+    p.target = in.target.const_data_ptr<int64_t>();
+    p.target_stride_n = in.target.stride(0);
+    p.target_stride_d = in.target.stride(1);
+  }
+  p.weight = in.weight.defined() ? kernel_ptr<scalar_t>(in.weight) : nullptr;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+}
+
+// forward and forward_with_grad (reduction >= 0 selects the latter).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const char* op, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  const Inputs in = check_inputs(op, input, target, weight, label_smoothing);
+  const bool with_grad = reduction >= 0;
+  c10::cuda::CUDAGuard device_guard(input.device());
+
+  const auto acc_options = input.options().dtype(acc_dtype(input.scalar_type()));
+  at::Tensor loss = at::empty({in.N, in.D}, acc_options);
+  at::Tensor lse = at::empty({in.N, in.D}, acc_options);
+  at::Tensor total_weight = at::empty({}, acc_options);
+  at::Tensor grad_input = with_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::Tensor();
+  at::Tensor workspace = at::empty({ce::kWorkspaceElems}, acc_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // The dispatch name must be a literal (it is a constexpr inside the macro).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_ce_forward_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = ce::acc_t<T>;
+    ce::CrossEntropyForwardParams<T> p;
+    fill_common<scalar_t>(p, input, in, ignore_index, label_smoothing);
+    p.loss = loss.mutable_data_ptr<Acc>();
+    p.lse = lse.mutable_data_ptr<Acc>();
+    p.total_weight = total_weight.mutable_data_ptr<Acc>();
+    p.workspace = workspace.mutable_data_ptr<Acc>();
+    if (with_grad) {
+      p.grad_input = kernel_mutable_ptr<scalar_t>(grad_input);
+      p.reduction = static_cast<int>(reduction);
+      C10_CUDA_CHECK(ce::launch_cross_entropy_forward_with_grad(p, stream));
+    } else {
+      C10_CUDA_CHECK(ce::launch_cross_entropy_forward(p, stream));
+    }
+  });
+  return {loss, lse, total_weight, grad_input};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing) {
+  auto out = forward_impl("fused_ce::cross_entropy_forward", input, target, weight, ignore_index,
+                          label_smoothing, /*reduction=*/-1);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_with_grad_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum,
+              "fused_ce::cross_entropy_forward_with_grad: reduction must be 1 (mean) or 2 (sum), got ",
+              reduction);
+  return forward_impl("fused_ce::cross_entropy_forward_with_grad", input, target, weight, ignore_index,
+                      label_smoothing, reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+    double label_smoothing, bool input_grad, bool target_grad) {
+  const char* op = "fused_ce::cross_entropy_backward";
+  const Inputs in = check_inputs(op, input, target, weight, label_smoothing);
+  TORCH_CHECK(!target_grad || in.prob, op, ": a target gradient exists only for probability targets");
+  for (const at::Tensor* t : {&grad_loss, &lse}) {
+    TORCH_CHECK(t->device() == input.device(), op, ": expected all tensors on ", input.device(),
+                ", got one on ", t->device());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == in.N && t->size(1) == in.D, op,
+                ": grad_loss and lse must have shape [", in.N, ", ", in.D, "], got ", t->sizes());
+  }
+  c10::cuda::CUDAGuard device_guard(input.device());
+
+  // Both are produced in the accumulation dtype; convert defensively (no-op
+  // when they already are) since the kernels read them as such.
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const at::Tensor grad_loss_acc = grad_loss.scalar_type() == acc ? grad_loss : grad_loss.to(acc);
+  const at::Tensor lse_acc = lse.scalar_type() == acc ? lse : lse.to(acc);
+
+  at::Tensor grad_input =
+      input_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
+  at::Tensor grad_target =
+      target_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
+  if (!input_grad && !target_grad) return {grad_input, grad_target};
+  at::Tensor workspace = at::empty({ce::kWorkspaceElems}, input.options().dtype(acc));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_ce_backward_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = ce::acc_t<T>;
+    ce::CrossEntropyBackwardParams<T> p;
+    fill_common<scalar_t>(p, input, in, ignore_index, label_smoothing);
+    p.grad_loss = grad_loss_acc.const_data_ptr<Acc>();
+    p.grad_loss_stride_n = grad_loss_acc.stride(0);
+    p.grad_loss_stride_d = grad_loss_acc.stride(1);
+    p.lse = lse_acc.const_data_ptr<Acc>();
+    p.lse_stride_n = lse_acc.stride(0);
+    p.lse_stride_d = lse_acc.stride(1);
+    p.grad_input = input_grad ? kernel_mutable_ptr<scalar_t>(grad_input) : nullptr;
+    p.grad_target = target_grad ? kernel_mutable_ptr<scalar_t>(grad_target) : nullptr;
+    p.workspace = workspace.mutable_data_ptr<Acc>();
+    C10_CUDA_CHECK(ce::launch_cross_entropy_backward(p, stream));
+  });
+  return {grad_input, grad_target};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
+  m.impl("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad_cuda);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+}

@@ -1,0 +1,308 @@
+// Host launchers of the fused cross-entropy CUDA kernels (torch-free).
+//
+// This file decides *how* to run each operator for a given shape and
+// layout; the kernels themselves live in
+//   ce_stream_kernels.cuh    general streaming row kernels (forward, backward)
+//   ce_resident_kernel.cuh   register-resident forward_with_grad
+//   ce_total_weight.cuh      total_weight / scale / sum of weights
+//
+// Choice of kernel (rows are the N * D (n, d) elements, each with C logits):
+//  * Row layout: the classes of a row are contiguous in every tensor the
+//    kernel reads or writes (input class stride 1, and D == 1 when a
+//    gradient, which is contiguous (N, C, D), is written).  A group of TPR
+//    threads then owns a row: 8 for rows up to 16 vectors, a warp up to 512
+//    vectors, a 256-thread block beyond.  Rows of at most 64 bytes are
+//    cheaper one per thread (neighbouring threads read neighbouring rows).
+//  * Otherwise (class-strided, e.g. (N, C, H, W) with D = H*W): one thread
+//    per row, consecutive threads on consecutive rows, so every access of
+//    the class loop is coalesced when the d (or n) stride is 1.
+//  * 16-byte vector accesses whenever every tensor of the row layout has
+//    the same 16-byte phase on every row (RowSlots handles the misaligned
+//    head and tail of each row, so odd C such as 50257 still vectorises);
+//    scalar accesses otherwise.
+//  * forward_with_grad with class targets keeps the row in registers when it
+//    fits (57344 bf16/fp16, 32768 fp32, 8192 fp64 classes), else streams it
+//    twice.
+// Every launch is asynchronous on the caller's stream: no host
+// synchronisation, no device queries, CUDA-graph capturable.
+#pragma once
+
+#include <cstdint>
+
+#include "ce_common.cuh"
+#include "ce_memory.cuh"
+#include "ce_params.cuh"
+#include "ce_resident_kernel.cuh"
+#include "ce_stream_kernels.cuh"
+#include "ce_total_weight.cuh"
+
+namespace fused_ce {
+namespace cuda {
+namespace detail {
+
+// int is used for class and slot indices inside a row.
+constexpr int64_t kMaxClasses = int64_t(1) << 30;
+// Rows of at most this many bytes are processed one per thread.
+constexpr int64_t kTinyRowBytes = 64;
+constexpr int kStreamBlock = 256;
+
+#define FUSED_CE_RETURN_IF_ERROR(expr)   \
+  do {                                   \
+    const cudaError_t fused_ce_err_ = (expr); \
+    if (fused_ce_err_ != cudaSuccess) return fused_ce_err_; \
+  } while (0)
+
+inline unsigned int grid_for(int64_t rows, int rows_per_block) {
+  // The kernels loop over rows with a grid stride, so capping is safe.
+  constexpr int64_t kMaxBlocks = 0x7fffffff;
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  return static_cast<unsigned int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+inline bool class_contiguous(int64_t class_stride, int64_t C) { return class_stride == 1 || C == 1; }
+
+// Pointer aligned to its element size (always true for torch tensors, but
+// the shift arithmetic of RowSlots depends on it).
+template <typename T>
+bool element_aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % sizeof(T) == 0;
+}
+
+// True when the rows of two (N, ., D) tensors start at the same offset within
+// a 16-byte block for every (n, d), so one RowSlots serves both.
+template <typename T>
+bool same_phase(const void* a, int64_t a_stride_n, int64_t a_stride_d, const void* b,
+                int64_t b_stride_n, int64_t b_stride_d, int64_t N, int64_t D) {
+  const int64_t elem = static_cast<int64_t>(sizeof(T));
+  if (!element_aligned<T>(a) || !element_aligned<T>(b)) return false;
+  if (reinterpret_cast<uintptr_t>(a) % kVectorBytes != reinterpret_cast<uintptr_t>(b) % kVectorBytes)
+    return false;
+  if (N > 1 && ((a_stride_n - b_stride_n) * elem) % kVectorBytes != 0) return false;
+  if (D > 1 && ((a_stride_d - b_stride_d) * elem) % kVectorBytes != 0) return false;
+  return true;
+}
+
+// How a row kernel is launched: threads per row and whether to vectorise.
+struct RowPlan {
+  int tpr = 1;
+  bool vectorized = false;
+};
+
+template <typename T>
+RowPlan plan_rows(int64_t C, bool row_layout, bool vector_ok) {
+  RowPlan plan;
+  if (!row_layout || C * static_cast<int64_t>(sizeof(T)) <= kTinyRowBytes) return plan;
+  plan.vectorized = vector_ok;
+  const int64_t vec = vector_ok ? vector_width<T>() : 1;
+  const int64_t slots = C / vec;  // body slots of a row, at most
+  plan.tpr = slots <= 16 ? 8 : (slots <= 512 ? 32 : kStreamBlock);
+  return plan;
+}
+
+// Runtime (TPR, vectorised) -> compile-time instantiation of a row kernel.
+// `launch` is called with integral-constant-like tags carrying TPR and VEC.
+template <int V>
+struct IntTag {
+  static constexpr int value = V;
+};
+
+template <typename T, typename F>
+cudaError_t dispatch_row_plan(const RowPlan& plan, F&& launch) {
+  constexpr int kVec = vector_width<T>();
+  switch (plan.tpr) {
+    case 1:
+      launch(IntTag<1>{}, IntTag<1>{});
+      break;
+    case 8:
+      plan.vectorized ? launch(IntTag<8>{}, IntTag<kVec>{}) : launch(IntTag<8>{}, IntTag<1>{});
+      break;
+    case 32:
+      plan.vectorized ? launch(IntTag<32>{}, IntTag<kVec>{}) : launch(IntTag<32>{}, IntTag<1>{});
+      break;
+    default:
+      plan.vectorized ? launch(IntTag<kStreamBlock>{}, IntTag<kVec>{})
+                      : launch(IntTag<kStreamBlock>{}, IntTag<1>{});
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+bool valid_sizes(int64_t N, int64_t C, int64_t D) {
+  if (N < 0 || C < 0 || D < 0) return false;
+  if (N * D > 0 && (C < 1 || C > kMaxClasses)) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Forward and forward_with_grad (grad_input set).
+
+// Register-resident configurations, smallest first: (threads per row,
+// block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
+template <typename T>
+cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
+                            bool* launched) {
+  constexpr int V = vector_width<T>();
+  *launched = true;
+  const int64_t rows = p.N;
+#define FUSED_CE_RESIDENT(TPR, BLOCK, CH)                                                   \
+  if (slots <= int64_t(TPR) * (CH)) {                                                       \
+    ce_forward_grad_resident_kernel<T, TPR, BLOCK, V, CH>                                   \
+        <<<grid_for(rows, (BLOCK) / (TPR)), BLOCK, 0, stream>>>(p);                         \
+    return cudaGetLastError();                                                              \
+  }
+  FUSED_CE_RESIDENT(8, 256, 2)
+  FUSED_CE_RESIDENT(32, 256, 2)
+  FUSED_CE_RESIDENT(32, 256, 4)
+  FUSED_CE_RESIDENT(128, 128, 4)
+  FUSED_CE_RESIDENT(256, 256, 8)
+  FUSED_CE_RESIDENT(512, 512, 8)
+  // The largest row that still compiles without spilling: 896 threads for
+  // 16-bit types (57344 classes, enough for GPT-2's 50257), 1024 for float32
+  // (32768 classes); float64 stops at 512 threads (8192 classes).
+  if constexpr (sizeof(T) == 2) {
+    FUSED_CE_RESIDENT(896, 896, 8)
+  } else if constexpr (sizeof(T) == 4) {
+    FUSED_CE_RESIDENT(1024, 1024, 8)
+  }
+#undef FUSED_CE_RESIDENT
+  *launched = false;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  const bool prob = p.target_prob != nullptr;
+  const bool with_grad = p.grad_input != nullptr;
+  const int64_t rows = p.N * p.D;
+  if (!valid_sizes<T>(p.N, p.C, p.D) || p.workspace == nullptr || p.total_weight == nullptr)
+    return cudaErrorInvalidValue;
+  // Empty tensors may have null data pointers; only non-empty ones must be set.
+  if (rows > 0 && (p.input == nullptr || p.loss == nullptr || p.lse == nullptr ||
+                   prob == (p.target != nullptr)))
+    return cudaErrorInvalidValue;
+
+  // total_weight (and the gradient scale) first: they only need the targets.
+  int num_partials = 0;
+  if (!prob && rows > 0) {
+    int64_t blocks = (rows + kMinRowsPerPartial - 1) / kMinRowsPerPartial;
+    if (blocks > kMaxWeightPartials) blocks = kMaxWeightPartials;
+    const int64_t chunk = (rows + blocks - 1) / blocks;
+    num_partials = static_cast<int>(blocks);
+    ce_target_weight_partials_kernel<T><<<num_partials, kReduceThreads, 0, stream>>>(p, chunk);
+    FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  ce_finalize_total_weight_kernel<Acc><<<1, kReduceThreads, 0, stream>>>(
+      p.workspace, num_partials, prob ? static_cast<Acc>(rows) : Acc(0), p.reduction, p.total_weight);
+  FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
+  if (rows == 0) return cudaSuccess;
+
+  // Gradient rows are contiguous (N, C, D): class stride 1 only when D == 1.
+  const bool row_layout = class_contiguous(p.input_stride_c, p.C) &&
+                          (!prob || class_contiguous(p.prob_stride_c, p.C)) && (!with_grad || p.D == 1);
+  bool vector_ok = element_aligned<T>(p.input);
+  if (prob)
+    vector_ok = vector_ok && same_phase<T>(p.input, p.input_stride_n, p.input_stride_d, p.target_prob,
+                                           p.prob_stride_n, p.prob_stride_d, p.N, p.D);
+  if (with_grad)
+    vector_ok = vector_ok && same_phase<T>(p.input, p.input_stride_n, p.input_stride_d, p.grad_input,
+                                           p.C * p.D, 1, p.N, p.D);
+
+  if (!prob && with_grad && row_layout && vector_ok &&
+      p.C * static_cast<int64_t>(sizeof(T)) > kTinyRowBytes) {
+    bool launched = false;
+    // A row has at most C / VEC body slots (the head and tail elements are
+    // held separately).
+    const cudaError_t err = launch_resident(p, p.C / vector_width<T>(), stream, &launched);
+    if (launched) return err;
+  }
+
+  const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
+  return dispatch_row_plan<T>(plan, [&](auto tpr_tag, auto vec_tag) {
+    constexpr int TPR = decltype(tpr_tag)::value;
+    constexpr int VEC = decltype(vec_tag)::value;
+    constexpr int BLOCK = TPR > kStreamBlock ? TPR : kStreamBlock;
+    const unsigned int grid = grid_for(rows, BLOCK / TPR);
+    if (prob) {
+      ce_forward_stream_kernel<T, TPR, BLOCK, VEC, true><<<grid, BLOCK, 0, stream>>>(p);
+    } else {
+      ce_forward_stream_kernel<T, TPR, BLOCK, VEC, false><<<grid, BLOCK, 0, stream>>>(p);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+cudaError_t run_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream) {
+  const bool prob = p.target_prob != nullptr;
+  const int64_t rows = p.N * p.D;
+  if (!valid_sizes<T>(p.N, p.C, p.D)) return cudaErrorInvalidValue;
+  if (rows == 0 || (p.grad_input == nullptr && p.grad_target == nullptr)) return cudaSuccess;
+  if (p.input == nullptr || p.grad_loss == nullptr || p.lse == nullptr || prob == (p.target != nullptr) ||
+      (!prob && p.grad_target != nullptr))
+    return cudaErrorInvalidValue;
+
+  if (!prob && p.label_smoothing > 0.0 && p.weight != nullptr) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    ce_weight_sum_kernel<T><<<1, kReduceThreads, 0, stream>>>(p.weight, p.C, p.workspace);
+    FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
+  }
+
+  const bool row_layout = class_contiguous(p.input_stride_c, p.C) &&
+                          (!prob || class_contiguous(p.prob_stride_c, p.C)) && p.D == 1;
+  bool vector_ok = element_aligned<T>(p.input);
+  // The targets are only read for grad_input.
+  if (prob && p.grad_input != nullptr)
+    vector_ok = vector_ok && same_phase<T>(p.input, p.input_stride_n, p.input_stride_d, p.target_prob,
+                                           p.prob_stride_n, p.prob_stride_d, p.N, p.D);
+  if (p.grad_input != nullptr)
+    vector_ok = vector_ok && same_phase<T>(p.input, p.input_stride_n, p.input_stride_d, p.grad_input,
+                                           p.C * p.D, 1, p.N, p.D);
+  if (p.grad_target != nullptr)
+    vector_ok = vector_ok && same_phase<T>(p.input, p.input_stride_n, p.input_stride_d, p.grad_target,
+                                           p.C * p.D, 1, p.N, p.D);
+
+  const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
+  return dispatch_row_plan<T>(plan, [&](auto tpr_tag, auto vec_tag) {
+    constexpr int TPR = decltype(tpr_tag)::value;
+    constexpr int VEC = decltype(vec_tag)::value;
+    constexpr int BLOCK = TPR > kStreamBlock ? TPR : kStreamBlock;
+    const unsigned int grid = grid_for(rows, BLOCK / TPR);
+    if (prob) {
+      ce_backward_stream_kernel<T, TPR, BLOCK, VEC, true><<<grid, BLOCK, 0, stream>>>(p);
+    } else {
+      ce_backward_stream_kernel<T, TPR, BLOCK, VEC, false><<<grid, BLOCK, 0, stream>>>(p);
+    }
+  });
+}
+
+#undef FUSED_CE_RETURN_IF_ERROR
+
+}  // namespace detail
+
+template <typename T>
+cudaError_t launch_cross_entropy_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stream) {
+  CrossEntropyForwardParams<T> forward_only = p;
+  forward_only.grad_input = nullptr;
+  return detail::run_forward(forward_only, stream);
+}
+
+template <typename T>
+cudaError_t launch_cross_entropy_forward_with_grad(const CrossEntropyForwardParams<T>& p,
+                                                   cudaStream_t stream) {
+  if ((p.grad_input == nullptr && p.N * p.C * p.D > 0) ||
+      (p.reduction != kReductionMean && p.reduction != kReductionSum))
+    return cudaErrorInvalidValue;
+  return detail::run_forward(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream) {
+  return detail::run_backward(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace fused_ce
