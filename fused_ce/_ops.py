@@ -24,6 +24,13 @@ def _per_element(input: torch.Tensor) -> torch.Tensor:
     return input.new_empty((n, d), dtype=accumulate_dtype(input.dtype))
 
 
+def _gradient_like(t: torch.Tensor) -> torch.Tensor:
+    """The layout the backends give gradients: the CPU kernels keep a dense
+    input's strides (channels-last stays channels-last); the CUDA kernels
+    write a contiguous (N, C, D) gradient."""
+    return torch.empty_like(t) if t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
 def _forward_fake(input, target, weight, ignore_index, label_smoothing):
     total_weight = input.new_empty((), dtype=accumulate_dtype(input.dtype))
@@ -33,14 +40,14 @@ def _forward_fake(input, target, weight, ignore_index, label_smoothing):
 @torch.library.register_fake("fused_ce::cross_entropy_forward_with_grad")
 def _forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, reduction):
     loss, lse, total_weight = _forward_fake(input, target, weight, ignore_index, label_smoothing)
-    return loss, lse, total_weight, torch.empty_like(input)
+    return loss, lse, total_weight, _gradient_like(input)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
 def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing,
                    input_grad, target_grad):
-    grad_input = torch.empty_like(input) if input_grad else input.new_empty((0,))
-    grad_target = torch.empty_like(target) if target_grad else target.new_empty((0,))
+    grad_input = _gradient_like(input) if input_grad else input.new_empty((0,))
+    grad_target = _gradient_like(target) if target_grad else target.new_empty((0,))
     return grad_input, grad_target
 
 

@@ -1,0 +1,336 @@
+"""Shared fixtures and helpers for the fused_ce test-suite.
+
+Every test that runs a kernel takes the ``device`` fixture and so runs once on
+"cpu" and once on "cuda"; the CUDA case is skipped when no GPU is visible.
+
+The reference for all numerical checks is PyTorch itself: ``F.cross_entropy``
+evaluated on float64 copies of the very same inputs (so input rounding is
+shared and only the computation differs).  Half-precision results are
+compared against that float64 reference with tolerances derived from the
+storage precision instead of being required to match torch's own half
+computation bit for bit.
+
+Helpers are plain functions in this module; tests import them with
+``from conftest import ...`` (pytest puts tests/ on sys.path, rootdir-relative
+"prepend" import mode).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA_SKIP_REASON = "CUDA not available (no GPU on this machine)"
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON),
+    ),
+]
+
+
+# --------------------------------------------------------------------------
+# pytest configuration (this project keeps all test configuration here).
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer-running test (still part of the default run)")
+    config.addinivalue_line("markers", "compile: exercises torch.compile")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Device every kernel-running test is parametrised over."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_rng(request):
+    """Seed torch / numpy / random deterministically from the test id."""
+    seed = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    yield
+
+
+# --------------------------------------------------------------------------
+# Tolerances.
+
+# (rtol, atol_scale).  Comparisons are |a - r| <= atol_scale * max(max|r|, floor) + rtol * |r|
+# where r is the float64 reference: atol scales with the tensor's own magnitude
+# (gradients of a mean over many elements are tiny); see assert_close_ref for floor.
+TOLS = {
+    torch.float64: (1e-11, 1e-13),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+
+FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def tol_for(dtype):
+    return TOLS[dtype]
+
+
+def assert_close_ref(actual, ref, dtype=None, what="value", rtol=None, atol_scale=None, floor=1e-3):
+    """Compare ``actual`` (any dtype, any device) with a float64 reference.
+
+    NaN and +-inf positions must match exactly; finite values must be close with
+    dtype-appropriate tolerance: |a - r| <= atol_scale * max(max|r|, floor) + rtol * |r|.
+    ``floor`` keeps the absolute tolerance meaningful when the reference is (nearly) all zeros
+    (C == 1, everything ignored): losses are computed from O(|logit|) quantities, so use
+    floor=1 for losses; gradients keep the small default.
+    """
+    if dtype is None:
+        dtype = actual.dtype
+    r_default, a_default = tol_for(dtype)
+    rtol = r_default if rtol is None else rtol
+    atol_scale = a_default if atol_scale is None else atol_scale
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
+    assert tuple(actual.shape) == tuple(ref.shape), f"{what}: shape {tuple(actual.shape)} != reference {tuple(ref.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    a_nan, r_nan = torch.isnan(a), torch.isnan(r)
+    assert torch.equal(a_nan, r_nan), (
+        f"{what}: NaN positions differ: fused NaN at {a_nan.nonzero().tolist()[:8]}, "
+        f"torch NaN at {r_nan.nonzero().tolist()[:8]}"
+    )
+    a_inf, r_inf = torch.isinf(a), torch.isinf(r)
+    assert torch.equal(a_inf, r_inf), (
+        f"{what}: inf positions differ: fused inf at {a_inf.nonzero().tolist()[:8]}, "
+        f"torch inf at {r_inf.nonzero().tolist()[:8]}"
+    )
+    if a_inf.any():
+        assert torch.equal(a[a_inf], r[r_inf]), f"{what}: signs of infinities differ"
+    fin = torch.isfinite(r)
+    if a.numel() == 0 or not fin.any():
+        return
+    af, rf = a[fin], r[fin]
+    scale = rf.abs().max().item()
+    atol = atol_scale * max(scale, floor)
+    err = (af - rf).abs()
+    bound = atol + rtol * rf.abs()
+    bad = err > bound
+    if bad.any():
+        i = int((err - bound).argmax())
+        raise AssertionError(
+            f"{what} ({dtype}): {int(bad.sum())}/{af.numel()} elements out of tolerance "
+            f"(rtol={rtol:g}, atol={atol:g}); worst: fused={af[i].item()!r} torch64={rf[i].item()!r} "
+            f"abs err={err[i].item():.3e}; max abs err={err.max().item():.3e}, ref scale={scale:.3e}"
+        )
+
+
+def assert_same_special(actual, expected, what="value", rtol=1e-5, atol=1e-6):
+    """Exact agreement on NaN/inf positions, closeness elsewhere (same-dtype comparison)."""
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    assert tuple(a.shape) == tuple(e.shape), f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN positions differ:\nfused={a}\ntorch={e}"
+    assert torch.equal(torch.isposinf(a), torch.isposinf(e)), f"{what}: +inf positions differ:\nfused={a}\ntorch={e}"
+    assert torch.equal(torch.isneginf(a), torch.isneginf(e)), f"{what}: -inf positions differ:\nfused={a}\ntorch={e}"
+    fin = torch.isfinite(e)
+    torch.testing.assert_close(a[fin], e[fin], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}\nfused={a}\ntorch={e}")
+
+
+# --------------------------------------------------------------------------
+# Data generation (always on the CPU generator, then moved: reproducible per seed).
+
+
+def make_logits(shape, dtype=torch.float32, device="cpu", scale=3.0):
+    x = torch.randn(shape, dtype=torch.float64) * scale
+    return x.to(dtype).to(device)
+
+
+def make_class_target(shape, C, device="cpu", ignore_index=None, ignore_frac=0.25, dtype=torch.long):
+    t = torch.randint(0, C, shape, dtype=torch.long)
+    if ignore_index is not None and t.numel() > 0:
+        mask = torch.rand(shape) < ignore_frac
+        # make sure at least one element is ignored and (when possible) one is not
+        flat = mask.view(-1)
+        flat[0] = True
+        if flat.numel() > 1:
+            flat[-1] = False
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return t.to(dtype).to(device)
+
+
+def make_prob_target(shape, dtype=torch.float32, device="cpu", normalized=True):
+    """Random soft target with the input's shape (class axis 1, or 0 when unbatched)."""
+    cdim = 0 if len(shape) == 1 else 1
+    raw = torch.randn(shape, dtype=torch.float64)
+    t = raw.softmax(cdim) if normalized else torch.rand(shape, dtype=torch.float64)
+    return t.to(dtype).to(device)
+
+
+def make_weight(C, dtype=torch.float32, device="cpu"):
+    return (torch.rand(C, dtype=torch.float64) * 1.5 + 0.25).to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------
+# Reference and comparison drivers.
+
+
+def worst_dtype(*dtypes):
+    """The least precise of the given floating dtypes (for picking a tolerance)."""
+    return max(dtypes, key=lambda d: TOLS[d][0])
+
+
+def identical(a, b):
+    """Bitwise-ish equality that treats NaN == NaN (for the in-place modification check)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point:
+        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    return torch.equal(a, b)
+
+
+def _leaf(t, requires_grad):
+    leaf = t.detach().clone()
+    return leaf.requires_grad_(requires_grad)
+
+
+def torch_reference(x, target, weight=None, grad_out=None, input_grad=True, target_grad=False,
+                    view=None, target_view=None, **kwargs):
+    """F.cross_entropy on float64 CPU copies; returns (loss, grad_input, grad_target) in float64.
+
+    ``view``/``target_view`` map the leaf to the tensor actually passed (non-contiguous layouts);
+    gradients are with respect to the leaves.
+    """
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_(input_grad)
+    soft = target.dtype.is_floating_point
+    t64 = target.detach().to("cpu", torch.float64).requires_grad_(target_grad) if soft else target.detach().to("cpu")
+    w64 = None if weight is None else weight.detach().to("cpu", torch.float64)
+    xin = view(x64) if view is not None else x64
+    tin = target_view(t64) if target_view is not None else t64
+    loss = F.cross_entropy(xin, tin, weight=w64, **kwargs)
+    gi = gt = None
+    if input_grad or target_grad:
+        go = torch.ones_like(loss) if grad_out is None else grad_out.detach().to("cpu", torch.float64)
+        inputs = ([x64] if input_grad else []) + ([t64] if target_grad else [])
+        grads = list(torch.autograd.grad(loss, inputs, go, allow_unused=True))
+        if input_grad:
+            gi = grads.pop(0)
+        if target_grad:
+            gt = grads.pop(0)
+    return loss.detach(), gi, gt
+
+
+def run_fused(fc, x, target, weight=None, grad_out=None, input_grad=True, target_grad=False,
+              view=None, target_view=None, **kwargs):
+    """fused_ce.cross_entropy forward (+ backward); gradients w.r.t. the leaves x / target."""
+    xl = _leaf(x, input_grad)
+    soft = target.dtype.is_floating_point
+    tl = _leaf(target, target_grad) if soft else target
+    xin = view(xl) if view is not None else xl
+    tin = target_view(tl) if target_view is not None else tl
+    loss = fc.cross_entropy(xin, tin, weight=weight, **kwargs)
+    gi = gt = None
+    if input_grad or target_grad:
+        go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.device, loss.dtype)
+        inputs = ([xl] if input_grad else []) + ([tl] if target_grad else [])
+        grads = list(torch.autograd.grad(loss, inputs, go, allow_unused=True))
+        if input_grad:
+            gi = grads.pop(0)
+        if target_grad:
+            gt = grads.pop(0)
+    return loss.detach(), gi, gt
+
+
+def random_grad_out(loss_shape, reduction):
+    """A random upstream gradient (not all ones) so grad_output scaling is exercised."""
+    if reduction == "none":
+        return torch.rand(loss_shape, dtype=torch.float64) * 2 - 0.5
+    return torch.tensor(0.5 + torch.rand(()).item() * 2, dtype=torch.float64)
+
+
+def _natural_grad_scale(x, target, weight, grad_out, reduction, ignore_index):
+    """Magnitude a gradient entry would have for an O(1) softmax term: |upstream| * max(w) / divisor.
+
+    Used as the floor of the absolute tolerance for gradients, so that an exactly-zero reference
+    (C == 1: p - 1 == 0) still allows rounding-level error of the O(1) terms it is computed from.
+    """
+    if grad_out is None:
+        return 1e-3
+    up = float(grad_out.abs().max()) if grad_out.numel() else 0.0
+    wmax = 1.0 if weight is None else max(1.0, float(weight.detach().abs().max()))
+    if reduction == "mean":
+        if target.dtype.is_floating_point:
+            C = x.shape[0] if x.dim() == 1 else x.shape[1]
+            total = x.numel() / max(C, 1)
+        else:
+            target = target.long()
+            valid = target != ignore_index
+            if weight is None:
+                total = float(valid.sum())
+            else:
+                w = weight.detach().cpu().double()
+                total = float(w[target.clamp(0, w.numel() - 1)][valid].sum())
+        if total == 0:
+            return 1e-30
+        up = up / total
+    return max(up * wmax, 1e-30)
+
+
+def check_against_torch(fc, x, target, weight=None, reduction="mean", input_grad=True, target_grad=False,
+                        grad_out="random", view=None, target_view=None, what="", rtol=None,
+                        atol_scale=None, ref_target=None, **kwargs):
+    """Full parity check of fused_ce.cross_entropy with F.cross_entropy (float64 reference).
+
+    ``x`` / ``target`` are the leaves (any device/dtype); ``view`` / ``target_view`` optionally turn
+    them into the (non-contiguous) tensors that are passed in.  Checks output shape, dtype and
+    values, grad w.r.t. input and (soft targets) w.r.t. target, and that nothing was modified in place.
+    ``ref_target`` replaces the target in the torch computations only (e.g. uint8 targets, which
+    torch accepts but cannot always process: its weight+label_smoothing+mean path fails on them).
+    Returns (fused_loss, fused_grad_input, fused_grad_target, reference tuple).
+    """
+    rt = target if ref_target is None else ref_target
+    kwargs = dict(kwargs, reduction=reduction)
+    x_before = x.detach().clone()
+    t_before = target.detach().clone()
+    # torch on the very same dtypes: the expected output dtype and shape
+    xin_cpu = x.detach().cpu()
+    tin_cpu = rt.detach().cpu()
+    xin_cpu = view(xin_cpu) if view is not None else xin_cpu
+    tin_cpu = target_view(tin_cpu) if target_view is not None else tin_cpu
+    same_dtype = F.cross_entropy(xin_cpu, tin_cpu, weight=None if weight is None else weight.detach().cpu(),
+                                 **kwargs)
+    out_dtype = same_dtype.dtype
+    if grad_out == "random":
+        grad_out = random_grad_out(same_dtype.shape, reduction) if (input_grad or target_grad) else None
+    ref = torch_reference(x, rt, weight, grad_out, input_grad, target_grad, view, target_view, **kwargs)
+    ref_loss, ref_gi, ref_gt = ref
+    loss, gi, gt = run_fused(fc, x, target, weight, grad_out, input_grad, target_grad, view, target_view,
+                             **kwargs)
+
+    grad_floor = _natural_grad_scale(xin_cpu, tin_cpu, weight, grad_out, reduction, kwargs.get("ignore_index", -100))
+
+    tag = what or "config"
+    assert loss.dtype == out_dtype, f"{tag}: loss dtype {loss.dtype}, torch gives {out_dtype}"
+    assert loss.device.type == torch.device(x.device).type, f"{tag}: loss on {loss.device}, input on {x.device}"
+    assert tuple(loss.shape) == tuple(same_dtype.shape), f"{tag}: loss shape {tuple(loss.shape)} != torch {tuple(same_dtype.shape)}"
+    assert_close_ref(loss, ref_loss, out_dtype, what=f"{tag}: loss", rtol=rtol, atol_scale=atol_scale, floor=1.0)
+    if input_grad:
+        assert gi is not None, f"{tag}: no gradient for input"
+        assert gi.dtype == x.dtype and gi.shape == x.shape, f"{tag}: grad_input {gi.dtype} {tuple(gi.shape)}"
+        assert_close_ref(gi, ref_gi, worst_dtype(x.dtype, out_dtype), what=f"{tag}: grad_input",
+                         rtol=rtol, atol_scale=atol_scale, floor=grad_floor)
+    if target_grad:
+        assert gt is not None, f"{tag}: no gradient for the soft target"
+        assert gt.dtype == target.dtype and gt.shape == target.shape, f"{tag}: grad_target {gt.dtype} {tuple(gt.shape)}"
+        assert_close_ref(gt, ref_gt, worst_dtype(target.dtype, out_dtype), what=f"{tag}: grad_target",
+                         rtol=rtol, atol_scale=atol_scale, floor=grad_floor * 10)
+    assert identical(x.detach(), x_before), f"{tag}: input modified in place"
+    assert identical(target.detach(), t_before), f"{tag}: target modified in place"
+    return loss, gi, gt, ref

@@ -1,0 +1,367 @@
+"""Bad inputs raise what torch raises: same exception type, message containing torch's key words.
+
+Each case runs torch's F.cross_entropy first (so the expectation is re-derived from the installed
+torch, not hard-coded) and then fused_ce.cross_entropy; after every error the library must still
+produce correct results.
+"""
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_ce
+from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+def _still_works(device):
+    x = make_logits((6, 5), torch.float32, device)
+    t = make_class_target((6,), 5, device, ignore_index=-100)
+    xl = x.clone().requires_grad_()
+    out = fused_ce.cross_entropy(xl, t, label_smoothing=0.1)
+    out.backward()
+    x64 = x.double().cpu().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu(), label_smoothing=0.1)
+    ref.backward()
+    assert_close_ref(out, ref, torch.float32, what="call after an error")
+    assert_close_ref(xl.grad, x64.grad, torch.float32, what="grad after an error")
+
+
+def _check_same_error(device, make_args, keywords, exc_type=None, torch_raises=True):
+    """make_args(device) -> (args, kwargs) for cross_entropy. keywords: substrings/regexes of the message."""
+    args, kwargs = make_args(device)
+    torch_exc = _capture(lambda: F.cross_entropy(*args, **kwargs))
+    if torch_raises:
+        assert torch_exc is not None, "test premise broken: torch accepted these arguments"
+        expected_type = exc_type or type(torch_exc)
+        for kw in keywords:  # the key words come from torch's own message
+            assert re.search(kw, str(torch_exc)), f"premise: {kw!r} not in torch's message {str(torch_exc)!r}"
+    else:
+        expected_type = exc_type
+    args, kwargs = make_args(device)
+    ours = _capture(lambda: fused_ce.cross_entropy(*args, **kwargs))
+    assert ours is not None, f"fused_ce accepted arguments torch rejects with {torch_exc!r}"
+    assert isinstance(ours, expected_type), (
+        f"fused_ce raised {type(ours).__name__}({ours}), torch raises {type(torch_exc).__name__}({torch_exc})")
+    for kw in keywords:
+        assert re.search(kw, str(ours)), f"{kw!r} not in fused_ce's message {str(ours)!r} (torch: {str(torch_exc)!r})"
+    _still_works(device)
+
+
+def _cpu_only(device, why="out-of-range targets are detected on the host only on the CPU (CUDA asserts)"):
+    if device != "cpu":
+        pytest.skip(why)
+
+
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["C", "C+2", -1, -101])
+@pytest.mark.parametrize("kind", ["2d", "kdim", "rowkernel", "reduction_none", "smoothing", "weight", "unbatched"])
+def test_target_out_of_bounds(device, kind, bad):
+    _cpu_only(device)
+    C = 70 if kind == "rowkernel" else 5
+    value = {"C": C, "C+2": C + 2}.get(bad, bad)
+
+    def make(dev):
+        if kind == "unbatched":
+            return (make_logits((C,), device=dev), torch.tensor(value, device=dev)), {}
+        shape = (4, C, 3) if kind == "kdim" else (4, C)
+        t = make_class_target((4, 3) if kind == "kdim" else (4,), C, dev)
+        t.view(-1)[-1] = value
+        kw = {}
+        if kind == "reduction_none":
+            kw["reduction"] = "none"
+        if kind == "smoothing":
+            kw["label_smoothing"] = 0.1
+        if kind == "weight":
+            kw["weight"] = make_weight(C, device=dev)
+        return (make_logits(shape, device=dev), t), kw
+
+    _check_same_error(device, make, [rf"Target {value} is out of bounds"], IndexError)
+
+
+def test_target_out_of_bounds_with_grad(device):
+    _cpu_only(device)
+    x = make_logits((4, 5), device=device).requires_grad_()
+    t = torch.tensor([0, 1, 9, 2], device=device)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        fused_ce.cross_entropy(x, t)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        fused_ce.cross_entropy(x, t, reduction="none")
+    _still_works(device)
+
+
+@pytest.mark.parametrize("tdtype,name", [(torch.int32, "Int"), (torch.int16, "Short"), (torch.int8, "Char"),
+                                         (torch.bool, "Bool")])
+def test_target_integer_dtype(device, tdtype, name):
+    def make(dev):
+        return (make_logits((3, 5), device=dev), torch.tensor([0, 1, 2], device=dev).to(tdtype)), {}
+
+    _check_same_error(device, make, [rf"expected target dtype to be Long or Byte, but got {name}"])
+
+
+def test_float_class_index_target(device):
+    # a float target with the shape of a class-index target is not a probability target
+    def make(dev):
+        return (make_logits((3, 5), device=dev), torch.tensor([0.0, 1.0, 2.0], device=dev)), {}
+
+    _check_same_error(device, make, [r"expected target dtype to be Long or Byte, but got Float"])
+
+
+@pytest.mark.parametrize("red", ["foo", "avg", "Mean", ""])
+def test_bad_reduction(device, red):
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_class_target((3,), 5, dev)), {"reduction": red}
+
+    _check_same_error(device, make, [rf"{re.escape(red)} is not a valid value for reduction"], ValueError)
+
+
+def test_batch_size_mismatch(device):
+    def make(dev):
+        return (make_logits((4, 5), device=dev), make_class_target((3,), 5, dev)), {}
+
+    _check_same_error(device, make, [re.escape("Expected input batch_size (4) to match target batch_size (3).")],
+                      ValueError)
+
+
+def test_batch_size_mismatch_kdim(device):
+    def make(dev):
+        return (make_logits((4, 5, 2), device=dev), make_class_target((3, 2), 5, dev)), {}
+
+    _check_same_error(device, make, [re.escape("Expected input batch_size (4) to match target batch_size (3).")],
+                      ValueError)
+
+
+def test_spatial_shape_mismatch(device):
+    def make(dev):
+        return (make_logits((3, 5, 2), device=dev), make_class_target((3, 3), 5, dev)), {}
+
+    _check_same_error(device, make, [re.escape("Expected target size [3, 2], got [3, 3]")], RuntimeError)
+
+
+def test_multi_target_2d(device):
+    # (N, C) input with a (N, k) integer target: torch: "0D or 1D target tensor expected, multi-target not supported"
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_class_target((3, 1), 5, dev)), {}
+
+    _check_same_error(device, make, [r"multi-target not supported"], RuntimeError)
+
+
+def test_float_target_wrong_shape(device):
+    # floating target whose shape differs from the input: torch takes the class-index path and rejects it
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_prob_target((3, 4), device=dev)), {}
+
+    _check_same_error(device, make, [], RuntimeError)
+
+
+@pytest.mark.parametrize("wshape", [(4,), (6,), (5, 1), (1, 5), ()])
+def test_weight_wrong_shape(device, wshape):
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_class_target((3,), 5, dev)), {"weight": torch.rand(wshape, device=dev)}
+
+    _check_same_error(device, make, [r"weight tensor should be defined either for all 5 classes or no classes"],
+                      RuntimeError)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+@pytest.mark.parametrize("in_dtype,w_dtype,names", [
+    (torch.float32, torch.float64, ("Float", "Double")),
+    (torch.float64, torch.float32, ("Double", "Float")),
+    (torch.float16, torch.float32, ("Half", "Float")),
+    (torch.bfloat16, torch.float32, ("BFloat16", "Float")),
+])
+def test_weight_dtype_mismatch(device, in_dtype, w_dtype, names, reduction):
+    def make(dev):
+        return (make_logits((3, 5), in_dtype, dev), make_class_target((3,), 5, dev)), \
+            {"weight": make_weight(5, w_dtype, dev), "reduction": reduction}
+
+    _check_same_error(device, make, [rf"expected scalar type {names[0]} but found {names[1]}"], RuntimeError)
+
+
+@pytest.mark.parametrize("ls", [1.5, 1.0000001, 2.0, float("inf"), float("nan")])
+def test_label_smoothing_above_one(device, ls):
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_class_target((3,), 5, dev)), {"label_smoothing": ls}
+
+    args, kwargs = make(device)
+    torch_exc = _capture(lambda: F.cross_entropy(*args, **kwargs))
+    ours = _capture(lambda: fused_ce.cross_entropy(*args, **kwargs))
+    if torch_exc is None:
+        # torch accepts it (e.g. NaN compares false); the spec does not require rejecting it, only parity
+        assert ours is None or isinstance(ours, RuntimeError)
+    else:
+        assert isinstance(ours, RuntimeError), f"fused raised {ours!r}, torch {torch_exc!r}"
+        assert "label_smoothing must be between 0.0 and 1.0" in str(ours)
+        if ls == 1.5:
+            assert "Got: 1.5" in str(ours)
+    _still_works(device)
+
+
+@pytest.mark.parametrize("ls", [-0.5, -1e-3])
+def test_label_smoothing_negative_rejected(device, ls):
+    # deliberate deviation (spec): torch accepts negative smoothing, fused_ce rejects it
+    x = make_logits((3, 5), device=device)
+    t = make_class_target((3,), 5, device)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
+        fused_ce.cross_entropy(x, t, label_smoothing=ls)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
+        fused_ce.CrossEntropyLoss(label_smoothing=ls)(x, t)
+    _still_works(device)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 1, 4, 255])
+def test_ignore_index_with_prob_target(device, ignore_index):
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_prob_target((3, 5), device=dev)), {"ignore_index": ignore_index}
+
+    _check_same_error(device, make, [r"ignore_index is not supported for floating point target"], RuntimeError)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -5, -1000])
+def test_negative_ignore_index_with_prob_target_accepted(device, ignore_index):
+    # torch only rejects ignore_index >= 0 for probability targets (TORCH_CHECK(ignore_index < 0)); any
+    # negative value is accepted and has no effect.
+    x = make_logits((3, 5), device=device)
+    t = make_prob_target((3, 5), device=device)
+    ref = F.cross_entropy(x.double().cpu(), t.double().cpu(), ignore_index=ignore_index)
+    ours = fused_ce.cross_entropy(x, t, ignore_index=ignore_index)
+    assert_close_ref(ours, ref, torch.float32, what=f"soft target, ignore_index={ignore_index}")
+
+
+@pytest.mark.parametrize("in_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_input(device, in_dtype):
+    # torch raises NotImplementedError (a RuntimeError subclass); the spec promises a RuntimeError
+    def make(dev):
+        return (torch.randint(0, 2, (3, 5), device=dev).to(in_dtype), make_class_target((3,), 5, dev)), {}
+
+    _check_same_error(device, make, [], RuntimeError)
+
+
+def test_complex_input(device):
+    def make(dev):
+        return (torch.randn(3, 5, dtype=torch.complex64, device=dev), make_class_target((3,), 5, dev)), {}
+
+    _check_same_error(device, make, [], RuntimeError)
+
+
+def test_zero_dim_input(device):
+    def make(dev):
+        return (torch.tensor(0.5, device=dev), torch.tensor(0, device=dev)), {}
+
+    _check_same_error(device, make, [], RuntimeError)
+
+
+def test_unbatched_target_with_batch_dim_of_two(device):
+    # (C,) input with a (2,) target: torch rejects
+    def make(dev):
+        return (make_logits((5,), device=dev), torch.tensor([0, 1], device=dev)), {}
+
+    args, kwargs = make(device)
+    torch_exc = _capture(lambda: F.cross_entropy(*args, **kwargs))
+    ours = _capture(lambda: fused_ce.cross_entropy(*args, **kwargs))
+    assert torch_exc is not None
+    assert ours is not None and isinstance(ours, (RuntimeError, ValueError)), repr(ours)
+    _still_works(device)
+
+
+def test_class_target_with_requires_grad_weight(device):
+    # torch: "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'."
+    def make(dev):
+        return (make_logits((3, 5), device=dev).requires_grad_(), make_class_target((3,), 5, dev)), \
+            {"weight": make_weight(5, device=dev).requires_grad_()}
+
+    _check_same_error(device, make, [r"not differentiable with respect to argument 'weight'"], RuntimeError)
+
+
+def test_prob_target_with_requires_grad_weight_is_not_silently_wrong(device):
+    # torch differentiates w.r.t. the weight for probability targets; fused_ce must either do the
+    # same or refuse -- never return a loss whose weight gradient is silently missing.
+    C = 5
+    x = make_logits((3, C), device=device)
+    t = make_prob_target((3, C), device=device)
+    w = make_weight(C, device=device).requires_grad_()
+    try:
+        out = fused_ce.cross_entropy(x, t, weight=w)
+    except RuntimeError:
+        return
+    w64 = w.detach().double().cpu().requires_grad_()
+    ref = F.cross_entropy(x.double().cpu(), t.double().cpu(), weight=w64)
+    ref.backward()
+    assert out.requires_grad, "loss does not require grad although the weight does (torch: it does)"
+    out.backward()
+    assert w.grad is not None, "weight gradient silently missing"
+    assert_close_ref(w.grad, w64.grad, torch.float32, what="grad wrt weight")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
+def test_device_mismatch():
+    x = make_logits((3, 5), device="cuda")
+    with pytest.raises(RuntimeError):
+        fused_ce.cross_entropy(x, make_class_target((3,), 5, "cpu"))
+    with pytest.raises(RuntimeError):
+        fused_ce.cross_entropy(x, make_class_target((3,), 5, "cuda"), weight=make_weight(5, device="cpu"))
+    with pytest.raises(RuntimeError):
+        fused_ce.cross_entropy(x.cpu(), make_class_target((3,), 5, "cuda"))
+    _still_works("cuda")
+
+
+def test_module_errors_match_functional(device):
+    x = make_logits((4, 5), device=device)
+    t = make_class_target((3,), 5, device)
+    with pytest.raises(ValueError, match=re.escape("Expected input batch_size (4) to match target batch_size (3).")):
+        fused_ce.CrossEntropyLoss()(x, t)
+    with pytest.raises(RuntimeError, match="weight tensor should be defined either for all 5 classes"):
+        fused_ce.CrossEntropyLoss(weight=torch.rand(3, device=device))(x, make_class_target((4,), 5, device))
+    m = fused_ce.CrossEntropyLoss(reduction="bogus")  # torch also only complains at call time
+    with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
+        m(x, make_class_target((4,), 5, device))
+    _still_works(device)
+
+
+def test_legacy_args_warn_like_torch(device):
+    x = make_logits((4, 5), device=device)
+    t = make_class_target((4,), 5, device)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fused_ce.cross_entropy(x, t, size_average=False)
+    assert any("size_average and reduce args will be deprecated" in str(w.message) for w in rec)
+
+
+# --------------------------------------------------------------------------
+# Inputs torch accepts (quirks): fused_ce must accept them as well and agree.
+
+
+def test_uint8_kdim_targets(device):
+    # torch rejects uint8 targets for K-dim inputs ("expected scalar type Long but found Byte"), although
+    # it accepts them for (N, C). Accepting them (with int64 semantics) is an improvement we allow.
+    x = make_logits((3, 5, 2), device=device)
+    t = make_class_target((3, 2), 5, device, dtype=torch.uint8)
+    ours = _capture(lambda: fused_ce.cross_entropy(x, t))
+    if ours is None:
+        out = fused_ce.cross_entropy(x, t, reduction="none")
+        ref = F.cross_entropy(x.double().cpu(), t.long().cpu(), reduction="none")
+        assert_close_ref(out, ref, torch.float32, what="uint8 K-dim targets")
+    else:
+        assert isinstance(ours, RuntimeError)
+
+
+def test_unbatched_input_with_one_element_target(device):
+    # torch accepts a (C,) input with a (1,) class-index target (returns a 0-d loss)
+    x = make_logits((5,), device=device)
+    t = torch.tensor([3], device=device)
+    for reduction in ("none", "mean", "sum"):
+        ref = F.cross_entropy(x.double().cpu(), t.cpu(), reduction=reduction)
+        out = fused_ce.cross_entropy(x, t, reduction=reduction)
+        assert_close_ref(out, ref, torch.float32, what=f"(C,) input with (1,) target, {reduction}")

@@ -1,0 +1,116 @@
+"""torch.autograd.gradcheck (float64, finite differences vs. the analytic backward) for every option.
+
+gradcheck is independent of torch's cross_entropy: it compares fused_ce's backward with numerical
+derivatives of fused_ce's own forward.  The forward itself is pinned to torch by a value check in
+each case too.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+import fused_ce
+from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
+
+SHAPES = {"unbatched": (5,), "2d": (4, 5), "3d": (3, 5, 2), "4d": (2, 4, 2, 2)}
+
+
+def _tshape(shape):
+    return () if len(shape) == 1 else (shape[0],) + tuple(shape[2:])
+
+
+@pytest.mark.parametrize("shape_kind", ["2d", "3d", "4d", "unbatched"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("ignore", [None, -100, 2])
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck_class_targets(device, reduction, use_weight, ignore, label_smoothing, shape_kind):
+    if shape_kind == "unbatched" and ignore is not None:
+        pytest.skip("a single unbatched element that is ignored is covered in test_parity")
+    if shape_kind in ("3d", "4d") and label_smoothing == 1.0:
+        pytest.skip("label_smoothing=1.0 is covered with 2-D shapes (keeps the grid small)")
+    shape = SHAPES[shape_kind]
+    C = shape[0] if shape_kind == "unbatched" else shape[1]
+    x = make_logits(shape, torch.float64, device, scale=1.5).requires_grad_()
+    t = make_class_target(_tshape(shape), C, device, ignore_index=ignore, ignore_frac=0.3)
+    w = make_weight(C, torch.float64, device) if use_weight else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+
+    def fn(inp):
+        return fused_ce.cross_entropy(inp, t, **kw)
+
+    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # the forward is torch's
+    ref = F.cross_entropy(x.detach().cpu(), t.cpu(), **{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                                         for k, v in kw.items()})
+    assert_close_ref(fn(x.detach()), ref, torch.float64)
+
+
+@pytest.mark.parametrize("shape_kind", ["2d", "3d", "unbatched"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("grads", ["input+target", "target_only", "input_only"])
+def test_gradcheck_prob_targets(device, grads, reduction, use_weight, label_smoothing, shape_kind):
+    shape = SHAPES[shape_kind]
+    C = shape[0] if shape_kind == "unbatched" else shape[1]
+    x = make_logits(shape, torch.float64, device, scale=1.5).requires_grad_(grads != "target_only")
+    t = make_prob_target(shape, torch.float64, device).requires_grad_(grads != "input_only")
+    w = make_weight(C, torch.float64, device) if use_weight else None
+
+    def fn(inp, tgt):
+        return fused_ce.cross_entropy(inp, tgt, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+
+    assert gradcheck(fn, (x, t), eps=1e-6, atol=1e-7, rtol=1e-5)
+    ref = F.cross_entropy(x.detach().cpu(), t.detach().cpu(), weight=None if w is None else w.cpu(),
+                          reduction=reduction, label_smoothing=label_smoothing)
+    assert_close_ref(fn(x.detach(), t.detach()), ref, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_gradcheck_noncontiguous(device, layout):
+    if layout == "transposed":
+        base = make_logits((5, 4), torch.float64, device).requires_grad_()
+        view = lambda a: a.t()  # noqa: E731
+        t = make_class_target((4,), 5, device, ignore_index=-100)
+    elif layout == "channels_last":
+        base = make_logits((2, 5, 2, 3), torch.float64, device).requires_grad_()
+        view = lambda a: a.contiguous(memory_format=torch.channels_last)  # noqa: E731
+        t = make_class_target((2, 2, 3), 5, device, ignore_index=-100)
+    else:
+        base = make_logits((6, 10, 3), torch.float64, device).requires_grad_()
+        view = lambda a: a[::2, 1::2]  # noqa: E731
+        t = make_class_target((3, 3), 5, device, ignore_index=-100)
+    for reduction in ("none", "mean"):
+        assert gradcheck(lambda a: fused_ce.cross_entropy(view(a), t, reduction=reduction, label_smoothing=0.2),
+                         (base,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_row_kernel_sizes(device):
+    # C >= 64 takes the vectorised row kernel on the CPU; a small batch keeps the Jacobian cheap
+    C = 67
+    x = make_logits((2, C), torch.float64, device).requires_grad_()
+    t = make_class_target((2,), C, device)
+    w = make_weight(C, torch.float64, device)
+    for reduction in ("none", "mean", "sum"):
+        assert gradcheck(lambda a: fused_ce.cross_entropy(a, t, w, reduction=reduction, label_smoothing=0.1),
+                         (x,), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_all_ignored(device):
+    x = make_logits((3, 4), torch.float64, device).requires_grad_()
+    t = torch.full((3,), -100, device=device)
+    # sum / none: zero loss and zero gradient everywhere
+    for reduction in ("none", "sum"):
+        assert gradcheck(lambda a: fused_ce.cross_entropy(a, t, reduction=reduction), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_through_module(device):
+    C = 4
+    m = fused_ce.CrossEntropyLoss(weight=make_weight(C, torch.float64, device), label_smoothing=0.1, ignore_index=0)
+    x = make_logits((5, C), torch.float64, device).requires_grad_()
+    t = make_class_target((5,), C, device, ignore_index=0)
+    assert gradcheck(lambda a: m(a, t), (x,), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -1,0 +1,125 @@
+"""Property-based parity with F.cross_entropy over random configurations.
+
+Hypothesis draws shapes (unbatched, 2-D, K-dim, empty), class counts on both sides of the row-kernel
+threshold, float32/float64, reductions, weights, label smoothing, class-index or probability targets
+(with target gradients), ignore_index sprinkled into the targets, and non-contiguous layouts
+(permuted buffers, stepped slices, expanded targets).  Every example is checked against torch in
+float64 (conftest.check_against_torch).  database=None: nothing is written outside tests/.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fused_ce
+from conftest import DEVICES, check_against_torch
+
+SETTINGS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def configs(draw):
+    ndim_extra = draw(st.sampled_from([-1, 0, 0, 1, 2]))  # -1: unbatched (C,)
+    C = draw(st.one_of(st.integers(1, 12), st.integers(13, 80), st.sampled_from([63, 64, 65, 127, 129, 257, 1000])))
+    big = C > 100
+    N = draw(st.integers(0 if not big else 1, 3 if big else 9))
+    spatial = tuple(draw(st.lists(st.integers(1 if big else 0, 3 if big else 4), min_size=max(ndim_extra, 0),
+                                  max_size=max(ndim_extra, 0))))
+    soft = draw(st.booleans())
+    cfg = dict(
+        unbatched=ndim_extra == -1,
+        N=N,
+        C=C,
+        spatial=spatial,
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        use_weight=draw(st.booleans()),
+        label_smoothing=draw(st.one_of(st.just(0.0), st.sampled_from([0.05, 0.5, 1.0]),
+                                       st.floats(0.0, 1.0, allow_nan=False))),
+        soft=soft,
+        target_grad=draw(st.booleans()),
+        ignore_index=draw(st.sampled_from([-100, -100, 0, 1, -1, 7])),
+        ignore_frac=draw(st.sampled_from([0.0, 0.2, 0.5, 1.0])),
+        permute=draw(st.booleans()),
+        step=draw(st.sampled_from([1, 1, 2])),
+        expand_target=draw(st.booleans()),
+        scale=draw(st.sampled_from([0.1, 1.0, 4.0, 15.0])),
+        normalized=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    return cfg
+
+
+def _build(cfg, device):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    C, N, spatial, dtype = cfg["C"], cfg["N"], cfg["spatial"], cfg["dtype"]
+    shape = (C,) if cfg["unbatched"] else (N, C) + spatial
+    tshape = () if cfg["unbatched"] else (N,) + spatial
+    step = cfg["step"]
+    # logits leaf: a buffer of a (maybe permuted, maybe larger) shape, viewed into `shape`
+    if cfg["permute"] and len(shape) >= 2:
+        perm = list(range(len(shape)))[::-1]  # reversed buffer, then permuted back
+        buf_shape = [shape[p] for p in perm]
+        buf_shape[0] *= step
+        x = (torch.randn(buf_shape, generator=g, dtype=torch.float64) * cfg["scale"]).to(dtype).to(device)
+        inv = [perm.index(i) for i in range(len(shape))]
+
+        def view(a, inv=inv, step=step):
+            return a[::step].permute(*inv)
+    else:
+        buf_shape = list(shape)
+        buf_shape[-1] *= step
+        x = (torch.randn(buf_shape, generator=g, dtype=torch.float64) * cfg["scale"]).to(dtype).to(device)
+
+        def view(a, step=step):
+            return a[..., ::step]
+
+    assert tuple(view(x).shape) == tuple(shape)
+    target_view = None
+    if cfg["soft"]:
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        cdim = 0 if cfg["unbatched"] else 1
+        t = t.softmax(cdim) if cfg["normalized"] else torch.rand(shape, generator=g, dtype=torch.float64)
+        t = t.to(dtype).to(device)
+        ignore_kw = {}
+    else:
+        t = torch.randint(0, C, tshape, generator=g)
+        ii = cfg["ignore_index"]
+        if cfg["ignore_frac"] > 0 and t.numel():
+            mask = torch.rand(tshape, generator=g) < cfg["ignore_frac"]
+            t = torch.where(mask, torch.full_like(t, ii), t)
+        t = t.to(device)
+        ignore_kw = {"ignore_index": ii}
+        if cfg["expand_target"] and not cfg["unbatched"] and N > 0:
+            t = t[:1].clone()
+
+            def target_view(b, N=N, tshape=tshape):
+                return b.expand(*tshape)
+
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dtype).to(device) if cfg["use_weight"] else None
+    return x, t, w, view, target_view, ignore_kw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(cfg=configs())
+def test_random_configs_match_torch(device, cfg):
+    x, t, w, view, target_view, ignore_kw = _build(cfg, device)
+    target_grad = cfg["soft"] and cfg["target_grad"]
+    check_against_torch(fused_ce, x, t, w, reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"],
+                        target_grad=target_grad, view=view, target_view=target_view, what=str(cfg), **ignore_kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=30, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cfg=configs(), half=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_random_configs_half_precision(device, cfg, half):
+    # the same random configurations in bfloat16 / float16 (against the float64 reference)
+    cfg = dict(cfg, dtype=half, scale=min(cfg["scale"], 4.0))
+    x, t, w, view, target_view, ignore_kw = _build(cfg, device)
+    target_grad = cfg["soft"] and cfg["target_grad"]
+    check_against_torch(fused_ce, x, t, w, reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"],
+                        target_grad=target_grad, view=view, target_view=target_view, what=str(cfg), **ignore_kw)

@@ -1,0 +1,676 @@
+"""Value and gradient parity of fused_ce.cross_entropy with torch.nn.functional.cross_entropy.
+
+Every case compares against F.cross_entropy evaluated in float64 on copies of the same inputs
+(see conftest.check_against_torch): loss values, dtype and shape, grad w.r.t. the input (with a
+random upstream gradient), grad w.r.t. soft targets when they require grad, and that the inputs
+are left untouched.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    assert_close_ref,
+    check_against_torch,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    make_weight,
+)
+
+import fused_ce  # an ImportError must fail the module, not skip it
+
+
+def _dname(d):
+    return str(d).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------
+# 1. The option grid: reduction x weight x ignore_index x label_smoothing, class-index targets.
+#    C=10 runs the tile (few-classes) kernel, C=67 the vectorised row kernel with a tail.
+
+IGNORE_CASES = {
+    "default_absent": dict(kw={}, present=None),
+    "default_present": dict(kw={}, present=-100),
+    "custom2_present": dict(kw={"ignore_index": 2}, present=2),
+}
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("ignore", list(IGNORE_CASES))
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [10, 67])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+def test_option_grid_class_targets(device, dtype, C, reduction, use_weight, ignore, label_smoothing):
+    N = 23
+    case = IGNORE_CASES[ignore]
+    x = make_logits((N, C), dtype, device)
+    t = make_class_target((N,), C, device, ignore_index=case["present"])
+    if case["present"] == 2:
+        # 2 is a valid class index: make sure it also appears as "the ignored class"
+        assert (t == 2).any()
+    w = make_weight(C, dtype, device) if use_weight else None
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=label_smoothing,
+                        what=f"C={C} {reduction} w={use_weight} {ignore} ls={label_smoothing}", **case["kw"])
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [10, 67])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+def test_option_grid_prob_targets(device, dtype, C, reduction, use_weight, label_smoothing):
+    N = 19
+    x = make_logits((N, C), dtype, device)
+    t = make_prob_target((N, C), dtype, device)
+    w = make_weight(C, dtype, device) if use_weight else None
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=label_smoothing,
+                        target_grad=True, what=f"soft C={C} {reduction} w={use_weight} ls={label_smoothing}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+def test_prob_targets_unnormalised_and_only_target_grad(device, dtype, reduction):
+    # Targets that do not sum to 1 (torch does not require it); grad only w.r.t. the target.
+    x = make_logits((11, 7, 3), dtype, device)
+    t = make_prob_target((11, 7, 3), dtype, device, normalized=False)
+    w = make_weight(7, dtype, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.2, input_grad=False,
+                        target_grad=True, what="soft, target grad only")
+    check_against_torch(fused_ce, x, t, None, reduction=reduction, input_grad=True, target_grad=False,
+                        what="soft, input grad only")
+    check_against_torch(fused_ce, x, t, None, reduction=reduction, input_grad=False, target_grad=False,
+                        what="soft, forward only")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [5, 300])
+def test_forward_only_no_grad(device, reduction, C):
+    x = make_logits((17, C), torch.float32, device)
+    t = make_class_target((17,), C, device, ignore_index=-100)
+    w = make_weight(C, torch.float32, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, input_grad=False, label_smoothing=0.05)
+    with torch.no_grad():
+        xg = x.clone().requires_grad_()
+        out = fused_ce.cross_entropy(xg, t, w, reduction=reduction, label_smoothing=0.05)
+        assert not out.requires_grad
+        ref = F.cross_entropy(x.double().cpu(), t.cpu(), w.double().cpu(), reduction=reduction,
+                              label_smoothing=0.05)
+        assert_close_ref(out, ref, torch.float32, what="no_grad forward")
+
+
+# --------------------------------------------------------------------------
+# 2. Shapes x class counts x dtypes (class-index targets), fixed but non-trivial options.
+
+SHAPE_KINDS = ["unbatched", "2d", "3d", "4d"]
+
+
+def _shape(kind, C):
+    big = C >= 1000
+    if kind == "unbatched":
+        return (C,)
+    if kind == "2d":
+        return (9 if C >= 3000 else 37, C)
+    if kind == "3d":
+        return (3 if big else 5, C, 4 if big else 7)
+    return (2 if big else 3, C, 3, 2 if big else 5)
+
+
+def _target_shape(shape):
+    if len(shape) == 1:
+        return ()
+    return (shape[0],) + tuple(shape[2:])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("C", [1, 3, 10, 33, 64, 67, 1000, 1001, 3000])
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_shapes_classes_dtypes(device, kind, C, dtype, reduction):
+    shape = _shape(kind, C)
+    x = make_logits(shape, dtype, device)
+    tshape = _target_shape(shape)
+    # sprinkle ignore_index=-100 (not in the unbatched case: a single ignored element is its own test)
+    t = make_class_target(tshape, C, device, ignore_index=-100 if kind != "unbatched" else None, ignore_frac=0.2)
+    w = make_weight(C, dtype, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1,
+                        what=f"{kind} shape={shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("C", [3, 1001])
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_shapes_plain_sum(device, kind, C, dtype):
+    # the most common call: no weight, no smoothing, reduction sum (forward-with-grad path on CPU)
+    shape = _shape(kind, C)
+    x = make_logits(shape, dtype, device)
+    t = make_class_target(_target_shape(shape), C, device)
+    check_against_torch(fused_ce, x, t, None, reduction="sum", what=f"{kind} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("C", [1, 3, 67, 1001])
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_shapes_prob_targets(device, kind, C, dtype):
+    shape = _shape(kind, C)
+    x = make_logits(shape, dtype, device)
+    t = make_prob_target(shape, dtype, device)
+    w = make_weight(C, dtype, device)
+    for reduction, ls, weight in (("mean", 0.1, w), ("none", 0.0, None)):
+        check_against_torch(fused_ce, x, t, weight, reduction=reduction, label_smoothing=ls, target_grad=True,
+                            what=f"soft {kind} {shape} {dtype} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("C", [3, 2048])
+def test_large_logit_scale(device, C, dtype):
+    # logits spread over +-60: exercises the max subtraction and exp range
+    x = make_logits((16, C), dtype, device, scale=20.0)
+    t = make_class_target((16,), C, device)
+    check_against_torch(fused_ce, x, t, None, reduction="none", label_smoothing=0.3, what="scale 20")
+
+
+def test_many_rows_parallel(device):
+    # enough rows to be split across threads; mean over many elements
+    C = 129
+    x = make_logits((2048, C), torch.float32, device)
+    t = make_class_target((2048,), C, device, ignore_index=-100, ignore_frac=0.1)
+    w = make_weight(C, torch.float32, device)
+    check_against_torch(fused_ce, x, t, w, reduction="mean", label_smoothing=0.1)
+    x = make_logits((64, 5, 40), torch.float32, device)
+    t = make_class_target((64, 40), 5, device, ignore_index=-100, ignore_frac=0.1)
+    check_against_torch(fused_ce, x, t, None, reduction="mean")
+
+
+# --------------------------------------------------------------------------
+# 3. ignore_index variants.
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index", [-1, 0, 4, 7, 12345, -(2**40)])
+@pytest.mark.parametrize("C", [8, 80])
+def test_ignore_index_values(device, C, ignore_index, reduction, label_smoothing):
+    # ignore_index inside [0, C), negative, == C-ish and far outside, each present in the targets
+    N = 30
+    x = make_logits((N, C, 2), torch.float64, device)
+    t = make_class_target((N, 2), C, device, ignore_index=ignore_index, ignore_frac=0.3)
+    w = make_weight(C, torch.float64, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, ignore_index=ignore_index,
+                        label_smoothing=label_smoothing, what=f"ignore_index={ignore_index}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignore_index_not_present(device, reduction):
+    x = make_logits((12, 6), torch.float64, device)
+    t = make_class_target((12,), 6, device)
+    t[t == 3] = 4
+    check_against_torch(fused_ce, x, t, None, reduction=reduction, ignore_index=3)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("C", [4, 100])
+def test_all_ignored_batch(device, C, use_weight, label_smoothing):
+    # every element ignored: mean -> NaN (0/0) and zero gradient, like torch; sum -> 0; none -> zeros
+    x = make_logits((6, C), torch.float32, device)
+    t = torch.full((6,), -100, dtype=torch.long, device=device)
+    w = make_weight(C, torch.float32, device) if use_weight else None
+    for reduction in REDUCTIONS:
+        loss, gi, _, (ref_loss, ref_gi, _) = check_against_torch(
+            fused_ce, x, t, w, reduction=reduction, label_smoothing=label_smoothing,
+            what=f"all ignored {reduction}")
+        if reduction == "mean":
+            assert torch.isnan(loss).item() and torch.isnan(ref_loss).item()
+        assert torch.equal(torch.isnan(gi).cpu(), torch.isnan(ref_gi))
+    # the same with a K-dim input and a custom ignore index
+    x = make_logits((2, C, 3, 2), torch.float64, device)
+    t = torch.full((2, 3, 2), 1, dtype=torch.long, device=device)
+    check_against_torch(fused_ce, x, t, w.double() if w is not None else None, reduction="mean",
+                        ignore_index=1, label_smoothing=label_smoothing, what="all ignored K-dim")
+
+
+def test_unbatched_ignored_element(device):
+    x = make_logits((7,), torch.float64, device)
+    t = torch.tensor(-100, device=device)
+    for reduction in REDUCTIONS:
+        check_against_torch(fused_ce, x, t, None, reduction=reduction, what=f"unbatched ignored {reduction}")
+
+
+# --------------------------------------------------------------------------
+# 4. Empty batches.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 70), (0, 4, 3), (2, 4, 0), (0, 3, 2, 2), (3, 6, 2, 0)])
+def test_empty_batch_class_targets(device, shape, reduction):
+    x = make_logits(shape, torch.float32, device)
+    t = make_class_target(_target_shape(shape), shape[1], device)
+    check_against_torch(fused_ce, x, t, make_weight(shape[1], torch.float32, device), reduction=reduction,
+                        what=f"empty {shape}")
+    check_against_torch(fused_ce, x, t, None, reduction=reduction, label_smoothing=0.2, what=f"empty {shape} ls")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 4, 3), (2, 4, 0)])
+def test_empty_batch_prob_targets(device, shape, reduction):
+    x = make_logits(shape, torch.float32, device)
+    t = make_prob_target(shape, torch.float32, device)
+    check_against_torch(fused_ce, x, t, None, reduction=reduction, target_grad=True, what=f"empty soft {shape}")
+
+
+# --------------------------------------------------------------------------
+# 5. Non-contiguous inputs.
+
+LAYOUTS = ["transposed", "sliced", "expanded_input", "expanded_target", "channels_last", "permuted_3d",
+           "class_sliced", "offset_rows"]
+
+
+def _layout_case(layout, C, dtype, device):
+    """Returns (x_leaf, target_leaf, view, target_view)."""
+    if layout == "transposed":  # (N, C) with stride (1, N)
+        x = make_logits((C, 21), dtype, device)
+        t = make_class_target((21,), C, device, ignore_index=-100)
+        return x, t, lambda a: a.t(), None
+    if layout == "sliced":  # batch and classes with steps
+        x = make_logits((40, 2 * C + 3), dtype, device)
+        t = make_class_target((60,), C, device, ignore_index=-100)
+        return x, t, lambda a: a[::2, 1 : 2 * C + 1 : 2], lambda b: b[::3]
+    if layout == "expanded_input":  # stride 0 in the batch dim
+        x = make_logits((1, C, 3), dtype, device)
+        t = make_class_target((9, 3), C, device, ignore_index=-100)
+        return x, t, lambda a: a.expand(9, C, 3), None
+    if layout == "expanded_target":
+        x = make_logits((8, C, 5), dtype, device)
+        t = make_class_target((1, 5), C, device)
+        return x, t, None, lambda b: b.expand(8, 5)
+    if layout == "channels_last":  # class stride 1, spatial stride C
+        x = make_logits((3, C, 4, 5), dtype, device)
+        t = make_class_target((3, 4, 5), C, device, ignore_index=-100)
+        return x, t, lambda a: a.contiguous(memory_format=torch.channels_last), None
+    if layout == "permuted_3d":  # (N, C, d) built from a (d, N, C) buffer
+        x = make_logits((6, 5, C), dtype, device)
+        t = make_class_target((6, 5), C, device, ignore_index=-100)
+        return x, t, lambda a: a.permute(1, 2, 0), lambda b: b.t()
+    if layout == "class_sliced":  # negative-free but odd class stride with spatial dims
+        x = make_logits((4, 3 * C, 6), dtype, device)
+        t = make_class_target((4, 3), C, device, ignore_index=-100)
+        return x, t, lambda a: a[:, ::3, ::2], None
+    if layout == "offset_rows":  # class stride 1 but rows start at odd (unaligned) offsets
+        x = make_logits((13, C + 3), dtype, device)
+        t = make_class_target((13,), C, device, ignore_index=-100)
+        return x, t, lambda a: a[:, 1 : C + 1], None
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dname)
+@pytest.mark.parametrize("C", [10, 67, 1000])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_noncontiguous_class_targets(device, layout, C, dtype, reduction):
+    x, t, view, tview = _layout_case(layout, C, dtype, device)
+    xv = view(x) if view else x
+    if layout in ("transposed", "sliced", "channels_last", "permuted_3d", "class_sliced", "expanded_input",
+                  "offset_rows"):
+        assert not xv.is_contiguous()
+    if layout == "channels_last":
+        assert xv.stride(1) == 1
+    w = make_weight(C, dtype, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1, view=view, target_view=tview,
+                        what=f"{layout} C={C}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
+@pytest.mark.parametrize("C", [5, 70])
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "expanded"])
+def test_noncontiguous_prob_targets(device, layout, C, dtype):
+    if layout == "transposed":
+        x = make_logits((C, 9), dtype, device)
+        t = make_prob_target((C, 9), dtype, device)  # columns are not normalised: fine for torch
+        view, tview = (lambda a: a.t()), (lambda b: b.t())
+    elif layout == "channels_last":
+        x = make_logits((2, C, 3, 4), dtype, device)
+        t = make_prob_target((2, C, 3, 4), dtype, device)
+        view = lambda a: a.to(memory_format=torch.channels_last)  # noqa: E731
+        tview = lambda b: b.to(memory_format=torch.channels_last)  # noqa: E731
+    elif layout == "sliced":
+        x = make_logits((10, 2 * C, 4), dtype, device)
+        t = make_prob_target((5, C, 8), dtype, device)
+        view = lambda a: a[::2, ::2]  # noqa: E731
+        tview = lambda b: b[:, :, ::2]  # noqa: E731
+    else:  # target expanded along the batch dim (stride 0)
+        x = make_logits((6, C), dtype, device)
+        t = make_prob_target((1, C), dtype, device)
+        view, tview = None, (lambda b: b.expand(6, C))
+    for reduction in REDUCTIONS:
+        check_against_torch(fused_ce, x, t, make_weight(C, dtype, device), reduction=reduction, label_smoothing=0.1,
+                            target_grad=True, view=view, target_view=tview, what=f"soft {layout} {reduction}")
+
+
+def test_noncontiguous_weight(device):
+    C = 12
+    x = make_logits((9, C), torch.float32, device)
+    t = make_class_target((9,), C, device, ignore_index=-100)
+    w_big = make_weight(2 * C, torch.float32, device)
+    w = w_big[::2]
+    assert not w.is_contiguous()
+    for reduction in REDUCTIONS:
+        check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1)
+
+
+def test_grad_output_noncontiguous_none_reduction(device):
+    # upstream gradient for reduction='none' that is non-contiguous / expanded
+    C = 20
+    x = make_logits((5, C, 4), torch.float32, device)
+    t = make_class_target((5, 4), C, device, ignore_index=-100)
+    xl = x.clone().requires_grad_()
+    loss = fused_ce.cross_entropy(xl, t, reduction="none", label_smoothing=0.1)
+    go = torch.rand(4, 5, dtype=torch.float32, device=device).t()  # transposed
+    (g,) = torch.autograd.grad(loss, xl, go, retain_graph=True)
+    x64 = x.double().cpu().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu(), reduction="none", label_smoothing=0.1)
+    (gr,) = torch.autograd.grad(ref, x64, go.double().cpu(), retain_graph=True)
+    assert_close_ref(g, gr, torch.float32, what="grad with transposed grad_output")
+    go2 = torch.tensor(1.7, device=device).expand(5, 4)  # stride 0
+    (g2,) = torch.autograd.grad(loss, xl, go2)
+    (gr2,) = torch.autograd.grad(ref, x64, go2.double().cpu())
+    assert_close_ref(g2, gr2, torch.float32, what="grad with expanded grad_output")
+
+
+# --------------------------------------------------------------------------
+# 6. Target dtypes and promotion.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [5, 200])
+def test_uint8_targets(device, C, reduction):
+    x = make_logits((17, C), torch.float32, device)
+    t = make_class_target((17,), C, device, dtype=torch.uint8)
+    w = make_weight(C, torch.float32, device)
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1, ref_target=t.long(),
+                        what="uint8 targets")
+    if reduction != "mean":  # torch itself fails on uint8 + weight + label_smoothing + mean (gather index dtype)
+        check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1, what="uint8 targets")
+    # uint8 with an ignore_index in its range (255) present
+    t2 = t.clone()
+    t2[::4] = 255
+    check_against_torch(fused_ce, x, t2, None, reduction=reduction, ignore_index=255, what="uint8 ignore 255")
+    # and the unbatched case
+    check_against_torch(fused_ce, x[0], t[0], None, reduction=reduction, what="uint8 unbatched")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "in_dtype,t_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+    ],
+    ids=lambda d: _dname(d),
+)
+def test_prob_target_dtype_promotion(device, in_dtype, t_dtype, reduction):
+    # torch promotes: float32 input + float64 target -> float64 loss (and float64 computation)
+    x = make_logits((13, 9, 2), in_dtype, device)
+    t = make_prob_target((13, 9, 2), t_dtype, device)
+    loss, gi, gt, _ = check_against_torch(fused_ce, x, t, None, reduction=reduction, label_smoothing=0.1,
+                                          target_grad=True, what=f"promotion {in_dtype}+{t_dtype}")
+    assert loss.dtype == torch.promote_types(in_dtype, t_dtype)
+    assert gi.dtype == in_dtype and gt.dtype == t_dtype
+
+
+def test_prob_target_float64_weight_float32_input(device):
+    # torch accepts a float64 weight with a float32 input for probability targets (promotes to float64)
+    C = 6
+    x = make_logits((8, C), torch.float32, device)
+    t = make_prob_target((8, C), torch.float32, device)
+    w = make_weight(C, torch.float64, device)
+    for reduction in REDUCTIONS:
+        check_against_torch(fused_ce, x, t, w, reduction=reduction, target_grad=True, what="soft fp64 weight")
+
+
+# --------------------------------------------------------------------------
+# 7. Autograd plumbing: repeated backward, grad accumulation, legacy args.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [6, 130])
+def test_backward_twice_and_accumulation(device, C, reduction):
+    x = make_logits((10, C), torch.float32, device)
+    t = make_class_target((10,), C, device, ignore_index=-100)
+    xl = x.clone().requires_grad_()
+    loss = fused_ce.cross_entropy(xl, t, reduction=reduction, label_smoothing=0.1)
+    go = torch.ones_like(loss) * 0.75
+    loss.backward(go, retain_graph=True)
+    g1 = xl.grad.clone()
+    loss.backward(go * 2)
+    x64 = x.double().cpu().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu(), reduction=reduction, label_smoothing=0.1)
+    (gr,) = torch.autograd.grad(ref, x64, go.double().cpu())
+    assert_close_ref(g1, gr, torch.float32, what="first backward")
+    assert_close_ref(xl.grad, 3 * gr, torch.float32, what="accumulated backward (1x + 2x)")
+
+
+def test_loss_used_twice_in_graph(device):
+    # loss participates twice (and grad_output is not 1): scaling must be applied in backward
+    x = make_logits((7, 90), torch.float32, device)
+    t = make_class_target((7,), 90, device)
+    xl = x.clone().requires_grad_()
+    loss = fused_ce.cross_entropy(xl, t)
+    (loss * 3 + loss**2).backward()
+    x64 = x.double().cpu().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu())
+    (ref * 3 + ref**2).backward()
+    assert_close_ref(xl.grad, x64.grad, torch.float32, what="grad of 3L + L^2")
+
+
+@pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, True), (False, True),
+                                                 (True, None), (None, True)])
+def test_legacy_size_average_reduce(device, size_average, reduce):
+    x = make_logits((9, 4), torch.float32, device)
+    t = make_class_target((9,), 4, device)
+    with pytest.warns(UserWarning):
+        ref = F.cross_entropy(x.double().cpu(), t.cpu(), size_average=size_average, reduce=reduce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fused_ce.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    assert_close_ref(out, ref, torch.float32, what=f"size_average={size_average} reduce={reduce}")
+
+
+def test_positional_arguments_match_torch_signature(device):
+    # cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    C = 5
+    x = make_logits((8, C), torch.float64, device)
+    t = make_class_target((8,), C, device, ignore_index=1)
+    w = make_weight(C, torch.float64, device)
+    out = fused_ce.cross_entropy(x, t, w, None, 1, None, "sum", 0.2)
+    ref = F.cross_entropy(x.cpu(), t.cpu(), w.cpu(), None, 1, None, "sum", 0.2)
+    assert_close_ref(out, ref, torch.float64, what="positional args")
+
+
+# --------------------------------------------------------------------------
+# 8. Weights with zeros / negatives, autocast, inference mode, determinism, the autograd.Function.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("C", [4, 90])
+def test_zero_and_negative_weights(device, C, reduction):
+    x = make_logits((12, C), torch.float64, device)
+    t = make_class_target((12,), C, device, ignore_index=-100)
+    w = make_weight(C, torch.float64, device)
+    w[::3] = 0.0
+    w[1::5] = -0.7
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, label_smoothing=0.1, what="zero/negative weights")
+    # every non-ignored target has weight 0: mean is 0/0 = NaN and torch's gradient is NaN too
+    w0 = torch.zeros(C, dtype=torch.float64, device=device)
+    w0[-1] = 1.0
+    t0 = make_class_target((12,), C - 1, device, ignore_index=-100)
+    check_against_torch(fused_ce, x, t0, w0, reduction=reduction, what="zero total weight")
+
+
+def _autocast_case(device):
+    if device == "cpu":
+        return torch.bfloat16
+    return torch.float16
+
+
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast(device, reduction, use_weight):
+    # Under autocast torch runs cross_entropy in float32 (it is on autocast's fp32 list): a float32
+    # loss, and a float32 weight buffer is fine although the logits come out of a matmul in half.
+    lp_dtype = _autocast_case(device)
+    torch.manual_seed(3)
+    C = 70
+    lin = torch.nn.Linear(16, C).to(device)
+    data = torch.randn(10, 16, device=device)
+    t = make_class_target((10,), C, device, ignore_index=-100)
+    w = make_weight(C, torch.float32, device) if use_weight else None
+    with torch.autocast(device_type=device, dtype=lp_dtype):
+        logits = lin(data)
+        assert logits.dtype == lp_dtype
+        ref = F.cross_entropy(logits, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        out = fused_ce.cross_entropy(logits, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    assert out.dtype == ref.dtype, f"autocast: fused_ce gives {out.dtype}, torch {ref.dtype}"
+    ref64 = F.cross_entropy(logits.detach().double().cpu(), t.cpu(), weight=None if w is None else w.double().cpu(),
+                            reduction=reduction, label_smoothing=0.1)
+    assert_close_ref(out, ref64, torch.float32, what="autocast loss")
+    # gradients into the Linear's parameters agree with torch's autocast run
+    go = torch.rand(ref.shape, device=device, dtype=ref.dtype)
+    g_ref = torch.autograd.grad(ref, lin.weight, go, retain_graph=True)[0]
+    g_out = torch.autograd.grad(out, lin.weight, go)[0]
+    torch.testing.assert_close(g_out, g_ref, rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_module_with_weight_buffer(device):
+    lp_dtype = _autocast_case(device)
+    C = 8
+    m = fused_ce.CrossEntropyLoss(weight=make_weight(C, torch.float32, device))
+    lin = torch.nn.Linear(4, C).to(device)
+    data = torch.randn(6, 4, device=device)
+    t = make_class_target((6,), C, device)
+    with torch.autocast(device_type=device, dtype=lp_dtype):
+        out = m(lin(data), t)
+        ref = torch.nn.CrossEntropyLoss(weight=m.weight)(lin(data), t)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_mode(device):
+    x = make_logits((9, 70, 2), torch.float32, device)
+    t = make_class_target((9, 2), 70, device, ignore_index=-100)
+    with torch.inference_mode():
+        for reduction in REDUCTIONS:
+            out = fused_ce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.2)
+            ref = F.cross_entropy(x.double().cpu(), t.cpu(), reduction=reduction, label_smoothing=0.2)
+            assert_close_ref(out, ref, torch.float32, what=f"inference_mode {reduction}", floor=1.0)
+
+
+@pytest.mark.parametrize("C", [10, 300])
+def test_deterministic_across_calls_and_threads(device, C):
+    x = make_logits((257, C), torch.float32, device)
+    t = make_class_target((257,), C, device, ignore_index=-100)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, max(2, old), 1):
+            torch.set_num_threads(threads)
+            xl = x.clone().requires_grad_()
+            loss = fused_ce.cross_entropy(xl, t, reduction="none", label_smoothing=0.1)
+            loss.sum().backward()
+            results.append((loss.detach(), xl.grad))
+    finally:
+        torch.set_num_threads(old)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]), "per-element loss differs between runs / thread counts"
+        assert torch.equal(grad, results[0][1]), "gradient differs between runs / thread counts"
+
+
+@pytest.mark.parametrize("reduction_int,reduction", [(0, "none"), (1, "mean"), (2, "sum")])
+def test_cross_entropy_function_apply(device, reduction_int, reduction):
+    # the public autograd.Function on the canonical (N, C, D) layout
+    N, C, D = 4, 6, 3
+    x = make_logits((N, C, D), torch.float64, device)
+    t = make_class_target((N, D), C, device, ignore_index=1)
+    w = make_weight(C, torch.float64, device)
+    xl = x.clone().requires_grad_()
+    out = fused_ce.CrossEntropyFunction.apply(xl, t, w, 1, 0.1, reduction_int)
+    x64 = x.cpu().clone().requires_grad_()
+    ref = F.cross_entropy(x64, t.cpu(), w.cpu(), ignore_index=1, label_smoothing=0.1, reduction=reduction)
+    assert_close_ref(out.reshape(ref.shape), ref, torch.float64, what="CrossEntropyFunction.apply", floor=1.0)
+    go = torch.rand(ref.shape, dtype=torch.float64)
+    out.backward(go.to(device).reshape(out.shape))
+    ref.backward(go)
+    assert_close_ref(xl.grad, x64.grad, torch.float64, what="CrossEntropyFunction.apply grad")
+
+
+def test_label_smoothing_as_int_and_tensor_scalar_args(device):
+    x = make_logits((5, 4), torch.float64, device)
+    t = make_class_target((5,), 4, device)
+    for ls in (0, 1):
+        out = fused_ce.cross_entropy(x, t, label_smoothing=ls)
+        ref = F.cross_entropy(x.cpu(), t.cpu(), label_smoothing=ls)
+        assert_close_ref(out, ref, torch.float64, what=f"label_smoothing={ls!r}", floor=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FUSED_CE_TEST_LARGE") != "1",
+                    reason="needs ~9 GB of memory; set FUSED_CE_TEST_LARGE=1 to run")
+def test_int64_indexing_beyond_2_31_elements(device):
+    # N * C > 2^31: element offsets of the last rows overflow int32 (DESIGN.md: 64-bit indexing)
+    C = 32768
+    N = (2**31) // C + 3
+    x = torch.empty(N, C, dtype=torch.bfloat16, device=device)
+    pattern = (torch.arange(C, device=device) % 97).to(torch.bfloat16) * 0.05
+    x.copy_(pattern.expand(N, C))
+    x[-3:] = make_logits((3, C), torch.bfloat16, device)
+    t = torch.zeros(N, dtype=torch.long, device=device)
+    t[-3:] = torch.tensor([5, C - 1, 12345], device=device)
+    out = fused_ce.cross_entropy(x, t, reduction="none")
+    ref = F.cross_entropy(x[-3:].double().cpu(), t[-3:].cpu(), reduction="none")
+    assert_close_ref(out[-3:].float(), ref, torch.bfloat16, what="rows past 2^31 elements", floor=1.0)
+    ref0 = F.cross_entropy(x[:2].double().cpu(), t[:2].cpu(), reduction="none")
+    assert_close_ref(out[:2].float(), ref0, torch.bfloat16, what="first rows", floor=1.0)
+    xl = x.requires_grad_()
+    loss = fused_ce.cross_entropy(xl, t, reduction="sum")
+    (g,) = torch.autograd.grad(loss, xl)
+    x64 = x[-3:].detach().double().cpu().requires_grad_()
+    (gr,) = torch.autograd.grad(F.cross_entropy(x64, t[-3:].cpu(), reduction="sum"), x64)
+    assert_close_ref(g[-3:], gr, torch.bfloat16, what="grad rows past 2^31 elements")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("C", [5, 70])
+def test_channels_last_gradient_layout(device, C, reduction):
+    # spec: grad_input is laid out like empty_like(input): a channels_last leaf gets a channels_last
+    # gradient (torch itself is not consistent here: with label smoothing it returns a contiguous one)
+    x = make_logits((2, C, 3, 4), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    t = make_class_target((2, 3, 4), C, device, ignore_index=-100)
+    grads = []
+    for impl in (F.cross_entropy, fused_ce.cross_entropy):
+        xl = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        loss = impl(xl, t, reduction=reduction, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
+        grads.append(g)
+    ref_g, g = grads
+    assert g.is_contiguous(memory_format=torch.channels_last), f"gradient strides {g.stride()}"
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [32000, 50257])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dname)
+def test_language_model_vocab_sizes(device, C, dtype):
+    # LM-style: few rows, huge odd vocabularies (vector tails), ignore_index padding, smoothing
+    x = make_logits((6, C), dtype, device, scale=4.0)
+    t = make_class_target((6,), C, device, ignore_index=-100, ignore_frac=0.2)
+    check_against_torch(fused_ce, x, t, None, reduction="mean", label_smoothing=0.1, what=f"vocab {C}")
+    check_against_torch(fused_ce, x, t, None, reduction="none", what=f"vocab {C} none")
