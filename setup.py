@@ -42,6 +42,14 @@ def extension():
         # kernels only pass them between always-inlined functions.
         "-Wno-psabi",
     ]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inlined from torch's headers and only spreads
+        # work over threads when this extension is itself compiled with
+        # OpenMP (torch's Linux wheels use OpenMP); without the flag every
+        # operator silently runs on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
@@ -53,9 +61,10 @@ def extension():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     return CppExtension("fused_ce._C", sources, define_macros=define_macros,
-                        extra_compile_args={"cxx": cxx_flags})
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(
