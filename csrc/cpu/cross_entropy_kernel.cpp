@@ -470,16 +470,24 @@ class TileKernel {
 
     // Per-lane coordinates. Lanes past the end repeat the last position so
     // that every load stays in bounds; their results are never stored.
+    // Coordinates are stepped rather than divided per lane: a division costs
+    // as much as several elements of a small row.
     int64_t n[kLanes], d[kLanes];
+    int64_t cur_n = first / a_.D, cur_d = first - cur_n * a_.D;
     for (int l = 0; l < kLanes; ++l) {
-      const int64_t pos = first + (l < valid ? l : valid - 1);
-      // (N, C) inputs skip the division: it costs as much as a small row.
-      n[l] = a_.D == 1 ? pos : pos / a_.D;
-      d[l] = pos - n[l] * a_.D;
+      n[l] = cur_n;
+      d[l] = cur_d;
+      if (l + 1 < valid && ++cur_d == a_.D) {
+        cur_d = 0;
+        ++cur_n;
+      }
     }
-    gather(a_.input, a_.input_strides, n, d, x_.data());
+    // A full tile within one n covers kLanes consecutive d: with a unit d
+    // stride ((N, C, H, W) layouts) each class is one contiguous vector.
+    const bool consecutive = valid == kLanes && n[0] == n[kLanes - 1];
+    gather(a_.input, a_.input_strides, n, d, consecutive, x_.data());
     if (is_prob) {
-      gather(a_.prob_target, a_.prob_target_strides, n, d, t_.data());
+      gather(a_.prob_target, a_.prob_target_strides, n, d, consecutive, t_.data());
       // Smoothed targets t' = (1 - eps) t + eps / C.
       Vec* t = t_.data();
       for (int64_t c = 0; c < C; ++c) t[c] = (Acc(1) - eps) * t[c] + eps_per_class;
@@ -567,13 +575,13 @@ class TileKernel {
           if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
         }
       }
-      scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid);
+      scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, consecutive);
     }
     if (a_.grad_target) {
       // d loss / d t_c = -(1 - eps) w_c lp_c g, lp_c = (x_c - max) - log_sum.
       const Vec coef = g * (Acc(1) - eps);
       for (int64_t c = 0; c < C; ++c) G[c] = -coef * weight_at(c) * ((X[c] - vmax) - log_sum);
-      scatter(G, a_.grad_target, a_.grad_target_strides, n, d, valid);
+      scatter(G, a_.grad_target, a_.grad_target_strides, n, d, valid, consecutive);
     }
   }
 
@@ -582,7 +590,12 @@ class TileKernel {
 
   // Loads a (C, lanes) tile in the accumulate type.
   FUSED_CE_INLINE void gather(const T* src, const Strides3& s, const int64_t* n, const int64_t* d,
-                              Vec* dst) const {
+                              bool consecutive, Vec* dst) const {
+    if (consecutive && s.d == 1) {
+      const T* first = src + n[0] * s.n + d[0];
+      for (int64_t c = 0; c < a_.C; ++c) dst[c] = load_lanes(first + c * s.c);
+      return;
+    }
     int64_t base[kLanes];
     for (int l = 0; l < kLanes; ++l) base[l] = n[l] * s.n + d[l] * s.d;
     for (int64_t c = 0; c < a_.C; ++c) {
@@ -593,10 +606,33 @@ class TileKernel {
 
   // Stores the valid lanes of a (C, lanes) tile.
   FUSED_CE_INLINE void scatter(const Vec* tile, T* dst, const Strides3& s, const int64_t* n,
-                               const int64_t* d, int valid) const {
+                               const int64_t* d, int valid, bool consecutive) const {
+    if (consecutive && s.d == 1) {
+      T* first = dst + n[0] * s.n + d[0];
+      for (int64_t c = 0; c < a_.C; ++c) store_lanes(first + c * s.c, tile[c]);
+      return;
+    }
     for (int l = 0; l < valid; ++l) {
       T* out = dst + n[l] * s.n + d[l] * s.d;
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
+    }
+  }
+
+  // One vector of kLanes consecutive elements, converted.
+  static FUSED_CE_INLINE Vec load_lanes(const T* p) {
+    if constexpr (std::is_same<T, Acc>::value) {
+      return load_vec<Vec>(p);
+    } else {
+      return widen(load_vec<typename PackedHalf<T>::type>(p));
+    }
+  }
+  static FUSED_CE_INLINE void store_lanes(T* p, Vec v) {
+    if constexpr (std::is_same<T, Acc>::value) {
+      store_vec(p, v);
+    } else {
+      typename PackedHalf<T>::type packed;
+      narrow(v, &packed);
+      store_vec(p, packed);
     }
   }
 

@@ -1,0 +1,184 @@
+"""Who is benchmarked: the implementations compared on every workload.
+
+Each :class:`Impl` knows whether it can run here (``unavailable``: ``None``
+or the reason, shown in the results instead of a time) and builds a loss
+function ``fn(x, target) -> loss`` for one workload. Peers are imported
+lazily and are never a hard dependency.
+
+The copy of the logits is not a loss: it is the roofline every other time is
+divided by, and the runner times it as ``out.copy_(x)`` into a preallocated
+``out``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .workloads import Workload
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+FUSED, EAGER, COMPILE, COPY, LIGER, CCE = "fused_ce", "eager", "compile", "copy", "liger", "cut_ce"
+
+
+@dataclass
+class Impl:
+    name: str
+    description: str
+    roofline: bool = False  # the copy of the logits: not a loss, no parity check
+
+    def unavailable(self, device: str) -> Optional[str]:
+        """None when this implementation can run on ``device``, else a short reason."""
+        return None
+
+    def unsupported(self, workload: Workload) -> Optional[str]:
+        """None when this implementation supports the workload's options, else a short reason."""
+        return None
+
+    def build(self, workload: Workload, weight: Optional[torch.Tensor]) -> LossFn:
+        raise NotImplementedError
+
+
+def _import_error(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, but also a broken native library
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class FusedCE(Impl):
+    def __init__(self):
+        super().__init__(FUSED, "fused_ce.cross_entropy (this package)")
+
+    def unavailable(self, device):
+        error = _import_error("fused_ce")
+        if error is None and not hasattr(importlib.import_module("fused_ce"), "cross_entropy"):
+            error = "fused_ce has no cross_entropy"
+        return f"not importable ({error})" if error else None
+
+    def build(self, workload, weight):
+        import fused_ce
+
+        kwargs = workload.loss_kwargs(weight)
+        return lambda x, t: fused_ce.cross_entropy(x, t, **kwargs)
+
+
+class Eager(Impl):
+    def __init__(self):
+        super().__init__(EAGER, "torch.nn.functional.cross_entropy (eager)")
+
+    def build(self, workload, weight):
+        kwargs = workload.loss_kwargs(weight)
+        return lambda x, t: F.cross_entropy(x, t, **kwargs)
+
+
+class Compiled(Impl):
+    """torch.compile(F.cross_entropy): compiled afresh for each workload, compilation excluded from timing."""
+
+    def __init__(self):
+        super().__init__(COMPILE, "torch.compile(F.cross_entropy, dynamic=False)")
+
+    def build(self, workload, weight):
+        # Without a reset, dynamo's per-function recompile limit (8) would
+        # silently send later workloads back to eager.
+        torch._dynamo.reset()
+        kwargs = workload.loss_kwargs(weight)
+
+        def loss(x, t):
+            return F.cross_entropy(x, t, **kwargs)
+
+        return torch.compile(loss, dynamic=False)
+
+
+class Copy(Impl):
+    def __init__(self):
+        super().__init__(COPY, "out.copy_(logits): the roofline (1 read + 1 write)", roofline=True)
+
+    def build(self, workload, weight):
+        raise TypeError("the copy roofline is timed by the runner, not built as a loss")
+
+
+class Liger(Impl):
+    """Liger-Kernel's Triton cross-entropy (GPU only). 2-D only: K-dim logits are moved to (N*D, C) first."""
+
+    def __init__(self):
+        super().__init__(LIGER, "liger_kernel liger_cross_entropy (Triton, GPU only)")
+        self._fn = None
+
+    def _load(self):
+        if self._fn is None:
+            try:
+                from liger_kernel.transformers.functional import liger_cross_entropy as fn
+            except ImportError:
+                from liger_kernel.transformers import LigerCrossEntropyLoss
+
+                def fn(input, target, **kw):
+                    return LigerCrossEntropyLoss(**kw)(input, target)
+            self._fn = fn
+        return self._fn
+
+    def unavailable(self, device):
+        if _import_error("liger_kernel") is not None:
+            return "not installed"
+        if device != "cuda":
+            return "n/a (GPU only)"
+        return None
+
+    def _accepts(self, name: str) -> bool:
+        try:
+            params = inspect.signature(self._load()).parameters
+        except (TypeError, ValueError):
+            return True
+        return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+    def unsupported(self, workload):
+        if workload.weighted and not self._accepts("weight"):
+            return "n/a (no weight in this version)"
+        if workload.label_smoothing and not self._accepts("label_smoothing"):
+            return "n/a (no label_smoothing in this version)"
+        return None
+
+    def build(self, workload, weight):
+        fn = self._load()
+        kwargs = dict(ignore_index=workload.ignore_index, reduction=workload.reduction)
+        if workload.label_smoothing:
+            kwargs["label_smoothing"] = workload.label_smoothing
+        if weight is not None:
+            kwargs["weight"] = weight
+
+        def loss(x, t):
+            if x.dim() > 2:  # what a user has to do: class axis last, flattened
+                x, t = x.movedim(1, -1).reshape(-1, x.shape[1]), t.reshape(-1)
+            out = fn(x, t, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        return loss
+
+
+class CutCrossEntropy(Impl):
+    """Apple's Cut Cross-Entropy fuses the LM-head matmul: it takes embeddings and a classifier, not logits."""
+
+    def __init__(self):
+        super().__init__(CCE, "cut_cross_entropy.linear_cross_entropy (Triton, GPU only)")
+
+    def unavailable(self, device):
+        if _import_error("cut_cross_entropy") is not None:
+            return "not installed"
+        if device != "cuda":
+            return "n/a (GPU only)"
+        return "n/a (takes embeddings + classifier, not logits)"
+
+
+def all_impls() -> List[Impl]:
+    return [FusedCE(), Eager(), Compiled(), Copy(), Liger(), CutCrossEntropy()]
+
+
+def by_name() -> Dict[str, Impl]:
+    return {impl.name: impl for impl in all_impls()}
