@@ -96,7 +96,7 @@ constexpr int64_t tile_positions() {
 // Fewest classes for which the row-wise kernel beats the tile kernel.
 constexpr int64_t kRowKernelMinClasses = 64;
 
-// Work items: rows for the row kernel, tiles of kTilePositions positions
+// Work items: rows for the row kernel, tiles of tile_positions<T>() positions
 // otherwise.
 template <typename T>
 int64_t num_work_items(const KernelArgs<T>& args) {
