@@ -6,8 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -72,6 +74,9 @@ cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
 // sum of the targets' weights over non-ignored elements (their count without
 // weights), or the number of elements for probability targets. Accumulates
 // in float64 so that counts stay exact far beyond 2^24 elements.
+//
+// Runs in parallel over fixed blocks of positions whose partial sums are
+// added in block order, so the result does not depend on the thread count.
 double validate_targets_and_total_weight(const at::Tensor& target, const at::Tensor& weight_acc,
                                          const ProblemShape& shape, int64_t ignore_index) {
   if (shape.probability_target) return double(shape.N) * double(shape.D);
@@ -79,15 +84,30 @@ double validate_targets_and_total_weight(const at::Tensor& target, const at::Ten
   const double* w = weight64.defined() ? weight64.const_data_ptr<double>() : nullptr;
   const int64_t* y = target.const_data_ptr<int64_t>();
   const int64_t sn = target.stride(0), sd = target.stride(1);
-  double total = 0;
-  for (int64_t n = 0; n < shape.N; ++n) {
-    for (int64_t d = 0; d < shape.D; ++d) {
-      const int64_t t = y[n * sn + d * sd];
-      if (t == ignore_index) continue;
-      TORCH_CHECK_INDEX(t >= 0 && t < shape.C, "Target ", t, " is out of bounds.");
-      total += w ? w[t] : 1.0;
+  const int64_t D = shape.D, positions = shape.N * shape.D;
+  constexpr int64_t kBlock = int64_t(1) << 14;
+  const int64_t blocks = (positions + kBlock - 1) / kBlock;
+  std::vector<double> partial(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t b = first_block; b < end_block; ++b) {
+      const int64_t begin = b * kBlock, end = std::min(positions, begin + kBlock);
+      int64_t n = begin / D, d = begin - n * D;
+      double sum = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = y[n * sn + d * sd];
+        if (++d == D) {
+          d = 0;
+          ++n;
+        }
+        if (t == ignore_index) continue;
+        TORCH_CHECK_INDEX(t >= 0 && t < shape.C, "Target ", t, " is out of bounds.");
+        sum += w ? w[t] : 1.0;
+      }
+      partial[b] = sum;
     }
-  }
+  });
+  double total = 0;
+  for (const double p : partial) total += p;
   return total;
 }
 
