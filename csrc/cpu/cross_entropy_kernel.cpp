@@ -159,6 +159,28 @@ FUSED_CE_INLINE void stream_row(const float* src, int64_t count, float* dst) {
 #endif
 }
 
+// dst[0, count) = T(src[0, count)) for the half types, streamed like
+// stream_row.
+template <typename T>
+FUSED_CE_INLINE void stream_narrow_row(const float* src, int64_t count, T* dst) {
+#if defined(__x86_64__)
+  using Packed = typename PackedHalf<T>::type;
+  static_assert(sizeof(Packed) == 16, "one SSE register of half lanes");
+  int64_t i = 0;
+  for (; i < count && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
+    dst[i] = from_acc<T>(src[i]);
+  }
+  for (; i + kConvertLanes <= count; i += kConvertLanes) {
+    Packed packed;
+    narrow(load_vec<VecF>(src + i), &packed);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), load_vec<__m128i>(&packed));
+  }
+  for (; i < count; ++i) dst[i] = from_acc<T>(src[i]);
+#else
+  narrow_row(src, count, dst);
+#endif
+}
+
 FUSED_CE_INLINE void finish_streaming() {
 #if defined(__x86_64__)
   _mm_sfence();
@@ -432,7 +454,7 @@ class RowKernel {
     const int64_t C = a_.C, stride = a_.grad_input_strides.c;
     if (stride == 1) {
       if constexpr (std::is_same<T, float>::value) return stream_row(grad_row, C, grad_out);
-      if constexpr (!kStorageIsAcc) return narrow_row(grad_row, C, grad_out);
+      if constexpr (!kStorageIsAcc) return stream_narrow_row(grad_row, C, grad_out);
     }
     for (int64_t k = 0; k < C; ++k) grad_out[k * stride] = from_acc<T>(grad_row[k]);
   }
@@ -598,6 +620,14 @@ class TileKernel {
     }
     int64_t base[kLanes];
     for (int l = 0; l < kLanes; ++l) base[l] = n[l] * s.n + d[l] * s.d;
+    if (s.c == 1) {
+      // Row-major (N, C) with few classes: read each lane's row in order.
+      for (int l = 0; l < kLanes; ++l) {
+        const T* row = src + base[l];
+        for (int64_t c = 0; c < a_.C; ++c) dst[c][l] = to_acc(row[c]);
+      }
+      return;
+    }
     for (int64_t c = 0; c < a_.C; ++c) {
       const T* col = src + c * s.c;
       for (int l = 0; l < kLanes; ++l) dst[c][l] = to_acc(col[base[l]]);
