@@ -1,5 +1,7 @@
 #include "cross_entropy.h"
 
+#include <cmath>
+
 namespace fused_ce {
 
 ProblemShape check_arguments(const at::Tensor& input, const at::Tensor& target,
@@ -37,6 +39,13 @@ ProblemShape check_arguments(const at::Tensor& input, const at::Tensor& target,
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "fused_ce: label_smoothing must be in [0, 1], got ", label_smoothing);
   return ProblemShape{N, C, D, probability_target};
+}
+
+void check_loss_options(double z_loss, double softcap) {
+  TORCH_CHECK(z_loss >= 0.0 && z_loss < INFINITY, "fused_ce: z_loss must be finite and >= 0, got ",
+              z_loss);
+  TORCH_CHECK(softcap >= 0.0 && softcap < INFINITY,
+              "fused_ce: softcap must be finite and > 0 (or 0 for none), got ", softcap);
 }
 
 void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& input,

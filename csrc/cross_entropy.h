@@ -22,11 +22,23 @@ struct ProblemShape {
   bool probability_target;
 };
 
+// The scalar options every operator takes, in schema order.
+struct LossOptions {
+  int64_t ignore_index;
+  double label_smoothing;
+  double z_loss;
+  double softcap;  // 0: none
+};
+
 // Validates the operator arguments (the Python layer has already produced
 // friendly, PyTorch-style errors for user input; these checks guard direct
 // calls of torch.ops.fused_ce.*) and returns the problem sizes.
 ProblemShape check_arguments(const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, double label_smoothing);
+
+// Checks the options for large-vocabulary training: z_loss >= 0 and
+// softcap >= 0 (0 turns the softcap off), both finite.
+void check_loss_options(double z_loss, double softcap);
 
 // Checks a backward's grad_loss / lse, both (N, D) in the accumulate type.
 void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& input,

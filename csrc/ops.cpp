@@ -8,6 +8,11 @@
 // Per-element results are in the accumulate type (float64 for float64
 // inputs, float32 otherwise); reductions happen in Python, where they are
 // cheap and autograd-visible.
+//
+// Options shared by every operator: ignore_index and label_smoothing as in
+// torch.nn.CrossEntropyLoss; z_loss (>= 0) adds z_loss * lse^2 per element,
+// weighted by the target's class weight like the NLL term; softcap (> 0, or
+// 0 for none) maps every logit x to softcap * tanh(x / softcap) first.
 
 #include <torch/library.h>
 
@@ -17,7 +22,8 @@ TORCH_LIBRARY(fused_ce, m) {
   // probability targets).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)",
+      "float label_smoothing, float z_loss, float softcap) "
+      "-> (Tensor loss, Tensor lse, Tensor total_weight)",
       {at::Tag::pt2_compliant_tag});
 
   // The forward plus the gradient of the reduced loss (reduction 1 = mean,
@@ -26,16 +32,28 @@ TORCH_LIBRARY(fused_ce, m) {
   // the logits once.
   m.def(
       "cross_entropy_forward_with_grad(Tensor input, Tensor target, Tensor? weight, "
-      "int ignore_index, float label_smoothing, int reduction) -> "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction) -> "
       "(Tensor loss, Tensor lse, Tensor total_weight, Tensor grad_input)",
       {at::Tag::pt2_compliant_tag});
 
-  // Gradients from the saved log-sum-exp: grad_loss is d(loss)/d(loss_i),
-  // (N, D) in the accumulate type, any strides (0 for a broadcast scalar).
-  // A gradient that is not requested comes back as an empty tensor.
+  // forward_with_grad writing the gradient over the (contiguous) input
+  // itself: forward + backward then needs O(N) memory beyond the logits.
+  // The caller must bump the input's version counter (fused_ce/autograd.py
+  // does) so that autograd catches other users of the overwritten logits.
   m.def(
-      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
-      "Tensor lse, int ignore_index, float label_smoothing, bool input_grad, bool target_grad) "
+      "cross_entropy_forward_with_grad_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction) -> "
+      "(Tensor loss, Tensor lse, Tensor total_weight)",
+      {at::Tag::pt2_compliant_tag});
+
+  // Gradients from the saved log-sum-exp: grad_loss is d(loss)/d(loss_i)
+  // and grad_lse (optional) d(loss)/d(lse_i), both (N, D) in the accumulate
+  // type with any strides (0 for a broadcast scalar). A gradient that is not
+  // requested comes back as an empty tensor.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "float softcap, bool input_grad, bool target_grad) "
       "-> (Tensor grad_input, Tensor grad_target)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -32,20 +32,28 @@ def _gradient_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
-def _forward_fake(input, target, weight, ignore_index, label_smoothing):
+def _forward_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     total_weight = input.new_empty((), dtype=accumulate_dtype(input.dtype))
     return _per_element(input), _per_element(input), total_weight
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward_with_grad")
-def _forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, reduction):
-    loss, lse, total_weight = _forward_fake(input, target, weight, ignore_index, label_smoothing)
+def _forward_with_grad_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                            reduction):
+    loss, lse, total_weight = _forward_fake(input, target, weight, ignore_index, label_smoothing,
+                                            z_loss, softcap)
     return loss, lse, total_weight, _gradient_like(input)
 
 
+@torch.library.register_fake("fused_ce::cross_entropy_forward_with_grad_inplace")
+def _forward_with_grad_inplace_fake(input, target, weight, ignore_index, label_smoothing, z_loss,
+                                    softcap, reduction):
+    return _forward_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
-def _backward_fake(grad_loss, input, target, weight, lse, ignore_index, label_smoothing,
-                   input_grad, target_grad):
+def _backward_fake(grad_loss, grad_lse, input, target, weight, lse, ignore_index, label_smoothing,
+                   z_loss, softcap, input_grad, target_grad):
     grad_input = _gradient_like(input) if input_grad else input.new_empty((0,))
     grad_target = _gradient_like(target) if target_grad else target.new_empty((0,))
     return grad_input, grad_target

@@ -13,10 +13,13 @@ Two strategies for the gradient:
   and backward together, and the backward only scales the saved gradient by
   the upstream gradient (nothing at all when that is 1, as it is for a loss
   that is the end of the graph).
-* Otherwise (CUDA, ``reduction="none"``, gradients for soft targets) the
-  forward saves the per-element log-sum-exp and the backward operator
-  recomputes the softmax from the logits. On CUDA this is the cheaper plan:
-  checking the upstream gradient would need a host synchronisation.
+* Otherwise (CUDA, ``reduction="none"``, gradients for soft targets, a
+  differentiable lse output) the forward saves the per-element log-sum-exp
+  and the backward operator recomputes the softmax from the logits. On CUDA
+  this is the cheaper plan: checking the upstream gradient would need a host
+  synchronisation.
+* With ``inplace_backward`` the forward writes the gradient over the logits
+  themselves (any device), and the backward scales it in place.
 """
 
 import torch
@@ -39,56 +42,101 @@ def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtyp
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused cross-entropy on canonical arguments.
 
-    ``apply(input, target, weight, ignore_index, label_smoothing, reduction)``
-    with ``reduction`` 0 (none), 1 (mean) or 2 (sum). Use
+    ``apply(input, target, weight, ignore_index, label_smoothing, reduction,
+    z_loss=0.0, softcap=0.0, return_lse=False, inplace_backward=False)`` with
+    ``reduction`` 0 (none), 1 (mean) or 2 (sum) and ``softcap`` 0 for none.
+    Returns the loss, or ``(loss, lse)`` with ``return_lse``; lse is (N, D)
+    in the accumulate dtype and differentiable. Use
     :func:`fused_ce.cross_entropy` unless you already have the canonical
-    layout.
+    layout: it also checks the arguments that this class trusts (for
+    ``inplace_backward``: a contiguous input, a reduced loss, no target
+    gradient, no ``return_lse``).
     """
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, label_smoothing, reduction):
+    def forward(ctx, input, target, weight, ignore_index, label_smoothing, reduction,
+                z_loss=0.0, softcap=0.0, return_lse=False, inplace_backward=False):
         input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        options = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.options = options
         ctx.reduction = reduction
-        ctx.ignore_index = ignore_index
-        ctx.label_smoothing = label_smoothing
-        ctx.gradient_in_forward = (
+        ctx.set_materialize_grads(False)
+        ctx.inplace = inplace_backward and input_grad
+        ctx.gradient_in_forward = ctx.inplace or (
             input_grad
             and not target_grad
+            and not return_lse
             and reduction != REDUCTION_NONE
             and input.device.type == "cpu"
         )
-        if ctx.gradient_in_forward:
-            loss, _lse, total_weight, grad_input = ops.cross_entropy_forward_with_grad(
-                input, target, weight, ignore_index, label_smoothing, reduction)
+        if ctx.inplace:
+            loss, lse, total_weight = ops.cross_entropy_forward_with_grad_inplace(
+                input, target, weight, *options, reduction)
+            # The logits now hold their gradient. Bumping their version makes
+            # autograd reject every other node that saved them; this node's
+            # own save below records the new version.
+            torch.autograd.graph.increment_version(input)
+            ctx.save_for_backward(input)
+            ctx.gradient_handed_out = False
+        elif ctx.gradient_in_forward:
+            loss, lse, total_weight, grad_input = ops.cross_entropy_forward_with_grad(
+                input, target, weight, *options, reduction)
             ctx.save_for_backward(grad_input)
         else:
-            loss, lse, total_weight = ops.cross_entropy_forward(
-                input, target, weight, ignore_index, label_smoothing)
+            loss, lse, total_weight = ops.cross_entropy_forward(input, target, weight, *options)
             if input_grad or target_grad:
                 ctx.save_for_backward(input, target, weight, lse, total_weight)
-        return _reduce(loss, total_weight, reduction, input.dtype)
+        out = _reduce(loss, total_weight, reduction, input.dtype)
+        return (out, lse) if return_lse else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, grad_lse=None):
+        no_grads_for_options = (None,) * 8
+        if grad_output is None and grad_lse is None:  # no output was used
+            return (None, None) + no_grads_for_options
+        if ctx.inplace:
+            return (_hand_out_inplace_gradient(ctx, grad_output), None) + no_grads_for_options
         if ctx.gradient_in_forward:
             (grad_input,) = ctx.saved_tensors
-            return _scale_saved_gradient(grad_input, grad_output), None, None, None, None, None
+            return (_scale_saved_gradient(grad_input, grad_output), None) + no_grads_for_options
 
         input, target, weight, lse, total_weight = ctx.saved_tensors
         n, _, d = input.shape
         acc = accumulate_dtype(input.dtype)
-        grad_loss = grad_output.to(acc)
-        if ctx.reduction == REDUCTION_MEAN:
-            grad_loss = (grad_loss / total_weight).expand(n, d)
-        elif ctx.reduction == REDUCTION_SUM:
-            grad_loss = grad_loss.expand(n, d)
+        if grad_output is None:  # only lse was used
+            grad_loss = torch.zeros((), dtype=acc, device=input.device).expand(n, d)
+        else:
+            grad_loss = grad_output.to(acc)
+            if ctx.reduction == REDUCTION_MEAN:
+                grad_loss = (grad_loss / total_weight).expand(n, d)
+            elif ctx.reduction == REDUCTION_SUM:
+                grad_loss = grad_loss.expand(n, d)
+        if grad_lse is not None:
+            grad_lse = grad_lse.to(acc)
         input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_input, grad_target = ops.cross_entropy_backward(
-            grad_loss, input, target, weight, lse, ctx.ignore_index, ctx.label_smoothing,
-            input_grad, target_grad)
-        return (grad_input if input_grad else None, grad_target if target_grad else None,
-                None, None, None, None)
+            grad_loss, grad_lse, input, target, weight, lse, *ctx.options, input_grad, target_grad)
+        return (grad_input if input_grad else None,
+                grad_target if target_grad else None) + no_grads_for_options
+
+
+def _hand_out_inplace_gradient(ctx, grad_output):
+    """The gradient that the in-place forward wrote over the logits, scaled
+    in place by the upstream gradient. It exists once: a second backward
+    through the same graph (retain_graph=True) would find it already scaled
+    and handed to the logits' producer, so it is refused."""
+    if ctx.gradient_handed_out:
+        raise RuntimeError(
+            "fused_ce.cross_entropy(inplace_backward=True): the gradient was written over the "
+            "logits and has already been used by a previous backward; backpropagating twice "
+            "(retain_graph=True) is not supported with inplace_backward=True")
+    (gradient,) = ctx.saved_tensors  # raises if the logits were modified after the forward
+    ctx.gradient_handed_out = True
+    if (torch.compiler.is_compiling() or grad_output.device.type != "cpu"
+            or grad_output.item() != 1.0):
+        gradient.mul_(grad_output.to(gradient.dtype))
+    return gradient
 
 
 def _scale_saved_gradient(grad_input: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ class axis with its stride instead of moving it last.
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,7 +40,12 @@ def cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> Tensor:
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Drop-in replacement for :func:`torch.nn.functional.cross_entropy`.
 
     Same arguments, same results and gradients, computed by one fused
@@ -48,6 +53,25 @@ def cross_entropy(
     ``(N, C, d1, ..., dk)``; ``target`` holds class indices (int64 or uint8,
     the input's shape without the class axis) or class probabilities (the
     input's shape, floating point).
+
+    Keyword-only options for large-vocabulary training (all off by default):
+
+    * ``z_loss``: adds ``z_loss * lse**2`` per element (PaLM's auxiliary
+      loss), where ``lse`` is the log-sum-exp of the element's logits. With
+      class-index targets the term carries the target's class weight and is
+      0 for ignored elements, so it is reduced exactly like the main loss.
+    * ``softcap``: the logits pass through ``softcap * tanh(x / softcap)``
+      inside the kernel (Gemma 2's logit soft-capping).
+    * ``return_lse``: also return the per-element log-sum-exp (shaped like
+      the ``reduction="none"`` loss, float32; float64 for float64 input),
+      differentiable.
+    * ``inplace_backward``: the gradient is computed in the forward and
+      written over the logits, so forward + backward needs O(N) memory
+      beyond them. The logits are unusable afterwards: their version
+      counter is bumped, and autograd raises its usual in-place error if
+      another part of the graph saved them. Needs a reduced loss, no
+      ``return_lse`` and no target gradient; does nothing when the logits
+      do not require grad.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -56,6 +80,7 @@ def cross_entropy(
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("cross_entropy(): input and target must be tensors, got "
                         f"{type(input).__name__} and {type(target).__name__}")
@@ -122,11 +147,50 @@ def cross_entropy(
         target_canonical = target.reshape(n, num_classes, d) if probability_target else target.reshape(n, d)
         loss_shape = (n,) + tuple(input.shape[2:])
 
-    loss = CrossEntropyFunction.apply(input3, target_canonical, weight, int(ignore_index),
-                                      label_smoothing, _REDUCTIONS[reduction])
+    if inplace_backward and target_canonical.requires_grad and torch.is_grad_enabled():
+        raise ValueError("cross_entropy(): inplace_backward=True cannot give a gradient for the "
+                         "target (target.requires_grad is True)")
+    if inplace_backward and input3.requires_grad and not input3.is_contiguous():
+        # The kernel overwrites a contiguous buffer: here a copy, so the
+        # caller's logits stay intact (and so does the memory saving's cost).
+        input3 = input3.contiguous()
+
+    result = CrossEntropyFunction.apply(input3, target_canonical, weight, int(ignore_index),
+                                        label_smoothing, _REDUCTIONS[reduction], z_loss, softcap,
+                                        bool(return_lse), bool(inplace_backward))
+    loss, lse = result if return_lse else (result, None)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
+    if return_lse:
+        return loss, lse.reshape(loss_shape)
     return loss
+
+
+def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool,
+                       reduction: str) -> Tuple[float, float]:
+    """Validates the keyword-only options; returns z_loss and the kernel's
+    softcap (0.0 for none)."""
+    z_loss = float(z_loss)
+    # Chained comparisons rather than math.isfinite, which torch.compile
+    # cannot trace; NaN fails them too.
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"cross_entropy(): z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is None:
+        softcap = 0.0
+    else:
+        softcap = float(softcap)
+        if not 0.0 < softcap < math.inf:
+            raise ValueError(f"cross_entropy(): softcap must be None or a finite number > 0, "
+                             f"got {softcap}")
+    if inplace_backward:
+        if reduction == "none":
+            raise ValueError("cross_entropy(): inplace_backward=True needs reduction='mean' or "
+                             "'sum' (the gradient is computed in the forward for an upstream "
+                             "gradient of 1 and scaled by the scalar one in the backward)")
+        if return_lse:
+            raise ValueError("cross_entropy(): inplace_backward=True cannot be combined with "
+                             "return_lse=True (the gradient would have to wait for the lse's)")
+    return z_loss, softcap
 
 
 def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,

@@ -261,17 +261,18 @@ def _bad_weight_shape():
 
 
 def _bad_op_rank():  # straight into the C++ operator: 2-D instead of the canonical (N, C, D)
-    torch.ops.fused_ce.cross_entropy_forward(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), None, -100, 0.0)
+    torch.ops.fused_ce.cross_entropy_forward(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), None, -100, 0.0,
+                                             0.0, 0.0)
 
 
 def _bad_op_target_oob():  # C++ operator, target out of range, gradient requested
     torch.ops.fused_ce.cross_entropy_forward_with_grad(
-        torch.randn(4, 7, 1), torch.full((4, 1), 99, dtype=torch.long), None, -100, 0.0, 1)
+        torch.randn(4, 7, 1), torch.full((4, 1), 99, dtype=torch.long), None, -100, 0.0, 0.0, 0.0, 1)
 
 
 def _bad_op_reduction():
     torch.ops.fused_ce.cross_entropy_forward_with_grad(
-        torch.randn(4, 7, 1), torch.zeros((4, 1), dtype=torch.long), None, -100, 0.0, 0)
+        torch.randn(4, 7, 1), torch.zeros((4, 1), dtype=torch.long), None, -100, 0.0, 0.0, 0.0, 0)
 
 
 BAD_CALLS = {

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 import fused_ce  # noqa: F401  (registers torch.ops.fused_ce)
 from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
 
-OPS = ["cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_backward"]
+OPS = ["cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_forward_with_grad_inplace",
+       "cross_entropy_backward"]
+NO_Z_LOSS, NO_SOFTCAP = 0.0, 0.0
 
 
 def _acc(dtype):
@@ -91,7 +93,7 @@ def _ids(samples):
 @pytest.mark.parametrize("sample", SAMPLES, ids=_ids(SAMPLES))
 def test_opcheck_forward(device, sample):
     x, t, w, ignore, ls = _make_sample(sample, device)
-    torch.library.opcheck(_op("cross_entropy_forward"), (x, t, w, ignore, ls))
+    torch.library.opcheck(_op("cross_entropy_forward"), (x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP))
 
 
 # opcheck (schema / fake / AOT dispatch) is slow-ish: one reduction and one grad_output layout per
@@ -103,7 +105,7 @@ GRAD_LAYOUTS = ["contiguous", "expanded_scalar", "transposed"]
                          ids=[f"{s[0]}-red{1 + i % 2}" for i, s in enumerate(SAMPLES)])
 def test_opcheck_forward_with_grad(device, sample, reduction):
     x, t, w, ignore, ls = _make_sample(sample, device)
-    torch.library.opcheck(_op("cross_entropy_forward_with_grad"), (x, t, w, ignore, ls, reduction))
+    torch.library.opcheck(_op("cross_entropy_forward_with_grad"), (x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP, reduction))
 
 
 @pytest.mark.parametrize("sample,grad_layout", [(s, GRAD_LAYOUTS[i % 3]) for i, s in enumerate(SAMPLES)],
@@ -112,7 +114,7 @@ def test_opcheck_backward(device, sample, grad_layout):
     x, t, w, ignore, ls = _make_sample(sample, device)
     N, C, D = x.shape
     acc = _acc(x.dtype)
-    _, lse, _ = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls)
+    _, lse, _ = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP)
     if grad_layout == "contiguous":
         g = torch.rand(N, D, dtype=acc, device=device)
     elif grad_layout == "expanded_scalar":
@@ -123,7 +125,7 @@ def test_opcheck_backward(device, sample, grad_layout):
     flag_sets = [(True, False)] + ([(True, True), (False, True)] if soft else [])
     for input_grad, target_grad in flag_sets:
         torch.library.opcheck(_op("cross_entropy_backward"),
-                              (g, x, t, w, lse, ignore, ls, input_grad, target_grad))
+                              (g, None, x, t, w, lse, ignore, ls, NO_Z_LOSS, NO_SOFTCAP, input_grad, target_grad))
 
 
 def test_opcheck_with_requires_grad_inputs(device):
@@ -131,10 +133,10 @@ def test_opcheck_with_requires_grad_inputs(device):
     # operators' outputs must not silently require grad (opcheck's test_autograd_registration).
     x = make_logits((4, 6, 2), torch.float32, device).requires_grad_()
     t = make_class_target((4, 2), 6, device)
-    torch.library.opcheck(_op("cross_entropy_forward"), (x, t, None, -100, 0.1),
+    torch.library.opcheck(_op("cross_entropy_forward"), (x, t, None, -100, 0.1, NO_Z_LOSS, NO_SOFTCAP),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     tp = make_prob_target((4, 6, 2), torch.float32, device).requires_grad_()
-    torch.library.opcheck(_op("cross_entropy_forward"), (x, tp, None, -100, 0.0),
+    torch.library.opcheck(_op("cross_entropy_forward"), (x, tp, None, -100, 0.0, NO_Z_LOSS, NO_SOFTCAP),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -146,21 +148,21 @@ def test_all_ops_registered_with_fake_kernels():
     with FakeTensorMode():
         x = torch.empty(5, 7, 3)
         t = torch.empty(5, 3, dtype=torch.long)
-        loss, lse, tw = torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 0.0)
+        loss, lse, tw = torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 0.0, 0.0, 0.0)
         assert loss.shape == (5, 3) and lse.shape == (5, 3) and tw.shape == ()
         assert loss.dtype == lse.dtype == tw.dtype == torch.float32
-        out = torch.ops.fused_ce.cross_entropy_forward_with_grad(x.bfloat16(), t, None, -100, 0.0, 1)
+        out = torch.ops.fused_ce.cross_entropy_forward_with_grad(x.bfloat16(), t, None, -100, 0.0, 0.0, 0.0, 1)
         assert out[3].shape == (5, 7, 3) and out[3].dtype == torch.bfloat16 and out[0].dtype == torch.float32
-        gi, gt = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3), x, t, None, torch.empty(5, 3), -100,
-                                                           0.0, True, False)
+        gi, gt = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3), None, x, t, None, torch.empty(5, 3),
+                                                           -100, 0.0, 0.0, 0.0, True, False)
         assert gi.shape == (5, 7, 3) and gi.is_contiguous() and gt.numel() == 0
         xt = torch.empty(5, 3, 7).permute(0, 2, 1)  # class stride 1: grad keeps that layout
-        gi, _ = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3), xt, t, None, torch.empty(5, 3), -100,
-                                                          0.0, True, False)
+        gi, _ = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3), None, xt, t, None, torch.empty(5, 3),
+                                                          -100, 0.0, 0.0, 0.0, True, False)
         assert gi.stride() == torch.empty_like(xt).stride()
-        gi, gt = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3, dtype=torch.float64), x.double(),
+        gi, gt = torch.ops.fused_ce.cross_entropy_backward(torch.empty(5, 3, dtype=torch.float64), None, x.double(),
                                                            x.double(), None, torch.empty(5, 3, dtype=torch.float64),
-                                                           -100, 0.0, False, True)
+                                                           -100, 0.0, 0.0, 0.0, False, True)
         assert gi.numel() == 0 and gt.shape == (5, 7, 3) and gt.dtype == torch.float64
 
 
@@ -188,7 +190,7 @@ def _ref_per_element(x, t, w, ignore, ls):
 def test_forward_op_values(device, sample):
     x, t, w, ignore, ls = _make_sample(sample, device)
     acc = _acc(x.dtype)
-    loss, lse, tw = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls)
+    loss, lse, tw = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP)
     N, C, D = x.shape
     assert loss.shape == (N, D) and lse.shape == (N, D) and tw.shape == ()
     assert loss.dtype == lse.dtype == tw.dtype == acc
@@ -207,7 +209,7 @@ def test_forward_op_values(device, sample):
 def test_forward_with_grad_op_values(device, sample, reduction):
     x, t, w, ignore, ls = _make_sample(sample, device)
     acc = _acc(x.dtype)
-    loss, lse, tw, gi = torch.ops.fused_ce.cross_entropy_forward_with_grad(x, t, w, ignore, ls, reduction)
+    loss, lse, tw, gi = torch.ops.fused_ce.cross_entropy_forward_with_grad(x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP, reduction)
     N, C, D = x.shape
     assert gi.shape == (N, C, D) and gi.dtype == x.dtype
     assert loss.dtype == lse.dtype == tw.dtype == acc
@@ -238,7 +240,7 @@ def test_backward_op_values(device, sample, grad_layout):
     x, t, w, ignore, ls = _make_sample(sample, device)
     N, C, D = x.shape
     acc = _acc(x.dtype)
-    _, lse, _ = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls)
+    _, lse, _ = torch.ops.fused_ce.cross_entropy_forward(x, t, w, ignore, ls, NO_Z_LOSS, NO_SOFTCAP)
     if grad_layout == "contiguous":
         g = torch.rand(N, D, dtype=acc, device=device) - 0.3
     elif grad_layout == "expanded_scalar":
@@ -258,7 +260,8 @@ def test_backward_op_values(device, sample, grad_layout):
         (ref_gi,) = torch.autograd.grad(ref, (x64,), g.cpu().double())
     flag_sets = [(True, False), (False, False)] + ([(True, True), (False, True)] if soft else [])
     for input_grad, target_grad in flag_sets:
-        gi, gt = torch.ops.fused_ce.cross_entropy_backward(g, x, t, w, lse, ignore, ls, input_grad, target_grad)
+        gi, gt = torch.ops.fused_ce.cross_entropy_backward(g, None, x, t, w, lse, ignore, ls, NO_Z_LOSS, NO_SOFTCAP, input_grad,
+                                                           target_grad)
         if input_grad:
             assert gi.shape == (N, C, D) and gi.dtype == x.dtype
             assert_close_ref(gi, ref_gi, x.dtype, what=f"backward grad_input ({grad_layout})")

@@ -41,7 +41,7 @@ cpu::Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), 
 template <typename T>
 cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
                              const at::Tensor& weight_acc, const ProblemShape& shape,
-                             int64_t ignore_index, double label_smoothing) {
+                             const LossOptions& options) {
   using Acc = cpu::acc_t<T>;
   cpu::KernelArgs<T> args;
   args.N = shape.N;
@@ -63,8 +63,10 @@ cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
   } else {
     args.weight_sum = Acc(shape.C);
   }
-  args.ignore_index = ignore_index;
-  args.label_smoothing = Acc(label_smoothing);
+  args.ignore_index = options.ignore_index;
+  args.label_smoothing = Acc(options.label_smoothing);
+  args.z_loss = Acc(options.z_loss);
+  args.softcap = Acc(options.softcap);
   args.use_row_kernel = !shape.probability_target && input.stride(1) == 1 &&
                         shape.C >= cpu::kRowKernelMinClasses;
   return args;
@@ -141,15 +143,23 @@ void launch(const cpu::KernelArgs<T>& args) {
                    [&](int64_t begin, int64_t end) { cpu::run_kernel(args, begin, end); });
 }
 
-// Shared body of the two forward operators. grad_input is undefined for the
-// plain forward.
+// Checks everything the operators have in common and returns the sizes.
+ProblemShape check_all(const at::Tensor& input, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const LossOptions& options) {
+  const ProblemShape shape = check_arguments(input, target, weight, options.label_smoothing);
+  check_loss_options(options.z_loss, options.softcap);
+  return shape;
+}
+
+// Shared body of the forward operators. grad_input is undefined for the
+// plain forward, and may be the input itself for the in-place one.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, Reduction reduction, at::Tensor grad_input) {
-  const ProblemShape shape = check_arguments(input, target, weight, label_smoothing);
+    const LossOptions& options, Reduction reduction, const at::Tensor& grad_input) {
+  const ProblemShape shape = check_all(input, target, weight, options);
   const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
   const double total_weight =
-      validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
+      validate_targets_and_total_weight(target, weight_acc, shape, options.ignore_index);
   const auto acc_options = input.options().dtype(accumulate_type(input.scalar_type()));
   at::Tensor loss = at::empty({shape.N, shape.D}, acc_options);
   at::Tensor lse = at::empty({shape.N, shape.D}, acc_options);
@@ -158,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
                                   "fused_ce_forward_cpu", [&] {
     using T = typename StorageOf<scalar_t>::type;
     using Acc = cpu::acc_t<T>;
-    cpu::KernelArgs<T> args =
-        make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
+    cpu::KernelArgs<T> args = make_args<T>(input, target, weight_acc, shape, options);
     args.loss = loss.mutable_data_ptr<Acc>();
     args.lse = lse.mutable_data_ptr<Acc>();
     if (grad_input.defined()) {
@@ -174,37 +183,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   return {loss, lse, at::scalar_tensor(total_weight, acc_options)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input,
-                                                           const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index,
-                                                           double label_smoothing) {
-  return forward_impl(input, target, weight, ignore_index, label_smoothing, Reduction::None,
-                      at::Tensor());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  return forward_impl(input, target, weight, {ignore_index, label_smoothing, z_loss, softcap},
+                      Reduction::None, at::Tensor());
+}
+
+Reduction checked_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == int64_t(Reduction::Mean) || reduction == int64_t(Reduction::Sum),
+              "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got ", reduction);
+  return Reduction(reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  TORCH_CHECK(reduction == int64_t(Reduction::Mean) || reduction == int64_t(Reduction::Sum),
-              "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got ", reduction);
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    int64_t reduction) {
+  const Reduction checked = checked_reduction(reduction);
   // Same strides as the input when it is dense, so that the gradient of a
   // channels-last or transposed input keeps its layout.
   at::Tensor grad_input = at::empty_like(input);
   advise_huge_pages(grad_input);
-  auto [loss, lse, total_weight] = forward_impl(input, target, weight, ignore_index,
-                                                label_smoothing, Reduction(reduction), grad_input);
+  auto [loss, lse, total_weight] = forward_impl(
+      input, target, weight, {ignore_index, label_smoothing, z_loss, softcap}, checked, grad_input);
   return {loss, lse, total_weight, grad_input};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
-                                                const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight,
-                                                const at::Tensor& lse, int64_t ignore_index,
-                                                double label_smoothing, bool input_grad,
-                                                bool target_grad) {
-  const ProblemShape shape = check_arguments(input, target, weight, label_smoothing);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_inplace_cpu(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    int64_t reduction) {
+  const Reduction checked = checked_reduction(reduction);
+  // Overlapping elements (an expanded input) would receive several
+  // gradients; the contract asks for a contiguous input.
+  TORCH_CHECK(input.is_contiguous(),
+              "fused_ce: the in-place forward_with_grad needs a contiguous input");
+  return forward_impl(input, target, weight, {ignore_index, label_smoothing, z_loss, softcap},
+                      checked, input);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, bool input_grad, bool target_grad) {
+  const LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
+  const ProblemShape shape = check_all(input, target, weight, options);
   check_per_element(grad_loss, "grad_loss", input, shape);
+  const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
+  if (has_grad_lse) check_per_element(*grad_lse, "grad_lse", input, shape);
   // lse is part of the operator's contract (the CUDA backward uses it), but
   // the CPU kernels recompute the row statistics: see KernelArgs.
   check_per_element(lse, "lse", input, shape);
@@ -220,11 +248,15 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
                                   "fused_ce_backward_cpu", [&] {
     using T = typename StorageOf<scalar_t>::type;
     using Acc = cpu::acc_t<T>;
-    cpu::KernelArgs<T> args =
-        make_args<T>(input, target, weight_acc, shape, ignore_index, label_smoothing);
+    cpu::KernelArgs<T> args = make_args<T>(input, target, weight_acc, shape, options);
     args.grad_loss = grad_loss.const_data_ptr<Acc>();
     args.grad_loss_stride_n = grad_loss.stride(0);
     args.grad_loss_stride_d = grad_loss.stride(1);
+    if (has_grad_lse) {
+      args.grad_lse = grad_lse->const_data_ptr<Acc>();
+      args.grad_lse_stride_n = grad_lse->stride(0);
+      args.grad_lse_stride_d = grad_lse->stride(1);
+    }
     if (input_grad) {
       args.grad_input = reinterpret_cast<T*>(grad_input.mutable_data_ptr());
       args.grad_input_strides = strides3(grad_input);
@@ -243,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_forward", &forward_cpu);
   m.impl("cross_entropy_forward_with_grad", &forward_with_grad_cpu);
+  m.impl("cross_entropy_forward_with_grad_inplace", &forward_with_grad_inplace_cpu);
   m.impl("cross_entropy_backward", &backward_cpu);
 }
 

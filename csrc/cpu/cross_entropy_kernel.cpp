@@ -314,6 +314,40 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
   return reduce_sum<Acc>((s[0] + s[1]) + (s[2] + s[3]));
 }
 
+// dst[c] = softcap * tanh(src[c] / softcap); dst may be src.
+template <typename Acc>
+FUSED_CE_INLINE void softcap_row(const Acc* src, int64_t C, Acc softcap, Acc* dst) {
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int kLanes = Simd<Acc>::kLanes;
+  const Acc inv_cap = Acc(1) / softcap;
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    store_vec(dst + c, softcap * tanh_vec<Acc>(load_vec<Vec>(src + c) * inv_cap));
+  }
+  if (c < C) {
+    store_partial(dst + c, softcap * tanh_vec<Acc>(load_partial<Vec>(src + c, C - c, Acc(0)) * inv_cap),
+                  C - c);
+  }
+}
+
+// grad[c] *= d y_c / d x_c = 1 - (y_c / softcap)^2 for capped logits y:
+// the chain rule through softcap * tanh(x / softcap).
+template <typename Acc>
+FUSED_CE_INLINE void softcap_chain_rule(const Acc* capped, int64_t C, Acc softcap, Acc* grad) {
+  using Vec = typename Simd<Acc>::Vec;
+  constexpr int kLanes = Simd<Acc>::kLanes;
+  const Acc inv_cap = Acc(1) / softcap;
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    const Vec t = load_vec<Vec>(capped + c) * inv_cap;
+    store_vec(grad + c, load_vec<Vec>(grad + c) * (Acc(1) - t * t));
+  }
+  for (; c < C; ++c) {
+    const Acc t = capped[c] * inv_cap;
+    grad[c] *= Acc(1) - t * t;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Row kernel: class stride 1, class-index targets.
 
@@ -327,7 +361,7 @@ class RowKernel {
 
  public:
   explicit RowKernel(const KernelArgs<T>& args) : a_(args) {
-    if (!kStorageIsAcc) row_.resize(a_.C);
+    if (!kStorageIsAcc || a_.softcap != Acc(0)) row_.resize(a_.C);
     if (a_.grad_input) grad_.resize(a_.C);
   }
 
@@ -352,11 +386,17 @@ class RowKernel {
     const int64_t C = a_.C;
     const int64_t n = pos / a_.D, d = pos - n * a_.D;
     const T* raw = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
+    // x: the row in the accumulate type, after the softcap if there is one.
     const Acc* x;
     if constexpr (kStorageIsAcc) {
       x = raw;
     } else {
       widen_row(raw, C, row_.data());
+      x = row_.data();
+    }
+    const bool capped = a_.softcap != Acc(0);
+    if (capped) {
+      softcap_row(x, C, a_.softcap, row_.data());
       x = row_.data();
     }
 
@@ -404,6 +444,7 @@ class RowKernel {
       // -lp[y] = (max - x_y) + log_sum;  -sum_c w_c lp_c = W log_sum - sum_c w_c (x_c - max)
       loss = (Acc(1) - eps) * w_target * ((row_max - x[target]) + log_sum);
       if (need_smoothing) loss += eps_per_class * (a_.weight_sum * log_sum - shifted_wx);
+      if (a_.z_loss != Acc(0)) loss += a_.z_loss * w_target * lse * lse;
     }
     if (a_.loss) {
       a_.loss[pos] = loss;
@@ -413,14 +454,19 @@ class RowKernel {
 
     // Pass 3 (cache): grad_c = coef_p * p_c - coef_w * w_c, and the target
     // class additionally loses g * (1 - eps) * w_target. An ignored element
-    // has zero coefficients (even when the mean of an all-ignored batch
+    // has zero loss coefficients (even when the mean of an all-ignored batch
     // makes g infinite), yet, as in PyTorch's 0 - p * 0, its gradient is
-    // NaN wherever p is.
+    // NaN wherever p is. The z-loss adds 2 z w_target lse to coef_p, and an
+    // upstream gradient of the lse output adds itself (ignored or not).
     const Acc g = ignored ? Acc(0)
                 : a_.grad_loss
                     ? a_.grad_loss[n * a_.grad_loss_stride_n + d * a_.grad_loss_stride_d]
                     : a_.grad_scale;
-    const Acc coef_p = g * ((Acc(1) - eps) * w_target + eps_per_class * a_.weight_sum);
+    const Acc g_lse =
+        a_.grad_lse ? a_.grad_lse[n * a_.grad_lse_stride_n + d * a_.grad_lse_stride_d] : Acc(0);
+    Acc coef_p = g * ((Acc(1) - eps) * w_target + eps_per_class * a_.weight_sum) + g_lse;
+    // Only where the term exists: 0 * lse is NaN for an infinite lse.
+    if (a_.z_loss != Acc(0) && !ignored) coef_p += g * Acc(2) * a_.z_loss * w_target * lse;
     const Acc coef_w = g * eps_per_class;
     int64_t c = 0;
     if (!ignored) {
@@ -446,6 +492,7 @@ class RowKernel {
       }
     }
     if (!ignored) grad_row[target] -= g * (Acc(1) - eps) * w_target;
+    if (capped) softcap_chain_rule(x, C, a_.softcap, grad_row);
 
     store_gradient_row(grad_row, grad_out);
   }
@@ -460,7 +507,7 @@ class RowKernel {
   }
 
   const KernelArgs<T>& a_;
-  std::vector<Acc> row_;   // the row in the accumulate type (half inputs)
+  std::vector<Acc> row_;   // the row in the accumulate type (half inputs), softcapped
   std::vector<Acc> grad_;  // gradient row scratch when the output can't be used
 };
 
@@ -508,6 +555,12 @@ class TileKernel {
     // stride ((N, C, H, W) layouts) each class is one contiguous vector.
     const bool consecutive = valid == kLanes && n[0] == n[kLanes - 1];
     gather(a_.input, a_.input_strides, n, d, consecutive, x_.data());
+    const bool capped = a_.softcap != Acc(0);
+    if (capped) {
+      const Acc inv_cap = Acc(1) / a_.softcap;
+      Vec* x = x_.data();
+      for (int64_t c = 0; c < C; ++c) x[c] = a_.softcap * tanh_vec<Acc>(x[c] * inv_cap);
+    }
     if (is_prob) {
       gather(a_.prob_target, a_.prob_target_strides, n, d, consecutive, t_.data());
       // Smoothed targets t' = (1 - eps) t + eps / C.
@@ -554,8 +607,14 @@ class TileKernel {
       if (want_grad) G[c] = e;
     }
     const Vec log_sum = Simd<Acc>::log(vsum);
+    const Vec lse = vmax + log_sum;
+    // The z-loss of each lane is z_weight * lse^2, z_weight = z w_target, or z
+    // for probability targets. Ignored lanes have none, and skip it outright
+    // (0 * lse is NaN for an infinite lse).
+    const bool has_z_loss = a_.z_loss != Acc(0);
+    Vec z_weight{};
+    for (int l = 0; l < kLanes; ++l) z_weight[l] = a_.z_loss * (is_prob ? Acc(1) : w_target[l]);
     if (a_.loss) {
-      const Vec lse = vmax + log_sum;
       for (int l = 0; l < valid; ++l) {
         Acc loss;
         if (is_prob) {
@@ -566,6 +625,7 @@ class TileKernel {
           loss = (Acc(1) - eps) * w_target[l] * ((vmax[l] - X[target[l]][l]) + log_sum[l]);
           if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * log_sum[l] - shifted_wx[l]);
         }
+        if (has_z_loss && !ignored[l]) loss += z_weight[l] * lse[l] * lse[l];
         a_.loss[first + l] = loss;
         a_.lse[first + l] = lse[l];
       }
@@ -573,11 +633,14 @@ class TileKernel {
     if (!want_grad) return;
 
     // Ignored lanes get zero coefficients (see RowKernel: NaN where p is).
-    Vec g;
+    // The gradients of the z-loss and of the lse output both multiply p.
+    Vec g, extra_p{};
     for (int l = 0; l < kLanes; ++l) {
       g[l] = ignored[l] ? Acc(0)
            : a_.grad_loss ? a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d]
                           : a_.grad_scale;
+      if (has_z_loss && !ignored[l]) extra_p[l] = g[l] * Acc(2) * z_weight[l] * lse[l];
+      if (a_.grad_lse) extra_p[l] += a_.grad_lse[n[l] * a_.grad_lse_stride_n + d[l] * a_.grad_lse_stride_d];
     }
 
     if (a_.grad_input) {
@@ -585,16 +648,24 @@ class TileKernel {
       const Vec inv_sum = Acc(1) / vsum;
       if (is_prob) {
         // grad_c = g (S_t p_c - w_c t'_c)
-        const Vec coef_p = g * sum_wt * inv_sum;
+        const Vec coef_p = (g * sum_wt + extra_p) * inv_sum;
         for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - g * weight_at(c) * Tp[c];
       } else {
         Vec wt{};
         for (int l = 0; l < kLanes; ++l) wt[l] = w_target[l];
-        const Vec coef_p = g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum) * inv_sum;
+        const Vec coef_p =
+            (g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum) + extra_p) * inv_sum;
         const Vec coef_w = g * eps_per_class;
         for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - coef_w * weight_at(c);
         for (int l = 0; l < valid; ++l) {
           if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
+        }
+      }
+      if (capped) {
+        const Acc inv_cap = Acc(1) / a_.softcap;
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec t = X[c] * inv_cap;
+          G[c] *= Acc(1) - t * t;
         }
       }
       scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, consecutive);

@@ -43,7 +43,9 @@ struct Strides3 {
 //   loss, lse    the forward outputs (nullptr in the backward)
 //   grad_input   the gradient, scaled per position by grad_loss (backward)
 //                or by grad_scale when grad_loss is nullptr (the forward
-//                with the gradient of a reduced loss)
+//                with the gradient of a reduced loss). It may be the input
+//                itself (same strides): each row or tile is read in full
+//                before any of its gradient is written.
 //   grad_target  probability targets only
 // The backward deliberately recomputes the statistics instead of reading a
 // saved log-sum-exp: the logits are read anyway, and lse alone cannot give
@@ -67,6 +69,8 @@ struct KernelArgs {
   Acc weight_sum = 0;           // sum of weight (C without weight)
   int64_t ignore_index = -100;
   Acc label_smoothing = 0;
+  Acc z_loss = 0;   // adds z_loss * w_target * lse^2 per element (w = 1 for probabilities)
+  Acc softcap = 0;  // > 0: every logit x is read as softcap * tanh(x / softcap)
 
   Acc* loss = nullptr;  // (N * D) contiguous, or nullptr
   Acc* lse = nullptr;   // (N * D) contiguous, set together with loss
@@ -74,6 +78,8 @@ struct KernelArgs {
   const Acc* grad_loss = nullptr;  // backward: d(loss)/d(loss_i), any strides
   int64_t grad_loss_stride_n = 0, grad_loss_stride_d = 0;
   Acc grad_scale = 1;  // forward with grad: d(loss)/d(loss_i) for every i
+  const Acc* grad_lse = nullptr;  // backward, optional: d(loss)/d(lse_i), any strides
+  int64_t grad_lse_stride_n = 0, grad_lse_stride_d = 0;
 
   T* grad_input = nullptr;  // (N, C, D), nullptr when not wanted
   Strides3 grad_input_strides{};
