@@ -5,6 +5,7 @@ Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
 registered as ``torch.ops.fused_ce.*``.
 """
 
+from . import distributed
 from ._ops import built_with_cuda, cpu_capability
 from .autograd import CrossEntropyFunction
 from .functional import cross_entropy
@@ -18,4 +19,5 @@ __all__ = [
     "built_with_cuda",
     "cpu_capability",
     "cross_entropy",
+    "distributed",
 ]

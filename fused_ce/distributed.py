@@ -1,0 +1,301 @@
+"""Cross-entropy over a vocabulary that is split across tensor-parallel ranks.
+
+In a tensor-parallel language model the output projection is split by
+vocabulary: with ``world_size`` ranks and ``V`` classes, rank ``r`` holds the
+logits of the contiguous classes ``[r * Vs, (r + 1) * Vs)`` (``Vs = V /
+world_size``) for every row, and the targets (global class ids) are
+replicated on all ranks. :func:`vocab_parallel_cross_entropy` computes the
+same loss as ``F.cross_entropy`` on the full ``(N, V)`` logits without ever
+moving a logit between ranks.
+
+Protocol (per call; ``N`` rows, everything exchanged is ``O(N)``):
+
+0. Validation: one ``all_reduce(MAX)`` of a few integers (a flag for an
+   out-of-range target, the shard width, the row count, a checksum of the
+   targets and the options, each also negated so that MAX yields the minimum
+   too). Every rank reads it back (the only host synchronisation) and, if
+   anything is wrong or inconsistent on *any* rank, every rank raises the
+   same error before the next collective, instead of some ranks raising and
+   the rest hanging in a collective with mismatched sizes.
+1. ``m = all_reduce(MAX)`` of the per-row maximum of the local logits.
+2. One ``all_reduce(SUM)`` of a stacked ``(2 or 3, N)`` tensor:
+   ``sum_j exp(x_j - m)`` over the local classes; the target logit (the rank
+   that owns the target contributes it, the others 0); and, with label
+   smoothing only, the row sum of the logits.
+   Then ``lse = m + log(sum)`` and, per row,
+   ``loss = (1 - eps) * (lse - x_t) + eps * (lse - rowsum / V)``,
+   which is PyTorch's ``(1 - eps) * nll + eps * mean_c(-log p_c)``.
+   Ignored rows contribute 0 and "mean" divides by the number of
+   non-ignored rows (0 / 0 = NaN when all are ignored, like PyTorch).
+
+The loss is identical on every rank (it is built only from all-reduced
+statistics and the replicated targets). The backward needs no communication:
+``d loss_i / d x_ij = g_i * (p_ij - eps / V) - g_i * (1 - eps) * [j == t_i]``
+with ``p_ij = exp(x_ij - lse_i)``, and everything in it is available
+locally; each rank gets the gradient of its own slice. This assumes that the
+upstream gradient of the loss is the same on every rank, which holds when
+every rank computes the same objective from the replicated loss (the usual
+tensor-parallel setup).
+
+Memory: the autograd graph keeps the logits (already alive in the model), the
+targets and ``lse`` (``N`` values); the softmax is recomputed in the backward.
+Half-precision logits are computed in float32 (float64 stays float64) and the
+loss is returned in the logits' dtype, like ``F.cross_entropy``.
+
+Works with any backend that supports all_reduce with MAX and SUM on the
+logits' device (gloo on the CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+# Modulus of the target checksum: keeps each term below 2**32 and the sum of up
+# to 2**31 terms inside int64, so no overflow (whose behaviour could differ
+# between devices) ever enters the comparison.
+_CHECKSUM_MOD = 65521
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    group: Optional["dist.ProcessGroup"] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy of vocabulary-parallel logits; same value on every rank.
+
+    Args:
+        logits: this rank's ``(..., Vs)`` slice of the ``(..., V)`` logits,
+            ``V = Vs * world_size``; rank ``r`` owns classes
+            ``[r * Vs, (r + 1) * Vs)``. Any floating dtype.
+        target: global class ids, shape ``logits.shape[:-1]``, an integer
+            dtype, identical on every rank of ``group``.
+        group: the tensor-parallel process group (default: the world).
+        ignore_index, reduction, label_smoothing: as in
+            :func:`torch.nn.functional.cross_entropy`.
+
+    Returns:
+        The loss in ``logits.dtype``: a scalar for "mean"/"sum", shape
+        ``logits.shape[:-1]`` for "none". Backward yields the gradient of
+        this rank's slice of the logits, with no communication.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"vocab_parallel_cross_entropy: reduction must be one of "
+                         f"{list(_REDUCTIONS)}, got {reduction!r}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"vocab_parallel_cross_entropy: label_smoothing must be in [0, 1], "
+                         f"got {label_smoothing}")
+    ignore_index = int(ignore_index)
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("vocab_parallel_cross_entropy: logits and target must be tensors, got "
+                        f"{type(logits).__name__} and {type(target).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"vocab_parallel_cross_entropy: logits must be floating point, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError("vocab_parallel_cross_entropy: target must hold integer class ids "
+                        f"(int64), got {target.dtype}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError("vocab_parallel_cross_entropy: logits must be (..., Vs) with Vs >= 1 "
+                         f"classes on this rank, got shape {list(logits.shape)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"vocab_parallel_cross_entropy: target shape {list(target.shape)} does not "
+                         f"match the logits' leading shape {list(logits.shape[:-1])} "
+                         f"(logits {list(logits.shape)})")
+    if target.device != logits.device:
+        raise ValueError(f"vocab_parallel_cross_entropy: logits are on {logits.device} but target "
+                         f"is on {target.device}")
+
+    rank, world_size = _rank_and_world_size(group)
+    lead_shape = logits.shape[:-1]
+    vocab_shard = logits.shape[-1]
+    n = math.prod(lead_shape)
+    x = logits.reshape(n, vocab_shard)  # a view whenever the layout allows it
+    t = target.reshape(n).long()
+
+    _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing)
+
+    loss = _VocabParallelCrossEntropy.apply(x, t, group, rank, world_size, ignore_index,
+                                            _REDUCTIONS[reduction], label_smoothing)
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    return loss
+
+
+def _rank_and_world_size(group):
+    if not dist.is_available():
+        raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed, which this "
+                           "PyTorch build does not provide")
+    if not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy: the world size is not available because "
+                           "the default process group is not initialized; call "
+                           "torch.distributed.init_process_group(...) on every rank first")
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if world_size < 1 or rank < 0:
+        raise RuntimeError("vocab_parallel_cross_entropy: this process is not a member of the "
+                           "given process group")
+    return rank, world_size
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing):
+    """One small all_reduce(MAX) that makes every rank agree the call is valid.
+
+    Out-of-range targets would otherwise silently contribute nothing (no rank
+    owns them), and ranks disagreeing on the row count or shard width would
+    deadlock or corrupt the next collectives. Each quantity ``q`` that must be
+    equal on all ranks is sent as ``q`` and ``-q``: after MAX, ``max == min``
+    iff all ranks agree.
+    """
+    n, vocab_shard = x.shape
+    num_classes = vocab_shard * world_size
+    device = x.device
+    bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
+    # Order-sensitive checksum of the targets: catches ranks that were fed
+    # different batches (their losses would silently differ).
+    pos = torch.arange(n, device=device) % _CHECKSUM_MOD + 1
+    checksum = ((t % _CHECKSUM_MOD) * pos).sum()
+    # name -> value that must be equal on every rank (the checksum, last, is
+    # filled in on the device; it is checked last, so that a different row
+    # count is reported as such)
+    agreed = {
+        "vocabulary shard size": vocab_shard,
+        "number of rows": n,
+        "ignore_index": ignore_index,
+        "reduction": _REDUCTIONS[reduction],
+        "label_smoothing (x 2**40)": round(label_smoothing * 2 ** 40),
+        "compute dtype (1 = float64)": int(_compute_dtype(x.dtype) == torch.float64),
+        "targets (checksum)": 0,
+    }
+    # One host-to-device copy for all the host-side values.
+    values = torch.tensor(list(agreed.values()), dtype=torch.long).to(device)
+    values[-1] = checksum
+    local_bad = bad.any().long().reshape(1)
+    packet = torch.cat([local_bad, values, -values])
+    dist.all_reduce(packet, op=dist.ReduceOp.MAX, group=group)
+    result = packet.tolist()  # the one host synchronisation of the call
+    k = len(agreed)
+    if result[0]:
+        if bool(local_bad):
+            value = int(t[bad][0])
+            raise IndexError(f"vocab_parallel_cross_entropy: target {value} is out of bounds: class "
+                             f"ids must be in [0, {num_classes}) ({vocab_shard} classes per rank x "
+                             f"{world_size} ranks) or equal ignore_index ({ignore_index})")
+        raise IndexError("vocab_parallel_cross_entropy: a target is out of bounds on another rank "
+                         f"(class ids must be in [0, {num_classes}) or equal ignore_index)")
+    for i, name in enumerate(agreed):
+        hi, lo = result[1 + i], -result[1 + k + i]
+        if hi != lo:
+            raise ValueError(f"vocab_parallel_cross_entropy: ranks disagree on the {name}: values "
+                             f"range from {lo} to {hi} across the group (this rank, {rank}, has "
+                             f"{int(values[i])}); every rank must pass the same rows, targets and "
+                             "options, with equal vocabulary shards")
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward with O(N) all-reduces; communication-free backward.
+
+    ``apply(x, t, group, rank, world_size, ignore_index, reduction, eps)`` on
+    ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the caller);
+    ``reduction`` 0 none, 1 mean, 2 sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, t, group, rank, world_size, ignore_index, reduction, eps):
+        cdtype = _compute_dtype(x.dtype)
+        n, vocab_shard = x.shape
+        num_classes = vocab_shard * world_size
+        valid = t != ignore_index
+        local_t = t - rank * vocab_shard
+        own = valid & (local_t >= 0) & (local_t < vocab_shard)
+        # Clamped so that rows whose target lives elsewhere still index in range.
+        idx = torch.where(own, local_t, 0).unsqueeze(1)
+
+        # 1. Global row max: every rank exponentiates relative to the same
+        #    reference, so the partial sums can simply be added (no rescaling)
+        #    and exp never overflows.
+        row_max = x.amax(dim=1).to(cdtype)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+
+        # 2. Partial statistics, summed in one collective. torch.sub promotes
+        #    half logits to the float32 of row_max: one temporary, no extra copy.
+        sum_exp = torch.sub(x, row_max.unsqueeze(1)).exp_().sum(dim=1)
+        # torch.where, not a multiplication: a non-owned column may be +-inf.
+        target_logit = torch.where(own, x.gather(1, idx).squeeze(1).to(cdtype), 0.0)
+        parts = [sum_exp, target_logit]
+        if eps > 0:
+            parts.append(x.sum(dim=1, dtype=cdtype))
+        stats = torch.stack(parts)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+
+        lse = row_max + stats[0].log()
+        per_row = lse - stats[1]
+        if eps > 0:
+            # Skipped entirely for eps == 0 so that -inf logits (masked
+            # vocabulary padding) do not turn 0 * inf into NaN.
+            per_row = (1.0 - eps) * per_row + eps * (lse - stats[2] / num_classes)
+        per_row = torch.where(valid, per_row, 0.0)
+
+        if reduction == 0:
+            loss = per_row
+        elif reduction == 2:
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / valid.sum()  # all ignored: 0 / 0 = NaN, like PyTorch
+
+        ctx.save_for_backward(x, t, lse)
+        ctx.rank, ctx.world_size = rank, world_size
+        ctx.ignore_index, ctx.reduction, ctx.eps = ignore_index, reduction, eps
+        return loss.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        x, t, lse = ctx.saved_tensors
+        eps, reduction = ctx.eps, ctx.reduction
+        n, vocab_shard = x.shape
+        num_classes = vocab_shard * ctx.world_size
+        g = grad_loss.to(lse.dtype)
+
+        valid = t != ctx.ignore_index
+        if reduction == 0:
+            coef = g.reshape(n)
+        elif reduction == 2:
+            coef = g.expand(n)
+        else:
+            coef = (g / valid.sum()).expand(n)
+        # where, not a product: with everything ignored, coef is g / 0 = inf.
+        coef = torch.where(valid, coef, 0.0)
+
+        # Ignored rows get lse = +inf, so exp(x - lse) is exactly 0 there: the
+        # row's gradient vanishes without a separate masking pass (and a NaN
+        # lse of an ignored row cannot leak in).
+        lse_b = torch.where(valid, lse, math.inf)
+        grad = torch.sub(x, lse_b.unsqueeze(1)).exp_()  # softmax, in the compute dtype
+        if eps > 0:
+            grad.sub_(eps / num_classes)
+        grad.mul_(coef.unsqueeze(1))
+
+        local_t = t - ctx.rank * vocab_shard
+        own = valid & (local_t >= 0) & (local_t < vocab_shard)
+        idx = torch.where(own, local_t, 0).unsqueeze(1)
+        hit = torch.where(own, coef * -(1.0 - eps), 0.0)
+        grad.scatter_add_(1, idx, hit.unsqueeze(1))
+        return grad.to(x.dtype), None, None, None, None, None, None, None
