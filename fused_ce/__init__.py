@@ -10,6 +10,7 @@ from ._ops import built_with_cuda, cpu_capability
 from .autograd import CrossEntropyFunction
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from .patching import patch_torch
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "cpu_capability",
     "cross_entropy",
     "distributed",
+    "patch_torch",
 ]
