@@ -147,7 +147,12 @@ def cross_entropy(
         target_canonical = target.reshape(n, num_classes, d) if probability_target else target.reshape(n, d)
         loss_shape = (n,) + tuple(input.shape[2:])
 
-    if inplace_backward and target_canonical.requires_grad and torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
+        # Inside autograd.Function.forward, needs_input_grad still reflects
+        # requires_grad under no_grad: detaching keeps the kernels from
+        # computing (or, in place, writing) a gradient nobody can use.
+        input3, target_canonical = input3.detach(), target_canonical.detach()
+    if inplace_backward and target_canonical.requires_grad:
         raise ValueError("cross_entropy(): inplace_backward=True cannot give a gradient for the "
                          "target (target.requires_grad is True)")
     if inplace_backward and input3.requires_grad and not input3.is_contiguous():
