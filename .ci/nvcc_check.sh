@@ -18,7 +18,7 @@
 #     the kernels were checked in step 1.
 #
 # Usage (from anywhere): bash .ci/nvcc_check.sh
-# Exits 0 with a message when nvcc is not installed.  Takes about 2 + 3
+# Exits 0 with a message when nvcc is not installed.  Takes about 3 + 1.5
 # minutes on 2 cores; NVCC_CHECK_BINDING=0 skips step 2.
 set -u
 

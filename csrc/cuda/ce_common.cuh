@@ -32,6 +32,10 @@
 #define FUSED_CE_KERNEL_ASSERT(cond) assert(cond)
 #endif
 
+// libdevice's tanhf (about 2 ulp).  Declared here to be called by name: see
+// accurate_tanh.
+extern "C" __device__ float __nv_tanhf(float);
+
 namespace fused_ce {
 namespace cuda {
 
@@ -119,6 +123,16 @@ __device__ __forceinline__ float acc_log(float x) { return log1pf(x - 1.0f); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
+
+// tanh for the softcap.  The extension is built with --use_fast_math, under
+// which nvcc compiles tanhf() to the tanh.approx.f32 instruction (relative
+// error about 2^-11, visible in every capped logit); calling libdevice's
+// tanhf by name bypasses that substitution.  float64 is unaffected by fast
+// math.
+__device__ __forceinline__ float accurate_tanh(float x) { return __nv_tanhf(x); }
+__device__ __forceinline__ double accurate_tanh(double x) { return tanh(x); }
 
 // Reduction codes shared with the operator schema (0 none, 1 mean, 2 sum).
 enum Reduction : int { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };

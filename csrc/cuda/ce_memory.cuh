@@ -49,16 +49,27 @@ struct RawBits<16> {
 };
 
 // kKeep: read-only path through L1, normal L2 priority (first read of data
-// that is read again soon).  kStream: evict-first (last read of data, or
-// writes that must not push the logits out of L2).
-enum class CachePolicy { kKeep, kStream };
+// that is read again soon).  kCoherent: the same caching through the
+// ordinary, coherent path (ld.global.ca), for the logits: the in-place
+// operator overwrites them within the kernel, and the read-only path
+// (ld.global.nc) requires data that stays unchanged for the whole kernel.
+// kStream: evict-first (last read of data, or writes that must not push the
+// logits out of L2); coherent.
+enum class CachePolicy { kKeep, kCoherent, kStream };
 
 template <CachePolicy P, typename V>
 __device__ __forceinline__ V load_global(const V* ptr) {
   using Raw = typename RawBits<sizeof(V)>::type;
   static_assert(sizeof(Raw) == sizeof(V), "unsupported access size");
   const Raw* raw_ptr = reinterpret_cast<const Raw*>(ptr);
-  Raw raw = (P == CachePolicy::kStream) ? __ldcs(raw_ptr) : __ldg(raw_ptr);
+  Raw raw;
+  if (P == CachePolicy::kStream) {
+    raw = __ldcs(raw_ptr);
+  } else if (P == CachePolicy::kCoherent) {
+    raw = __ldca(raw_ptr);
+  } else {
+    raw = __ldg(raw_ptr);
+  }
   V value;
   memcpy(&value, &raw, sizeof(V));
   return value;

@@ -8,7 +8,13 @@
 //   target_prob  probabilities: same dtype and (N, C, D) shape as input
 //   weight       nullptr or contiguous (C,) of the input dtype
 //   loss, lse    contiguous (N, D), accumulation dtype
-//   grad_*       contiguous (N, C, D), input dtype
+//   grad_*       contiguous (N, C, D), input dtype; forward_with_grad's
+//                grad_input may be `input` itself (the in-place operator),
+//                which then has to be contiguous (N, C, D) too
+//   grad_loss, grad_lse, saved lse   (N, D), accumulation dtype, any strides
+//
+// Loss options (operator spec): label_smoothing in [0, 1], z_loss >= 0,
+// softcap > 0 or 0 for none.
 #pragma once
 
 #include <cstdint>
@@ -46,15 +52,17 @@ struct CrossEntropyForwardParams {
   const T* weight = nullptr;
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;
 
   // Outputs.
   Acc* loss = nullptr;          // (N, D)
-  Acc* lse = nullptr;           // (N, D)
+  Acc* lse = nullptr;           // (N, D), also for ignored elements
   Acc* total_weight = nullptr;  // 0-d
   Acc* workspace = nullptr;     // kWorkspaceElems
 
   // forward_with_grad only: gradient of the reduced loss (grad_output = 1).
-  T* grad_input = nullptr;  // (N, C, D)
+  T* grad_input = nullptr;  // (N, C, D); may equal `input` (in place)
   int reduction = kReductionMean;
 };
 
@@ -65,6 +73,9 @@ struct CrossEntropyBackwardParams {
   // dL/dloss_i, (N, D), arbitrary strides (0 for a broadcast scalar).
   const Acc* grad_loss = nullptr;
   int64_t grad_loss_stride_n = 0, grad_loss_stride_d = 0;
+  // dL/dlse_i, (N, D), arbitrary strides, or nullptr (no gradient of lse).
+  const Acc* grad_lse = nullptr;
+  int64_t grad_lse_stride_n = 0, grad_lse_stride_d = 0;
 
   const T* input = nullptr;
   int64_t N = 0, C = 0, D = 0;
@@ -83,6 +94,8 @@ struct CrossEntropyBackwardParams {
 
   int64_t ignore_index = -100;
   double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;
 
   // Either may be null (not requested); grad_target only for probabilities.
   T* grad_input = nullptr;   // (N, C, D)
@@ -99,7 +112,9 @@ template <typename T>
 cudaError_t launch_cross_entropy_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stream);
 
 // loss, lse, total_weight and grad_input (p.grad_input must be set; p.reduction
-// is kReductionMean or kReductionSum).
+// is kReductionMean or kReductionSum).  p.grad_input == p.input computes the
+// gradient in place; every other overlap of grad_input with an input is
+// unsupported.
 template <typename T>
 cudaError_t launch_cross_entropy_forward_with_grad(const CrossEntropyForwardParams<T>& p,
                                                    cudaStream_t stream);

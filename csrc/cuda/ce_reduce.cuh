@@ -96,6 +96,15 @@ __device__ __forceinline__ void online_lse_add(Acc& m, Acc& s, const T* vals) {
 // giving whole warps the same trip counts).  TPR == BLOCK: butterfly per
 // warp, then every thread folds the per-warp results in warp order; must be
 // called by all threads of the block.
+//
+// It is also a memory barrier of the group: every global access a thread of
+// the group made before the call is ordered before every access any thread
+// of the group makes after it.  The in-place operator relies on this (all
+// reads of a row, including other lanes' reads of the target logit, happen
+// before any lane overwrites the row with its gradient).  Shuffles exchange
+// registers but order no memory, hence the __syncwarp of warp slices; the
+// block version's __syncthreads orders memory already, and a single thread's
+// accesses are in program order.
 template <int TPR, int BLOCK, typename Acc, int K, typename Op>
 __device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op op) {
   static_assert(TPR == 1 || (TPR <= kWarpSize && (TPR & (TPR - 1)) == 0) ||
@@ -123,6 +132,7 @@ __device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op o
       x = op(lo, hi);
     }
     if constexpr (TPR <= kWarpSize) {
+      __syncwarp();
       return x;
     } else {
       constexpr int kWarps = BLOCK / kWarpSize;

@@ -13,12 +13,21 @@
 // Requirements checked by the launcher: class stride 1, D == 1 (gradient
 // rows contiguous), vectorisable (same 16-byte phase for input and gradient
 // rows), and at most TPR * CH body slots per row.
+//
+// In place (grad_input == input) needs nothing extra here: each lane stores
+// exactly the slots and edge elements it loaded, from its registers; the
+// only element read by other lanes, the target logit, is read (through the
+// coherent path) before the group reduction, which is also a memory barrier
+// of the group (group_allreduce); and the gradient is written after it.
+//
+// The formulas are in ce_loss.cuh.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 #include "ce_common.cuh"
+#include "ce_loss.cuh"
 #include "ce_memory.cuh"
 #include "ce_params.cuh"
 #include "ce_reduce.cuh"
@@ -154,9 +163,11 @@ __device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], doubl
   for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "d"(after));
 }
 
-template <typename T, int TPR, int BLOCK, int VEC, int CH>
+// CAP: softcap on (see LossMath).
+template <typename T, int TPR, int BLOCK, int VEC, int CH, bool CAP>
 __global__ void __launch_bounds__(BLOCK)
-    ce_forward_grad_resident_kernel(const CrossEntropyForwardParams<T> p) {
+    ce_forward_grad_resident_kernel(const CrossEntropyForwardParams<T> p,
+                                    const LossMath<acc_t<T>, CAP> math) {
   static_assert(VEC > 1 && TPR >= VEC, "vectorised rows only; a lane owns at most one head/tail element");
   static_assert(VEC * sizeof(T) == kVectorBytes, "one slot is one 16-byte vector");
   using Acc = acc_t<T>;
@@ -166,10 +177,6 @@ __global__ void __launch_bounds__(BLOCK)
   const int lane = Sched::lane();
   const int64_t rows = p.N;  // D == 1
   const int C = static_cast<int>(p.C);
-  const Acc eps = static_cast<Acc>(p.label_smoothing);
-  const Acc one_minus_eps = Acc(1) - eps;
-  const Acc eps_per_class = eps / static_cast<Acc>(C);
-  const bool smoothing = eps > Acc(0);
   const Acc grad_scale = p.workspace[kWorkspaceScaleSlot];
   const T neg_inf = storage_neg_inf<T>();
   const T zero = from_acc<T>(Acc(0));
@@ -182,11 +189,12 @@ __global__ void __launch_bounds__(BLOCK)
     if (!active) rs.clear();
     const int64_t y =
         active ? read_class_target(p.target, row * p.target_stride_n, p.ignore_index, p.C) : -1;
-    // x_y, also the reference the smoothing sum is taken relative to (see
-    // ce_forward_stream_kernel).
-    Acc x_target = Acc(0);
-    if (y >= 0 && (lane == 0 || smoothing)) x_target = to_acc(load_global<CachePolicy::kKeep>(x + y));
-    const Acc ref = isfinite(x_target) ? x_target : Acc(0);
+    // y_t, also the reference the smoothing sum is taken relative to (see
+    // ce_loss.cuh).
+    Acc y_target = Acc(0);
+    if (y >= 0 && (lane == 0 || math.smoothing))
+      y_target = math.logit(to_acc(load_global<CachePolicy::kCoherent>(x + y))).y;
+    const Acc ref = isfinite(y_target) ? y_target : Acc(0);
 
     // The only read of the row: body slot ch * TPR + lane goes to xw[ch],
     // the lane's head/tail elements to xe; padding is -inf.  Evict-first:
@@ -198,38 +206,41 @@ __global__ void __launch_bounds__(BLOCK)
     load_edges<CachePolicy::kStream>(x, rs, lane, neg_inf, xe);
 
     // One pass over the registers: an online (max, sum of exp) per slot plus,
-    // with smoothing, sum_c w_c (x_c - ref) and sum_c w_c; then one group
+    // with smoothing, sum_c w_c (y_c - ref) and sum_c w_c; then one group
     // reduction.
     Fields<Acc, 4> st{{acc_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)}};
-    auto add_smoothing = [&](Acc xa, int c) {
+    auto add_smoothing = [&](Acc ya, int c) {
       const Acc w = class_weight(p.weight, c);
-      st.v[2] += w * (xa - ref);
+      st.v[2] += w * (ya - ref);
       st.v[3] += w;
     };
-    online_lse_add<kEdges>(st.v[0], st.v[1], xe);
-    if (smoothing) {
+    Acc ye[kEdges];
+    math.edge_logits(rs, lane, xe, ye);
+    online_lse_add<kEdges>(st.v[0], st.v[1], ye);
+    if (math.smoothing) {
 #pragma unroll
       for (int e = 0; e < kEdges; ++e) {
         const int c = rs.edge_class(lane, e);
-        if (c >= 0) add_smoothing(to_acc(xe[e]), c);
+        if (c >= 0) add_smoothing(ye[e], c);
       }
     }
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) {
+      const int slot = ch * TPR + lane;
+      const bool real = slot < rs.body_slots;
       Acc vals[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) vals[j] = Codec::get(xw[ch], j);
+      for (int j = 0; j < VEC; ++j) vals[j] = math.logit_or_padding(Codec::get(xw[ch], j), real);
       online_lse_add<VEC>(st.v[0], st.v[1], vals);
-      const int slot = ch * TPR + lane;
-      if (smoothing && slot < rs.body_slots) {
+      if (math.smoothing && real) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) add_smoothing(vals[j], rs.slot_class(slot) + j);
       }
     }
+    // Also the barrier between this row's reads and its in-place writes.
     st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
-    // See ce_forward_stream_kernel for why the losses use (max - x) + log_s.
-    const Acc log_s = acc_log(st.v[1]);
-    const Acc lse = st.v[0] + log_s;
+    const RowStats<Acc> stats{st.v[0], acc_log(st.v[1])};
+    const Acc lse = stats.lse();
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) forget_words(xw[ch], lse);
 
@@ -238,28 +249,16 @@ __global__ void __launch_bounds__(BLOCK)
 
     if (!active) continue;  // no collectives past this point
     if (lane == 0) {
-      Acc loss = Acc(0);
-      if (y >= 0) {
-        loss = one_minus_eps * w_target * ((st.v[0] - x_target) + log_s);
-        if (smoothing) loss += eps_per_class * (weight_sum * ((st.v[0] - ref) + log_s) - st.v[2]);
-      }
-      p.loss[row] = loss;
-      p.lse[row] = lse;
+      p.loss[row] = y >= 0 ? math.class_loss(stats, y_target, w_target, ref, st.v[2], weight_sum) : Acc(0);
+      p.lse[row] = lse;  // ignored rows included
     }
 
-    // g (a p_c - b [c == y] - e w_c), see ce_forward_stream_kernel; exact
-    // zeros for an ignored row.
+    // The gradient, from the registers; exact zeros for an ignored row.
     T* gx = p.grad_input + row * p.C;
-    const bool zero_row = y < 0;
-    const Acc ga = grad_scale * (one_minus_eps * w_target + (smoothing ? eps_per_class * weight_sum : Acc(0)));
-    const Acc gb = grad_scale * one_minus_eps * w_target;
-    const Acc ge = grad_scale * eps_per_class;
+    const RowGradient<Acc> grad = math.class_gradient(grad_scale, Acc(0), y, w_target, weight_sum, lse);
     auto grad_at = [&](Acc xa, int c) -> Acc {
-      if (zero_row) return Acc(0);
-      Acc grad = ga * fast_exp((xa - st.v[0]) - log_s);  // see ce_forward_stream_kernel
-      if (smoothing) grad -= ge * class_weight(p.weight, c);
-      if (c == y) grad -= gb;
-      return grad;
+      if (grad.zero) return Acc(0);
+      return grad.at(stats, math.logit(xa), c, [&] { return class_weight(p.weight, c); });
     };
 #pragma unroll
     for (int e = 0; e < kEdges; ++e) {

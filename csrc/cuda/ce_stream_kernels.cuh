@@ -13,17 +13,28 @@
 //             holds, and uses evict-first accesses so the gradient does not
 //             push other rows out.
 //   backward  lse is known, so the class-index gradient is one read and one
-//             write with no reduction at all; ignored rows are zero-filled
-//             without reading the logits.  Probability targets first reduce
-//             sum_c w_c t'_c (one read of the targets).
+//             write with no reduction at all; ignored rows without an lse
+//             gradient are zero-filled without reading the logits.
+//             Probability targets first reduce V = sum_c u_c (one read of
+//             the targets).
 //
-// Notation follows DESIGN.md section 2: eps = label smoothing,
-// t'_c = t_c (1 - eps) + eps / C, W = sum_c w_c, v_c = w_c t'_c.
+// In place (forward_with_grad with grad_input == input): the second pass
+// overwrites the row it reads.  That is safe because (1) every element is
+// read and written by the same thread (both passes walk the row with the
+// same slot / edge assignment) and its gradient is computed from the value
+// just read, (2) the only elements read by other threads (the target logit
+// y_t, or y_0 for probabilities) are read before the group reduction, which
+// is also a memory barrier of the group (group_allreduce), and (3) the
+// logits are read through the coherent path (CachePolicy::kCoherent /
+// kStream), never the read-only one.  Rows never share elements.
+//
+// The formulas are in ce_loss.cuh.
 #pragma once
 
 #include <cstdint>
 
 #include "ce_common.cuh"
+#include "ce_loss.cuh"
 #include "ce_memory.cuh"
 #include "ce_params.cuh"
 #include "ce_reduce.cuh"
@@ -49,10 +60,11 @@ constexpr int stream_min_blocks() {
   return (PROB || sizeof(T) == 8) ? 1 : (3 * 256 + BLOCK - 1) / BLOCK;
 }
 
-// Forward (and forward_with_grad).  PROB selects probability targets.
-template <typename T, int TPR, int BLOCK, int VEC, bool PROB>
+// Forward (and forward_with_grad).  PROB selects probability targets, CAP
+// the softcap.
+template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP>
 __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
-    ce_forward_stream_kernel(const CrossEntropyForwardParams<T> p) {
+    ce_forward_stream_kernel(const CrossEntropyForwardParams<T> p, const LossMath<acc_t<T>, CAP> math) {
   static_assert(VEC == 1 || TPR >= VEC, "each lane owns at most one head and one tail element");
   using Acc = acc_t<T>;
   using Sched = RowSchedule<TPR, BLOCK>;
@@ -62,11 +74,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
   const int lane = Sched::lane();
   const int64_t rows = p.N * p.D;
   const int C = static_cast<int>(p.C);
-  const Acc eps = static_cast<Acc>(p.label_smoothing);
-  const Acc one_minus_eps = Acc(1) - eps;
-  const Acc eps_per_class = eps / static_cast<Acc>(C);
-  const bool smoothing = eps > Acc(0);
-  const bool extras = PROB || smoothing;
+  const bool extras = PROB || math.smoothing;
   const bool with_grad = p.grad_input != nullptr;
   // forward_with_grad: 1 / total_weight (mean) or 1 (sum), computed on the
   // device by the total-weight kernels that ran just before on this stream.
@@ -84,79 +92,94 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
 
     const T* t = nullptr;
     int64_t y = -1;
-    Acc x_target = Acc(0);
+    Acc y_target = Acc(0);
     if constexpr (PROB) {
       t = p.target_prob + rc.n * p.prob_stride_n + rc.d * p.prob_stride_d;
     } else if (active) {
       y = read_class_target(p.target, rc.n * p.target_stride_n + rc.d * p.target_stride_d,
                             p.ignore_index, p.C);
-      if (y >= 0 && (lane == 0 || smoothing))
-        x_target = to_acc(load_global<CachePolicy::kKeep>(x + y * p.input_stride_c));
+      if (y >= 0 && (lane == 0 || math.smoothing))
+        y_target = math.logit(to_acc(load_global<CachePolicy::kCoherent>(x + y * p.input_stride_c))).y;
     }
-    // The weighted sums of the smoothing / soft-target term are taken
-    // relative to a logit of the row, `ref` (x_y, or x_0 for soft targets),
-    // so a large common offset of the logits does not cancel catastrophically
-    // in sum v_c (x_c - lse) = sum v_c (x_c - ref) - V (lse - ref).
+    // The reference logit of the weighted sums (see ce_loss.cuh).
     Acc ref = Acc(0);
     if constexpr (PROB) {
-      if (active) ref = to_acc(load_global<CachePolicy::kKeep>(x));
+      if (active) ref = math.logit(to_acc(load_global<CachePolicy::kCoherent>(x))).y;
     } else {
-      ref = x_target;
+      ref = y_target;
     }
     if (!isfinite(ref)) ref = Acc(0);
 
     // Pass 1.  st = (running max, rescaled sum of exp, s2, s3) with
-    //   class targets, smoothing on:  s2 = sum_c w_c (x_c - ref), s3 = W = sum_c w_c
-    //   probability targets:          s2 = V = sum_c v_c,  s3 = sum_c v_c (x_c - ref)
+    //   class targets, smoothing on:  s2 = sum_c w_c (y_c - ref), s3 = W = sum_c w_c
+    //   probability targets:          s2 = V = sum_c u_c,  s3 = sum_c u_c (y_c - ref)
     Fields<Acc, 4> st{{acc_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)}};
-    auto add_extras = [&](Acc xa, int c, T tv) {
-      const Acc w = class_weight(p.weight, c);
+    auto add_extras = [&](Acc ya, int c, T tv) {
       if constexpr (PROB) {
-        const Acc v = w * (to_acc(tv) * one_minus_eps + eps_per_class);
-        st.v[2] += v;
-        st.v[3] += v * (xa - ref);
+        const Acc u = math.prob_mass(p.weight, c, to_acc(tv));
+        st.v[2] += u;
+        st.v[3] += u * (ya - ref);
       } else {
-        st.v[2] += w * (xa - ref);
+        const Acc w = class_weight(p.weight, c);
+        st.v[2] += w * (ya - ref);
         st.v[3] += w;
       }
     };
     if constexpr (VEC > 1) {
       T xe[kEdges];
       T te[kEdges] = {zero, zero};
-      load_edges<CachePolicy::kKeep>(x, rs, lane, neg_inf, xe);
+      load_edges<CachePolicy::kCoherent>(x, rs, lane, neg_inf, xe);
       if constexpr (PROB) load_edges<CachePolicy::kKeep>(t, rs, lane, zero, te);
-      online_lse_add<kEdges>(st.v[0], st.v[1], xe);
+      Acc ye[kEdges];
+      math.edge_logits(rs, lane, xe, ye);
+      online_lse_add<kEdges>(st.v[0], st.v[1], ye);
       if (extras) {
 #pragma unroll
         for (int e = 0; e < kEdges; ++e) {
           const int c = rs.edge_class(lane, e);
-          if (c >= 0) add_extras(to_acc(xe[e]), c, te[e]);
+          if (c >= 0) add_extras(ye[e], c, te[e]);
         }
       }
     }
     for (int first = lane; first < rs.body_slots; first += kStep) {
       T xv[U][VEC];
       T tv[U][VEC];
-      load_step<CachePolicy::kKeep, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
+      load_step<CachePolicy::kCoherent, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
       if constexpr (PROB) load_step<CachePolicy::kKeep, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
-      online_lse_add<U * VEC>(st.v[0], st.v[1], &xv[0][0]);
-      if (extras) {
+      // The loaded step is folded into the running log-sum-exp kFold slots
+      // at a time: all of it at once without the cap (one rescale per
+      // step), 8 elements at a time with it, since capped logits are too
+      // expensive to recompute and a whole step of them kept live spills.
+      constexpr int kCapFold = VEC >= 8 ? 1 : 8 / VEC;
+      constexpr int kFold = (CAP && kCapFold < U) ? kCapFold : U;
+      static_assert(U % kFold == 0, "a step is a whole number of folds");
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int slot = first + u * TPR;
-          if (slot >= rs.body_slots) continue;
+      for (int u0 = 0; u0 < U; u0 += kFold) {
+        Acc yv[kFold][VEC];
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) add_extras(to_acc(xv[u][j]), rs.slot_class(slot) + j, PROB ? tv[u][j] : zero);
+        for (int k = 0; k < kFold; ++k) {
+          const bool real = first + (u0 + k) * TPR < rs.body_slots;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) yv[k][j] = math.logit_or_padding(to_acc(xv[u0 + k][j]), real);
+        }
+        online_lse_add<kFold * VEC>(st.v[0], st.v[1], &yv[0][0]);
+        if (extras) {
+#pragma unroll
+          for (int k = 0; k < kFold; ++k) {
+            const int slot = first + (u0 + k) * TPR;
+            if (slot >= rs.body_slots) continue;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j)
+              add_extras(yv[k][j], rs.slot_class(slot) + j, PROB ? tv[u0 + k][j] : zero);
+          }
         }
       }
     }
+    // Also the barrier between this row's reads and its in-place writes.
     st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
 
-    // lse = max + log_s.  The losses group (max - x) + log_s first: when the
-    // target is the maximum and the prediction confident, the loss is the
-    // tiny log_s, which lse - x_y would round away against a large lse.
-    const Acc log_s = acc_log(st.v[1]);
-    const Acc lse = st.v[0] + log_s;
+    const RowStats<Acc> stats{st.v[0], acc_log(st.v[1])};
+    const Acc lse = stats.lse();
     // Without weights W is exactly C (not a float sum of ones).
     const Acc weight_sum = p.weight != nullptr ? st.v[3] : static_cast<Acc>(C);
     const Acc w_target = (!PROB && y >= 0) ? class_weight(p.weight, y) : Acc(0);
@@ -165,45 +188,34 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     if (lane == 0) {
       Acc loss;
       if constexpr (PROB) {
-        // -sum_c v_c (x_c - lse)
-        loss = st.v[2] * ((st.v[0] - ref) + log_s) - st.v[3];
-      } else if (y < 0) {
-        loss = Acc(0);
+        loss = math.prob_loss(stats, ref, st.v[2], st.v[3]);
       } else {
-        loss = one_minus_eps * w_target * ((st.v[0] - x_target) + log_s);
-        // -sum_c w_c (x_c - lse)
-        if (smoothing) loss += eps_per_class * (weight_sum * ((st.v[0] - ref) + log_s) - st.v[2]);
+        loss = y < 0 ? Acc(0) : math.class_loss(stats, y_target, w_target, ref, st.v[2], weight_sum);
       }
       p.loss[row] = loss;
-      p.lse[row] = lse;
+      p.lse[row] = lse;  // ignored rows included (lse has a gradient of its own)
     }
     if (!with_grad) continue;
 
     // Pass 2 (forward_with_grad): the gradient of the reduced loss.  Gradient
     // rows are contiguous (N, C, D): class stride D.
-    //   class targets:        g (a p_c - b [c == y] - e w_c),
-    //                         a = (1 - eps) w_y + eps W / C, b = (1 - eps) w_y, e = eps / C
-    //   probability targets:  g (V p_c - v_c),  V = sum_c v_c
     T* gx = p.grad_input + rc.n * p.C * p.D + rc.d;
     const int64_t gx_stride = p.D;
-    const bool zero_row = !PROB && y < 0;  // ignored: exact zeros
-    const Acc ga = PROB ? grad_scale * st.v[2]
-                        : grad_scale * (one_minus_eps * w_target +
-                                        (smoothing ? eps_per_class * weight_sum : Acc(0)));
-    const Acc gb = grad_scale * one_minus_eps * w_target;
-    const Acc ge = grad_scale * eps_per_class;
+    RowGradient<Acc> grad;
+    if constexpr (PROB) {
+      grad = math.prob_gradient(grad_scale, Acc(0), st.v[2], lse);
+    } else {
+      grad = math.class_gradient(grad_scale, Acc(0), y, w_target, weight_sum, lse);
+    }
     auto grad_at = [&](T xv, int c, T tv) -> T {
-      if (zero_row) return zero;
-      // p_c = exp((x_c - max) - log_s): exact in x_c - max, unlike x_c - lse
-      // with lse rounded at the magnitude of the logits.
-      Acc grad = ga * fast_exp((to_acc(xv) - st.v[0]) - log_s);
-      if constexpr (PROB) {
-        grad -= grad_scale * class_weight(p.weight, c) * (to_acc(tv) * one_minus_eps + eps_per_class);
-      } else {
-        if (smoothing) grad -= ge * class_weight(p.weight, c);
-        if (c == y) grad -= gb;
-      }
-      return from_acc<T>(grad);
+      if (grad.zero) return zero;
+      return from_acc<T>(grad.at(stats, math.logit(to_acc(xv)), c, [&] {
+        if constexpr (PROB) {
+          return math.prob_mass(p.weight, c, to_acc(tv));
+        } else {
+          return class_weight(p.weight, c);
+        }
+      }));
     };
     if constexpr (VEC > 1) {
       T xe[kEdges];
@@ -220,7 +232,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     for (int first = lane; first < rs.body_slots; first += kStep) {
       T xv[U][VEC];
       T tv[U][VEC];
-      if (zero_row) {
+      if (grad.zero) {
         fill_step(xv, zero);
       } else {
         load_step<CachePolicy::kStream, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
@@ -239,10 +251,11 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
   }
 }
 
-// Backward: grad_input and/or grad_target from grad_loss and the saved lse.
-template <typename T, int TPR, int BLOCK, int VEC, bool PROB>
+// Backward: grad_input and/or grad_target from grad_loss, grad_lse and the
+// saved lse (p_c = exp(y_c - lse)).
+template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP>
 __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
-    ce_backward_stream_kernel(const CrossEntropyBackwardParams<T> p) {
+    ce_backward_stream_kernel(const CrossEntropyBackwardParams<T> p, const LossMath<acc_t<T>, CAP> math) {
   static_assert(VEC == 1 || TPR >= VEC, "each lane owns at most one head and one tail element");
   using Acc = acc_t<T>;
   using Sched = RowSchedule<TPR, BLOCK>;
@@ -252,15 +265,11 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
   const int lane = Sched::lane();
   const int64_t rows = p.N * p.D;
   const int C = static_cast<int>(p.C);
-  const Acc eps = static_cast<Acc>(p.label_smoothing);
-  const Acc one_minus_eps = Acc(1) - eps;
-  const Acc eps_per_class = eps / static_cast<Acc>(C);
-  const bool smoothing = eps > Acc(0);
   // W = sum_c w_c, precomputed once per launch: it is needed before the first
   // gradient element of every row, and a per-row reduction would re-read all
   // weights for each row.
   Acc weight_sum = static_cast<Acc>(C);
-  if (!PROB && smoothing && p.weight != nullptr) weight_sum = p.workspace[kWorkspaceWeightSumSlot];
+  if (!PROB && math.smoothing && p.weight != nullptr) weight_sum = p.workspace[kWorkspaceWeightSumSlot];
   const bool want_gx = p.grad_input != nullptr;
   const bool want_gt = PROB && p.grad_target != nullptr;
   const T neg_inf = storage_neg_inf<T>();
@@ -276,18 +285,17 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     const int64_t out_offset = rc.n * p.C * p.D + rc.d;  // contiguous (N, C, D)
     const int64_t out_stride = p.D;
 
-    Acc g = Acc(0), lse = Acc(0);
+    Acc g = Acc(0), g_lse = Acc(0), lse = Acc(0);
     if (active) {
       g = p.grad_loss[rc.n * p.grad_loss_stride_n + rc.d * p.grad_loss_stride_d];
+      if (p.grad_lse != nullptr) g_lse = p.grad_lse[rc.n * p.grad_lse_stride_n + rc.d * p.grad_lse_stride_d];
       lse = p.lse[rc.n * p.lse_stride_n + rc.d * p.lse_stride_d];
     }
+    const RowStats<Acc> stats{lse, Acc(0)};
 
     if constexpr (PROB) {
       const T* t = p.target_prob + rc.n * p.prob_stride_n + rc.d * p.prob_stride_d;
-      auto v_at = [&](T tv, int c) -> Acc {
-        return class_weight(p.weight, c) * (to_acc(tv) * one_minus_eps + eps_per_class);
-      };
-      // V = sum_c v_c, only needed for grad_input (a launch-uniform condition,
+      // V = sum_c u_c, only needed for grad_input (a launch-uniform condition,
       // so every group reaches the reduction).
       Acc v_total = Acc(0);
       if (want_gx) {
@@ -298,7 +306,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
 #pragma unroll
           for (int e = 0; e < kEdges; ++e) {
             const int c = rs.edge_class(lane, e);
-            if (c >= 0) v_sum += v_at(te[e], c);
+            if (c >= 0) v_sum += math.prob_mass(p.weight, c, to_acc(te[e]));
           }
         }
         for (int first = lane; first < rs.body_slots; first += kStep) {
@@ -309,22 +317,25 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
             const int slot = first + u * TPR;
             if (slot >= rs.body_slots) continue;
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) v_sum += v_at(tv[u][j], rs.slot_class(slot) + j);
+            for (int j = 0; j < VEC; ++j)
+              v_sum += math.prob_mass(p.weight, rs.slot_class(slot) + j, to_acc(tv[u][j]));
           }
         }
         v_total = group_sum<TPR, BLOCK>(v_sum);
       }
       if (!active) continue;  // no collectives past this point
 
-      // d/dx_c = g (V p_c - v_c),  d/dt_c = -g (1 - eps) w_c (x_c - lse)
-      const Acc gv = g * v_total;
-      const Acc gt_scale = -g * one_minus_eps;
+      // d/dx_c: RowGradient;  d/dq_c = -g (1 - eps) w_c (y_c - lse), no chain
+      // rule (the cap acts on the logits only).
+      const RowGradient<Acc> grad = math.prob_gradient(g, g_lse, v_total, lse);
+      const Acc gt_scale = -g * math.one_minus_eps;
       T* gx = want_gx ? p.grad_input + out_offset : nullptr;
       T* gt = want_gt ? p.grad_target + out_offset : nullptr;
       auto grads_at = [&](T xv, T tv, int c, T& gx_out, T& gt_out) {
-        const Acc log_p = to_acc(xv) - lse;
-        if (want_gx) gx_out = from_acc<T>(gv * fast_exp(log_p) - g * v_at(tv, c));
-        if (want_gt) gt_out = from_acc<T>(gt_scale * class_weight(p.weight, c) * log_p);
+        const Logit<Acc> l = math.logit(to_acc(xv));
+        if (want_gx)
+          gx_out = from_acc<T>(grad.at(stats, l, c, [&] { return math.prob_mass(p.weight, c, to_acc(tv)); }));
+        if (want_gt) gt_out = from_acc<T>(gt_scale * class_weight(p.weight, c) * (l.y - lse));
       };
       if constexpr (VEC > 1) {
         T xe[kEdges], te[kEdges] = {zero, zero}, gxe[kEdges] = {zero, zero}, gte[kEdges] = {zero, zero};
@@ -354,7 +365,8 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
           const int slot = first + u * TPR;
           if (slot >= rs.body_slots) continue;
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) grads_at(xv[u][j], tv[u][j], rs.slot_class(slot) + j, gxv[u][j], gtv[u][j]);
+          for (int j = 0; j < VEC; ++j)
+            grads_at(xv[u][j], tv[u][j], rs.slot_class(slot) + j, gxv[u][j], gtv[u][j]);
         }
         if (want_gx) store_step<CachePolicy::kStream, U, TPR>(gx, out_stride, rs, first, gxv);
         if (want_gt) store_step<CachePolicy::kStream, U, TPR>(gt, out_stride, rs, first, gtv);
@@ -364,23 +376,16 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       T* gx = p.grad_input + out_offset;
       const int64_t y = read_class_target(p.target, rc.n * p.target_stride_n + rc.d * p.target_stride_d,
                                           p.ignore_index, p.C);
-      // Ignored rows get exact zeros and their logits are not read.
-      const bool zero_row = y < 0;
-      // g (a p_c - b [c == y] - e w_c), see the forward kernel.
-      const Acc w_target = zero_row ? Acc(0) : class_weight(p.weight, y);
-      const Acc ga = g * (one_minus_eps * w_target + (smoothing ? eps_per_class * weight_sum : Acc(0)));
-      const Acc gb = g * one_minus_eps * w_target;
-      const Acc ge = g * eps_per_class;
+      const Acc w_target = y >= 0 ? class_weight(p.weight, y) : Acc(0);
+      const RowGradient<Acc> grad = math.class_gradient(g, g_lse, y, w_target, weight_sum, lse);
       auto grad_at = [&](T xv, int c) -> T {
-        if (zero_row) return zero;
-        Acc grad = ga * fast_exp(to_acc(xv) - lse);
-        if (smoothing) grad -= ge * class_weight(p.weight, c);
-        if (c == y) grad -= gb;
-        return from_acc<T>(grad);
+        if (grad.zero) return zero;
+        auto mass = [&] { return class_weight(p.weight, c); };
+        return from_acc<T>(grad.at(stats, math.logit(to_acc(xv)), c, mass));
       };
       if constexpr (VEC > 1) {
         T xe[kEdges] = {zero, zero};
-        if (!zero_row) load_edges<CachePolicy::kStream>(x, rs, lane, neg_inf, xe);
+        if (!grad.zero) load_edges<CachePolicy::kStream>(x, rs, lane, neg_inf, xe);
 #pragma unroll
         for (int e = 0; e < kEdges; ++e) {
           const int c = rs.edge_class(lane, e);
@@ -390,7 +395,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       }
       for (int first = lane; first < rs.body_slots; first += kStep) {
         T xv[U][VEC];
-        if (zero_row) {
+        if (grad.zero) {
           fill_step(xv, zero);
         } else {
           load_step<CachePolicy::kStream, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);

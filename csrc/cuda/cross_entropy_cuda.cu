@@ -9,9 +9,11 @@
 // Output conventions (operator spec): loss and lse are (N, D) in the
 // accumulation dtype (float64 for float64 input, else float32), total_weight
 // is 0-d in that dtype, gradients are contiguous (N, C, D) in the input dtype,
-// and a gradient that is not requested is an empty (0,) tensor.
+// and a gradient that is not requested is an empty (0,) tensor.  The in-place
+// forward_with_grad writes the gradient over its (contiguous) input instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../cross_entropy.h"
 #include "cross_entropy_kernels.cuh"
 
 namespace {
@@ -65,14 +68,15 @@ struct Inputs {
 };
 
 Inputs check_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
-                    const std::optional<at::Tensor>& weight, double label_smoothing) {
+                    const std::optional<at::Tensor>& weight, const fused_ce::LossOptions& options) {
   TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got one on ", input.device());
   TORCH_CHECK(input.dim() == 3, op, ": expected the canonical (N, C, D) input, got ", input.dim(),
               " dimensions");
   TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
               " but input is on ", input.device());
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+  TORCH_CHECK(options.label_smoothing >= 0.0 && options.label_smoothing <= 1.0,
+              "label_smoothing must be between 0.0 and 1.0. Got: ", options.label_smoothing);
+  fused_ce::check_loss_options(options.z_loss, options.softcap);
 
   Inputs in;
   in.N = input.size(0);
@@ -111,8 +115,7 @@ Inputs check_inputs(const char* op, const at::Tensor& input, const at::Tensor& t
 
 // Fills the fields shared by the forward and backward parameter blocks.
 template <typename scalar_t, typename Params>
-void fill_common(Params& p, const at::Tensor& input, const Inputs& in, int64_t ignore_index,
-                 double label_smoothing) {
+void fill_common(Params& p, const at::Tensor& input, const Inputs& in, const fused_ce::LossOptions& options) {
   p.input = kernel_ptr<scalar_t>(input);
   p.N = in.N;
   p.C = in.C;
@@ -131,24 +134,57 @@ void fill_common(Params& p, const at::Tensor& input, const Inputs& in, int64_t i
     p.target_stride_d = in.target.stride(1);
   }
   p.weight = in.weight.defined() ? kernel_ptr<scalar_t>(in.weight) : nullptr;
-  p.ignore_index = ignore_index;
-  p.label_smoothing = label_smoothing;
+  p.ignore_index = options.ignore_index;
+  p.label_smoothing = options.label_smoothing;
+  p.z_loss = options.z_loss;
+  p.softcap = options.softcap;
 }
 
-// forward and forward_with_grad (reduction >= 0 selects the latter).
+// (N, D) per-element tensor of a backward (grad_loss, grad_lse, lse) on the
+// input's device, in the accumulation dtype the kernels read (converted
+// defensively; a no-op for what the forward produced).
+at::Tensor per_element(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                       const Inputs& in) {
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == in.N && t.size(1) == in.D, op, ": ", name,
+              " must have shape [", in.N, ", ", in.D, "], got ", t.sizes());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  return t.scalar_type() == acc ? t : t.to(acc);
+}
+
+// Where forward_impl puts the gradient.
+enum class GradOutput { kNone, kNewTensor, kInPlace };
+
+void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum, op,
+              ": reduction must be 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The three forward operators.  grad_input is undefined for kNone and is
+// `input` itself for kInPlace.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const char* op, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  const Inputs in = check_inputs(op, input, target, weight, label_smoothing);
-  const bool with_grad = reduction >= 0;
+    const std::optional<at::Tensor>& weight, const fused_ce::LossOptions& options, int64_t reduction,
+    GradOutput grad_output) {
+  const Inputs in = check_inputs(op, input, target, weight, options);
+  if (grad_output == GradOutput::kInPlace) {
+    // The kernels rely on the gradient of element (n, c, d) landing exactly
+    // on that element (see ce_stream_kernels.cuh), and on nothing else they
+    // read being overwritten.
+    TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous (the gradient overwrites it)");
+    at::assert_no_overlap(input, in.target);
+    if (in.weight.defined()) at::assert_no_overlap(input, in.weight);
+  }
   c10::cuda::CUDAGuard device_guard(input.device());
 
   const auto acc_options = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor loss = at::empty({in.N, in.D}, acc_options);
   at::Tensor lse = at::empty({in.N, in.D}, acc_options);
   at::Tensor total_weight = at::empty({}, acc_options);
-  at::Tensor grad_input = with_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::Tensor();
+  at::Tensor grad_input;
+  if (grad_output == GradOutput::kNewTensor) grad_input = at::empty({in.N, in.C, in.D}, input.options());
+  if (grad_output == GradOutput::kInPlace) grad_input = input;
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, acc_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -157,12 +193,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     using T = typename KernelType<scalar_t>::type;
     using Acc = ce::acc_t<T>;
     ce::CrossEntropyForwardParams<T> p;
-    fill_common<scalar_t>(p, input, in, ignore_index, label_smoothing);
+    fill_common<scalar_t>(p, input, in, options);
     p.loss = loss.mutable_data_ptr<Acc>();
     p.lse = lse.mutable_data_ptr<Acc>();
     p.total_weight = total_weight.mutable_data_ptr<Acc>();
     p.workspace = workspace.mutable_data_ptr<Acc>();
-    if (with_grad) {
+    if (grad_input.defined()) {
       p.grad_input = kernel_mutable_ptr<scalar_t>(grad_input);
       p.reduction = static_cast<int>(reduction);
       C10_CUDA_CHECK(ce::launch_cross_entropy_forward_with_grad(p, stream));
@@ -175,59 +211,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing) {
-  auto out = forward_impl("fused_ce::cross_entropy_forward", input, target, weight, ignore_index,
-                          label_smoothing, /*reduction=*/-1);
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  auto out = forward_impl("fused_ce::cross_entropy_forward", input, target, weight,
+                          {ignore_index, label_smoothing, z_loss, softcap}, /*reduction=*/-1,
+                          GradOutput::kNone);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_with_grad_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum,
-              "fused_ce::cross_entropy_forward_with_grad: reduction must be 1 (mean) or 2 (sum), got ",
-              reduction);
-  return forward_impl("fused_ce::cross_entropy_forward_with_grad", input, target, weight, ignore_index,
-                      label_smoothing, reduction);
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t reduction) {
+  const char* op = "fused_ce::cross_entropy_forward_with_grad";
+  check_reduction(op, reduction);
+  return forward_impl(op, input, target, weight, {ignore_index, label_smoothing, z_loss, softcap},
+                      reduction, GradOutput::kNewTensor);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_with_grad_inplace_cuda(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t reduction) {
+  const char* op = "fused_ce::cross_entropy_forward_with_grad_inplace";
+  check_reduction(op, reduction);
+  auto out = forward_impl(op, input, target, weight, {ignore_index, label_smoothing, z_loss, softcap},
+                          reduction, GradOutput::kInPlace);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-    double label_smoothing, bool input_grad, bool target_grad) {
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool input_grad,
+    bool target_grad) {
   const char* op = "fused_ce::cross_entropy_backward";
-  const Inputs in = check_inputs(op, input, target, weight, label_smoothing);
+  const fused_ce::LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
+  const Inputs in = check_inputs(op, input, target, weight, options);
   TORCH_CHECK(!target_grad || in.prob, op, ": a target gradient exists only for probability targets");
-  for (const at::Tensor* t : {&grad_loss, &lse}) {
-    TORCH_CHECK(t->device() == input.device(), op, ": expected all tensors on ", input.device(),
-                ", got one on ", t->device());
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == in.N && t->size(1) == in.D, op,
-                ": grad_loss and lse must have shape [", in.N, ", ", in.D, "], got ", t->sizes());
-  }
+  const at::Tensor grad_loss_acc = per_element(op, "grad_loss", grad_loss, input, in);
+  const at::Tensor lse_acc = per_element(op, "lse", lse, input, in);
+  const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
+  const at::Tensor grad_lse_acc =
+      has_grad_lse ? per_element(op, "grad_lse", *grad_lse, input, in) : at::Tensor();
   c10::cuda::CUDAGuard device_guard(input.device());
-
-  // Both are produced in the accumulation dtype; convert defensively (no-op
-  // when they already are) since the kernels read them as such.
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const at::Tensor grad_loss_acc = grad_loss.scalar_type() == acc ? grad_loss : grad_loss.to(acc);
-  const at::Tensor lse_acc = lse.scalar_type() == acc ? lse : lse.to(acc);
 
   at::Tensor grad_input =
       input_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
   at::Tensor grad_target =
       target_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
   if (!input_grad && !target_grad) return {grad_input, grad_target};
-  at::Tensor workspace = at::empty({ce::kWorkspaceElems}, input.options().dtype(acc));
+  at::Tensor workspace =
+      at::empty({ce::kWorkspaceElems}, input.options().dtype(acc_dtype(input.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fused_ce_backward_cuda", [&] {
     using T = typename KernelType<scalar_t>::type;
     using Acc = ce::acc_t<T>;
     ce::CrossEntropyBackwardParams<T> p;
-    fill_common<scalar_t>(p, input, in, ignore_index, label_smoothing);
+    fill_common<scalar_t>(p, input, in, options);
     p.grad_loss = grad_loss_acc.const_data_ptr<Acc>();
     p.grad_loss_stride_n = grad_loss_acc.stride(0);
     p.grad_loss_stride_d = grad_loss_acc.stride(1);
+    if (has_grad_lse) {
+      p.grad_lse = grad_lse_acc.const_data_ptr<Acc>();
+      p.grad_lse_stride_n = grad_lse_acc.stride(0);
+      p.grad_lse_stride_d = grad_lse_acc.stride(1);
+    }
     p.lse = lse_acc.const_data_ptr<Acc>();
     p.lse_stride_n = lse_acc.stride(0);
     p.lse_stride_d = lse_acc.stride(1);
@@ -244,5 +291,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
 TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
   m.impl("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad_cuda);
+  m.impl("cross_entropy_forward_with_grad_inplace", &cross_entropy_forward_with_grad_inplace_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
 }

@@ -5,6 +5,7 @@
 //   ce_stream_kernels.cuh    general streaming row kernels (forward, backward)
 //   ce_resident_kernel.cuh   register-resident forward_with_grad
 //   ce_total_weight.cuh      total_weight / scale / sum of weights
+// and the loss formulas they share in ce_loss.cuh.
 //
 // Choice of kernel (rows are the N * D (n, d) elements, each with C logits):
 //  * Row layout: the classes of a row are contiguous in every tensor the
@@ -21,15 +22,21 @@
 //    head and tail of each row, so odd C such as 50257 still vectorises);
 //    scalar accesses otherwise.
 //  * forward_with_grad with class targets keeps the row in registers when it
-//    fits (57344 bf16/fp16, 32768 fp32, 8192 fp64 classes), else streams it
-//    twice.
+//    fits (57344 bf16/fp16, 32768 fp32 (16384 with the softcap), 8192 fp64
+//    classes), else streams it twice.  The in-place variant
+//    (grad_input == input) takes the same kernels: both are alias-safe (see
+//    their headers).
+//  * The softcap is a compile-time kernel parameter (a tanh per logit
+//    read); z_loss and grad_lse only change per-row coefficients.
 // Every launch is asynchronous on the caller's stream: no host
 // synchronisation, no device queries, CUDA-graph capturable.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "ce_common.cuh"
+#include "ce_loss.cuh"
 #include "ce_memory.cuh"
 #include "ce_params.cuh"
 #include "ce_resident_kernel.cuh"
@@ -105,6 +112,20 @@ template <int V>
 struct IntTag {
   static constexpr int value = V;
 };
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
+// Runtime flags -> compile-time kernel parameters: f(BoolTag<a>, BoolTag<b>).
+template <typename F>
+void dispatch_flags(bool a, bool b, F&& f) {
+  if (a) {
+    b ? f(BoolTag<true>{}, BoolTag<true>{}) : f(BoolTag<true>{}, BoolTag<false>{});
+  } else {
+    b ? f(BoolTag<false>{}, BoolTag<true>{}) : f(BoolTag<false>{}, BoolTag<false>{});
+  }
+}
 
 template <typename T, typename F>
 cudaError_t dispatch_row_plan(const RowPlan& plan, F&& launch) {
@@ -134,21 +155,45 @@ bool valid_sizes(int64_t N, int64_t C, int64_t D) {
   return true;
 }
 
+// The kernels' maths assume label_smoothing in [0, 1], z_loss >= 0 and
+// softcap >= 0 (0: none), all finite (NaN fails every comparison).
+inline bool valid_options(double label_smoothing, double z_loss, double softcap) {
+  return label_smoothing >= 0.0 && label_smoothing <= 1.0 && z_loss >= 0.0 && std::isfinite(z_loss) &&
+         softcap >= 0.0 && std::isfinite(softcap);
+}
+
+// The loss constants of a launch (the kernels' second argument).
+template <bool CAP, typename Params>
+auto loss_math(const Params& p) {
+  using Acc = typename Params::Acc;
+  return LossMath<Acc, CAP>::make(p.label_smoothing, p.z_loss, p.softcap, p.C);
+}
+
+// True when input element (n, c, d) sits exactly where the contiguous
+// (N, C, D) gradient puts it (strides of size-1 dimensions do not matter),
+// which is what computing the gradient in place requires.
+template <typename T>
+bool gradient_layout(const CrossEntropyForwardParams<T>& p) {
+  return (p.N <= 1 || p.input_stride_n == p.C * p.D) && (p.C <= 1 || p.input_stride_c == p.D) &&
+         (p.D <= 1 || p.input_stride_d == 1);
+}
+
 // ---------------------------------------------------------------------------
 // Forward and forward_with_grad (grad_input set).
 
 // Register-resident configurations, smallest first: (threads per row,
 // block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
-template <typename T>
+template <bool CAP, typename T>
 cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
                             bool* launched) {
   constexpr int V = vector_width<T>();
   *launched = true;
   const int64_t rows = p.N;
+  const auto math = loss_math<CAP>(p);
 #define FUSED_CE_RESIDENT(TPR, BLOCK, CH)                                                   \
   if (slots <= int64_t(TPR) * (CH)) {                                                       \
-    ce_forward_grad_resident_kernel<T, TPR, BLOCK, V, CH>                                   \
-        <<<grid_for(rows, (BLOCK) / (TPR)), BLOCK, 0, stream>>>(p);                         \
+    ce_forward_grad_resident_kernel<T, TPR, BLOCK, V, CH, CAP>                              \
+        <<<grid_for(rows, (BLOCK) / (TPR)), BLOCK, 0, stream>>>(p, math);                   \
     return cudaGetLastError();                                                              \
   }
   FUSED_CE_RESIDENT(8, 256, 2)
@@ -159,10 +204,13 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
   FUSED_CE_RESIDENT(512, 512, 8)
   // The largest row that still compiles without spilling: 896 threads for
   // 16-bit types (57344 classes, enough for GPT-2's 50257), 1024 for float32
-  // (32768 classes); float64 stops at 512 threads (8192 classes).
+  // (32768 classes); float64 stops at 512 threads (8192 classes).  With the
+  // softcap (a tanh per element in both passes) the 1024-thread float32
+  // configuration spills close to the CI limit, so capped float32 rows stop
+  // at 512 threads (16384 classes) and longer ones stream.
   if constexpr (sizeof(T) == 2) {
     FUSED_CE_RESIDENT(896, 896, 8)
-  } else if constexpr (sizeof(T) == 4) {
+  } else if constexpr (sizeof(T) == 4 && !CAP) {
     FUSED_CE_RESIDENT(1024, 1024, 8)
   }
 #undef FUSED_CE_RESIDENT
@@ -175,9 +223,12 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   using Acc = acc_t<T>;
   const bool prob = p.target_prob != nullptr;
   const bool with_grad = p.grad_input != nullptr;
+  const bool capped = p.softcap > 0.0;
   const int64_t rows = p.N * p.D;
-  if (!valid_sizes<T>(p.N, p.C, p.D) || p.workspace == nullptr || p.total_weight == nullptr)
+  if (!valid_sizes<T>(p.N, p.C, p.D) || !valid_options(p.label_smoothing, p.z_loss, p.softcap) ||
+      p.workspace == nullptr || p.total_weight == nullptr)
     return cudaErrorInvalidValue;
+  if (with_grad && p.grad_input == p.input && !gradient_layout(p)) return cudaErrorInvalidValue;
   // Empty tensors may have null data pointers; only non-empty ones must be set.
   if (rows > 0 && (p.input == nullptr || p.loss == nullptr || p.lse == nullptr ||
                    prob == (p.target != nullptr)))
@@ -214,7 +265,9 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     bool launched = false;
     // A row has at most C / VEC body slots (the head and tail elements are
     // held separately).
-    const cudaError_t err = launch_resident(p, p.C / vector_width<T>(), stream, &launched);
+    const int64_t slots = p.C / vector_width<T>();
+    const cudaError_t err = capped ? launch_resident<true>(p, slots, stream, &launched)
+                                   : launch_resident<false>(p, slots, stream, &launched);
     if (launched) return err;
   }
 
@@ -224,11 +277,11 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     constexpr int VEC = decltype(vec_tag)::value;
     constexpr int BLOCK = TPR > kStreamBlock ? TPR : kStreamBlock;
     const unsigned int grid = grid_for(rows, BLOCK / TPR);
-    if (prob) {
-      ce_forward_stream_kernel<T, TPR, BLOCK, VEC, true><<<grid, BLOCK, 0, stream>>>(p);
-    } else {
-      ce_forward_stream_kernel<T, TPR, BLOCK, VEC, false><<<grid, BLOCK, 0, stream>>>(p);
-    }
+    dispatch_flags(prob, capped, [&](auto prob_tag, auto cap_tag) {
+      constexpr bool CAP = decltype(cap_tag)::value;
+      ce_forward_stream_kernel<T, TPR, BLOCK, VEC, decltype(prob_tag)::value, CAP>
+          <<<grid, BLOCK, 0, stream>>>(p, loss_math<CAP>(p));
+    });
   });
 }
 
@@ -238,8 +291,10 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
 template <typename T>
 cudaError_t run_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream) {
   const bool prob = p.target_prob != nullptr;
+  const bool capped = p.softcap > 0.0;
   const int64_t rows = p.N * p.D;
-  if (!valid_sizes<T>(p.N, p.C, p.D)) return cudaErrorInvalidValue;
+  if (!valid_sizes<T>(p.N, p.C, p.D) || !valid_options(p.label_smoothing, p.z_loss, p.softcap))
+    return cudaErrorInvalidValue;
   if (rows == 0 || (p.grad_input == nullptr && p.grad_target == nullptr)) return cudaSuccess;
   if (p.input == nullptr || p.grad_loss == nullptr || p.lse == nullptr || prob == (p.target != nullptr) ||
       (!prob && p.grad_target != nullptr))
@@ -271,11 +326,11 @@ cudaError_t run_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t st
     constexpr int VEC = decltype(vec_tag)::value;
     constexpr int BLOCK = TPR > kStreamBlock ? TPR : kStreamBlock;
     const unsigned int grid = grid_for(rows, BLOCK / TPR);
-    if (prob) {
-      ce_backward_stream_kernel<T, TPR, BLOCK, VEC, true><<<grid, BLOCK, 0, stream>>>(p);
-    } else {
-      ce_backward_stream_kernel<T, TPR, BLOCK, VEC, false><<<grid, BLOCK, 0, stream>>>(p);
-    }
+    dispatch_flags(prob, capped, [&](auto prob_tag, auto cap_tag) {
+      constexpr bool CAP = decltype(cap_tag)::value;
+      ce_backward_stream_kernel<T, TPR, BLOCK, VEC, decltype(prob_tag)::value, CAP>
+          <<<grid, BLOCK, 0, stream>>>(p, loss_math<CAP>(p));
+    });
   });
 }
 
