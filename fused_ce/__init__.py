@@ -9,6 +9,7 @@ from . import distributed
 from ._ops import built_with_cuda, cpu_capability
 from .autograd import CrossEntropyFunction
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss
 from .patching import patch_torch
 
@@ -21,5 +22,6 @@ __all__ = [
     "cpu_capability",
     "cross_entropy",
     "distributed",
+    "linear_cross_entropy",
     "patch_torch",
 ]

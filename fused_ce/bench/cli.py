@@ -19,6 +19,8 @@ examples:
   python -m fused_ce.bench                             # full CPU suite
   python -m fused_ce.bench --device cuda               # full GPU suite (real LM sizes)
   python -m fused_ce.bench --filter lm-32k --modes fwd+bwd
+  python -m fused_ce.bench --filter linear --no-compile  # LM head: fused_ce.linear_cross_entropy vs
+                                                       # F.linear + F.cross_entropy vs torch's chunked one
   python -m fused_ce.bench --shapes 4096x32000:bf16,8x21x128x128 --label-smoothing 0.1
   python -m fused_ce.bench --list                      # show the workloads and exit
 
@@ -32,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fused_ce.bench",
         description="Benchmark fused_ce.cross_entropy against eager F.cross_entropy, torch.compile, "
-                    "the copy of the logits (the roofline) and installed peers.",
+                    "the copy of the logits (the roofline) and installed peers; on the LM-head workloads "
+                    "(linear-*), fused_ce.linear_cross_entropy against F.linear + F.cross_entropy, its "
+                    "torch.compile and torch's chunked F.linear_cross_entropy.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     g = p.add_argument_group("what to run")

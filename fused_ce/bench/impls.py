@@ -8,6 +8,11 @@ lazily and are never a hard dependency.
 The copy of the logits is not a loss: it is the roofline every other time is
 divided by, and the runner times it as ``out.copy_(x)`` into a preallocated
 ``out``.
+
+LM-head workloads (``workload.hidden > 0``) give ``fn`` hidden states instead of
+logits: the implementations that take them (``linear = True``) build their loss
+with :meth:`Impl.build_linear`, the head's weight bound in; the others are
+"n/a" there (and the LM-head-only ``torch_chunked`` on logits workloads).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,8 @@ from .workloads import Workload
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 FUSED, EAGER, COMPILE, COPY, LIGER, CCE = "fused_ce", "eager", "compile", "copy", "liger", "cut_ce"
+TORCH_CHUNKED = "torch_chunked"
+_LOGITS_ONLY = "n/a (logits workloads only)"
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Impl:
     name: str
     description: str
     roofline: bool = False  # the copy of the logits: not a loss, no parity check
+    linear: ClassVar[bool] = False  # also runs LM-head workloads (build_linear)
 
     def unavailable(self, device: str) -> Optional[str]:
         """None when this implementation can run on ``device``, else a short reason."""
@@ -39,10 +47,21 @@ class Impl:
 
     def unsupported(self, workload: Workload) -> Optional[str]:
         """None when this implementation supports the workload's options, else a short reason."""
-        return None
+        return _LOGITS_ONLY if workload.hidden and not self.linear else None
 
     def build(self, workload: Workload, weight: Optional[torch.Tensor]) -> LossFn:
         raise NotImplementedError
+
+    def build_linear(self, workload: Workload, weight: Optional[torch.Tensor],
+                     linear_weight: torch.Tensor) -> LossFn:
+        """LM-head workloads: ``fn(hidden_states, target)`` with the head ``linear_weight`` bound in."""
+        raise NotImplementedError
+
+    def build_for(self, workload: Workload, inputs) -> LossFn:
+        """The loss function of this workload from its :class:`~.workloads.Inputs`."""
+        if workload.hidden:
+            return self.build_linear(workload, inputs.weight, inputs.linear_weight)
+        return self.build(workload, inputs.weight)
 
 
 def _import_error(module: str) -> Optional[str]:
@@ -54,8 +73,11 @@ def _import_error(module: str) -> Optional[str]:
 
 
 class FusedCE(Impl):
+    linear = True
+
     def __init__(self):
-        super().__init__(FUSED, "fused_ce.cross_entropy (this package)")
+        super().__init__(FUSED, "fused_ce.cross_entropy (this package); "
+                                "fused_ce.linear_cross_entropy on LM-head workloads")
 
     def unavailable(self, device):
         error = _import_error("fused_ce")
@@ -69,21 +91,37 @@ class FusedCE(Impl):
         kwargs = workload.loss_kwargs(weight)
         return lambda x, t: fused_ce.cross_entropy(x, t, **kwargs)
 
+    def build_linear(self, workload, weight, linear_weight):
+        from fused_ce.linear import linear_cross_entropy
+
+        kwargs = workload.loss_kwargs(weight)
+        return lambda x, t: linear_cross_entropy(x, linear_weight, t, **kwargs)
+
 
 class Eager(Impl):
+    linear = True
+
     def __init__(self):
-        super().__init__(EAGER, "torch.nn.functional.cross_entropy (eager)")
+        super().__init__(EAGER, "torch.nn.functional.cross_entropy (eager); "
+                                "F.linear + F.cross_entropy on LM-head workloads")
 
     def build(self, workload, weight):
         kwargs = workload.loss_kwargs(weight)
         return lambda x, t: F.cross_entropy(x, t, **kwargs)
 
+    def build_linear(self, workload, weight, linear_weight):
+        kwargs = workload.loss_kwargs(weight)
+        return lambda x, t: F.cross_entropy(F.linear(x, linear_weight), t, **kwargs)
+
 
 class Compiled(Impl):
     """torch.compile(F.cross_entropy): compiled afresh for each workload, compilation excluded from timing."""
 
+    linear = True
+
     def __init__(self):
-        super().__init__(COMPILE, "torch.compile(F.cross_entropy, dynamic=False)")
+        super().__init__(COMPILE, "torch.compile(F.cross_entropy, dynamic=False); "
+                                  "of F.linear + F.cross_entropy on LM-head workloads")
 
     def build(self, workload, weight):
         # Without a reset, dynamo's per-function recompile limit (8) would
@@ -95,6 +133,42 @@ class Compiled(Impl):
             return F.cross_entropy(x, t, **kwargs)
 
         return torch.compile(loss, dynamic=False)
+
+    def build_linear(self, workload, weight, linear_weight):
+        torch._dynamo.reset()
+        kwargs = workload.loss_kwargs(weight)
+
+        def loss(x, t):
+            return F.cross_entropy(F.linear(x, linear_weight), t, **kwargs)
+
+        return torch.compile(loss, dynamic=False)
+
+
+class TorchChunked(Impl):
+    """PyTorch's own chunked LM head + loss: F.linear_cross_entropy with LinearCrossEntropyOptions()."""
+
+    linear = True
+
+    def __init__(self):
+        super().__init__(TORCH_CHUNKED, "F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions()) "
+                                        "(LM-head workloads only)")
+
+    def unavailable(self, device):
+        if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+            return f"not available in torch {torch.__version__}"
+        return None
+
+    def unsupported(self, workload):
+        if not workload.hidden:
+            return "n/a (LM-head workloads only)"
+        if workload.label_smoothing:
+            return "n/a (no label_smoothing: torch falls back to its reference path)"
+        return None
+
+    def build_linear(self, workload, weight, linear_weight):
+        options = torch.nn.LinearCrossEntropyOptions()
+        kwargs = dict(weight=weight, ignore_index=workload.ignore_index, reduction=workload.reduction)
+        return lambda x, t: F.linear_cross_entropy(x, linear_weight, t, options=options, **kwargs)
 
 
 class Copy(Impl):
@@ -139,6 +213,8 @@ class Liger(Impl):
         return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
     def unsupported(self, workload):
+        if workload.hidden:
+            return _LOGITS_ONLY
         if workload.weighted and not self._accepts("weight"):
             return "n/a (no weight in this version)"
         if workload.label_smoothing and not self._accepts("label_smoothing"):
@@ -177,7 +253,7 @@ class CutCrossEntropy(Impl):
 
 
 def all_impls() -> List[Impl]:
-    return [FusedCE(), Eager(), Compiled(), Copy(), Liger(), CutCrossEntropy()]
+    return [FusedCE(), Eager(), Compiled(), TorchChunked(), Copy(), Liger(), CutCrossEntropy()]
 
 
 def by_name() -> Dict[str, Impl]:

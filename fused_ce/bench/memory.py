@@ -99,7 +99,7 @@ def _child(request: dict) -> dict:
     workload = Workload(**{**request["workload"], "shape": tuple(request["workload"]["shape"])})
     impl = impls_mod.by_name()[request["impl"]]
     inputs = make_inputs(workload, "cpu", buffers=1, seed=request["seed"])
-    fn = None if impl.roofline else impl.build(workload, inputs.weight)
+    fn = None if impl.roofline else impl.build_for(workload, inputs)
     prep, step = steps.make(fn, request["mode"], inputs, impl.roofline)
 
     can_reset = _reset_peak_rss()

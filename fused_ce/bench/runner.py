@@ -104,7 +104,8 @@ def _derive(results: List[Result]) -> None:
     for r in by_impl.values():
         seconds = r.median_ms / 1e3
         traffic = steps.traffic_factor(r.mode, r.impl == COPY) * r.workload.logits_bytes
-        r.gbps = traffic / seconds / 1e9 if seconds > 0 else None
+        # LM-head workloads are GEMM-bound, logits traffic is not their measure
+        r.gbps = traffic / seconds / 1e9 if seconds > 0 and not r.workload.hidden else None
         if copy and copy.median_ms > 0:
             r.ratio_to_copy = r.median_ms / copy.median_ms
         if eager and r.median_ms > 0 and r.impl != COPY:
@@ -142,7 +143,7 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
     inputs = make_inputs(workload, device, n_buffers, seed=config.seed)
     # The parity reference is always eager, whether or not eager is among the timed implementations.
     try:
-        reference = parity.outputs(Eager().build(workload, inputs.weight), inputs.logits[0], inputs.targets[0])
+        reference = parity.outputs(Eager().build_for(workload, inputs), inputs.logits[0], inputs.targets[0])
     except Exception as exc:
         reference = None
         progress.log(f"{workload.name}: no parity reference, eager failed: {_short_error(exc)}")
@@ -159,7 +160,7 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
         fn, check, build_error = None, None, None
         if not impl.roofline:
             try:
-                fn = impl.build(workload, inputs.weight)
+                fn = impl.build_for(workload, inputs)
                 if reference is not None:
                     check = _check_parity(fn, inputs, reference, workload)
             except Exception as exc:

@@ -4,6 +4,11 @@ A :class:`Workload` is a plain, picklable description (logits shape, dtype and
 loss options); :func:`make_inputs` turns it into tensors. Suites are lists of
 workloads chosen per device: the CPU sizes keep a full run tractable on a
 small machine, the CUDA sizes are the real ones (a 16k x 128k bf16 LM head).
+
+LM-head workloads (family "linear", ``hidden > 0``) benchmark the head and the
+loss together: their inputs are hidden states ``(N, hidden)`` and one
+``(C, hidden)`` linear weight instead of logits; ``shape`` is still the shape
+of the logits, which the implementations may or may not materialise.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class Workload:
     """One cross-entropy problem: logits of ``shape`` (class axis 1) and loss options."""
 
     name: str
-    family: str  # "lm", "classifier", "segmentation" or "custom"
+    family: str  # "lm", "classifier", "segmentation", "linear" or "custom"
     shape: tuple
     dtype: str  # short name, a key of DTYPES
     label_smoothing: float = 0.0
@@ -41,6 +46,7 @@ class Workload:
     ignore_fraction: float = 0.0  # fraction of targets replaced by ignore_index
     weighted: bool = False  # random per-class weights in the input's dtype
     reduction: str = "mean"
+    hidden: int = 0  # > 0: an LM-head ("linear") workload, hidden states (N, hidden) @ weight (C, hidden)^T
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -69,7 +75,7 @@ class Workload:
     @property
     def options_str(self) -> str:
         """The non-default loss options, e.g. ``label_smoothing=0.1``; "-" when none."""
-        parts = []
+        parts = [f"LM head, hidden {self.hidden}"] if self.hidden else []
         if self.label_smoothing:
             parts.append(f"label_smoothing={self.label_smoothing:g}")
         if self.ignore_fraction:
@@ -88,12 +94,16 @@ class Workload:
 
 @dataclass
 class Inputs:
-    """The tensors of one workload: rotating (logits, target) buffers and a shared weight."""
+    """The tensors of one workload: rotating (logits, target) buffers and a shared weight.
+
+    For LM-head workloads ``logits`` holds the hidden states and ``linear_weight`` the head.
+    """
 
     logits: List[torch.Tensor]
     targets: List[torch.Tensor]
     weight: Optional[torch.Tensor]
     out: torch.Tensor = field(default=None)  # preallocated destination of the copy roofline
+    linear_weight: Optional[torch.Tensor] = None  # LM-head workloads: (C, hidden), requires grad
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -118,6 +128,8 @@ def make_inputs(workload: Workload, device: str, buffers: int, seed: int = 0) ->
 
     Generated directly on ``device`` (a 16k x 128k logits tensor is slow to make on a host CPU).
     """
+    if workload.hidden:
+        return _make_linear_inputs(workload, device, buffers, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = workload.torch_dtype
     logits, targets = [], []
@@ -134,6 +146,32 @@ def make_inputs(workload: Workload, device: str, buffers: int, seed: int = 0) ->
         weight = (torch.rand(workload.classes, generator=gen, device=device) + 0.5).to(dtype)
     out = torch.empty_like(logits[0])
     return Inputs(logits, targets, weight, out)
+
+
+def _make_linear_inputs(workload: Workload, device: str, buffers: int, seed: int) -> Inputs:
+    """LM-head workloads: rotating hidden states (standard normal) and targets, one linear
+    weight that requires grad (a trained head), scaled so that the logits are about standard
+    normal times 2 like the other workloads'."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = workload.torch_dtype
+    (n, classes), hidden = workload.shape, workload.hidden
+    xs, targets = [], []
+    for _ in range(buffers):
+        xs.append(torch.randn((n, hidden), generator=gen, dtype=dtype, device=device))
+        t = torch.randint(0, classes, (n,), generator=gen, device=device)
+        if workload.ignore_fraction:
+            t[torch.rand((n,), generator=gen, device=device) < workload.ignore_fraction] = workload.ignore_index
+        targets.append(t)
+    head = torch.randn((classes, hidden), generator=gen, dtype=dtype, device=device)
+    head = head.mul_(2 / math.sqrt(hidden)).requires_grad_()
+    weight = None
+    if workload.weighted:
+        weight = (torch.rand(classes, generator=gen, device=device) + 0.5).to(dtype)
+    return Inputs(xs, targets, weight, torch.empty_like(xs[0]), linear_weight=head)
+
+
+def _linear(vocab_label: str, n: int, v: int, hidden: int, dtype: str) -> Workload:
+    return Workload(f"linear-{vocab_label}-{dtype}", "linear", (n, v), dtype, hidden=hidden)
 
 
 # --------------------------------------------------------------------------- suites
@@ -170,6 +208,7 @@ def cpu_suite() -> List[Workload]:
         Workload("seg-21-bf16", "segmentation", (8, 21, 128, 128), "bf16"),
         Workload("seg-21-fp32-ignore", "segmentation", (8, 21, 128, 128), "fp32",
                  ignore_index=255, ignore_fraction=0.1),
+        _linear("32k", 8192, 32000, 256, "fp32"),  # the LM head of the issue: logits 1 GB
     ]
 
 
@@ -203,6 +242,8 @@ def cuda_suite() -> List[Workload]:
         Workload("seg-21-fp16", "segmentation", (8, 21, 512, 512), "fp16"),
         Workload("seg-21-fp32-ignore", "segmentation", (8, 21, 512, 512), "fp32",
                  ignore_index=255, ignore_fraction=0.1),
+        _linear("32k", 8192, 32000, 256, "fp32"),
+        _linear("128k", 8192, 128256, 4096, "bf16"),  # a Llama-3-8B head: logits 2.1 GB
     ]
 
 

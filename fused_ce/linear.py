@@ -1,0 +1,521 @@
+"""``linear_cross_entropy``: the LM head and the loss in one, without the logits.
+
+``linear_cross_entropy(input, linear_weight, target, ...)`` is
+``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``
+(the semantics of ``torch.nn.functional.linear_cross_entropy``), computed so
+that the ``(N, V)`` logits never exist at once: the rows are processed in
+chunks, and a chunk costs one ``(chunk, V)`` buffer.
+
+Per chunk:
+
+1. ``logits = linear(x_chunk, W, b)`` into the chunk buffer (input dtype);
+2. ``fused_ce::cross_entropy_forward_with_grad_inplace`` with reduction
+   "sum": the per-row losses, and the gradient of their sum written over the
+   logits in the same buffer;
+3. ``grad_x_chunk = grad_logits @ W``, ``grad_W += grad_logits^T @ x_chunk``,
+   ``grad_b += grad_logits.sum(0)``, each only when that tensor needs a
+   gradient; the gradients are accumulated in float32 for 16-bit inputs
+   (float64 for float64). On the CPU the GEMMs of 16-bit inputs run in
+   float32 (a float32 staging buffer per chunk): CPU 16-bit GEMMs are
+   mostly emulated and many times slower.
+
+With reduction "mean" the gradients are scaled by ``1 / total_weight`` at the
+end (the total over all chunks), with PyTorch's results in the degenerate
+cases (see :func:`_mean_scale`). The gradients are computed in the forward
+and handed to autograd by the backward, which only multiplies them by the
+upstream gradient (a second backward through the same graph recomputes
+them); with reduction "none" the upstream gradient is per row, so the
+backward recomputes the chunks instead (the forward computes the losses
+alone). Under autocast the GEMMs run in the autocast dtype and the loss is
+float32, as for ``F.linear`` + ``F.cross_entropy``.
+
+Without anything to differentiate (``torch.no_grad()``, or no tensor that
+requires grad) no gradient work is done at all. Forms the chunked path does
+not handle (K-dimensional ``linear_weight``, gradients for the class weight
+or for probability targets, probability targets of another dtype than the
+input, mixed dtypes or devices, autocast with class weights or probability
+targets, torch.compile tracing) take the reference path
+``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
+and gives PyTorch's results and errors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._ops import accumulate_dtype, ops
+from .functional import cross_entropy
+
+__all__ = ["linear_cross_entropy", "default_chunk_size"]
+
+# c10's names, as in PyTorch's messages
+_DTYPE_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
+                torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+_NONE, _MEAN, _SUM = 0, 1, 2
+_REDUCTIONS = {"none": _NONE, "mean": _MEAN, "sum": _SUM}
+_HALF = (torch.float16, torch.bfloat16)
+
+# Default chunk size (rows of the logits per chunk), see default_chunk_size().
+_CHUNK_FRACTION = 16  # a chunk holds 1/16 of the logits ...
+_CHUNK_MIN_BYTES = 32 << 20  # ... but its buffers at least 32 MiB (or all N rows) ...
+_CHUNK_MAX_BYTES = 64 << 20  # ... and at most 64 MiB
+
+
+def default_chunk_size(num_rows: int, num_classes: int, bytes_per_logit: int = 4) -> int:
+    """Rows per chunk when ``chunk_size`` is None.
+
+    ``N / 16`` rows, clamped so that the chunk's buffers (``bytes_per_logit``
+    bytes per logit: the itemsize, plus 4 where a float32 copy is staged) hold
+    32 to 64 MiB, at most N rows, rounded down to a multiple of 8 rows.
+
+    * 1/16 of the logits: the other memory of the call is ``N x H`` (gradient
+      of the input) plus ``V x H`` (gradient of the weight), much smaller than
+      ``N x V`` for an LM head, so the extra peak stays under 1/8 of the
+      logits' size.
+    * At most 64 MiB: past a few hundred rows a bigger chunk buys no speed,
+      so a huge batch does not get huge chunks.
+    * At least 32 MiB: every chunk runs three GEMMs against the whole
+      ``V x H`` weight, and a GEMM library packs that weight anew for each of
+      them; with few rows the packing, not the arithmetic, takes the time
+      (on a 2-core AVX2 CPU a 32-row GEMM runs at a fifth of the speed of a
+      512-row one). The floor only matters for logits under 512 MiB, where
+      memory is not the concern; below 32 MiB of logits there is one chunk.
+
+    Examples (float32): N=8192, V=32000 -> 512 rows (62.5 MiB, 1/16 of the
+    logits); N=2048, V=32000 -> 256 rows; N=8192, V=128256 -> 128 rows.
+    """
+    if num_rows <= 0:
+        return 1
+    row_bytes = max(1, num_classes * bytes_per_logit)
+    rows = -(-num_rows // _CHUNK_FRACTION)
+    rows = min(max(rows, _CHUNK_MIN_BYTES // row_bytes), _CHUNK_MAX_BYTES // row_bytes)
+    if rows > 8:
+        rows -= rows % 8
+    return max(1, min(num_rows, rows))
+
+
+# --------------------------------------------------------------------------- the operators
+
+
+def _chunk_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """Per-row losses (c, 1) and total weight of one (c, V, 1) chunk; the logits are only read."""
+    loss, _lse, total_weight = ops.cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing, 0.0, 0.0)
+    return loss, total_weight
+
+
+def _chunk_loss_and_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                         label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """Same, and the gradient of the sum of the chunk's losses overwrites ``logits``."""
+    loss, _lse, total_weight = ops.cross_entropy_forward_with_grad_inplace(
+        logits, target, weight, ignore_index, label_smoothing, 0.0, 0.0, _SUM)
+    return loss, total_weight
+
+
+# --------------------------------------------------------------------------- the chunk loop
+
+
+def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
+    """out = F.linear(x, w, b) for 2-D x (the same addmm / mm that F.linear runs)."""
+    if b is None:
+        torch.mm(x, w.t(), out=out)
+    else:
+        torch.addmm(b, x, w.t(), out=out)
+
+
+def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a @ b with acc wider than a and b (16-bit GEMM, float32 accumulator); returns the sum."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    try:  # CUDA: a 16-bit GEMM with a float32 result (aten::addmm.dtype)
+        return torch.ops.aten.addmm.dtype(acc, a, b, acc.dtype)
+    except (RuntimeError, NotImplementedError):
+        return acc.add_(torch.mm(a, b))
+
+
+def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                ignore_index: int, label_smoothing: float, chunk: int, *, need_x: bool = False,
+                need_w: bool = False, need_b: bool = False, per_row: bool = False,
+                row_grad: Optional[Tensor] = None):
+    """The loop over row chunks of x (N, H), with w (V, H), b (V,), target (N,) int64 or (N, V).
+
+    Returns ``(loss, total_weight, grad_x, grad_w, grad_b)``: ``loss`` the per-row losses (N,)
+    when ``per_row``, else their sum (0-d), in the accumulate dtype; the gradients (None where not
+    needed) are those of the *sum* of the per-row losses, each row's term multiplied by
+    ``row_grad`` when given, in the accumulate dtype.
+    """
+    n, h = x.shape
+    v = w.shape[0]
+    dtype, device = x.dtype, x.device
+    acc = accumulate_dtype(dtype)
+    want_grad = need_x or need_w or need_b
+    # The CPU has no fast 16-bit GEMM on most machines (often 5-50x slower than float32):
+    # there the matmuls of 16-bit inputs run in float32 and only the logits handed to the
+    # kernel are rounded to the input dtype, as a 16-bit GEMM (float32 accumulation) would.
+    staged = dtype in _HALF and device.type == "cpu"
+    mm_dtype = acc if staged else dtype
+    w_mm = w.to(mm_dtype)
+    b_mm = None if b is None else b.to(mm_dtype)
+
+    rows = min(chunk, n)
+    buf = torch.empty((rows, v), dtype=dtype, device=device)  # the chunk's logits, then their gradient
+    buf_mm = torch.empty((rows, v), dtype=mm_dtype, device=device) if staged else None
+    loss = torch.empty(n, dtype=acc, device=device) if per_row else torch.zeros((), dtype=acc, device=device)
+    total_weight = torch.zeros((), dtype=acc, device=device)
+    grad_x = torch.empty((n, h), dtype=acc, device=device) if need_x else None
+    grad_w = torch.zeros((v, h), dtype=acc, device=device) if need_w else None
+    grad_b = torch.zeros(v, dtype=acc, device=device) if need_b else None
+
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        c = stop - start
+        x_mm = x[start:stop].to(mm_dtype)
+        logits = buf[:c]
+        if staged:
+            _linear_into(buf_mm[:c], x_mm, w_mm, b_mm)
+            logits.copy_(buf_mm[:c])
+        else:
+            _linear_into(logits, x_mm, w_mm, b_mm)
+        t = target[start:stop]
+        t = t.unsqueeze(-1)  # (c, 1) class indices or (c, V, 1) probabilities
+        logits3 = logits.view(c, v, 1)
+        if not want_grad:
+            chunk_loss, chunk_weight = _chunk_loss(logits3, t, weight, ignore_index, label_smoothing)
+        else:
+            chunk_loss, chunk_weight = _chunk_loss_and_grad(logits3, t, weight, ignore_index, label_smoothing)
+            grad = logits  # now d(sum of the chunk's losses) / d(logits)
+            if staged:
+                grad = buf_mm[:c].copy_(logits)
+            if row_grad is not None:
+                grad.mul_(row_grad[start:stop].to(grad.dtype).unsqueeze(1))
+            if need_x:
+                if grad.dtype == acc:
+                    torch.mm(grad, w_mm, out=grad_x[start:stop])
+                else:
+                    grad_x[start:stop].copy_(torch.mm(grad, w_mm))
+            if need_w:
+                grad_w = _add_matmul(grad_w, grad.t(), x_mm)
+            if need_b:
+                grad_b.add_(grad.sum(0, dtype=acc))
+        if per_row:
+            loss[start:stop] = chunk_loss.view(c)
+        else:
+            loss.add_(chunk_loss.sum())
+        total_weight.add_(chunk_weight)
+    return loss, total_weight, grad_x, grad_w, grad_b
+
+
+def _mean_scale(total_weight: Tensor, valid: Optional[Tensor], n: int) -> Tensor:
+    """The factor turning gradients of the sum into gradients of the mean, PyTorch's way.
+
+    ``1 / total_weight`` normally. When the total weight is 0 PyTorch's mean is NaN and its
+    gradient is 0 when no element counts (all ignored, or no rows), and NaN when some element
+    counts with class weight 0 (0 * (1/0) in nll_loss's backward). No host synchronisation.
+    """
+    if valid is not None:
+        some = valid.any()
+    else:
+        some = torch.tensor(n > 0, device=total_weight.device)
+    nan = torch.full_like(total_weight, math.nan)
+    return torch.where(total_weight != 0, 1 / total_weight,
+                       torch.where(some, nan, torch.zeros_like(total_weight)))
+
+
+def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, b, loss_dtype):
+    """Reduce the loss, scale the gradients for "mean", cast everything to its dtype."""
+    n = x.shape[0]
+    if reduction == _MEAN:
+        scale = _mean_scale(total_weight, valid, n)
+        loss = torch.where(total_weight != 0, loss / total_weight, torch.full_like(loss, math.nan))
+        if grad_x is not None:
+            if valid is not None:  # ignored rows keep a zero gradient whatever the scale
+                row_scale = torch.where(valid, scale, torch.zeros_like(scale))
+                grad_x.mul_(row_scale.unsqueeze(1))
+            else:
+                grad_x.mul_(scale)
+        if grad_w is not None:
+            grad_w.mul_(scale)
+        if grad_b is not None:
+            grad_b.mul_(scale)
+    return loss.to(loss_dtype), _cast(grad_x, x), _cast(grad_w, w), _cast(grad_b, b)
+
+
+def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    return None if grad is None else grad.to(like.dtype)
+
+
+def _valid_rows(target: Tensor, ignore_index: int) -> Optional[Tensor]:
+    return None if target.dim() == 2 else target != ignore_index
+
+
+def _scale_by(grad: Optional[Tensor], grad_output: Tensor, skip: bool) -> Optional[Tensor]:
+    if grad is None or skip:
+        return grad
+    return grad.mul_(grad_output.to(grad.device))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked path on canonical arguments: x (N, H), w (V, H), b (V,) or None, target (N,)
+    int64 or (N, V) probabilities of x's dtype.
+
+    "mean" and "sum": the forward computes the gradients and keeps them on the context (not
+    as saved tensors); the first backward hands them over, scaled by the upstream gradient in
+    place, and drops its own reference, so that autograd can take them as the ``.grad``
+    without copying them. A further backward through the same graph (``retain_graph=True``,
+    gradcheck's reentrancy check) recomputes them from the saved inputs.
+
+    "none": the upstream gradient is per row, so the backward recomputes the chunks, each
+    chunk's gradient rows multiplied by their upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, ignore_index, label_smoothing, reduction, chunk, loss_dtype):
+        ctx.reduction = reduction
+        ctx.options = (ignore_index, label_smoothing, chunk)
+        ctx.save_for_backward(x, w, b, target, weight)  # only read by a recomputation
+        ctx.grads = None
+        if reduction == _NONE:
+            loss, *_ = _run_chunks(x, w, b, target, weight, ignore_index, label_smoothing, chunk, per_row=True)
+            return loss.to(loss_dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        loss, total_weight, gx, gw, gb = _run_chunks(
+            x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+            need_x=need_x, need_w=need_w, need_b=need_b)
+        out, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, reduction,
+                                  _valid_rows(target, ignore_index), x, w, b, loss_dtype)
+        ctx.grads = (gx, gw, gb)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        nones = (None,) * 7
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            # Reading a CPU scalar is free; skip the multiplication for the usual upstream 1.
+            skip = grad_output.device.type == "cpu" and grad_output.item() == 1.0
+            return tuple(_scale_by(g, grad_output, skip) for g in grads) + nones
+
+        with torch.autocast(grad_output.device.type, enabled=False):  # recompute as in the forward
+            return _recompute(ctx, grad_output) + nones
+
+
+def _recompute(ctx, grad_output):
+    """The gradients of a backward that did not get them from the forward."""
+    x, w, b, target, weight = ctx.saved_tensors
+    ignore_index, label_smoothing, chunk = ctx.options
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.reduction == _NONE:
+        _, _, gx, gw, gb = _run_chunks(
+            x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+            need_x=need_x, need_w=need_w, need_b=need_b, row_grad=grad_output.reshape(-1))
+        return _cast(gx, x), _cast(gw, w), _cast(gb, b)
+    loss, total_weight, gx, gw, gb = _run_chunks(
+        x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+        need_x=need_x, need_w=need_w, need_b=need_b)
+    _, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, ctx.reduction,
+                            _valid_rows(target, ignore_index), x, w, b, grad_output.dtype)
+    return tuple(_scale_by(g, grad_output, False) for g in (gx, gw, gb))
+
+
+# --------------------------------------------------------------------------- argument handling
+
+
+def _check_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> None:
+    """torch.nn.functional.linear_cross_entropy's checks, with its messages."""
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively")
+    num_classes = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes, *out_features):
+        raise RuntimeError(
+            f"expected linear_bias shape {(num_classes, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
+
+
+def _check_class_target_shape(input: Tensor, target: Tensor) -> None:
+    """cross_entropy's shape errors for class-index targets of a 2-D linear_weight (cheap, before any GEMM)."""
+    if input.dim() == 1:
+        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
+            raise ValueError("For 1D input, 1D target must have size 1, but got target size: "
+                             f"{target.shape[0] if target.dim() == 1 else list(target.shape)}")
+        return
+    batch = target.shape[0] if target.dim() > 0 else 0
+    if batch != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+    if target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+
+
+def _reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing):
+    """F.linear + fused_ce.cross_entropy, shaped like torch's reference path (K-dim weights included)."""
+    num_classes = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if out_features:
+        linear_weight = linear_weight.reshape(math.prod(out_features, start=num_classes), input.shape[-1])
+        if linear_bias is not None:
+            linear_bias = linear_bias.reshape(math.prod(out_features, start=num_classes))
+    logits = F.linear(input, linear_weight, linear_bias)
+    logits = logits.reshape((*input.shape[:-1], num_classes, *out_features))
+    return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
+
+    Same results and gradients (for ``input``, ``linear_weight`` and ``linear_bias``) as
+    ``torch.nn.functional.linear_cross_entropy`` / its reference path
+    ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``, computed in
+    row chunks so that the ``(N, V)`` logits never exist at once: extra memory is one chunk of
+    logits plus the gradients of ``input`` and ``linear_weight``.
+
+    Args:
+        input: ``(H)`` or ``(N, H)`` hidden states (like torch, no other shapes).
+        linear_weight: ``(V, H)``; ``(V, d1, ..., dK, H)`` (K-dimensional loss) is accepted and
+            computed by the reference path.
+        target: class indices ``()`` / ``(N,)`` (int64 or uint8), or class probabilities with
+            the logits' shape ``(V)`` / ``(N, V)``.
+        linear_bias: ``(V,)`` (``(V, d1, ..., dK)`` for a K-dimensional weight).
+        weight: per-class rescaling weight ``(V,)``.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        ignore_index: class index whose targets are ignored (class-index targets only); ``None``
+            means -100, as in torch. With probability targets any other value than -100 / None
+            raises, as in torch.
+        label_smoothing: in [0, 1].
+        chunk_size: rows of the logits per chunk; None picks :func:`default_chunk_size`
+            (1/16 of the logits, clamped to 32-64 MiB of chunk buffers).
+
+    For ``"mean"`` and ``"sum"`` the gradients are computed during the forward when anything
+    requires grad (the forward then costs about as much as a forward + backward of the unfused
+    pair, and the backward almost nothing); a second backward through the same graph
+    (``retain_graph=True``) recomputes them. ``"none"`` recomputes the chunks in the backward.
+    Under ``torch.compile`` tracing the reference path is used.
+    """
+    if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
+    _check_shapes(input, linear_weight, linear_bias)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    num_classes = linear_weight.shape[0]
+    logits_shape = (*input.shape[:-1], num_classes, *linear_weight.shape[1:-1])
+    probs = tuple(target.shape) == logits_shape
+    if probs and ignore_index is not None and ignore_index != -100:
+        # torch's message; -100 cannot be told apart from the default, and is ignored as by cross_entropy
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if linear_weight.dim() == 2 and not probs:
+        _check_class_target_shape(input, target)
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
+                               f"{_DTYPE_NAMES.get(target.dtype, str(target.dtype).replace('torch.', ''))}")
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
+        raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
+                           f"or no classes but got weight tensor of shape: {list(weight.shape)}")
+
+    args = (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing)
+    device = input.device
+    grad_mode = torch.is_grad_enabled()
+    tensors = [t for t in (input, linear_weight, linear_bias) if t is not None]
+    loss_dtype = input.dtype
+    if torch.is_autocast_enabled(device.type) and all(t.is_floating_point() for t in tensors):
+        # What F.linear + cross_entropy do under autocast: the GEMMs in the autocast dtype,
+        # the loss in float32. Class weights and probability targets would be rounded to the
+        # autocast dtype on the chunked path: the reference handles them.
+        if probs or weight is not None:
+            return _reference(*args)
+        low = torch.get_autocast_dtype(device.type)
+        input, linear_weight, linear_bias = (
+            None if t is None else (t.to(low) if t.dtype != torch.float64 else t)
+            for t in (input, linear_weight, linear_bias))
+        tensors = [t for t in (input, linear_weight, linear_bias) if t is not None]
+        loss_dtype = torch.float32 if input.dtype in _HALF else input.dtype
+        with torch.autocast(device.type, enabled=False):
+            return _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction,
+                                         ignore_index, label_smoothing, chunk_size, probs, loss_dtype,
+                                         tensors, grad_mode)
+    return _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                 label_smoothing, chunk_size, probs, loss_dtype, tensors, grad_mode)
+
+
+def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, chunk_size, probs, loss_dtype, tensors, grad_mode):
+    args = (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing)
+    device, dtype = input.device, input.dtype
+    supported = (
+        linear_weight.dim() == 2
+        and dtype.is_floating_point
+        and all(t.dtype == dtype and t.device == device for t in tensors)
+        and target.device == device
+        and (weight is None or (weight.device == device and weight.dtype == dtype
+                                and not (grad_mode and weight.requires_grad)))
+        and (not probs or (target.dtype == dtype and not (grad_mode and target.requires_grad)))
+        and not torch.compiler.is_compiling()
+    )
+    if not supported:
+        return _reference(*args)
+
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    n = x.shape[0]
+    v = linear_weight.shape[0]
+    if probs:
+        t = target.unsqueeze(0) if unbatched else target
+    else:
+        t = target.reshape(1) if unbatched else target
+        t = t.to(torch.int64).contiguous()
+    if weight is not None:
+        weight = weight.contiguous()
+    if chunk_size is None:
+        staged = dtype in _HALF and device.type == "cpu"
+        chunk_size = default_chunk_size(n, v, dtype.itemsize + (4 if staged else 0))
+    red = _REDUCTIONS[reduction]
+
+    if grad_mode and any(t_.requires_grad for t_ in tensors):
+        loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, ignore_index,
+                                         label_smoothing, red, chunk_size, loss_dtype)
+    else:  # nothing to differentiate: the losses alone
+        loss, total_weight, *_ = _run_chunks(x.detach(), linear_weight.detach(),
+                                             None if linear_bias is None else linear_bias.detach(),
+                                             t, weight, ignore_index, label_smoothing, chunk_size,
+                                             per_row=red == _NONE)
+        loss, *_ = _finish(loss, total_weight, None, None, None, red, None, x, linear_weight, linear_bias,
+                           loss_dtype)
+    if unbatched and red == _NONE:
+        loss = loss.reshape(())
+    return loss

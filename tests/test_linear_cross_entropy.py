@@ -1,0 +1,471 @@
+"""fused_ce.linear_cross_entropy: the LM head and the loss in one, never holding the N x V logits.
+
+The oracle is torch's reference path ``F.cross_entropy(F.linear(x, W, b), target, ...)``
+evaluated in float64 on copies of the same inputs; loss and the gradients of the input, the
+linear weight and the bias are compared. The memory test watches every tensor the call creates
+(a TorchDispatchMode) and checks that none has N x V elements, while the reference path does.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_ce.linear as linear_mod
+from conftest import assert_close_ref, make_prob_target, make_weight
+from fused_ce.linear import default_chunk_size, linear_cross_entropy
+
+N, H, V = 40, 16, 33  # N chosen so that chunk 7 does not divide it and chunk 8 does
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inputs(n=N, h=H, v=V, dtype=torch.float64, device="cpu", bias=True):
+    x = torch.randn(n, h, dtype=torch.float64) if n is not None else torch.randn(h, dtype=torch.float64)
+    w = torch.randn(v, h, dtype=torch.float64) / math.sqrt(h) * 2
+    b = torch.randn(v, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b)
+
+
+def _class_target(n, v, device="cpu", ignore_index=None, frac=0.3):
+    t = torch.randint(0, v, (n,) if n is not None else ())
+    if ignore_index is not None and t.numel():
+        mask = torch.rand(t.shape) < frac
+        mask.view(-1)[0] = True
+        if t.numel() > 1:
+            mask.view(-1)[-1] = False
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return t.to(device)
+
+
+def _grads(loss, tensors, grad_out):
+    leaves = [t for t in tensors if t is not None]
+    got = iter(torch.autograd.grad(loss, leaves, grad_out))
+    return [None if t is None else next(got) for t in tensors]
+
+
+def _reference(x, w, b, target, grad_out=None, weight=None, dtype=torch.float64, **kwargs):
+    """torch's reference path on `dtype` CPU copies: (loss, [grad_x, grad_w, grad_b])."""
+    leaf = lambda t: None if t is None else t.detach().to("cpu", dtype).requires_grad_()  # noqa: E731
+    x64, w64, b64 = leaf(x), leaf(w), leaf(b)
+    t64 = target.detach().cpu()
+    if t64.is_floating_point():
+        t64 = t64.to(dtype)
+    wt = None if weight is None else weight.detach().to("cpu", dtype)
+    loss = F.cross_entropy(F.linear(x64, w64, b64), t64, weight=wt, **kwargs)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    return loss.detach(), _grads(loss, [x64, w64, b64], go)
+
+
+def _fused(x, w, b, target, grad_out=None, **kwargs):
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    xl, wl, bl = leaf(x), leaf(w), leaf(b)
+    loss = linear_cross_entropy(xl, wl, target, linear_bias=bl, **kwargs)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.device, loss.dtype)
+    return loss.detach(), _grads(loss, [xl, wl, bl], go)
+
+
+def _random_grad_out(shape):
+    return torch.rand(shape, dtype=torch.float64) * 2 + 0.25
+
+
+def check(x, w, b, target, *, weight=None, reduction="mean", grad_out="random", what="", rtol=None,
+          atol_scale=None, ref_dtype=torch.float64, **kwargs):
+    """Loss and the three gradients against the reference path (float64 unless ref_dtype)."""
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
+    ref_loss, ref_grads = _reference(x, w, b, target, None, weight, ref_dtype, reduction=reduction, **ref_kwargs)
+    go = _random_grad_out(ref_loss.shape) if grad_out == "random" else grad_out
+    ref_loss, ref_grads = _reference(x, w, b, target, go, weight, ref_dtype, reduction=reduction, **ref_kwargs)
+    loss, grads = _fused(x, w, b, target, go, weight=weight, reduction=reduction, **kwargs)
+    dtype = x.dtype
+    tag = what or f"reduction={reduction} {kwargs}"
+    assert loss.dtype == dtype and tuple(loss.shape) == tuple(ref_loss.shape), \
+        f"{tag}: loss {loss.dtype} {tuple(loss.shape)}, reference {tuple(ref_loss.shape)}"
+    assert_close_ref(loss, ref_loss, dtype, f"{tag}: loss", rtol=rtol, atol_scale=atol_scale, floor=1.0)
+    for name, got, ref, src in zip(("grad_input", "grad_linear_weight", "grad_linear_bias"), grads, ref_grads,
+                                   (x, w, b)):
+        if src is None:
+            continue
+        assert got.dtype == src.dtype and got.shape == src.shape, f"{tag}: {name} {got.dtype} {tuple(got.shape)}"
+        assert_close_ref(got, ref, dtype, f"{tag}: {name}", rtol=rtol, atol_scale=atol_scale)
+    return loss, grads
+
+
+class AllocationMonitor(TorchDispatchMode):
+    """Records the element count of every tensor any operator returns (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("ignore", [None, -100, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_targets(device, reduction, ignore, label_smoothing, use_weight, bias):
+    x, w, b = _inputs(device=device, bias=bias)
+    t = _class_target(N, V, device, ignore_index=ignore)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, chunk_size=7,
+              weight=make_weight(V, torch.float64, device) if use_weight else None)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    check(x, w, b, t, **kw)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 8, 13, N - 1, N, N + 5, None])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunk_sizes(reduction, chunk_size):
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    check(x, w, b, t, reduction=reduction, chunk_size=chunk_size, label_smoothing=0.1,
+          weight=make_weight(V, torch.float64))
+
+
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets(device, reduction, label_smoothing, use_weight):
+    x, w, b = _inputs(device=device)
+    t = make_prob_target((N, V), torch.float64, device)
+    check(x, w, b, t, reduction=reduction, label_smoothing=label_smoothing, chunk_size=6,
+          weight=make_weight(V, torch.float64, device) if use_weight else None)
+
+
+@pytest.mark.parametrize("target_kind", ["class0d", "class1", "ignored", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unbatched(reduction, target_kind):
+    x, w, b = _inputs(n=None)
+    if target_kind == "prob":
+        t = make_prob_target((V,), torch.float64)
+    elif target_kind == "class1":
+        t = torch.randint(0, V, (1,))
+    elif target_kind == "ignored":
+        t = torch.tensor(-100)
+    else:
+        t = torch.randint(0, V, ())
+    if target_kind == "class1":
+        # torch accepts a (1,) target for an unbatched input in the forward, but its backward
+        # fails on it ("size mismatch"): the gradients are checked against the () target
+        ref = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)
+        got = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref)
+        loss, grads = _fused(x, w, b, t, reduction=reduction)
+        _, ref_grads = _reference(x, w, b, t.reshape(()), reduction=reduction)
+        for g, r in zip(grads, ref_grads):
+            assert_close_ref(g, r, torch.float64)
+        return
+    check(x, w, b, t, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction, label_smoothing):
+    """torch: the mean is NaN, every gradient 0."""
+    x, w, b = _inputs()
+    t = torch.full((N,), -100)
+    loss, grads = check(x, w, b, t, reduction=reduction, label_smoothing=label_smoothing, chunk_size=7,
+                        grad_out=None)
+    if reduction == "mean":
+        assert torch.isnan(loss)
+    for g in grads:
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_zero_total_weight(label_smoothing):
+    """Counted elements whose class weight is 0: torch's mean is NaN, and so are the gradients
+    of the counted rows (0 * 1/0), the others' stay 0."""
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    t[t >= 0] = 2
+    weight = make_weight(V, torch.float64)
+    weight[2] = 0
+    check(x, w, b, t, weight=weight, label_smoothing=label_smoothing, chunk_size=7, grad_out=None)
+
+
+@pytest.mark.parametrize("kind", ["class", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction, kind):
+    x, w, b = _inputs(n=0)
+    t = torch.zeros(0, dtype=torch.long) if kind == "class" else torch.zeros(0, V, dtype=torch.float64)
+    check(x, w, b, t, reduction=reduction, grad_out=None)
+
+
+def test_matches_torch_linear_cross_entropy():
+    """Also against torch's own F.linear_cross_entropy (same defaults, ignore_index included)."""
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    ours = linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    theirs = F.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_uint8_targets_and_noncontiguous_tensors():
+    x, w, b = _inputs()
+    x = torch.cat([x, x], 1)[:, ::2]  # strided input
+    w = w.t().contiguous().t()  # column-major weight (tied embeddings)
+    t = torch.randint(0, V, (N,), dtype=torch.uint8)
+    check(x, w, b, t, chunk_size=9, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "weight+bias"])
+def test_partial_requires_grad(which):
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    _, (rgx, rgw, rgb) = _reference(x, w, b, t)
+    xl = x.clone().requires_grad_("input" in which)
+    wl = w.clone().requires_grad_("weight" in which)
+    bl = b.clone().requires_grad_("bias" in which)
+    linear_cross_entropy(xl, wl, t, linear_bias=bl, chunk_size=7).backward()
+    for leaf, ref in ((xl, rgx), (wl, rgw), (bl, rgb)):
+        if leaf.requires_grad:
+            assert_close_ref(leaf.grad, ref, torch.float64)
+        else:
+            assert leaf.grad is None
+
+
+def test_gradients_accumulate_and_retain_graph():
+    """A second backward through the same graph recomputes the gradients (they were handed over)."""
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    _, ref = _reference(x, w, b, t, weight=None, label_smoothing=0.1)
+    xl, wl, bl = (v.clone().requires_grad_() for v in (x, w, b))
+    loss = linear_cross_entropy(xl, wl, t, linear_bias=bl, label_smoothing=0.1, chunk_size=7)
+    loss.backward(retain_graph=True)
+    (loss * 3).backward()
+    for leaf, r in zip((xl, wl, bl), ref):
+        assert_close_ref(leaf.grad, 4 * r, torch.float64)
+
+
+def test_inputs_not_modified():
+    x, w, b = _inputs()
+    t = make_prob_target((N, V), torch.float64)
+    before = [v.clone() for v in (x, w, b, t)]
+    xl, wl, bl = (v.clone().requires_grad_() for v in (x, w, b))
+    linear_cross_entropy(xl, wl, t, linear_bias=bl, chunk_size=7).backward()
+    for v, v0 in zip((xl, wl, bl, t), before):
+        assert torch.equal(v.detach(), v0)
+
+
+def test_bfloat16(device):
+    """bf16 inputs against the float32 reference on the same (bf16-rounded) values."""
+    x, w, b = _inputs(n=64, h=32, v=100, dtype=torch.bfloat16, device=device)
+    t = _class_target(64, 100, device, ignore_index=-100)
+    for reduction in ("mean", "sum", "none"):
+        check(x, w, b, t, reduction=reduction, label_smoothing=0.1, chunk_size=24, ref_dtype=torch.float32,
+              rtol=3e-2, atol_scale=2e-2, what=f"bf16 {reduction}")
+
+
+def test_float32_default_chunking(device):
+    x, w, b = _inputs(n=300, h=24, v=257, dtype=torch.float32, device=device)
+    t = _class_target(300, 257, device, ignore_index=-100)
+    check(x, w, b, t, label_smoothing=0.1, rtol=1e-4, atol_scale=1e-5)
+
+
+def test_autocast_cpu():
+    """Under CPU autocast: the GEMMs in bfloat16, the loss in float32, like F.linear + F.cross_entropy."""
+    x, w, b = _inputs(n=48, h=32, v=64, dtype=torch.float32)
+    t = _class_target(48, 64, ignore_index=-100)
+    xl, wl, bl = (v.clone().requires_grad_() for v in (x, w, b))
+    xr, wr, br = (v.clone().requires_grad_() for v in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(xl, wl, t, linear_bias=bl, chunk_size=16)
+        ref = F.cross_entropy(F.linear(xr, wr, br), t)
+    assert ours.dtype == ref.dtype == torch.float32
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+    for a, r in ((xl, xr), (wl, wr), (bl, br)):
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, r.grad, rtol=3e-2, atol=3e-2 * float(r.grad.abs().max()))
+
+
+# --------------------------------------------------------------------------- no gradient work
+
+
+def test_no_grad_does_no_gradient_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("gradient operator called although nothing needs a gradient")
+
+    monkeypatch.setattr(linear_mod, "_chunk_loss_and_grad", forbidden)
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    for reduction in ("mean", "sum", "none"):
+        ref, _ = _reference(x, w, b, t, reduction=reduction)
+        xl, wl, bl = (v.clone().requires_grad_() for v in (x, w, b))
+        with torch.no_grad():
+            out = linear_cross_entropy(xl, wl, t, linear_bias=bl, reduction=reduction, chunk_size=7)
+        assert out.grad_fn is None
+        assert_close_ref(out, ref, torch.float64, floor=1.0)
+        # nothing requires grad, grad mode on
+        out = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=7)
+        assert out.grad_fn is None and not out.requires_grad
+        assert_close_ref(out, ref, torch.float64, floor=1.0)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_never_materialised(reduction, dtype):
+    """No operator of the forward + backward produces a tensor of N x V elements (or anything
+    larger than a chunk of logits, the weight or the input); the reference path does."""
+    n, h, v, chunk = 512, 16, 384, 48
+    x, w, b = _inputs(n=n, h=h, v=v, dtype=dtype)
+    t = _class_target(n, v, ignore_index=-100)
+    xl, wl, bl = (u.clone().requires_grad_() for u in (x, w, b))
+    with AllocationMonitor() as mon:
+        linear_cross_entropy(xl, wl, t, linear_bias=bl, reduction=reduction, chunk_size=chunk).sum().backward()
+    assert any("cross_entropy" in op for op in mon.ops), "the monitor did not see the fused operator"
+    allowed = max(chunk * v, v * h, n * h)
+    assert mon.largest <= allowed < n * v // 8, (mon.largest, allowed, n * v)
+
+    xr, wr, br = (u.clone().requires_grad_() for u in (x, w, b))
+    with AllocationMonitor() as ref_mon:  # positive control: the monitor sees the logits
+        F.cross_entropy(F.linear(xr, wr, br), t, reduction=reduction).sum().backward()
+    assert ref_mon.largest >= n * v
+
+
+def test_default_chunking_holds_a_sixteenth():
+    """With the default chunk size, on logits big enough for it to matter (512 MiB), nothing
+    bigger than 1/16 of the logits is created (H is tiny to keep the GEMMs cheap)."""
+    n, h, v = 4096, 4, 32768
+    x, w, _ = _inputs(n=n, h=h, v=v, dtype=torch.float32, bias=False)
+    x.requires_grad_()
+    w.requires_grad_()
+    t = _class_target(n, v, ignore_index=-100)
+    with AllocationMonitor() as mon:
+        linear_cross_entropy(x, w, t).backward()
+    assert mon.largest * 16 <= n * v, (mon.largest, n * v)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(8192, 32000, 4) == 512  # 1/16 of the logits, 62.5 MiB
+    for n, v, bpl in ((8192, 32000, 4), (16384, 32000, 2), (65536, 128256, 2), (8192, 32000, 6)):
+        rows = default_chunk_size(n, v, bpl)  # logits >= 512 MiB: at most 1/16 and 64 MiB
+        assert rows * 16 <= n and rows * v * bpl <= 64 << 20, (n, v, bpl, rows)
+    assert default_chunk_size(100000, 50000, 4) * 50000 * 4 <= 64 << 20  # the 64 MiB cap
+    assert default_chunk_size(2048, 32000, 4) == 256  # small logits: the 32 MiB floor
+    assert default_chunk_size(200, 32000, 4) == 200  # under 32 MiB of logits: one chunk
+    assert default_chunk_size(0, 10, 4) == 1
+    assert default_chunk_size(1024, 10**8, 4) == 1
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_gradcheck(reduction, kind):
+    n, h, v = 5, 3, 4
+    x, w, b = (u.requires_grad_() for u in _inputs(n=n, h=h, v=v))
+    if kind == "class":
+        t = torch.tensor([0, 3, -100, 1, 2])
+        kw = dict(weight=make_weight(v, torch.float64), label_smoothing=0.2)
+    else:
+        t = make_prob_target((n, v), torch.float64)
+        kw = dict(label_smoothing=0.2)
+
+    def fn(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction=reduction, chunk_size=2, **kw)
+
+    assert gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- fallbacks and errors
+
+
+def test_k_dimensional_weight_falls_back():
+    n, h, v, d = 6, 5, 4, 3
+    x, _, _ = _inputs(n=n, h=h, v=v)
+    w = torch.randn(v, d, h, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, d, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, v, (n, d))
+    x.requires_grad_()
+    ours = linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    theirs = F.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+    for a, r in zip(torch.autograd.grad(ours, (x, w, b)), torch.autograd.grad(theirs, (x, w, b))):
+        torch.testing.assert_close(a, r)
+
+
+def test_probability_target_requiring_grad_falls_back():
+    x, w, b = _inputs()
+    t = make_prob_target((N, V), torch.float64).requires_grad_()
+    t_ref = t.detach().clone().requires_grad_()
+    ours = linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    theirs = F.cross_entropy(F.linear(x, w, b), t_ref, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(t.grad, t_ref.grad)
+
+
+def _error_of(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc), str(exc).splitlines()[0]
+    return None
+
+
+def _error_cases():
+    x, w, b = torch.randn(N, H), torch.randn(V, H), torch.randn(V)
+    t = torch.randint(0, V, (N,))
+    return {
+        "input 3-d": ((torch.randn(2, N, H), w, t), {}),
+        "input 0-d": ((torch.tensor(1.0), w, t), {}),
+        "weight 1-d": ((x, torch.randn(H), t), {}),
+        "in_features": ((x, torch.randn(V, H + 1), t), {}),
+        "bias shape": ((x, w, t), dict(linear_bias=torch.randn(V + 1))),
+        "batch size": ((x, w, t[:3]), {}),
+        "0-d target": ((x, w, t[0]), {}),
+        "multi-target": ((x, w, torch.zeros(N, 2, dtype=torch.long)), {}),
+        "int32 target": ((x, w, t.int()), {}),
+        "float target, wrong shape": ((x, w, torch.rand(N, V + 1)), {}),
+        "unbatched target size": ((x[0], w, t[:2]), {}),
+        "weight shape": ((x, w, t), dict(weight=torch.rand(V + 1))),
+        "weight dtype": ((x, w, t), dict(weight=torch.rand(V, dtype=torch.float64))),
+        "reduction": ((x, w, t), dict(reduction="average")),
+        "label_smoothing": ((x, w, t), dict(label_smoothing=1.5)),
+        "dtype mismatch": ((x.double(), w, t), {}),
+        "K-dim unbatched": ((x[0], torch.randn(V, 2, H), t), {}),
+        "target out of range": ((x, w, torch.full((N,), V)), {}),
+        "ignore_index with probabilities": ((x, w, torch.rand(N, V)), dict(ignore_index=3)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_error_cases()))
+def test_errors_like_torch(case):
+    args, kwargs = _error_cases()[case]
+    expected = _error_of(F.linear_cross_entropy, *args, **kwargs)
+    assert expected is not None, "torch accepts this case; the test is wrong"
+    assert _error_of(linear_cross_entropy, *args, **kwargs) == expected
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_bad_chunk_size(chunk_size):
+    x, w, _ = _inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(x, w, _class_target(N, V), chunk_size=chunk_size)
