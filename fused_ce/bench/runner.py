@@ -141,9 +141,13 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
     progress.log(f"{workload.name}: logits {workload.shape_str} {workload.dtype} "
                  f"({workload.logits_bytes / 1e6:.1f} MB), {n_buffers} buffers, options {workload.options_str}")
     inputs = make_inputs(workload, device, n_buffers, seed=config.seed)
+    # Every parity check reads the first buffer. With inplace_backward, timing fused_ce
+    # overwrites the buffers with gradients, so the checks get a copy kept aside.
+    parity_x = inputs.logits[0].detach().clone() if workload.inplace_backward else inputs.logits[0]
+    parity_t = inputs.targets[0]
     # The parity reference is always eager, whether or not eager is among the timed implementations.
     try:
-        reference = parity.outputs(Eager().build_for(workload, inputs), inputs.logits[0], inputs.targets[0])
+        reference = parity.outputs(Eager().build_for(workload, inputs), parity_x, parity_t)
     except Exception as exc:
         reference = None
         progress.log(f"{workload.name}: no parity reference, eager failed: {_short_error(exc)}")
@@ -162,7 +166,7 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
             try:
                 fn = impl.build_for(workload, inputs)
                 if reference is not None:
-                    check = _check_parity(fn, inputs, reference, workload)
+                    check = _check_parity(fn, parity_x, parity_t, reference, workload)
             except Exception as exc:
                 build_error = f"failed: {_short_error(exc)}"
 
@@ -193,9 +197,9 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
     return flat
 
 
-def _check_parity(fn, inputs, reference, workload) -> parity.Parity:
+def _check_parity(fn, x, target, reference, workload) -> parity.Parity:
     try:
-        got = parity.outputs(fn, inputs.logits[0], inputs.targets[0])
+        got = parity.outputs(fn, x, target)
         return parity.compare(got, reference, workload.torch_dtype)
     except Exception as exc:
         return parity.Parity(float("nan"), float("nan"), False, _short_error(exc))

@@ -46,6 +46,9 @@ class Workload:
     ignore_fraction: float = 0.0  # fraction of targets replaced by ignore_index
     weighted: bool = False  # random per-class weights in the input's dtype
     reduction: str = "mean"
+    z_loss: float = 0.0  # the large-vocabulary options of fused_ce.cross_entropy
+    softcap: Optional[float] = None
+    inplace_backward: bool = False
     hidden: int = 0  # > 0: an LM-head ("linear") workload, hidden states (N, hidden) @ weight (C, hidden)^T
 
     @property
@@ -84,7 +87,22 @@ class Workload:
             parts.append("weight")
         if self.reduction != "mean":
             parts.append(f"reduction={self.reduction}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss:g}")
+        if self.softcap:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.inplace_backward:
+            parts.append("inplace_backward")
         return ", ".join(parts) or "-"
+
+    @property
+    def has_llm_options(self) -> bool:
+        """Whether the workload uses options that F.cross_entropy does not have."""
+        return bool(self.z_loss or self.softcap or self.inplace_backward)
+
+    def llm_kwargs(self) -> dict:
+        """The keyword-only options of fused_ce.cross_entropy for this workload."""
+        return dict(z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward)
 
     def loss_kwargs(self, weight: Optional[torch.Tensor]) -> dict:
         """Keyword arguments of F.cross_entropy for this workload."""
@@ -182,11 +200,14 @@ def _lm(vocab_label: str, n: int, v: int, dtype: str) -> Workload:
 
 
 def _variants(base_n: int, v: int, dtype: str) -> List[Workload]:
-    """The option variants, on a 32k vocabulary: label smoothing, ignored targets, class weights."""
+    """The option variants, on a 32k vocabulary: label smoothing, ignored targets, class
+    weights, and the large-vocabulary options (z-loss with softcap, the in-place gradient)."""
     return [
         Workload(f"lm-32k-{dtype}-smooth", "lm", (base_n, v), dtype, label_smoothing=0.1),
         Workload(f"lm-32k-{dtype}-ignore", "lm", (base_n, v), dtype, ignore_fraction=0.25),
         Workload(f"lm-32k-{dtype}-weight", "lm", (base_n, v), dtype, weighted=True),
+        Workload(f"lm-32k-{dtype}-zloss-softcap", "lm", (base_n, v), dtype, z_loss=1e-4, softcap=30.0),
+        Workload(f"lm-32k-{dtype}-inplace", "lm", (base_n, v), dtype, inplace_backward=True),
     ]
 
 
