@@ -49,13 +49,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
-from .functional import cross_entropy
+from .functional import _check_class_target_shape, _dtype_name, cross_entropy
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
-# c10's names, as in PyTorch's messages
-_DTYPE_NAMES = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
-                torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
 
 _NONE, _MEAN, _SUM = 0, 1, 2
 _REDUCTIONS = {"none": _NONE, "mean": _MEAN, "sum": _SUM}
@@ -350,20 +347,6 @@ def _check_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Te
             f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
 
 
-def _check_class_target_shape(input: Tensor, target: Tensor) -> None:
-    """cross_entropy's shape errors for class-index targets of a 2-D linear_weight (cheap, before any GEMM)."""
-    if input.dim() == 1:
-        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
-            raise ValueError("For 1D input, 1D target must have size 1, but got target size: "
-                             f"{target.shape[0] if target.dim() == 1 else list(target.shape)}")
-        return
-    batch = target.shape[0] if target.dim() > 0 else 0
-    if batch != input.shape[0]:
-        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
-    if target.dim() != 1:
-        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-
-
 def _reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing):
     """F.linear + fused_ce.cross_entropy, shaped like torch's reference path (K-dim weights included)."""
     num_classes = linear_weight.shape[0]
@@ -440,10 +423,11 @@ def linear_cross_entropy(
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     if linear_weight.dim() == 2 and not probs:
-        _check_class_target_shape(input, target)
+        # input is (N, H) or (H): its batch dimension is the logits'
+        _check_class_target_shape(input, target, unbatched=input.dim() == 1)
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
-                               f"{_DTYPE_NAMES.get(target.dtype, str(target.dtype).replace('torch.', ''))}")
+                               f"{_dtype_name(target.dtype)}")
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")

@@ -6,8 +6,13 @@
   on the CPU computes the gradient inside the forward), so compare
   ``fwd+bwd`` across implementations.
 * ``fwd+bwd``: the headline, a training step's loss: a fresh autograd graph
-  per repetition, ``loss = fn(x, t); loss.backward()``, with ``x.grad`` reset
-  to None in prep.
+  per repetition, ``loss = fn(x, t); loss.backward()``.
+
+Prep drops the gradients of every buffer, so that, as in a training loop,
+one logits gradient at a time is alive. Keeping the gradients of all the
+rotating buffers (up to 32 of them for small workloads) made the allocator
+return memory to the system and fault it in again on every step, which
+doubled the time of small workloads for every implementation alike.
 
 The copy roofline does ``out.copy_(x)`` in every mode.
 """
@@ -49,9 +54,13 @@ def loss_steps(fn, mode: str, inputs: Inputs) -> Tuple[Optional[Step], Step]:
                 return fn(xs[i], ts[i])
         return None, step
 
+    def drop_gradients():
+        for x in xs:
+            x.grad = None
+
     if mode == FWD_BWD:
         def prep(i):
-            xs[i].grad = None
+            drop_gradients()
 
         def step(i):
             fn(xs[i], ts[i]).backward()
@@ -61,7 +70,7 @@ def loss_steps(fn, mode: str, inputs: Inputs) -> Tuple[Optional[Step], Step]:
         pending = {}
 
         def prep(i):
-            xs[i].grad = None
+            drop_gradients()
             pending[i] = fn(xs[i], ts[i])
 
         def step(i):
