@@ -543,18 +543,8 @@ class TileKernel {
 
     // Per-lane coordinates. Lanes past the end repeat the last position so
     // that every load stays in bounds; their results are never stored.
-    // Coordinates are stepped rather than divided per lane: a division costs
-    // as much as several elements of a small row.
     int64_t n[kLanes], d[kLanes];
-    int64_t cur_n = first / a_.D, cur_d = first - cur_n * a_.D;
-    for (int l = 0; l < kLanes; ++l) {
-      n[l] = cur_n;
-      d[l] = cur_d;
-      if (l + 1 < valid && ++cur_d == a_.D) {
-        cur_d = 0;
-        ++cur_n;
-      }
-    }
+    locate(first, valid, n, d);
     // A full tile within one n covers kLanes consecutive d: with a unit d
     // stride ((N, C, H, W) layouts) each class is one contiguous vector.
     const bool consecutive = valid == kLanes && n[0] == n[kLanes - 1];
@@ -575,17 +565,19 @@ class TileKernel {
     const Vec* Tp = t_.data();
     Vec* G = g_.data();
 
-    int64_t target[kLanes];
-    Acc w_target[kLanes];
-    bool ignored[kLanes];
+    // Class targets per lane: the class (-1 where ignored, so that it
+    // matches no class), its weight (0 where ignored) and a mask of the
+    // ignored lanes. Probability targets have none of these.
+    IntVec target{}, ignored{};
+    Vec w_target{};
     if (!is_prob) {
       for (int l = 0; l < kLanes; ++l) {
-        target[l] = a_.class_target[n[l] * a_.class_target_stride_n + d[l] * a_.class_target_stride_d];
-        ignored[l] = target[l] == a_.ignore_index;
-        w_target[l] = ignored[l] ? Acc(0) : (a_.weight ? a_.weight[target[l]] : Acc(1));
+        const int64_t t = a_.class_target[n[l] * a_.class_target_stride_n + d[l] * a_.class_target_stride_d];
+        const bool skip = t == a_.ignore_index;
+        target[l] = skip ? -1 : t;
+        ignored[l] = skip ? -1 : 0;
+        w_target[l] = skip ? Acc(0) : (a_.weight ? a_.weight[t] : Acc(1));
       }
-    } else {
-      for (int l = 0; l < kLanes; ++l) ignored[l] = false;
     }
 
     const bool want_grad = a_.grad_input != nullptr || a_.grad_target != nullptr;
@@ -616,35 +608,38 @@ class TileKernel {
     // for probability targets. Ignored lanes have none, and skip it outright
     // (0 * lse is NaN for an infinite lse).
     const bool has_z_loss = a_.z_loss != Acc(0);
-    Vec z_weight{};
-    for (int l = 0; l < kLanes; ++l) z_weight[l] = a_.z_loss * (is_prob ? Acc(1) : w_target[l]);
+    const Vec z_weight = is_prob ? Vec{} + a_.z_loss : a_.z_loss * w_target;
     if (a_.loss) {
-      for (int l = 0; l < valid; ++l) {
-        Acc loss;
-        if (is_prob) {
-          loss = sum_wt[l] * log_sum[l] - shifted_wtx[l];
-        } else if (ignored[l]) {
-          loss = 0;
-        } else {
-          loss = (Acc(1) - eps) * w_target[l] * ((vmax[l] - X[target[l]][l]) + log_sum[l]);
-          if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * log_sum[l] - shifted_wx[l]);
-        }
-        if (has_z_loss && !ignored[l]) loss += z_weight[l] * lse[l] * lse[l];
-        a_.loss[first + l] = loss;
-        a_.lse[first + l] = lse[l];
+      Vec loss;
+      if (is_prob) {
+        loss = sum_wt * log_sum - shifted_wtx;
+        if (has_z_loss) loss += z_weight * lse * lse;
+      } else {
+        // Each lane's target logit, selected class by class (a vector
+        // compare per class is cheaper than eight scalar lookups).
+        Vec picked{};
+        for (int64_t c = 0; c < C; ++c) picked = target == IntVec{} + Int(c) ? X[c] : picked;
+        loss = (Acc(1) - eps) * w_target * ((vmax - picked) + log_sum);
+        if (eps != Acc(0)) loss += eps_per_class * (a_.weight_sum * log_sum - shifted_wx);
+        if (has_z_loss) loss += z_weight * lse * lse;
+        loss = ignored != 0 ? Vec{} : loss;
       }
+      store_positions(a_.loss + first, loss, valid);
+      store_positions(a_.lse + first, lse, valid);
     }
     if (!want_grad) return;
 
     // Ignored lanes get zero coefficients (see RowKernel: NaN where p is).
     // The gradients of the z-loss and of the lse output both multiply p.
-    Vec g, extra_p{};
-    for (int l = 0; l < kLanes; ++l) {
-      g[l] = ignored[l] ? Acc(0)
-           : a_.grad_loss ? a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d]
-                          : a_.grad_scale;
-      if (has_z_loss && !ignored[l]) extra_p[l] = g[l] * Acc(2) * z_weight[l] * lse[l];
-      if (a_.grad_lse) extra_p[l] += a_.grad_lse[n[l] * a_.grad_lse_stride_n + d[l] * a_.grad_lse_stride_d];
+    Vec g = Vec{} + a_.grad_scale;
+    if (a_.grad_loss) {
+      for (int l = 0; l < kLanes; ++l) g[l] = a_.grad_loss[n[l] * a_.grad_loss_stride_n + d[l] * a_.grad_loss_stride_d];
+    }
+    g = ignored != 0 ? Vec{} : g;
+    Vec extra_p{};
+    if (has_z_loss) extra_p = ignored != 0 ? Vec{} : g * Acc(2) * z_weight * lse;
+    if (a_.grad_lse) {
+      for (int l = 0; l < kLanes; ++l) extra_p[l] += a_.grad_lse[n[l] * a_.grad_lse_stride_n + d[l] * a_.grad_lse_stride_d];
     }
 
     if (a_.grad_input) {
@@ -655,14 +650,14 @@ class TileKernel {
         const Vec coef_p = (g * sum_wt + extra_p) * inv_sum;
         for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - g * weight_at(c) * Tp[c];
       } else {
-        Vec wt{};
-        for (int l = 0; l < kLanes; ++l) wt[l] = w_target[l];
         const Vec coef_p =
-            (g * ((Acc(1) - eps) * wt + eps_per_class * a_.weight_sum) + extra_p) * inv_sum;
+            (g * ((Acc(1) - eps) * w_target + eps_per_class * a_.weight_sum) + extra_p) * inv_sum;
         const Vec coef_w = g * eps_per_class;
-        for (int64_t c = 0; c < C; ++c) G[c] = coef_p * G[c] - coef_w * weight_at(c);
-        for (int l = 0; l < valid; ++l) {
-          if (!ignored[l]) G[target[l]][l] -= g[l] * (Acc(1) - eps) * w_target[l];
+        // The target class additionally loses g (1 - eps) w_target.
+        const Vec coef_target = g * (Acc(1) - eps) * w_target;
+        for (int64_t c = 0; c < C; ++c) {
+          const Vec one_hot = target == IntVec{} + Int(c) ? coef_target : Vec{};
+          G[c] = (coef_p * G[c] - coef_w * weight_at(c)) - one_hot;
         }
       }
       if (capped) {
@@ -683,7 +678,49 @@ class TileKernel {
   }
 
  private:
+  using IntVec = int_lanes_t<Vec>;
+  using Int = typename std::remove_reference<decltype(IntVec{}[0])>::type;
+
   FUSED_CE_INLINE Acc weight_at(int64_t c) const { return a_.weight ? a_.weight[c] : Acc(1); }
+
+  // Sets the coordinates (n, d) of the tile's positions first, first + 1,
+  // ...; lanes from `valid` on repeat the last valid position. Consecutive
+  // tiles continue from where the previous one stopped: a 64-bit division
+  // per tile costs as much as several elements of a small row.
+  FUSED_CE_INLINE void locate(int64_t first, int valid, int64_t* n, int64_t* d) {
+    int64_t cur_n, cur_d;
+    if (first == next_first_) {
+      cur_n = next_n_;
+      cur_d = next_d_;
+    } else {
+      cur_n = first / a_.D;
+      cur_d = first - cur_n * a_.D;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      n[l] = cur_n;
+      d[l] = cur_d;
+      if (++cur_d == a_.D) {
+        cur_d = 0;
+        ++cur_n;
+      }
+    }
+    next_first_ = first + kLanes;
+    next_n_ = cur_n;
+    next_d_ = cur_d;
+    for (int l = valid; l < kLanes; ++l) {
+      n[l] = n[valid - 1];
+      d[l] = d[valid - 1];
+    }
+  }
+
+  // p[0, valid) = the first `valid` lanes of v.
+  static FUSED_CE_INLINE void store_positions(Acc* p, Vec v, int valid) {
+    if (valid == kLanes) {
+      store_vec(p, v);
+    } else {
+      store_partial(p, v, valid);
+    }
+  }
 
   // Loads a (C, lanes) tile in the accumulate type.
   FUSED_CE_INLINE void gather(const T* src, const Strides3& s, const int64_t* n, const int64_t* d,
@@ -695,8 +732,22 @@ class TileKernel {
     }
     int64_t base[kLanes];
     for (int l = 0; l < kLanes; ++l) base[l] = n[l] * s.n + d[l] * s.d;
+    if (s.c == 1 && a_.C >= kLanes) {
+      // Row-major (N, C) with few classes: each lane's row is contiguous, so
+      // load kLanes x kLanes blocks as whole row vectors and transpose them
+      // in registers (one scalar insert per element costs several times
+      // more). A last block that does not fit overlaps the one before.
+      for (int64_t c0 = 0; c0 < a_.C; c0 += kLanes) {
+        const int64_t start = c0 + kLanes <= a_.C ? c0 : a_.C - kLanes;
+        Vec block[kLanes];
+        for (int l = 0; l < kLanes; ++l) block[l] = load_lanes(src + base[l] + start);
+        transpose_square(block);
+        for (int j = 0; j < kLanes; ++j) dst[start + j] = block[j];
+      }
+      return;
+    }
     if (s.c == 1) {
-      // Row-major (N, C) with few classes: read each lane's row in order.
+      // Rows shorter than a vector: read each lane's row in order.
       for (int l = 0; l < kLanes; ++l) {
         const T* row = src + base[l];
         for (int64_t c = 0; c < a_.C; ++c) dst[c][l] = to_acc(row[c]);
@@ -715,6 +766,17 @@ class TileKernel {
     if (consecutive && s.d == 1) {
       T* first = dst + n[0] * s.n + d[0];
       for (int64_t c = 0; c < a_.C; ++c) store_lanes(first + c * s.c, tile[c]);
+      return;
+    }
+    if (s.c == 1 && a_.C >= kLanes) {
+      // The transpose of gather(); overlapping blocks write equal values.
+      for (int64_t c0 = 0; c0 < a_.C; c0 += kLanes) {
+        const int64_t start = c0 + kLanes <= a_.C ? c0 : a_.C - kLanes;
+        Vec block[kLanes];
+        for (int j = 0; j < kLanes; ++j) block[j] = tile[start + j];
+        transpose_square(block);
+        for (int l = 0; l < valid; ++l) store_lanes(dst + n[l] * s.n + d[l] * s.d + start, block[l]);
+      }
       return;
     }
     for (int l = 0; l < valid; ++l) {
@@ -742,6 +804,8 @@ class TileKernel {
   }
 
   const KernelArgs<T>& a_;
+  // Where the next tile in order starts (see locate()).
+  int64_t next_first_ = -1, next_n_ = 0, next_d_ = 0;
   // Tiles are (C, lanes), class-major: one vector per class.
   VectorBuffer<Vec> x_;  // logits
   VectorBuffer<Vec> t_;  // smoothed probability targets

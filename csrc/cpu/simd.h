@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #define FUSED_CE_INLINE inline __attribute__((always_inline))
 
@@ -24,6 +25,21 @@ constexpr int kVectorBytes = 32;
 typedef float VecF __attribute__((vector_size(kVectorBytes)));
 typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
 typedef double VecD __attribute__((vector_size(kVectorBytes)));
+
+// The integer vector with the lanes of a float vector: lane masks (the
+// result of comparisons), lane indices and shuffle masks.
+template <typename Vec>
+struct IntLanes;
+template <>
+struct IntLanes<VecF> {
+  using type = VecI32;
+};
+template <>
+struct IntLanes<VecD> {
+  typedef int64_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename Vec>
+using int_lanes_t = typename IntLanes<Vec>::type;
 
 // Per accumulate type: the vector type, its lane count and a vector exp().
 template <typename Acc>
@@ -41,12 +57,14 @@ struct Simd<float> {
   // [-ln2/2, ln2/2]; exp(r) is a degree-6 polynomial fitted for minimal
   // relative error on that interval (< 2e-9, below float rounding; one term
   // shorter than the Taylor series of the same accuracy, and the exp is
-  // most of the kernels' arithmetic). NaN passes through every step unchanged; arguments
-  // below the smallest normal result (including -inf) give exactly 0, as the
-  // softmax of a masked (-inf) logit must.
+  // most of the kernels' arithmetic). NaN passes through every step
+  // unchanged. Arguments are clamped below at -127 ln 2, where n = -127
+  // makes 2^n's exponent field, and so the result, exactly 0: -inf (the
+  // softmax of a masked logit must be 0) and everything whose exp is below
+  // about FLT_MIN / 1.4 come out as 0 without a final select.
   static FUSED_CE_INLINE Vec exp(Vec x) {
     const float kMaxArg = 88.0f;  // keeps 2^n finite (n <= 127)
-    const float kMinArg = -87.33654475f;  // log(FLT_MIN)
+    const float kMinArg = -88.02969193f;  // -127 ln 2
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693145751953125f;  // ln 2 split in two (Cody-Waite)
     const float kLn2Lo = 1.428606765330187e-06f;
@@ -68,8 +86,7 @@ struct Simd<float> {
     VecI32 exponent = (__builtin_convertvector(n, VecI32) + 127) << 23;
     Vec two_to_n;
     std::memcpy(&two_to_n, &exponent, sizeof two_to_n);
-    Vec result = p * two_to_n;
-    return x < min_arg ? Vec{} : result;
+    return p * two_to_n;
   }
 
   // Natural log for positive, normal, finite lanes (the kernels take the log
@@ -180,6 +197,46 @@ FUSED_CE_INLINE Acc reduce_sum(Vec v) {
   Acc s = 0;
   for (int i = 0; i < int(sizeof(Vec) / sizeof(Acc)); ++i) s += v[i];
   return s;
+}
+
+// Transposes the square matrix whose rows are the vectors m[0, lanes):
+// afterwards m[j][i] holds what m[i][j] held. The tile kernel uses it to
+// turn `lanes` rows of a row-major (N, C) tensor into class-major vectors and
+// back, with whole-vector loads and stores instead of one scalar per element.
+//
+// One butterfly stage per bit h of the lane index: rows i and i + h (bit h
+// of i clear) exchange the elements whose column has bit h set with those of
+// the partner whose column has it clear. That swaps bit h of every element's
+// row and column; after all stages row and column are swapped. Each stage is
+// two two-input shuffles per row pair (unpack / shufps / vperm2f128 class).
+
+namespace detail {
+template <typename Mask, int kLanes, int kBit, bool kUpper, int... P>
+constexpr Mask butterfly_mask(std::integer_sequence<int, P...>) {
+  // Indices into the concatenation (a, b): lanes < kLanes are a's.
+  return Mask{(P & kBit) == 0 ? P + (kUpper ? kBit : 0) : kLanes + P - (kUpper ? 0 : kBit)...};
+}
+
+template <typename Vec, int kBit>
+FUSED_CE_INLINE void transpose_stage(Vec* m) {
+  constexpr int kLanes = int(sizeof(Vec) / sizeof(m[0][0]));
+  using Mask = int_lanes_t<Vec>;
+  constexpr Mask lower = butterfly_mask<Mask, kLanes, kBit, false>(std::make_integer_sequence<int, kLanes>{});
+  constexpr Mask upper = butterfly_mask<Mask, kLanes, kBit, true>(std::make_integer_sequence<int, kLanes>{});
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & kBit) continue;
+    const Vec a = m[i], b = m[i + kBit];
+    m[i] = __builtin_shuffle(a, b, lower);
+    m[i + kBit] = __builtin_shuffle(a, b, upper);
+  }
+  if constexpr (kBit > 1) transpose_stage<Vec, kBit / 2>(m);
+}
+}  // namespace detail
+
+template <typename Vec>
+FUSED_CE_INLINE void transpose_square(Vec* m) {
+  constexpr int kLanes = int(sizeof(Vec) / sizeof(m[0][0]));
+  detail::transpose_stage<Vec, kLanes / 2>(m);
 }
 
 }  // namespace cpu
