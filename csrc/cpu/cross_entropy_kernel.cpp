@@ -130,6 +130,26 @@ FUSED_CE_INLINE void widen_row(const T* src, int64_t count, float* dst) {
   for (; i < count; ++i) dst[i] = to_acc(src[i]);
 }
 
+// widen_row that also returns the max of the row, saving the max pass a
+// second read of the widened row.
+template <typename T>
+FUSED_CE_INLINE float widen_row_with_max(const T* src, int64_t count, float* dst) {
+  using Packed = typename PackedHalf<T>::type;
+  VecF m = VecF{} - std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kConvertLanes <= count; i += kConvertLanes) {
+    const VecF v = widen(load_vec<Packed>(src + i));
+    m = max_vec(m, v);
+    store_vec(dst + i, v);
+  }
+  float result = reduce_max<float>(m);
+  for (; i < count; ++i) {
+    dst[i] = to_acc(src[i]);
+    result = max_scalar(result, dst[i]);
+  }
+  return result;
+}
+
 // dst[0, count) = T(src[0, count)), rounding to nearest even.
 template <typename T>
 FUSED_CE_INLINE void narrow_row(const float* src, int64_t count, T* dst) {
@@ -180,6 +200,52 @@ FUSED_CE_INLINE void stream_narrow_row(const float* src, int64_t count, T* dst) 
   narrow_row(src, count, dst);
 #endif
 }
+
+// A gradient row waiting to be streamed out of cache-resident scratch,
+// written a chunk at a time by advance() so that the stores can be spread
+// over the next row's compute-bound exp pass instead of leaving the core idle
+// while the memory bus drains them (see RowKernel).
+template <typename T>
+class PendingRow {
+ public:
+  void start(const float* src, int64_t count, T* dst) {
+    src_ = src;
+    dst_ = dst;
+    count_ = count;
+    // The first chunk also takes the elements up to a 16-byte boundary of
+    // dst, so that every later chunk of a multiple of 16 bytes is aligned.
+    done_ = 0;
+    head_ = 0;
+    while (head_ < count_ && (reinterpret_cast<uintptr_t>(dst_ + head_) & 15) != 0) ++head_;
+  }
+
+  // Streams the next `chunk` elements (fewer at the end of the row).
+  FUSED_CE_INLINE void advance(int64_t chunk) {
+    if (done_ >= count_) return;
+    int64_t end = (done_ == 0 ? head_ : done_) + chunk;
+    if (end > count_) end = count_;
+    write(done_, end);
+    done_ = end;
+  }
+
+  FUSED_CE_INLINE void finish() {
+    if (done_ < count_) write(done_, count_);
+    done_ = count_;
+  }
+
+ private:
+  FUSED_CE_INLINE void write(int64_t begin, int64_t end) {
+    if constexpr (std::is_same<T, float>::value) {
+      stream_row(src_ + begin, end - begin, dst_ + begin);
+    } else {
+      stream_narrow_row(src_ + begin, end - begin, dst_ + begin);
+    }
+  }
+
+  const float* src_ = nullptr;
+  T* dst_ = nullptr;
+  int64_t count_ = 0, done_ = 0, head_ = 0;
+};
 
 FUSED_CE_INLINE void finish_streaming() {
 #if defined(__x86_64__)
@@ -272,12 +338,16 @@ FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C, A
 // sum_c exp(x_c - shift), optionally storing each exp into keep[c].
 //
 // This is the compute-heavy pass, and it runs on a row already in cache, so
-// it also prefetches the next row (prefetch_row, `row_bytes` long; nullptr
-// for none): otherwise the memory bus idles here and the next row's first
-// pass waits on DRAM, and the kernel reaches about half the bandwidth.
-template <bool kKeep, typename Acc>
+// it also keeps the memory bus busy meanwhile: it prefetches the next row
+// (prefetch_row, `row_bytes` long; nullptr for none), and every iteration
+// calls store_step(elements), which streams out that many elements of the
+// previous row's gradient now and then. Otherwise the bus idles here, the
+// next row's first pass waits on DRAM and the gradient's stores wait on the
+// bus alone.
+template <bool kKeep, typename Acc, typename StoreStep>
 FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep,
-                                   const char* prefetch_row, int64_t row_bytes) {
+                                   const char* prefetch_row, int64_t row_bytes,
+                                   StoreStep&& store_step) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   constexpr int64_t kCacheLine = 64;
@@ -285,6 +355,11 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
   // independent work; four made the exp's constants spill out of the 16
   // AVX2 registers, and the reloads cost more than the unrolling gained.
   constexpr int kExpUnroll = 2;
+  // Gradient stores go out in chunks of this many iterations (2 KiB of
+  // float32): storing a line per iteration measured slower than not
+  // interleaving at all (the DRAM keeps turning the bus around between
+  // reads and writes), chunks of 1-4 KiB about 8% faster.
+  constexpr int64_t kStoreEvery = 32;
   // Spread the next row's lines evenly over this row's iterations.
   const int64_t iterations = C / (kExpUnroll * kLanes) + 1;
   const int64_t lines_per_iteration = prefetch_row ? (row_bytes / kCacheLine) / iterations + 1 : 0;
@@ -296,6 +371,9 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
     for (int64_t k = 0; k < lines_per_iteration && next_line < prefetch_end; ++k) {
       __builtin_prefetch(next_line);
       next_line += kCacheLine;
+    }
+    if ((c & (kStoreEvery * kExpUnroll * kLanes - 1)) == 0) {
+      store_step(kStoreEvery * kExpUnroll * kLanes);
     }
     for (int u = 0; u < kExpUnroll; ++u) {
       const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c + u * kLanes) - shift);
@@ -366,7 +444,16 @@ class RowKernel {
  public:
   explicit RowKernel(const KernelArgs<T>& args) : a_(args) {
     if (!kStorageIsAcc || a_.softcap != Acc(0)) row_.resize(a_.C);
-    if (a_.grad_input) grad_.resize(a_.C);
+    if (a_.grad_input) {
+      grad_[0].resize(a_.C);
+      grad_[1].resize(a_.C);
+    }
+  }
+
+  // Writes out the last row's gradient; call after the last run().
+  FUSED_CE_INLINE void finish() {
+    if constexpr (kDeferStores) pending_.finish();
+    finish_streaming();
   }
 
   // Processes row `pos`; `next_pos` (or -1) is the row that follows, which
@@ -392,13 +479,21 @@ class RowKernel {
     const T* raw = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
     // x: the row in the accumulate type, after the softcap if there is one.
     const Acc* x;
+    const bool capped = a_.softcap != Acc(0);
+    // Half rows are widened into scratch, and their max found on the way.
+    Acc widened_max = 0;
+    bool have_max = false;
     if constexpr (kStorageIsAcc) {
       x = raw;
     } else {
-      widen_row(raw, C, row_.data());
+      if (capped) {
+        widen_row(raw, C, row_.data());
+      } else {
+        widened_max = widen_row_with_max(raw, C, row_.data());
+        have_max = true;
+      }
       x = row_.data();
     }
-    const bool capped = a_.softcap != Acc(0);
     if (capped) {
       softcap_row(x, C, a_.softcap, row_.data());
       x = row_.data();
@@ -414,8 +509,9 @@ class RowKernel {
                                       d * a_.grad_input_strides.d
                                 : nullptr;
     // The gradient row is assembled in cache-resident scratch and written
-    // out once at the end (see store_gradient_row).
-    Acc* grad_row = grad_out ? grad_.data() : nullptr;
+    // out once: during the next row's exp pass where it can be streamed
+    // (PendingRow), at the end of this row otherwise.
+    Acc* grad_row = grad_out ? grad_[current_].data() : nullptr;
 
     // Pass 1 (memory): the row max. Pass 2 (cache): sum of exp(x - max),
     // keeping the exponentials when the gradient follows so that each
@@ -426,7 +522,7 @@ class RowKernel {
     // logits of large magnitude (a constant row of 1000s, 1e30) lse
     // itself has lost the digits the loss consists of.
     const bool need_smoothing = eps != Acc(0) && !ignored;
-    const Acc row_max = max_of_row(x, C);
+    const Acc row_max = have_max ? widened_max : max_of_row(x, C);
     const Acc shifted_wx =
         need_smoothing ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C, row_max) : Acc(0);
     Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
@@ -437,8 +533,13 @@ class RowKernel {
                                                next_d * a_.input_strides.d);
     }
     const int64_t row_bytes = C * int64_t(sizeof(T));
-    const Acc sum = keep ? sum_exp_of_row<true>(x, C, row_max, keep, next_row, row_bytes)
-                         : sum_exp_of_row<false>(x, C, row_max, keep, next_row, row_bytes);
+    auto store_previous_row = [this](int64_t elements) {
+      if constexpr (kDeferStores) pending_.advance(elements);
+    };
+    const Acc sum =
+        keep ? sum_exp_of_row<true>(x, C, row_max, keep, next_row, row_bytes, store_previous_row)
+             : sum_exp_of_row<false>(x, C, row_max, keep, next_row, row_bytes, store_previous_row);
+    if constexpr (kDeferStores) pending_.finish();
     const Acc log_sum = std::log(sum);
     const Acc lse = row_max + log_sum;
     const Acc inv_sum = Acc(1) / sum;
@@ -498,6 +599,13 @@ class RowKernel {
     if (!ignored) grad_row[target] -= g * (Acc(1) - eps) * w_target;
     if (capped) softcap_chain_rule(x, C, a_.softcap, grad_row);
 
+    if constexpr (kDeferStores) {
+      if (a_.grad_input_strides.c == 1) {
+        pending_.start(grad_row, C, grad_out);
+        current_ ^= 1;
+        return;
+      }
+    }
     store_gradient_row(grad_row, grad_out);
   }
 
@@ -510,9 +618,14 @@ class RowKernel {
     for (int64_t k = 0; k < C; ++k) grad_out[k * stride] = from_acc<T>(grad_row[k]);
   }
 
+  // Streamed, deferred gradient stores (stream_row handles float32 scratch).
+  static constexpr bool kDeferStores = std::is_same<Acc, float>::value;
+
   const KernelArgs<T>& a_;
-  std::vector<Acc> row_;   // the row in the accumulate type (half inputs), softcapped
-  std::vector<Acc> grad_;  // gradient row scratch when the output can't be used
+  std::vector<Acc> row_;      // the row in the accumulate type (half inputs), softcapped
+  std::vector<Acc> grad_[2];  // gradient rows: this one, and the previous one while pending
+  int current_ = 0;
+  PendingRow<T> pending_;     // the previous row's gradient, from grad_[current_ ^ 1]
 };
 
 // ---------------------------------------------------------------------------
@@ -817,7 +930,7 @@ FUSED_CE_INLINE void run_kernel_impl(const KernelArgs<T>& args, int64_t begin, i
   if (args.use_row_kernel) {
     RowKernel<T> kernel(args);
     for (int64_t i = begin; i < end; ++i) kernel.run(i, i + 1 < end ? i + 1 : -1);
-    finish_streaming();
+    kernel.finish();
   } else {
     TileKernel<T> kernel(args);
     for (int64_t i = begin; i < end; ++i) kernel.run(i);
