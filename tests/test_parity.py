@@ -6,6 +6,7 @@ random upstream gradient), grad w.r.t. soft targets when they require grad, and 
 are left untouched.
 """
 
+import math
 import os
 import warnings
 
@@ -674,3 +675,52 @@ def test_language_model_vocab_sizes(device, C, dtype):
     t = make_class_target((6,), C, device, ignore_index=-100, ignore_frac=0.2)
     check_against_torch(fused_ce, x, t, None, reduction="mean", label_smoothing=0.1, what=f"vocab {C}")
     check_against_torch(fused_ce, x, t, None, reduction="none", what=f"vocab {C} none")
+
+
+# --------------------------------------------------------------------------
+# Segmentation layouts (N, C, H, W) with enough pixels for the CPU tile kernel's cache-line groups
+# (several tiles of consecutive pixels loaded and stored together): power-of-two and odd pixel
+# counts, aligned and misaligned storage, and every option that the grouped path computes.
+
+SEGMENTATION_SPATIAL = [(16, 16), (12, 20), (9, 13)]
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("spatial", SEGMENTATION_SPATIAL, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("C", [3, 21])
+def test_segmentation_layouts(device, C, dtype, spatial, offset):
+    shape = (3, C) + spatial
+    numel = math.prod(shape)
+    # offset 1: the same layout one element into its storage, so no class run is line-aligned
+    storage = make_logits((numel + offset,), dtype, device)
+    t = make_class_target((3,) + spatial, C, device, ignore_index=255, ignore_frac=0.1)
+    w = make_weight(C, dtype, device)
+    for reduction in ("none", "mean"):
+        check_against_torch(fused_ce, storage, t, w, reduction=reduction, ignore_index=255,
+                            label_smoothing=0.1, view=lambda s: s[offset:].view(shape),
+                            what=f"segmentation {shape} offset {offset}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+def test_segmentation_llm_options_and_inplace(dtype):
+    # z_loss, softcap and the in-place gradient through the grouped path, against plain PyTorch.
+    shape = (2, 5, 16, 32)
+    x = make_logits(shape, dtype, "cpu")
+    t = make_class_target((2, 16, 32), 5, "cpu", ignore_index=-100, ignore_frac=0.1)
+    x64 = x.double().requires_grad_()
+    y = 4.0 * torch.tanh(x64 / 4.0)
+    valid = t != -100
+    lse = torch.logsumexp(y, 1)
+    per = F.cross_entropy(y, t, reduction="none") + torch.where(valid, 1e-2 * lse.square(), torch.zeros_like(lse))
+    ref = per.sum() / valid.sum()
+    ref.backward()
+    for inplace in (False, True):
+        xl = x.clone().requires_grad_()
+        leaf = xl
+        if inplace:
+            xl = xl * 1  # in-place needs a non-leaf it may overwrite
+        loss = fused_ce.cross_entropy(xl, t, z_loss=1e-2, softcap=4.0, inplace_backward=inplace)
+        loss.backward()
+        assert_close_ref(loss, ref.detach(), dtype, what=f"loss inplace={inplace}")
+        assert_close_ref(leaf.grad, x64.grad, dtype, what=f"grad inplace={inplace}")

@@ -639,21 +639,37 @@ class TileKernel {
   static_assert(kLanes == tile_positions<T>(), "a tile is one vector of positions");
 
  public:
+  // Tiles per cache line of the input in the (N, C, H, W) layout: see
+  // run_line_group().
+  static constexpr int64_t kLineGroup = 64 / (kLanes * int64_t(sizeof(T)));
+
   explicit TileKernel(const KernelArgs<T>& args) : a_(args) {
-    x_.resize(a_.C);
+    x_.resize(a_.C * kLineGroup);
     if (a_.prob_target) t_.resize(a_.C);
-    if (a_.grad_input || a_.grad_target) g_.resize(a_.C);
+    if (a_.grad_input || a_.grad_target) g_.resize(a_.C * kLineGroup);
+    line_groups_ = kLineGroup > 1 && !a_.prob_target && a_.input_strides.d == 1 &&
+                   (!a_.grad_input || a_.grad_input_strides.d == 1);
   }
 
+  // Runs tiles [begin, end) in order.
+  FUSED_CE_INLINE void run_range(int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      if (i + kLineGroup <= end && starts_line_group(i)) {
+        run_line_group(i);
+        i += kLineGroup;
+      } else {
+        run(i);
+        ++i;
+      }
+    }
+  }
+
+ private:
+  // One tile on its own.
   FUSED_CE_INLINE void run(int64_t tile_index) {
-    const int64_t C = a_.C;
     const int64_t positions = a_.N * a_.D;
     const int64_t first = tile_index * kLanes;
     const int valid = int(positions - first < kLanes ? positions - first : kLanes);
-    const Acc eps = a_.label_smoothing;
-    const Acc eps_per_class = eps / Acc(C);
-    const bool is_prob = a_.prob_target != nullptr;
-
     // Per-lane coordinates. Lanes past the end repeat the last position so
     // that every load stays in bounds; their results are never stored.
     int64_t n[kLanes], d[kLanes];
@@ -662,11 +678,64 @@ class TileKernel {
     // stride ((N, C, H, W) layouts) each class is one contiguous vector.
     const bool consecutive = valid == kLanes && n[0] == n[kLanes - 1];
     gather(a_.input, a_.input_strides, n, d, consecutive, x_.data());
+    compute(first, valid, n, d, consecutive, x_.data(), g_.data(), /*store_grad_input=*/true);
+  }
+
+  // In the (N, C, H, W) layout the tile's classes are kLanes-long runs D
+  // elements apart, and D is usually a power of two (128 x 128 pixels): all
+  // C runs then fall into one set of the L1 and L2 caches, more lines than
+  // the sets have ways. A tile that uses half a line finds its other half
+  // evicted when the next tile comes for it, and its gradient lines are
+  // written back half-filled. So whole lines are read and written at once:
+  // this runs the kLineGroup tiles of one line-aligned stretch of d
+  // (measured 40% faster at D = 16384, and as fast as an odd D).
+  FUSED_CE_INLINE bool starts_line_group(int64_t tile_index) {
+    if (!line_groups_) return false;
+    int64_t n, d;
+    locate_first(tile_index * kLanes, &n, &d);
+    if (d + kLineGroup * kLanes > a_.D) return false;
+    const T* start = a_.input + n * a_.input_strides.n + d;
+    return (reinterpret_cast<uintptr_t>(start) & 63) == 0;
+  }
+
+  FUSED_CE_INLINE void run_line_group(int64_t tile_index) {
+    const int64_t C = a_.C;
+    int64_t n[kLineGroup][kLanes], d[kLineGroup][kLanes];
+    for (int64_t t = 0; t < kLineGroup; ++t) locate((tile_index + t) * kLanes, kLanes, n[t], d[t]);
+    // Tile-major buffers: tile t's classes are x_[t * C, (t + 1) * C).
+    const T* in = a_.input + n[0][0] * a_.input_strides.n + d[0][0];
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t t = 0; t < kLineGroup; ++t) {
+        x_.data()[t * C + c] = load_lanes(in + c * a_.input_strides.c + t * kLanes);
+      }
+    }
+    for (int64_t t = 0; t < kLineGroup; ++t) {
+      compute((tile_index + t) * kLanes, kLanes, n[t], d[t], true, x_.data() + t * C, g_.data() + t * C,
+              /*store_grad_input=*/false);
+    }
+    if (a_.grad_input) {
+      T* out = a_.grad_input + n[0][0] * a_.grad_input_strides.n + d[0][0];
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t t = 0; t < kLineGroup; ++t) {
+          store_lanes(out + c * a_.grad_input_strides.c + t * kLanes, g_.data()[t * C + c]);
+        }
+      }
+    }
+  }
+
+  // Everything after the logits are loaded: X holds the tile (C vectors,
+  // overwritten by the softcap), G receives the input gradient, which is
+  // scattered to grad_input only when store_grad_input is set.
+  FUSED_CE_INLINE void compute(int64_t first, int valid, const int64_t* n, const int64_t* d,
+                               bool consecutive, Vec* X, Vec* G, bool store_grad_input) {
+    const int64_t C = a_.C;
+    const Acc eps = a_.label_smoothing;
+    const Acc eps_per_class = eps / Acc(C);
+    const bool is_prob = a_.prob_target != nullptr;
     const bool capped = a_.softcap != Acc(0);
     if (capped) {
       const Acc inv_cap = Acc(1) / a_.softcap;
-      Vec* x = x_.data();
-      for (int64_t c = 0; c < C; ++c) x[c] = a_.softcap * tanh_vec<Acc>(x[c] * inv_cap);
+      for (int64_t c = 0; c < C; ++c) X[c] = a_.softcap * tanh_vec<Acc>(X[c] * inv_cap);
     }
     if (is_prob) {
       gather(a_.prob_target, a_.prob_target_strides, n, d, consecutive, t_.data());
@@ -674,9 +743,7 @@ class TileKernel {
       Vec* t = t_.data();
       for (int64_t c = 0; c < C; ++c) t[c] = (Acc(1) - eps) * t[c] + eps_per_class;
     }
-    const Vec* X = x_.data();
     const Vec* Tp = t_.data();
-    Vec* G = g_.data();
 
     // Class targets per lane: the class (-1 where ignored, so that it
     // matches no class), its weight (0 where ignored) and a mask of the
@@ -780,7 +847,7 @@ class TileKernel {
           G[c] *= Acc(1) - t * t;
         }
       }
-      scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, consecutive);
+      if (store_grad_input) scatter(G, a_.grad_input, a_.grad_input_strides, n, d, valid, consecutive);
     }
     if (a_.grad_target) {
       // d loss / d t_c = -(1 - eps) w_c lp_c g, lp_c = (x_c - max) - log_sum.
@@ -790,7 +857,6 @@ class TileKernel {
     }
   }
 
- private:
   using IntVec = int_lanes_t<Vec>;
   using Int = typename std::remove_reference<decltype(IntVec{}[0])>::type;
 
@@ -802,13 +868,7 @@ class TileKernel {
   // per tile costs as much as several elements of a small row.
   FUSED_CE_INLINE void locate(int64_t first, int valid, int64_t* n, int64_t* d) {
     int64_t cur_n, cur_d;
-    if (first == next_first_) {
-      cur_n = next_n_;
-      cur_d = next_d_;
-    } else {
-      cur_n = first / a_.D;
-      cur_d = first - cur_n * a_.D;
-    }
+    locate_first(first, &cur_n, &cur_d);
     for (int l = 0; l < kLanes; ++l) {
       n[l] = cur_n;
       d[l] = cur_d;
@@ -823,6 +883,17 @@ class TileKernel {
     for (int l = valid; l < kLanes; ++l) {
       n[l] = n[valid - 1];
       d[l] = d[valid - 1];
+    }
+  }
+
+  // The coordinates of position `first`, from the cursor when it is there.
+  FUSED_CE_INLINE void locate_first(int64_t first, int64_t* n, int64_t* d) const {
+    if (first == next_first_) {
+      *n = next_n_;
+      *d = next_d_;
+    } else {
+      *n = first / a_.D;
+      *d = first - *n * a_.D;
     }
   }
 
@@ -917,9 +988,11 @@ class TileKernel {
   }
 
   const KernelArgs<T>& a_;
+  bool line_groups_ = false;  // whether run_line_group() applies at all
   // Where the next tile in order starts (see locate()).
   int64_t next_first_ = -1, next_n_ = 0, next_d_ = 0;
-  // Tiles are (C, lanes), class-major: one vector per class.
+  // Tiles are (C, lanes), class-major: one vector per class; x_ and g_ hold
+  // kLineGroup of them, one after the other.
   VectorBuffer<Vec> x_;  // logits
   VectorBuffer<Vec> t_;  // smoothed probability targets
   VectorBuffer<Vec> g_;  // exp(x - max), then the gradient
@@ -933,7 +1006,7 @@ FUSED_CE_INLINE void run_kernel_impl(const KernelArgs<T>& args, int64_t begin, i
     kernel.finish();
   } else {
     TileKernel<T> kernel(args);
-    for (int64_t i = begin; i < end; ++i) kernel.run(i);
+    kernel.run_range(begin, end);
   }
 }
 
