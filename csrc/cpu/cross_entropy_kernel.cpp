@@ -590,7 +590,8 @@ class RowKernel {
         store_vec(grad_row + c, coef_p * p - coef_w * weight_vec<kHasWeight>(c));
       }
       if (c < C) {
-        const Vec p = Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, Acc(0)) - lse);
+        // Padding lanes read lse itself: exp(0), never an overflow.
+        const Vec p = Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, lse) - lse);
         Vec wv = Vec{} + Acc(1);
         if (kHasWeight) wv = load_partial<Vec>(a_.weight + c, C - c, Acc(0));
         store_partial(grad_row + c, coef_p * p - coef_w * wv, C - c);

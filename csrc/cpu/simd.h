@@ -51,7 +51,9 @@ struct Simd<float> {
   static constexpr int kLanes = kVectorBytes / sizeof(float);
 
   // exp(x) for float lanes, accurate to about 1 ulp on the range the kernels
-  // use (arguments <= ~0: logits minus their max or their log-sum-exp).
+  // use: arguments <= 0 (logits minus their max or their log-sum-exp, or
+  // -2|u| in tanh_vec) or NaN. There is no upper clamp: above 88 the result
+  // is wrong, not inf, and every caller guarantees that cannot happen.
   //
   // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and r = x - n ln 2 in
   // [-ln2/2, ln2/2]; exp(r) is a degree-6 polynomial fitted for minimal
@@ -63,16 +65,16 @@ struct Simd<float> {
   // softmax of a masked logit must be 0) and everything whose exp is below
   // about FLT_MIN / 1.4 come out as 0 without a final select.
   static FUSED_CE_INLINE Vec exp(Vec x) {
-    const float kMaxArg = 88.0f;  // keeps 2^n finite (n <= 127)
     const float kMinArg = -88.02969193f;  // -127 ln 2
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693145751953125f;  // ln 2 split in two (Cody-Waite)
     const float kLn2Lo = 1.428606765330187e-06f;
     const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const Vec max_arg = Vec{} + kMaxArg, min_arg = Vec{} + kMinArg;
-    Vec clamped = x > max_arg ? max_arg : x;
-    clamped = clamped < min_arg ? min_arg : clamped;
-    Vec n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
+    const Vec min_arg = Vec{} + kMinArg;
+    const Vec clamped = x < min_arg ? min_arg : x;
+    // n + kRoundMagic holds n in its low mantissa bits (see two_to_n).
+    const Vec n_magic = clamped * kLog2e + kRoundMagic;
+    const Vec n = n_magic - kRoundMagic;
     Vec r = clamped - n * kLn2Hi;
     r = r - n * kLn2Lo;
     Vec p = r * 1.383678258e-03f + 8.374798799e-03f;
@@ -81,9 +83,14 @@ struct Simd<float> {
     p = p * r + 4.999999208e-01f;
     p = p * r + 1.000000036e+00f;
     p = p * r + 1.000000001e+00f;
-    // 2^n assembled directly in the exponent field. For NaN lanes n is
+    // 2^n assembled directly in the exponent field: the bits of n_magic are
+    // those of kRoundMagic (whose low 9 bits are 0) plus n, so shifting them
+    // left by 23 leaves n << 23 in two's complement. For NaN lanes that is
     // garbage, but p is NaN and so is the product.
-    VecI32 exponent = (__builtin_convertvector(n, VecI32) + 127) << 23;
+    typedef uint32_t Bits __attribute__((vector_size(kVectorBytes)));  // wraps, no UB
+    Bits exponent;
+    std::memcpy(&exponent, &n_magic, sizeof exponent);
+    exponent = (exponent << 23) + (127u << 23);
     Vec two_to_n;
     std::memcpy(&two_to_n, &exponent, sizeof two_to_n);
     return p * two_to_n;
