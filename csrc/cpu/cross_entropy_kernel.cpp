@@ -119,19 +119,8 @@ struct PackedHalf<Float16Bits> {
   using type = VecF16;
 };
 
-// dst[0, count) = float(src[0, count)) for the half types.
-template <typename T>
-FUSED_CE_INLINE void widen_row(const T* src, int64_t count, float* dst) {
-  using Packed = typename PackedHalf<T>::type;
-  int64_t i = 0;
-  for (; i + kConvertLanes <= count; i += kConvertLanes) {
-    store_vec(dst + i, widen(load_vec<Packed>(src + i)));
-  }
-  for (; i < count; ++i) dst[i] = to_acc(src[i]);
-}
-
-// widen_row that also returns the max of the row, saving the max pass a
-// second read of the widened row.
+// dst[0, count) = float(src[0, count)) for the half types; returns the max
+// of the row, which saves the max pass a second read of the widened row.
 template <typename T>
 FUSED_CE_INLINE float widen_row_with_max(const T* src, int64_t count, float* dst) {
   using Packed = typename PackedHalf<T>::type;
@@ -482,16 +471,10 @@ class RowKernel {
     const bool capped = a_.softcap != Acc(0);
     // Half rows are widened into scratch, and their max found on the way.
     Acc widened_max = 0;
-    bool have_max = false;
     if constexpr (kStorageIsAcc) {
       x = raw;
     } else {
-      if (capped) {
-        widen_row(raw, C, row_.data());
-      } else {
-        widened_max = widen_row_with_max(raw, C, row_.data());
-        have_max = true;
-      }
+      widened_max = widen_row_with_max(raw, C, row_.data());
       x = row_.data();
     }
     if (capped) {
@@ -522,7 +505,8 @@ class RowKernel {
     // logits of large magnitude (a constant row of 1000s, 1e30) lse
     // itself has lost the digits the loss consists of.
     const bool need_smoothing = eps != Acc(0) && !ignored;
-    const Acc row_max = have_max ? widened_max : max_of_row(x, C);
+    // The widened row's max is the max unless the softcap has changed the row.
+    const Acc row_max = !kStorageIsAcc && !capped ? widened_max : max_of_row(x, C);
     const Acc shifted_wx =
         need_smoothing ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C, row_max) : Acc(0);
     Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
@@ -610,12 +594,10 @@ class RowKernel {
     store_gradient_row(grad_row, grad_out);
   }
 
+  // The gradient rows that are not deferred: float64, or a class stride
+  // other than 1.
   FUSED_CE_INLINE void store_gradient_row(const Acc* grad_row, T* grad_out) const {
     const int64_t C = a_.C, stride = a_.grad_input_strides.c;
-    if (stride == 1) {
-      if constexpr (std::is_same<T, float>::value) return stream_row(grad_row, C, grad_out);
-      if constexpr (!kStorageIsAcc) return stream_narrow_row(grad_row, C, grad_out);
-    }
     for (int64_t k = 0; k < C; ++k) grad_out[k * stride] = from_acc<T>(grad_row[k]);
   }
 
