@@ -334,3 +334,53 @@ def check_against_torch(fc, x, target, weight=None, reduction="mean", input_grad
     assert identical(x.detach(), x_before), f"{tag}: input modified in place"
     assert identical(target.detach(), t_before), f"{tag}: target modified in place"
     return loss, gi, gt, ref
+
+
+# --------------------------------------------------------------------------
+# The reference for the LLM options (z_loss, softcap, return_lse), from torch ops.
+
+
+def softcap_ref(x, softcap):
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def ref_llm(x, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+            z_loss=0.0, softcap=None):
+    """(loss, lse) of the spec, computed by torch ops from ``x`` / ``target`` as given.
+
+    Differentiable: pass float64 leaves to get reference gradients.  ``x`` may be any layout
+    (the class axis is 1, or 0 for unbatched input).
+    """
+    cdim = 0 if x.dim() == 1 else 1
+    y = softcap_ref(x, softcap)
+    soft = target.dtype.is_floating_point
+    kw = dict(weight=weight, reduction="none", label_smoothing=label_smoothing)
+    if not soft:
+        kw["ignore_index"] = ignore_index
+    base = F.cross_entropy(y, target, **kw)
+    lse = torch.logsumexp(y, cdim)
+    if soft:
+        w_i = torch.ones_like(base)
+    else:
+        valid = target != ignore_index
+        C = x.shape[cdim]
+        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, C - 1)
+        w_i = torch.ones_like(base) if weight is None else weight[safe].to(base.dtype)
+        w_i = torch.where(valid, w_i, torch.zeros_like(w_i))
+    if z_loss:
+        # where(): an ignored element contributes exactly 0 (also when its lse is +-inf / nan)
+        z_term = torch.where(w_i != 0, z_loss * w_i * lse.square(), torch.zeros_like(lse))
+        per_element = base + z_term
+    else:
+        per_element = base
+    if reduction == "none":
+        return per_element, lse
+    if reduction == "sum":
+        return per_element.sum(), lse
+    denom = w_i.sum()
+    if soft:
+        denom = torch.tensor(float(base.numel()), dtype=base.dtype)
+    if denom.item() == 0:
+        # like torch: the mean over no elements is NaN, with a zero gradient
+        return per_element.sum() * 0 + float("nan"), lse
+    return per_element.sum() / denom, lse

@@ -1,6 +1,6 @@
 """fused_ce.cross_entropy(..., inplace_backward=True): the gradient overwrites the logits.
 
-Spec: /tmp/llm_spec.md ("inplace_backward").  Checked here:
+Behaviour: the ``inplace_backward`` entry of fused_ce.cross_entropy's docstring.  Checked here:
 
 * parity: the gradients reaching the logits' producer (``logits = h @ W``; h.grad, W.grad) equal
   those of the ordinary path and a float64 reference, over the options, targets, dtypes, layouts;

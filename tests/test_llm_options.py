@@ -1,7 +1,7 @@
 """The keyword-only LLM options of fused_ce.cross_entropy: z_loss, softcap, return_lse.
 
-Spec: /tmp/llm_spec.md.  Every numerical check compares against a PyTorch reference written here
-(``ref_llm``), evaluated in float64 on CPU copies of the very same (already rounded) inputs:
+Every numerical check compares against a PyTorch reference (``ref_llm`` in conftest.py),
+evaluated in float64 on CPU copies of the very same (already rounded) inputs:
 
     y    = softcap * tanh(x / softcap)             (softcap given)
     base = F.cross_entropy(y, t, weight, reduction="none", ignore_index, label_smoothing)
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from conftest import (
     assert_close_ref,
+    ref_llm,
+    softcap_ref,
     make_class_target,
     make_logits,
     make_prob_target,
@@ -37,56 +39,6 @@ def _dname(d):
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------
-# The reference.
-
-
-def _cap(x, softcap):
-    return x if softcap is None else softcap * torch.tanh(x / softcap)
-
-
-def ref_llm(x, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-            z_loss=0.0, softcap=None):
-    """(loss, lse) of the spec, computed by torch ops from ``x`` / ``target`` as given.
-
-    Differentiable: pass float64 leaves to get reference gradients.  ``x`` may be any layout
-    (the class axis is 1, or 0 for unbatched input).
-    """
-    cdim = 0 if x.dim() == 1 else 1
-    y = _cap(x, softcap)
-    soft = target.dtype.is_floating_point
-    kw = dict(weight=weight, reduction="none", label_smoothing=label_smoothing)
-    if not soft:
-        kw["ignore_index"] = ignore_index
-    base = F.cross_entropy(y, target, **kw)
-    lse = torch.logsumexp(y, cdim)
-    if soft:
-        w_i = torch.ones_like(base)
-    else:
-        valid = target != ignore_index
-        C = x.shape[cdim]
-        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, C - 1)
-        w_i = torch.ones_like(base) if weight is None else weight[safe].to(base.dtype)
-        w_i = torch.where(valid, w_i, torch.zeros_like(w_i))
-    if z_loss:
-        # where(): an ignored element contributes exactly 0 (also when its lse is +-inf / nan)
-        z_term = torch.where(w_i != 0, z_loss * w_i * lse.square(), torch.zeros_like(lse))
-        per_element = base + z_term
-    else:
-        per_element = base
-    if reduction == "none":
-        return per_element, lse
-    if reduction == "sum":
-        return per_element.sum(), lse
-    denom = w_i.sum()
-    if soft:
-        denom = torch.tensor(float(base.numel()), dtype=base.dtype)
-    if denom.item() == 0:
-        # like torch: the mean over no elements is NaN, with a zero gradient
-        return per_element.sum() * 0 + float("nan"), lse
-    return per_element.sum() / denom, lse
 
 
 def _grad_floor(x, t, w, reduction, ignore_index=-100):
@@ -340,7 +292,7 @@ def test_lse_is_accumulate_precision_for_half_inputs(device):
     t = make_class_target((8,), 50, device)
     for softcap in (None, 7.0):
         _, lse = fused_ce.cross_entropy(x, t, softcap=softcap, return_lse=True)
-        ref = torch.logsumexp(_cap(x.double().cpu(), softcap), 1)
+        ref = torch.logsumexp(softcap_ref(x.double().cpu(), softcap), 1)
         assert lse.dtype == torch.float32
         assert_close_ref(lse, ref, torch.float32, what=f"bf16 lse softcap={softcap}", rtol=1e-5, floor=1.0)
 
@@ -435,13 +387,13 @@ def _check_small_arguments(device, C, softcap):
     t = torch.randint(0, C, (N,)).to(device)
     # elementwise check of the lse (C == 1: lse == softcap * tanh(x / softcap))
     _, lse = fused_ce.cross_entropy(x, t, reduction="none", softcap=softcap, return_lse=True)
-    ref_lse = torch.logsumexp(_cap(x.cpu(), softcap), 1)
+    ref_lse = torch.logsumexp(softcap_ref(x.cpu(), softcap), 1)
     assert_close_ref(lse, ref_lse, torch.float64, what="small-argument lse", rtol=1e-12, atol_scale=0.0)
     check_llm(x, t, None, reduction="none", softcap=softcap, z_loss=0.5, return_lse=True, rtol=1e-12,
               atol_scale=1e-14, what=f"small args C={C} softcap={softcap}")
     if C == 1:
         loss = fused_ce.cross_entropy(x, t, reduction="none", softcap=softcap, z_loss=1.0)
-        ref = _cap(x.cpu(), softcap)[:, 0].square()
+        ref = softcap_ref(x.cpu(), softcap)[:, 0].square()
         assert_close_ref(loss, ref, torch.float64, what="z * y**2 (C=1)", rtol=1e-12, atol_scale=0.0)
 
 
@@ -496,7 +448,7 @@ def test_return_lse_values_including_ignored(device, kind, softcap):
     for reduction in ("none", "mean", "sum"):
         _, lse = fused_ce.cross_entropy(x, t, reduction=reduction, softcap=softcap, z_loss=0.01,
                                         return_lse=True)
-        ref = torch.logsumexp(_cap(x.double().cpu(), softcap), 1)
+        ref = torch.logsumexp(softcap_ref(x.double().cpu(), softcap), 1)
         assert_close_ref(lse, ref, torch.float32, what=f"lse {kind} {reduction}", floor=1.0)
         if kind == "class":
             ign = (t == -100)
@@ -548,7 +500,7 @@ def _check_lse_only_backward(device, kind, reduction, dtype):
     g = torch.rand(lse.shape, dtype=torch.float64)
     (lse * g.to(lse.device, lse.dtype)).sum().backward()
     x64 = x.double().cpu().requires_grad_()
-    ref = torch.logsumexp(_cap(x64, 2.0), 1)
+    ref = torch.logsumexp(softcap_ref(x64, 2.0), 1)
     (ref * g).sum().backward()
     assert_close_ref(xl.grad, x64.grad, dtype, what="lse-only grad", **HALF_TOL.get(dtype, {}))
     if kind == "prob":
@@ -568,7 +520,7 @@ def test_lse_without_input_grad_and_under_no_grad(device):
     with torch.no_grad():
         loss, lse = fused_ce.cross_entropy(x.clone().requires_grad_(), t, return_lse=True, softcap=3.0)
     assert not loss.requires_grad and not lse.requires_grad
-    assert_close_ref(lse, torch.logsumexp(_cap(x.double().cpu(), 3.0), 1), torch.float32, what="no_grad lse",
+    assert_close_ref(lse, torch.logsumexp(softcap_ref(x.double().cpu(), 3.0), 1), torch.float32, what="no_grad lse",
                      floor=1.0)
 
 

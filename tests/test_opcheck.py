@@ -3,7 +3,7 @@
 opcheck verifies schema correctness (no hidden mutation/aliasing), the fake (meta) kernels against
 the real ones (shapes, dtypes, strides), that no autograd is hidden inside the backend kernels, and
 that AOT dispatch with dynamic shapes works.  The value tests pin each operator's outputs to an
-independent torch computation (spec: /tmp/team/spec.md, "Registered operators").
+independent torch computation (the operator contract: csrc/ops.cpp and csrc/cross_entropy.h).
 """
 
 import pytest
