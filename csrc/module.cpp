@@ -1,10 +1,12 @@
 // The Python extension module fused_ce._C. Importing it loads this shared
 // library, which registers the operators with the dispatcher; the few
-// functions below only describe how the library was built.
+// functions below describe how the library was built and control the CPU
+// gradient cache.
 
 #include <torch/extension.h>
 
 #include "cpu/cross_entropy_kernel.h"
+#include "cpu/gradient_cache.h"
 
 namespace {
 
@@ -23,4 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &fused_ce::cpu::cpu_capability,
         "Instruction set the CPU kernels run with on this machine (avx512, avx2 or default).");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("empty_gradient_cache", &fused_ce::cpu::empty_gradient_cache,
+        "Frees the cached CPU gradient buffer, if any.");
+  m.def("set_gradient_cache_enabled", &fused_ce::cpu::set_gradient_cache_enabled,
+        "Turns the CPU gradient cache on or off; returns the previous setting.");
+  m.def("gradient_cache_bytes", &fused_ce::cpu::gradient_cache_bytes,
+        "Bytes the CPU gradient cache holds right now.");
 }

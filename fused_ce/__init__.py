@@ -8,6 +8,7 @@ registered as ``torch.ops.fused_ce.*``.
 from . import distributed
 from ._ops import built_with_cuda, cpu_capability
 from .autograd import CrossEntropyFunction
+from .cache import empty_cache, gradient_cache_bytes, set_gradient_cache
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss
@@ -22,6 +23,9 @@ __all__ = [
     "cpu_capability",
     "cross_entropy",
     "distributed",
+    "empty_cache",
+    "gradient_cache_bytes",
     "linear_cross_entropy",
     "patch_torch",
+    "set_gradient_cache",
 ]

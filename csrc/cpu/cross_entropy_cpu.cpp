@@ -11,12 +11,9 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../cross_entropy.h"
 #include "cross_entropy_kernel.h"
+#include "gradient_cache.h"
 
 namespace fused_ce {
 namespace {
@@ -113,24 +110,6 @@ double validate_targets_and_total_weight(const at::Tensor& target, const at::Ten
   return total;
 }
 
-// A fresh gradient is usually a fresh mmap: faulting it in 4 KiB pages costs
-// several times the write itself (measured 5x a copy for 500 MB). Asking
-// for transparent huge pages cuts the faults 512-fold. Only advice: where
-// the kernel refuses, nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 4 * kHugePage) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 template <typename T>
 void launch(const cpu::KernelArgs<T>& args) {
   const int64_t items = cpu::num_work_items(args);
@@ -203,8 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu
   const Reduction checked = checked_reduction(reduction);
   // Same strides as the input when it is dense, so that the gradient of a
   // channels-last or transposed input keeps its layout.
-  at::Tensor grad_input = at::empty_like(input);
-  advise_huge_pages(grad_input);
+  at::Tensor grad_input = cpu::empty_gradient_like(input);
   auto [loss, lse, total_weight] = forward_impl(
       input, target, weight, {ignore_index, label_smoothing, z_loss, softcap}, checked, grad_input);
   return {loss, lse, total_weight, grad_input};
@@ -240,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
               "fused_ce: target_grad needs probability targets");
   const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
   validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
-  at::Tensor grad_input = input_grad ? at::empty_like(input) : at::empty({0}, input.options());
+  at::Tensor grad_input =
+      input_grad ? cpu::empty_gradient_like(input) : at::empty({0}, input.options());
   at::Tensor grad_target = target_grad ? at::empty_like(target) : at::empty({0}, target.options());
-  if (input_grad) advise_huge_pages(grad_input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fused_ce_backward_cpu", [&] {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, List, Optional
 
@@ -30,6 +31,7 @@ from .workloads import Workload
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 FUSED, EAGER, COMPILE, COPY, LIGER, CCE = "fused_ce", "eager", "compile", "copy", "liger", "cut_ce"
+FUSED_NO_CACHE = "fused_ce_nocache"
 TORCH_CHUNKED = "torch_chunked"
 _LOGITS_ONLY = "n/a (logits workloads only)"
 
@@ -117,6 +119,9 @@ class FusedCE(Impl):
     def build(self, workload, weight):
         import fused_ce
 
+        # The gradient cache as the environment sets it (on unless
+        # FUSED_CE_GRADIENT_CACHE=0): FusedCENoCache turns it off globally.
+        fused_ce.set_gradient_cache(os.environ.get("FUSED_CE_GRADIENT_CACHE", "1") != "0")
         kwargs = dict(workload.loss_kwargs(weight), **workload.llm_kwargs())
         return lambda x, t: fused_ce.cross_entropy(x, t, **kwargs)
 
@@ -125,6 +130,30 @@ class FusedCE(Impl):
 
         kwargs = workload.loss_kwargs(weight)
         return lambda x, t: linear_cross_entropy(x, linear_weight, t, **kwargs)
+
+
+class FusedCENoCache(FusedCE):
+    """fused_ce without its CPU gradient cache: every step's gradient is freshly
+    mapped memory, whose first touch (page faults, the operating system's
+    zeroing) the step pays, as with PyTorch's own CPU allocator."""
+
+    linear = False  # the LM-head chunks write in place: no gradient buffer to cache
+
+    def __init__(self):
+        Impl.__init__(self, FUSED_NO_CACHE, "fused_ce.cross_entropy with the CPU gradient cache off "
+                                            "(fused_ce.set_gradient_cache(False))")
+
+    def unavailable(self, device):
+        if device != "cpu":
+            return "CPU only (CUDA gradients come from PyTorch's caching allocator)"
+        return super().unavailable(device)
+
+    def build(self, workload, weight):
+        import fused_ce
+
+        loss = super().build(workload, weight)
+        fused_ce.set_gradient_cache(False)  # global; FusedCE.build turns it back on
+        return loss
 
 
 class Eager(Impl):
@@ -280,7 +309,8 @@ class CutCrossEntropy(Impl):
 
 
 def all_impls() -> List[Impl]:
-    return [FusedCE(), Eager(), Compiled(), TorchChunked(), Copy(), Liger(), CutCrossEntropy()]
+    return [FusedCE(), FusedCENoCache(), Eager(), Compiled(), TorchChunked(), Copy(), Liger(),
+            CutCrossEntropy()]
 
 
 def by_name() -> Dict[str, Impl]:
