@@ -30,8 +30,6 @@ import fused_ce
 from conftest import (assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight, ref_llm,
                       torch_reference)
 
-MIB = 1 << 20
-
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():

@@ -3,13 +3,11 @@
 #include "gradient_cache.h"
 
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <optional>
 #include <utility>
 
 #if defined(__linux__)
@@ -124,12 +122,13 @@ void release_buffer(void* buffer) { GradientCache::instance().release(static_cas
 }  // namespace
 
 at::Tensor empty_gradient_like(const at::Tensor& like) {
-  // The layout empty_like would choose (a dense input's strides are kept),
-  // worked out on the meta device without allocating.
-  const at::Tensor layout = at::empty_like(like, like.options().device(at::kMeta));
-  const size_t bytes =
-      at::detail::computeStorageNbytes(layout.sizes(), layout.strides(), layout.element_size());
+  // empty_like's result is always dense and non-overlapping: exactly
+  // numel * element_size bytes, whatever its strides.
+  const size_t bytes = size_t(like.numel()) * like.element_size();
   if (bytes < kMinCachedBytes) return at::empty_like(like);
+  // The strides empty_like would choose (a dense input's are kept), worked
+  // out on the meta device without allocating.
+  const at::Tensor layout = at::empty_like(like, like.options().device(at::kMeta));
   Buffer* buffer = GradientCache::instance().acquire(bytes);
   // The storage gives the buffer back to the cache when it dies. It stays
   // resizable like any CPU tensor's: a resize reallocates through PyTorch's
