@@ -166,6 +166,24 @@ def make_class_target(shape, C, device="cpu", ignore_index=None, ignore_frac=0.2
     return t.to(dtype).to(device)
 
 
+# Target layouts that the CPU's target check walks differently: a fixed
+# stride between consecutive positions (D == 1, strided; dense (N, D)) or
+# an (n, d) walk (a transposed (N, D) target). 40000 positions span three
+# of its blocks of 16384.
+TARGET_WALK_LAYOUTS = ["strided_1d", "dense_2d", "transposed_2d"]
+
+
+def make_target_in_walk_layout(layout, C, device):
+    """A class target with ignored elements, and the logits shape that goes with it."""
+    if layout == "strided_1d":
+        full = make_class_target((80000,), C, device, ignore_index=-100)
+        return full[::2], (40000, C)
+    if layout == "dense_2d":
+        return make_class_target((400, 100), C, device, ignore_index=-100), (400, C, 100)
+    assert layout == "transposed_2d"
+    return make_class_target((100, 400), C, device, ignore_index=-100).t(), (400, C, 100)
+
+
 def make_prob_target(shape, dtype=torch.float32, device="cpu", normalized=True):
     """Random soft target with the input's shape (class axis 1, or 0 when unbatched)."""
     cdim = 0 if len(shape) == 1 else 1

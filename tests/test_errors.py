@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import fused_ce
-from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
+from conftest import (
+    TARGET_WALK_LAYOUTS,
+    assert_close_ref,
+    make_class_target,
+    make_logits,
+    make_prob_target,
+    make_target_in_walk_layout,
+    make_weight,
+)
 
 
 def _capture(fn):
@@ -100,6 +108,23 @@ def test_target_out_of_bounds_with_grad(device):
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
         fused_ce.cross_entropy(x, t, reduction="none")
     _still_works(device)
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("position", ["first", "middle_block", "last"])
+@pytest.mark.parametrize("layout", TARGET_WALK_LAYOUTS)
+def test_target_out_of_bounds_in_every_walk(device, layout, position, with_weight):
+    _cpu_only(device)
+    C = 6
+
+    def make(dev):
+        t, shape = make_target_in_walk_layout(layout, C, dev)
+        flat_index = {"first": 0, "middle_block": 20000, "last": t.numel() - 1}[position]
+        t[(flat_index // t.shape[1], flat_index % t.shape[1]) if t.dim() == 2 else flat_index] = C + 3
+        kw = {"weight": make_weight(C, device=dev)} if with_weight else {}
+        return (make_logits(shape, device=dev), t), kw
+
+    _check_same_error(device, make, [rf"Target {C + 3} is out of bounds"], IndexError)
 
 
 @pytest.mark.parametrize("tdtype,name", [(torch.int32, "Int"), (torch.int16, "Short"), (torch.int8, "Char"),

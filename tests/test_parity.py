@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from conftest import (
     FLOAT_DTYPES,
     REDUCTIONS,
+    TARGET_WALK_LAYOUTS,
     assert_close_ref,
     check_against_torch,
     make_class_target,
     make_logits,
     make_prob_target,
+    make_target_in_walk_layout,
     make_weight,
     ref_llm,
 )
@@ -721,3 +723,17 @@ def test_segmentation_llm_options_and_inplace(dtype):
         loss.backward()
         assert_close_ref(loss, ref.detach(), dtype, what=f"loss inplace={inplace}")
         assert_close_ref(leaf.grad, x64.grad, dtype, what=f"grad inplace={inplace}")
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("layout", TARGET_WALK_LAYOUTS)
+def test_mean_denominator_in_every_target_walk(device, layout, with_weight):
+    # The mean divides by the summed weights of the kept targets, which the
+    # CPU adds up while checking them, block by block and in whichever walk
+    # the target's strides allow. float64 makes one weight more or less
+    # visible (a relative change of about 1 / 40000).
+    C = 6
+    t, shape = make_target_in_walk_layout(layout, C, device)
+    x = make_logits(shape, torch.float64, device).requires_grad_()
+    w = make_weight(C, torch.float64, device) if with_weight else None
+    check_against_torch(fused_ce, x, t, w, reduction="mean", what=f"{layout}, weight={with_weight}")

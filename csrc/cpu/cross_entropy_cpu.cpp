@@ -69,6 +69,30 @@ cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
   return args;
 }
 
+// Calls visit(k, target) for the targets of positions [begin, end), k
+// counting from 0. Positions are n * D + d; when consecutive positions are
+// a fixed stride apart in memory (D == 1, or a dense (N, D) target) the walk
+// is a plain strided loop the compiler can unroll.
+template <typename Visit>
+void for_each_target(const int64_t* y, int64_t sn, int64_t sd, int64_t D, int64_t begin,
+                     int64_t end, Visit&& visit) {
+  const bool uniform = D == 1 || sn == D * sd;
+  if (uniform) {
+    const int64_t stride = D == 1 ? sn : sd;
+    const int64_t* p = y + (D == 1 ? begin * sn : begin * sd);
+    for (int64_t k = 0; k < end - begin; ++k) visit(k, p[k * stride]);
+    return;
+  }
+  int64_t n = begin / D, d = begin - n * D;
+  for (int64_t k = 0; k < end - begin; ++k) {
+    visit(k, y[n * sn + d * sd]);
+    if (++d == D) {
+      d = 0;
+      ++n;
+    }
+  }
+}
+
 // Checks every class-index target and returns the mean's denominator: the
 // sum of the targets' weights over non-ignored elements (their count without
 // weights), or the number of elements for probability targets. Accumulates
@@ -76,6 +100,10 @@ cpu::KernelArgs<T> make_args(const at::Tensor& input, const at::Tensor& target,
 //
 // Runs in parallel over fixed blocks of positions whose partial sums are
 // added in block order, so the result does not depend on the thread count.
+// The loops carry no branch: the bounds test is or-ed into a flag and only
+// a block that fails it is walked again for the error message, and the
+// count without weights is an integer (a float64 sum would make every
+// element wait on the previous one's addition).
 double validate_targets_and_total_weight(const at::Tensor& target, const at::Tensor& weight_acc,
                                          const ProblemShape& shape, int64_t ignore_index) {
   if (shape.probability_target) return double(shape.N) * double(shape.D);
@@ -83,26 +111,38 @@ double validate_targets_and_total_weight(const at::Tensor& target, const at::Ten
   const double* w = weight64.defined() ? weight64.const_data_ptr<double>() : nullptr;
   const int64_t* y = target.const_data_ptr<int64_t>();
   const int64_t sn = target.stride(0), sd = target.stride(1);
-  const int64_t D = shape.D, positions = shape.N * shape.D;
+  const int64_t C = shape.C, D = shape.D, positions = shape.N * shape.D;
   constexpr int64_t kBlock = int64_t(1) << 14;
   const int64_t blocks = (positions + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     for (int64_t b = first_block; b < end_block; ++b) {
       const int64_t begin = b * kBlock, end = std::min(positions, begin + kBlock);
-      int64_t n = begin / D, d = begin - n * D;
-      double sum = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = y[n * sn + d * sd];
-        if (++d == D) {
-          d = 0;
-          ++n;
-        }
-        if (t == ignore_index) continue;
-        TORCH_CHECK_INDEX(t >= 0 && t < shape.C, "Target ", t, " is out of bounds.");
-        sum += w ? w[t] : 1.0;
+      bool out_of_bounds = false;
+      if (w) {
+        double sums[4] = {0, 0, 0, 0};  // four chains of additions, not one
+        for_each_target(y, sn, sd, D, begin, end, [&](int64_t k, int64_t t) {
+          const bool ignored = t == ignore_index;
+          const bool in_bounds = uint64_t(t) < uint64_t(C);
+          out_of_bounds |= !ignored && !in_bounds;
+          sums[k & 3] += ignored || !in_bounds ? 0.0 : w[t];
+        });
+        partial[b] = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+      } else {
+        int64_t kept = 0;
+        for_each_target(y, sn, sd, D, begin, end, [&](int64_t, int64_t t) {
+          const bool ignored = t == ignore_index;
+          out_of_bounds |= !ignored && uint64_t(t) >= uint64_t(C);
+          kept += !ignored;
+        });
+        partial[b] = double(kept);
       }
-      partial[b] = sum;
+      if (out_of_bounds) {
+        for_each_target(y, sn, sd, D, begin, end, [&](int64_t, int64_t t) {
+          TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "Target ", t,
+                            " is out of bounds.");
+        });
+      }
     }
   });
   double total = 0;
