@@ -1,9 +1,12 @@
 """The autograd.Function over the registered operators.
 
-It works on the canonical layout prepared by ``fused_ce.functional``: input
-``(N, C, D)``, class-index target ``(N, D)`` int64 or probability target
-``(N, C, D)``. It applies the reduction itself, so that the operators only
-ever produce per-element results.
+It takes batched arguments as ``fused_ce.functional`` prepares them: input
+``(N, C, d1, ..., dk)`` (k >= 0), class-index target ``(N, d1, ..., dk)``
+int64 or probability target shaped like the input. The operators work on
+the canonical ``(N, C, D)`` view, D = d1 * ... * dk; taking that view here,
+inside the Function, rather than in front of it keeps a reshape node (and
+its backward) out of every graph. The Function applies the reduction
+itself, so that the operators only ever produce per-element results.
 
 Two strategies for the gradient:
 
@@ -22,6 +25,8 @@ Two strategies for the gradient:
   themselves (any device), and the backward scales it in place.
 """
 
+import math
+
 import torch
 
 from ._ops import accumulate_dtype, ops
@@ -36,21 +41,23 @@ def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtyp
         out = loss.sum()
     else:
         out = loss
-    return out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Fused cross-entropy on canonical arguments.
+    """Fused cross-entropy on batched arguments.
 
     ``apply(input, target, weight, ignore_index, label_smoothing, reduction,
     z_loss=0.0, softcap=0.0, return_lse=False, inplace_backward=False)`` with
-    ``reduction`` 0 (none), 1 (mean) or 2 (sum) and ``softcap`` 0 for none.
-    Returns the loss, or ``(loss, lse)`` with ``return_lse``; lse is (N, D)
-    in the accumulate dtype and differentiable. Use
-    :func:`fused_ce.cross_entropy` unless you already have the canonical
-    layout: it also checks the arguments that this class trusts (for
-    ``inplace_backward``: a contiguous input, a reduced loss, no target
-    gradient, no ``return_lse``).
+    input ``(N, C, d1, ..., dk)``, target ``(N, d1, ..., dk)`` int64 class
+    indices or probabilities shaped like the input, ``reduction`` 0 (none),
+    1 (mean) or 2 (sum) and ``softcap`` 0 for none. Returns the loss (shaped
+    ``(N, d1, ..., dk)`` for reduction 0), or ``(loss, lse)`` with
+    ``return_lse``; lse has that shape too, in the accumulate dtype, and is
+    differentiable. Use :func:`fused_ce.cross_entropy` unless you already
+    have such arguments: it also takes unbatched input and checks what this
+    class trusts (for ``inplace_backward``: a contiguous input, a reduced
+    loss, no target gradient, no ``return_lse``).
     """
 
     @staticmethod
@@ -61,6 +68,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.options = options
         ctx.reduction = reduction
         ctx.set_materialize_grads(False)
+        # The canonical (N, C, D) views: views for dense inputs (contiguous,
+        # channels-last), since the kernels walk the class axis by its stride.
+        ctx.input_shape, ctx.target_shape = input.shape, target.shape
+        n, num_classes = input.shape[0], input.shape[1]
+        spatial = input.shape[2:]
+        d = math.prod(spatial)
+        input3 = input.reshape(n, num_classes, d)
+        target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
         ctx.inplace = inplace_backward and input_grad
         ctx.gradient_in_forward = ctx.inplace or (
             input_grad
@@ -70,8 +85,11 @@ class CrossEntropyFunction(torch.autograd.Function):
             and input.device.type == "cpu"
         )
         if ctx.inplace:
+            if not input.is_contiguous():
+                # A reshaped copy would receive the gradient instead of the logits.
+                raise ValueError("CrossEntropyFunction: inplace_backward=True needs a contiguous input")
             loss, lse, total_weight = ops.cross_entropy_forward_with_grad_inplace(
-                input, target, weight, *options, reduction)
+                input3, target3, weight, *options, reduction)
             # The logits now hold their gradient. Bumping their version makes
             # autograd reject every other node that saved them; this node's
             # own save below records the new version.
@@ -80,14 +98,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.gradient_handed_out = False
         elif ctx.gradient_in_forward:
             loss, lse, total_weight, grad_input = ops.cross_entropy_forward_with_grad(
-                input, target, weight, *options, reduction)
+                input3, target3, weight, *options, reduction)
             ctx.save_for_backward(grad_input)
         else:
-            loss, lse, total_weight = ops.cross_entropy_forward(input, target, weight, *options)
+            loss, lse, total_weight = ops.cross_entropy_forward(input3, target3, weight, *options)
             if input_grad or target_grad:
-                ctx.save_for_backward(input, target, weight, lse, total_weight)
+                ctx.save_for_backward(input3, target3, weight, lse, total_weight)
         out = _reduce(loss, total_weight, reduction, input.dtype)
-        return (out, lse) if return_lse else out
+        if reduction == REDUCTION_NONE:
+            out = out.reshape((n,) + spatial)
+        return (out, lse.reshape((n,) + spatial)) if return_lse else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -99,7 +119,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             return (_hand_out_inplace_gradient(ctx, grad_output), None) + no_grads_for_options
         if ctx.gradient_in_forward:
             (grad_input,) = ctx.saved_tensors
-            return (_scale_saved_gradient(grad_input, grad_output), None) + no_grads_for_options
+            grad_input = _scale_saved_gradient(grad_input, grad_output)
+            return (grad_input.reshape(ctx.input_shape), None) + no_grads_for_options
 
         input, target, weight, lse, total_weight = ctx.saved_tensors
         n, _, d = input.shape
@@ -112,13 +133,15 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_loss = (grad_loss / total_weight).expand(n, d)
             elif ctx.reduction == REDUCTION_SUM:
                 grad_loss = grad_loss.expand(n, d)
+            else:
+                grad_loss = grad_loss.reshape(n, d)
         if grad_lse is not None:
-            grad_lse = grad_lse.to(acc)
+            grad_lse = grad_lse.to(acc).reshape(n, d)
         input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_input, grad_target = ops.cross_entropy_backward(
             grad_loss, grad_lse, input, target, weight, lse, *ctx.options, input_grad, target_grad)
-        return (grad_input if input_grad else None,
-                grad_target if target_grad else None) + no_grads_for_options
+        return (grad_input.reshape(ctx.input_shape) if input_grad else None,
+                grad_target.reshape(ctx.target_shape) if target_grad else None) + no_grads_for_options
 
 
 def _hand_out_inplace_gradient(ctx, grad_output):

@@ -1,10 +1,9 @@
 """``cross_entropy``: PyTorch's argument handling in front of the fused kernel.
 
 Everything user-facing happens here: legacy arguments, PyTorch-style errors,
-dtype promotion for soft targets, and the reshape of every accepted input
-form into the canonical ``(N, C, D)`` layout of the operators. The reshape
-is a view for contiguous and channels-last inputs: the kernels walk the
-class axis with its stride instead of moving it last.
+dtype promotion for soft targets, autocast, and unbatched input (made a batch
+of one). Batched arguments go to ``CrossEntropyFunction`` as they are; it
+takes the operators' canonical ``(N, C, D)`` view itself.
 """
 
 import math
@@ -137,38 +136,33 @@ def cross_entropy(
         target = target.long()
 
     if unbatched:
-        input3 = input.reshape(1, num_classes, 1)
-        target_canonical = target.reshape(1, num_classes, 1) if probability_target else target.reshape(1, 1)
-        loss_shape = ()
-    else:
-        n = input.shape[0]
-        d = math.prod(input.shape[2:])
-        input3 = input.reshape(n, num_classes, d)
-        target_canonical = target.reshape(n, num_classes, d) if probability_target else target.reshape(n, d)
-        loss_shape = (n,) + tuple(input.shape[2:])
+        # A batch of one; CrossEntropyFunction takes the (N, C, D) view itself.
+        input = input.unsqueeze(0)
+        target = target.unsqueeze(0) if probability_target else target.reshape(1)
 
     if not torch.is_grad_enabled():
         # Inside autograd.Function.forward, needs_input_grad still reflects
         # requires_grad under no_grad: detaching keeps the kernels from
         # computing (or, in place, writing) a gradient nobody can use.
-        input3, target_canonical = input3.detach(), target_canonical.detach()
-    if inplace_backward and target_canonical.requires_grad:
+        input, target = input.detach(), target.detach()
+    if inplace_backward and target.requires_grad:
         raise ValueError("cross_entropy(): inplace_backward=True cannot give a gradient for the "
                          "target (target.requires_grad is True)")
-    if inplace_backward and input3.requires_grad and not input3.is_contiguous():
+    if inplace_backward and input.requires_grad and not input.is_contiguous():
         # The kernel overwrites a contiguous buffer: here a copy, so the
         # caller's logits stay intact (and so does the memory saving's cost).
-        input3 = input3.contiguous()
+        input = input.contiguous()
 
-    result = CrossEntropyFunction.apply(input3, target_canonical, weight, int(ignore_index),
-                                        label_smoothing, _REDUCTIONS[reduction], z_loss, softcap,
-                                        bool(return_lse), bool(inplace_backward))
-    loss, lse = result if return_lse else (result, None)
-    if reduction == "none":
-        loss = loss.reshape(loss_shape)
+    result = CrossEntropyFunction.apply(input, target, weight, int(ignore_index), label_smoothing,
+                                        _REDUCTIONS[reduction], z_loss, softcap, bool(return_lse),
+                                        bool(inplace_backward))
+    if not unbatched:
+        return result
+    # reduction="none" gives a batch of one: the unbatched loss is its element.
     if return_lse:
-        return loss, lse.reshape(loss_shape)
-    return loss
+        loss, lse = result
+        return (loss.squeeze(0) if reduction == "none" else loss), lse.squeeze(0)
+    return result.squeeze(0) if reduction == "none" else result
 
 
 def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool,

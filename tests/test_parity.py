@@ -599,22 +599,52 @@ def test_deterministic_across_calls_and_threads(device, C):
         assert torch.equal(grad, results[0][1]), "gradient differs between runs / thread counts"
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 3), (2, 6, 3, 2)])
 @pytest.mark.parametrize("reduction_int,reduction", [(0, "none"), (1, "mean"), (2, "sum")])
-def test_cross_entropy_function_apply(device, reduction_int, reduction):
-    # the public autograd.Function on the canonical (N, C, D) layout
-    N, C, D = 4, 6, 3
-    x = make_logits((N, C, D), torch.float64, device)
-    t = make_class_target((N, D), C, device, ignore_index=1)
+def test_cross_entropy_function_apply(device, reduction_int, reduction, shape):
+    # The public autograd.Function on batched arguments of any rank.
+    C = shape[1]
+    x = make_logits(shape, torch.float64, device)
+    t = make_class_target((shape[0],) + shape[2:], C, device, ignore_index=1)
     w = make_weight(C, torch.float64, device)
     xl = x.clone().requires_grad_()
     out = fused_ce.CrossEntropyFunction.apply(xl, t, w, 1, 0.1, reduction_int)
     x64 = x.cpu().clone().requires_grad_()
     ref = F.cross_entropy(x64, t.cpu(), w.cpu(), ignore_index=1, label_smoothing=0.1, reduction=reduction)
-    assert_close_ref(out.reshape(ref.shape), ref, torch.float64, what="CrossEntropyFunction.apply", floor=1.0)
+    assert out.shape == ref.shape
+    assert_close_ref(out, ref, torch.float64, what="CrossEntropyFunction.apply", floor=1.0)
+    # The (N, C, D) view is taken inside the Function: the input's gradient
+    # comes straight from its node, with no reshape node in between.
+    assert out.grad_fn.next_functions[0][0].__class__.__name__ == "AccumulateGrad"
     go = torch.rand(ref.shape, dtype=torch.float64)
-    out.backward(go.to(device).reshape(out.shape))
+    out.backward(go.to(device))
     ref.backward(go)
     assert_close_ref(xl.grad, x64.grad, torch.float64, what="CrossEntropyFunction.apply grad")
+
+
+def test_cross_entropy_function_apply_soft_targets_and_lse(device):
+    N, C, H, W = 2, 5, 3, 2
+    x = make_logits((N, C, H, W), torch.float64, device).requires_grad_()
+    t = make_prob_target((N, C, H, W), torch.float64, device).requires_grad_()
+    loss, lse = fused_ce.CrossEntropyFunction.apply(x, t, None, -100, 0.0, 0, 0.0, 0.0, True)
+    assert loss.shape == lse.shape == (N, H, W)
+    x64, t64 = x.detach().cpu().requires_grad_(), t.detach().cpu().requires_grad_()
+    ref = F.cross_entropy(x64, t64, reduction="none")
+    ref_lse = torch.logsumexp(x64, dim=1)
+    assert_close_ref(loss, ref, torch.float64, what="soft-target loss", floor=1.0)
+    assert_close_ref(lse, ref_lse, torch.float64, what="lse", floor=1.0)
+    go, go_lse = torch.rand(N, H, W, dtype=torch.float64), torch.rand(N, H, W, dtype=torch.float64)
+    torch.autograd.backward((loss, lse), (go.to(device), go_lse.to(device)))
+    torch.autograd.backward((ref, ref_lse), (go, go_lse))
+    assert_close_ref(x.grad, x64.grad, torch.float64, what="grad_input")
+    assert_close_ref(t.grad, t64.grad, torch.float64, what="grad_target")
+
+
+def test_cross_entropy_function_inplace_needs_contiguous_input(device):
+    x = make_logits((6, 4), torch.float32, device).t().requires_grad_()  # (4, 6), not contiguous
+    t = make_class_target((4,), 6, device)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_ce.CrossEntropyFunction.apply(x, t, None, -100, 0.0, 1, 0.0, 0.0, False, True)
 
 
 def test_label_smoothing_as_int_and_tensor_scalar_args(device):
