@@ -133,7 +133,8 @@ def cross_entropy(
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
         _check_class_target_shape(input, target, unbatched)
-        target = target.long()
+        if target.dtype != torch.int64:
+            target = target.long()
 
     if unbatched:
         # A batch of one; CrossEntropyFunction takes the (N, C, D) view itself.
