@@ -223,6 +223,8 @@ def cpu_suite() -> List[Workload]:
         *_variants(2048, 32000, "fp32"),
         Workload("cls-10-fp32", "classifier", (262144, 10), "fp32"),
         Workload("cls-10-bf16", "classifier", (262144, 10), "bf16"),
+        # A training-sized batch, where fixed per-call costs (Python, autograd) dominate.
+        Workload("cls-10-fp32-batch256", "classifier", (256, 10), "fp32"),
         Workload("cls-1000-fp32", "classifier", (16384, 1000), "fp32"),
         Workload("cls-1000-bf16", "classifier", (16384, 1000), "bf16"),
         Workload("seg-21-fp32", "segmentation", (8, 21, 128, 128), "fp32"),
