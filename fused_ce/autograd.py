@@ -116,7 +116,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         if grad_output is None and grad_lse is None:  # no output was used
             return (None, None) + no_grads_for_options
         if ctx.inplace:
-            return (_hand_out_inplace_gradient(ctx, grad_output), None) + no_grads_for_options
+            # A view, not the logits' own tensor: autograd copies a gradient
+            # that is the very tensor it accumulates into (a leaf's x.grad).
+            gradient = _hand_out_inplace_gradient(ctx, grad_output)
+            return (gradient.view(ctx.input_shape), None) + no_grads_for_options
         if ctx.gradient_in_forward:
             (grad_input,) = ctx.saved_tensors
             grad_input = _scale_saved_gradient(grad_input, grad_output)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_ref, make_class_target, make_prob_target, make_weight
+from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
 
 import fused_ce  # an ImportError must fail the module, not skip it
 
@@ -265,6 +265,20 @@ def _check_shared_storage(device, dtype, layout, upstream):
                                    label_smoothing=0.1)
     assert_close_ref(received[0][1], ref_g, dtype, what="gradient", floor=upstream / N)
     assert_close_ref(loss.detach(), ref_l, dtype, what="loss", floor=1.0)
+
+
+@pytest.mark.parametrize("shape", [(16, 600), (4, 600, 3)])
+def test_leaf_logits_receive_their_own_storage_as_grad(device, shape):
+    # A leaf's .grad must be the logits' memory itself, not a copy: autograd
+    # copies a gradient that is the very tensor it accumulates into, so the
+    # Function hands out a view of it.
+    x = make_logits(shape, torch.float32, device)
+    t = make_class_target((shape[0],) + shape[2:], shape[1], device, ignore_index=-100)
+    ref_l, ref_g = ref_logits_grad(x, t)
+    xl = x.clone().requires_grad_()
+    fused_ce.cross_entropy(xl, t, inplace_backward=True).backward()
+    assert xl.grad.data_ptr() == xl.data_ptr(), "the leaf's gradient was copied"
+    assert_close_ref(xl.grad, ref_g, torch.float32, what="gradient", floor=1.0 / shape[0])
 
 
 def _logits_values(fn, h, W):
