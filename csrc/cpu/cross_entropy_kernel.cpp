@@ -145,88 +145,111 @@ struct PackedHalf<Float16Bits> {
   using type = VecF16;
 };
 
-// dst[0, count) = float(src[0, count)) for the half types; returns the max
-// of the row, which saves the max pass a second read of the widened row.
-template <typename T>
-FUSED_CE_INLINE float widen_row_with_max(const T* src, int64_t count, float* dst) {
-  using Packed = typename PackedHalf<T>::type;
-  VecF m = VecF{} - std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + kConvertLanes <= count; i += kConvertLanes) {
-    const VecF v = widen(load_vec<Packed>(src + i));
-    m = max_vec(m, v);
-    store_vec(dst + i, v);
+// One vector of the accumulate type from consecutive elements of storage
+// type T: a plain load for float32 and float64, widened for the half types.
+// The passes over a row read the input through this, so half rows need no
+// float32 copy in scratch (its write and reread were a third of a bfloat16
+// row's cache traffic).
+template <typename Vec, typename T>
+FUSED_CE_INLINE Vec load_widened(const T* p) {
+  if constexpr (std::is_same<T, acc_t<T>>::value) {
+    return load_vec<Vec>(p);
+  } else {
+    return widen(load_vec<typename PackedHalf<T>::type>(p));
   }
-  float result = reduce_max<float>(m);
-  for (; i < count; ++i) {
-    dst[i] = to_acc(src[i]);
-    result = max_scalar(result, dst[i]);
-  }
-  return result;
 }
 
-// dst[0, count) = T(src[0, count)), rounding to nearest even.
-template <typename T>
-FUSED_CE_INLINE void narrow_row(const float* src, int64_t count, T* dst) {
-  using Packed = typename PackedHalf<T>::type;
-  int64_t i = 0;
-  for (; i + kConvertLanes <= count; i += kConvertLanes) {
-    Packed packed;
-    narrow(load_vec<VecF>(src + i), &packed);
-    store_vec(dst + i, packed);
+// The inverse of load_widened: stores one vector as storage type T.
+template <typename T, typename Vec>
+FUSED_CE_INLINE void store_narrowed(T* p, Vec v) {
+  if constexpr (std::is_same<T, acc_t<T>>::value) {
+    store_vec(p, v);
+  } else {
+    typename PackedHalf<T>::type packed;
+    narrow(v, &packed);
+    store_vec(p, packed);
   }
-  for (; i < count; ++i) dst[i] = from_acc<T>(src[i]);
 }
 
-// dst[0, count) = src[0, count) with non-temporal stores where possible.
-// The gradient is written once and not read again by this kernel: streaming
-// it past the cache saves the read-for-ownership of every destination line,
-// a third of the memory traffic of forward + backward. Callers must fence
-// (finish_streaming) before the data is used.
-FUSED_CE_INLINE void stream_row(const float* src, int64_t count, float* dst) {
+// Stores one VecF at dst, a 16-byte aligned address, with non-temporal
+// stores, as T. The gradient is written once and not read again by this
+// kernel: streaming it past the cache saves the read-for-ownership of every
+// destination line, a third of the memory traffic of forward + backward.
+// Written as 16-byte stores, which every x86-64 target has. Callers must
+// fence (finish_streaming) before the data is used.
+template <typename T>
+FUSED_CE_INLINE void stream_vec(T* dst, VecF v) {
 #if defined(__x86_64__)
-  int64_t i = 0;
-  for (; i < count && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
-  for (; i + 4 <= count; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-  for (; i < count; ++i) dst[i] = src[i];
+  if constexpr (std::is_same<T, float>::value) {
+    for (int half = 0; half < kConvertLanes / 4; ++half) {
+      _mm_stream_ps(dst + 4 * half, load_vec<__m128>(reinterpret_cast<const char*>(&v) + 16 * half));
+    }
+  } else {
+    typename PackedHalf<T>::type packed;
+    static_assert(sizeof(packed) == 16, "one SSE register of half lanes");
+    narrow(v, &packed);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), load_vec<__m128i>(&packed));
+  }
 #else
-  std::memcpy(dst, src, count * sizeof(float));
+  store_narrowed(dst, v);
 #endif
 }
 
-// dst[0, count) = T(src[0, count)) for the half types, streamed like
-// stream_row.
-template <typename T>
-FUSED_CE_INLINE void stream_narrow_row(const float* src, int64_t count, T* dst) {
+FUSED_CE_INLINE void finish_streaming() {
 #if defined(__x86_64__)
-  using Packed = typename PackedHalf<T>::type;
-  static_assert(sizeof(Packed) == 16, "one SSE register of half lanes");
-  int64_t i = 0;
-  for (; i < count && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
-    dst[i] = from_acc<T>(src[i]);
-  }
-  for (; i + kConvertLanes <= count; i += kConvertLanes) {
-    Packed packed;
-    narrow(load_vec<VecF>(src + i), &packed);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), load_vec<__m128i>(&packed));
-  }
-  for (; i < count; ++i) dst[i] = from_acc<T>(src[i]);
-#else
-  narrow_row(src, count, dst);
+  _mm_sfence();
 #endif
 }
 
-// A gradient row waiting to be streamed out of cache-resident scratch,
-// written a chunk at a time by advance() so that the stores can be spread
-// over the next row's compute-bound exp pass instead of leaving the core idle
-// while the memory bus drains them (see RowKernel).
+// The last step of a row's gradient, from the row's exp(x - max) in scratch:
+//   grad_c = scale * e_c - coef_w * w_c   (w_c = 1 without weights)
+// and the target class additionally loses target_delta. The default is the
+// identity, for rows whose gradient is already complete in scratch.
+template <typename Acc>
+struct GradientFinish {
+  using Vec = typename Simd<Acc>::Vec;
+  static constexpr int kLanes = Simd<Acc>::kLanes;
+
+  Acc scale = 1, coef_w = 0, target_delta = 0;
+  const Acc* weight = nullptr;  // nullptr: all ones
+  int64_t target = -1;          // -1: none
+
+  // Elements [c, c + kLanes) of the gradient.
+  FUSED_CE_INLINE Vec vec(const Acc* e, int64_t c) const {
+    const Vec w = weight ? load_vec<Vec>(weight + c) : Vec{} + Acc(1);
+    Vec v = scale * load_vec<Vec>(e + c) - coef_w * w;
+    const int64_t lane = target - c;
+    if (lane >= 0 && lane < kLanes) v[lane] -= target_delta;
+    return v;
+  }
+
+  FUSED_CE_INLINE Acc scalar(const Acc* e, int64_t c) const {
+    Acc v = scale * e[c] - coef_w * (weight ? weight[c] : Acc(1));
+    if (c == target) v -= target_delta;
+    return v;
+  }
+
+  // e[0, C) becomes the gradient, for rows stored other than by PendingRow.
+  FUSED_CE_INLINE void apply_in_place(Acc* e, int64_t C) const {
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) store_vec(e + c, vec(e, c));
+    for (; c < C; ++c) e[c] = scalar(e, c);
+  }
+};
+
+// A gradient row waiting to be finished (GradientFinish) and streamed out of
+// cache-resident scratch, written a chunk at a time by advance() so that the
+// stores can be spread over the next row's compute-bound exp pass instead of
+// leaving the core idle while the memory bus drains them (see RowKernel).
+// Finishing on the way out saves a pass over the row in scratch.
 template <typename T>
 class PendingRow {
  public:
-  void start(const float* src, int64_t count, T* dst) {
+  void start(const float* src, int64_t count, T* dst, const GradientFinish<float>& finish) {
     src_ = src;
     dst_ = dst;
     count_ = count;
+    finish_ = finish;
     // The first chunk also takes the elements up to a 16-byte boundary of
     // dst, so that every later chunk of a multiple of 16 bytes is aligned.
     done_ = 0;
@@ -249,34 +272,33 @@ class PendingRow {
   }
 
  private:
+  // Elements [begin, end); dst + begin is 16-byte aligned unless begin = 0.
   FUSED_CE_INLINE void write(int64_t begin, int64_t end) {
-    if constexpr (std::is_same<T, float>::value) {
-      stream_row(src_ + begin, end - begin, dst_ + begin);
-    } else {
-      stream_narrow_row(src_ + begin, end - begin, dst_ + begin);
+    int64_t c = begin;
+    for (; c < end && (reinterpret_cast<uintptr_t>(dst_ + c) & 15) != 0; ++c) {
+      dst_[c] = from_acc<T>(finish_.scalar(src_, c));
     }
+    for (; c + kConvertLanes <= end; c += kConvertLanes) stream_vec(dst_ + c, finish_.vec(src_, c));
+    for (; c < end; ++c) dst_[c] = from_acc<T>(finish_.scalar(src_, c));
   }
 
   const float* src_ = nullptr;
   T* dst_ = nullptr;
   int64_t count_ = 0, done_ = 0, head_ = 0;
+  GradientFinish<float> finish_;
 };
 
-FUSED_CE_INLINE void finish_streaming() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
-}
-
 // ---------------------------------------------------------------------------
-// Helpers for contiguous accumulate-type rows.
+// Helpers for contiguous rows, read in the storage type, computed in the
+// accumulate type.
 
-// Loads up to one vector from p; lanes past `count` hold `fill`.
-template <typename Vec, typename Acc>
-FUSED_CE_INLINE Vec load_partial(const Acc* p, int64_t count, Acc fill) {
+// Loads up to one vector from p (converted from storage type T); lanes past
+// `count` hold `fill`.
+template <typename Vec, typename T, typename Acc>
+FUSED_CE_INLINE Vec load_partial(const T* p, int64_t count, Acc fill) {
   constexpr int kLanes = sizeof(Vec) / sizeof(Acc);
   Acc tmp[kLanes];
-  for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? p[i] : fill;
+  for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? to_acc(p[i]) : fill;
   return load_vec<Vec>(tmp);
 }
 
@@ -311,8 +333,8 @@ class VectorBuffer {
 // is limited by loads and arithmetic rather than by one dependency chain.
 constexpr int kUnroll = 4;
 
-template <typename Acc>
-FUSED_CE_INLINE Acc max_of_row(const Acc* x, int64_t C) {
+template <typename Acc, typename T>
+FUSED_CE_INLINE Acc max_of_row(const T* x, int64_t C) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   const Vec lowest = Vec{} - std::numeric_limits<Acc>::infinity();
@@ -320,33 +342,33 @@ FUSED_CE_INLINE Acc max_of_row(const Acc* x, int64_t C) {
   for (int u = 0; u < kUnroll; ++u) m[u] = lowest;
   int64_t c = 0;
   for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
-    for (int u = 0; u < kUnroll; ++u) m[u] = max_vec(m[u], load_vec<Vec>(x + c + u * kLanes));
+    for (int u = 0; u < kUnroll; ++u) m[u] = max_vec(m[u], load_widened<Vec>(x + c + u * kLanes));
   }
-  for (; c + kLanes <= C; c += kLanes) m[0] = max_vec(m[0], load_vec<Vec>(x + c));
+  for (; c + kLanes <= C; c += kLanes) m[0] = max_vec(m[0], load_widened<Vec>(x + c));
   Acc result = reduce_max<Acc>(max_vec(max_vec(m[0], m[1]), max_vec(m[2], m[3])));
-  for (; c < C; ++c) result = max_scalar(result, x[c]);
+  for (; c < C; ++c) result = max_scalar(result, to_acc(x[c]));
   return result;
 }
 
 // sum_c w_c (x_c - shift) (w_c = 1 without weights).
-template <bool kHasWeight, typename Acc>
-FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C, Acc shift) {
+template <bool kHasWeight, typename Acc, typename T>
+FUSED_CE_INLINE Acc weighted_sum_of_row(const T* x, const Acc* w, int64_t C, Acc shift) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   Vec s[kUnroll] = {};
   int64_t c = 0;
   for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
     for (int u = 0; u < kUnroll; ++u) {
-      const Vec v = load_vec<Vec>(x + c + u * kLanes) - shift;
+      const Vec v = load_widened<Vec>(x + c + u * kLanes) - shift;
       s[u] += kHasWeight ? v * load_vec<Vec>(w + c + u * kLanes) : v;
     }
   }
   for (; c + kLanes <= C; c += kLanes) {
-    const Vec v = load_vec<Vec>(x + c) - shift;
+    const Vec v = load_widened<Vec>(x + c) - shift;
     s[0] += kHasWeight ? v * load_vec<Vec>(w + c) : v;
   }
   Acc result = reduce_sum<Acc>((s[0] + s[1]) + (s[2] + s[3]));
-  for (; c < C; ++c) result += kHasWeight ? (x[c] - shift) * w[c] : x[c] - shift;
+  for (; c < C; ++c) result += kHasWeight ? (to_acc(x[c]) - shift) * w[c] : to_acc(x[c]) - shift;
   return result;
 }
 
@@ -359,8 +381,8 @@ FUSED_CE_INLINE Acc weighted_sum_of_row(const Acc* x, const Acc* w, int64_t C, A
 // many elements of the previous row's gradient. Otherwise the bus idles
 // here, the next row's first pass waits on DRAM and the gradient's stores
 // wait on the bus alone.
-template <bool kKeep, typename Acc, typename StoreStep>
-FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep,
+template <bool kKeep, typename Acc, typename T, typename StoreStep>
+FUSED_CE_INLINE Acc sum_exp_of_row(const T* x, int64_t C, Acc shift, Acc* keep,
                                    const char* prefetch_row, int64_t row_bytes,
                                    StoreStep&& store_step) {
   using Vec = typename Simd<Acc>::Vec;
@@ -378,10 +400,10 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
   // compiler keep the sums on the stack, a store-to-load round trip per
   // iteration (bfloat16 rows 10% slower).
   constexpr int64_t kChunk = 32 * kStep;
-  // The next row, a line per iteration: an iteration reads at most a line
-  // of this row (two vectors of 32 bytes; the next row's elements are never
-  // wider than these), so the prefetches stay ahead of the next row's
-  // reads and spread evenly over the memory bus's idle time.
+  // The next row, a line per iteration: an iteration reads kStep elements,
+  // at most a line of this row (kStep accumulate-type values fill one, and
+  // storage types are never wider), so the prefetches stay ahead of the next
+  // row's reads and spread evenly over the memory bus's idle time.
   const char* next_line = prefetch_row;
   const char* const prefetch_end = prefetch_row ? prefetch_row + row_bytes : nullptr;
   static_assert(kStep * sizeof(Acc) == kCacheLine, "one line of this row per iteration");
@@ -396,8 +418,8 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
         __builtin_prefetch(next_line);
         next_line += kCacheLine;
       }
-      const Vec e0 = Simd<Acc>::exp(load_vec<Vec>(x + i) - shift);
-      const Vec e1 = Simd<Acc>::exp(load_vec<Vec>(x + i + kLanes) - shift);
+      const Vec e0 = Simd<Acc>::exp(load_widened<Vec>(x + i) - shift);
+      const Vec e1 = Simd<Acc>::exp(load_widened<Vec>(x + i + kLanes) - shift);
       s0 += e0;
       s1 += e1;
       if (kKeep) {
@@ -408,7 +430,7 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
   }
   c = vectorised_end;
   for (; c + kLanes <= C; c += kLanes) {
-    const Vec e = Simd<Acc>::exp(load_vec<Vec>(x + c) - shift);
+    const Vec e = Simd<Acc>::exp(load_widened<Vec>(x + c) - shift);
     s0 += e;
     if (kKeep) store_vec(keep + c, e);
   }
@@ -422,15 +444,15 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const Acc* x, int64_t C, Acc shift, Acc* keep
   return reduce_sum<Acc>(s0 + s1);
 }
 
-// dst[c] = softcap * tanh(src[c] / softcap); dst may be src.
-template <typename Acc>
-FUSED_CE_INLINE void softcap_row(const Acc* src, int64_t C, Acc softcap, Acc* dst) {
+// dst[c] = softcap * tanh(src[c] / softcap), in the accumulate type.
+template <typename Acc, typename T>
+FUSED_CE_INLINE void softcap_row(const T* src, int64_t C, Acc softcap, Acc* dst) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   const Acc inv_cap = Acc(1) / softcap;
   int64_t c = 0;
   for (; c + kLanes <= C; c += kLanes) {
-    store_vec(dst + c, softcap * tanh_vec<Acc>(load_vec<Vec>(src + c) * inv_cap));
+    store_vec(dst + c, softcap * tanh_vec<Acc>(load_widened<Vec>(src + c) * inv_cap));
   }
   if (c < C) {
     store_partial(dst + c, softcap * tanh_vec<Acc>(load_partial<Vec>(src + c, C - c, Acc(0)) * inv_cap),
@@ -464,12 +486,10 @@ class RowKernel {
   using Acc = acc_t<T>;
   using Vec = typename Simd<Acc>::Vec;
   static constexpr int kLanes = Simd<Acc>::kLanes;
-  // float32 and float64 rows are read in place; half rows are widened first.
-  static constexpr bool kStorageIsAcc = std::is_same<T, Acc>::value;
 
  public:
   explicit RowKernel(const KernelArgs<T>& args) : a_(args) {
-    if (!kStorageIsAcc || a_.softcap != Acc(0)) row_.resize(a_.C);
+    if (a_.softcap != Acc(0)) capped_row_.resize(a_.C);
     if (a_.grad_input) {
       grad_[0].resize(a_.C);
       grad_[1].resize(a_.C);
@@ -485,40 +505,39 @@ class RowKernel {
   // Processes row `pos`; `next_pos` (or -1) is the row that follows, which
   // is prefetched meanwhile.
   FUSED_CE_INLINE void run(int64_t pos, int64_t next_pos) {
-    if (a_.weight) {
-      run_impl<true>(pos, next_pos);
+    const int64_t n = pos / a_.D, d = pos - n * a_.D;
+    const T* row = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
+    if (a_.softcap != Acc(0)) {
+      // Every pass reads the capped row, computed once into scratch.
+      softcap_row(row, a_.C, a_.softcap, capped_row_.data());
+      run_weighted(capped_row_.data(), /*capped=*/true, n, d, pos, next_pos);
     } else {
-      run_impl<false>(pos, next_pos);
+      run_weighted(row, /*capped=*/false, n, d, pos, next_pos);
     }
   }
 
  private:
+  template <typename X>
+  FUSED_CE_INLINE void run_weighted(const X* x, bool capped, int64_t n, int64_t d, int64_t pos,
+                                    int64_t next_pos) {
+    if (a_.weight) {
+      run_row<true>(x, capped, n, d, pos, next_pos);
+    } else {
+      run_row<false>(x, capped, n, d, pos, next_pos);
+    }
+  }
+
   template <bool kHasWeight>
   FUSED_CE_INLINE Vec weight_vec(int64_t c) const {
     return kHasWeight ? load_vec<Vec>(a_.weight + c) : Vec{} + Acc(1);
   }
 
-  template <bool kHasWeight>
-  FUSED_CE_INLINE void run_impl(int64_t pos, int64_t next_pos) {
+  // The row x: the input row itself (storage type T) or its softcapped
+  // version in scratch (accumulate type).
+  template <bool kHasWeight, typename X>
+  FUSED_CE_INLINE void run_row(const X* x, bool capped, int64_t n, int64_t d, int64_t pos,
+                               int64_t next_pos) {
     const int64_t C = a_.C;
-    const int64_t n = pos / a_.D, d = pos - n * a_.D;
-    const T* raw = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
-    // x: the row in the accumulate type, after the softcap if there is one.
-    const Acc* x;
-    const bool capped = a_.softcap != Acc(0);
-    // Half rows are widened into scratch, and their max found on the way.
-    Acc widened_max = 0;
-    if constexpr (kStorageIsAcc) {
-      x = raw;
-    } else {
-      widened_max = widen_row_with_max(raw, C, row_.data());
-      x = row_.data();
-    }
-    if (capped) {
-      softcap_row(x, C, a_.softcap, row_.data());
-      x = row_.data();
-    }
-
     const int64_t target = a_.class_target[n * a_.class_target_stride_n + d * a_.class_target_stride_d];
     const bool ignored = target == a_.ignore_index;
     const Acc w_target = ignored ? Acc(0) : (kHasWeight ? a_.weight[target] : Acc(1));
@@ -542,8 +561,7 @@ class RowKernel {
     // logits of large magnitude (a constant row of 1000s, 1e30) lse
     // itself has lost the digits the loss consists of.
     const bool need_smoothing = eps != Acc(0) && !ignored;
-    // The widened row's max is the max unless the softcap has changed the row.
-    const Acc row_max = !kStorageIsAcc && !capped ? widened_max : max_of_row(x, C);
+    const Acc row_max = max_of_row<Acc>(x, C);
     const Acc shifted_wx =
         need_smoothing ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C, row_max) : Acc(0);
     Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
@@ -568,7 +586,7 @@ class RowKernel {
     Acc loss = 0;
     if (!ignored) {
       // -lp[y] = (max - x_y) + log_sum;  -sum_c w_c lp_c = W log_sum - sum_c w_c (x_c - max)
-      loss = (Acc(1) - eps) * w_target * ((row_max - x[target]) + log_sum);
+      loss = (Acc(1) - eps) * w_target * ((row_max - to_acc(x[target])) + log_sum);
       if (need_smoothing) loss += eps_per_class * (a_.weight_sum * log_sum - shifted_wx);
       if (a_.z_loss != Acc(0)) loss += a_.z_loss * w_target * lse * lse;
     }
@@ -578,7 +596,7 @@ class RowKernel {
     }
     if (!grad_out) return;
 
-    // Pass 3 (cache): grad_c = coef_p * p_c - coef_w * w_c, and the target
+    // The gradient: grad_c = coef_p * p_c - coef_w * w_c, and the target
     // class additionally loses g * (1 - eps) * w_target. An ignored element
     // has zero loss coefficients (even when the mean of an all-ignored batch
     // makes g infinite), yet, as in PyTorch's 0 - p * 0, its gradient is
@@ -594,20 +612,21 @@ class RowKernel {
     // Only where the term exists: 0 * lse is NaN for an infinite lse.
     if (a_.z_loss != Acc(0) && !ignored) coef_p += g * Acc(2) * a_.z_loss * w_target * lse;
     const Acc coef_w = g * eps_per_class;
-    int64_t c = 0;
+
+    // Pass 3, usually fused into the streamed store (see PendingRow): from
+    // grad_row = exp(x - max), p = that / sum.
+    GradientFinish<Acc> finish;
     if (!ignored) {
-      // grad_row holds exp(x - max); p = that / sum.
-      const Acc coef_e = coef_p * inv_sum;
-      for (; c + kLanes <= C; c += kLanes) {
-        const Vec e = load_vec<Vec>(grad_row + c);
-        store_vec(grad_row + c, coef_e * e - coef_w * weight_vec<kHasWeight>(c));
-      }
-      for (; c < C; ++c) {
-        grad_row[c] = coef_e * grad_row[c] - coef_w * (kHasWeight ? a_.weight[c] : Acc(1));
-      }
+      finish.scale = coef_p * inv_sum;
+      finish.coef_w = coef_w;
+      finish.weight = kHasWeight ? a_.weight : nullptr;
+      finish.target = target;
+      finish.target_delta = g * (Acc(1) - eps) * w_target;
     } else {
+      // No exponentials were kept: p = exp(x - lse), finished here.
+      int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
-        const Vec p = Simd<Acc>::exp(load_vec<Vec>(x + c) - lse);
+        const Vec p = Simd<Acc>::exp(load_widened<Vec>(x + c) - lse);
         store_vec(grad_row + c, coef_p * p - coef_w * weight_vec<kHasWeight>(c));
       }
       if (c < C) {
@@ -618,16 +637,21 @@ class RowKernel {
         store_partial(grad_row + c, coef_p * p - coef_w * wv, C - c);
       }
     }
-    if (!ignored) grad_row[target] -= g * (Acc(1) - eps) * w_target;
-    if (capped) softcap_chain_rule(x, C, a_.softcap, grad_row);
+    // The softcap's chain rule needs the finished gradient in scratch.
+    if (capped) {
+      finish.apply_in_place(grad_row, C);
+      finish = GradientFinish<Acc>();
+      if constexpr (std::is_same<X, Acc>::value) softcap_chain_rule(x, C, a_.softcap, grad_row);
+    }
 
     if constexpr (kDeferStores) {
       if (a_.grad_input_strides.c == 1) {
-        pending_.start(grad_row, C, grad_out);
+        pending_.start(grad_row, C, grad_out, finish);
         current_ ^= 1;
         return;
       }
     }
+    finish.apply_in_place(grad_row, C);
     store_gradient_row(grad_row, grad_out);
   }
 
@@ -638,14 +662,14 @@ class RowKernel {
     for (int64_t k = 0; k < C; ++k) grad_out[k * stride] = from_acc<T>(grad_row[k]);
   }
 
-  // Streamed, deferred gradient stores (stream_row handles float32 scratch).
+  // Streamed, deferred gradient stores (PendingRow handles float32 scratch).
   static constexpr bool kDeferStores = std::is_same<Acc, float>::value;
 
   const KernelArgs<T>& a_;
-  std::vector<Acc> row_;      // the row in the accumulate type (half inputs), softcapped
-  std::vector<Acc> grad_[2];  // gradient rows: this one, and the previous one while pending
+  std::vector<Acc> capped_row_;  // the softcapped row, in the accumulate type
+  std::vector<Acc> grad_[2];     // gradient rows: this one, and the previous one while pending
   int current_ = 0;
-  PendingRow<T> pending_;     // the previous row's gradient, from grad_[current_ ^ 1]
+  PendingRow<T> pending_;        // the previous row's gradient, from grad_[current_ ^ 1]
 };
 
 // ---------------------------------------------------------------------------
@@ -990,22 +1014,8 @@ class TileKernel {
   }
 
   // One vector of kLanes consecutive elements, converted.
-  static FUSED_CE_INLINE Vec load_lanes(const T* p) {
-    if constexpr (std::is_same<T, Acc>::value) {
-      return load_vec<Vec>(p);
-    } else {
-      return widen(load_vec<typename PackedHalf<T>::type>(p));
-    }
-  }
-  static FUSED_CE_INLINE void store_lanes(T* p, Vec v) {
-    if constexpr (std::is_same<T, Acc>::value) {
-      store_vec(p, v);
-    } else {
-      typename PackedHalf<T>::type packed;
-      narrow(v, &packed);
-      store_vec(p, packed);
-    }
-  }
+  static FUSED_CE_INLINE Vec load_lanes(const T* p) { return load_widened<Vec>(p); }
+  static FUSED_CE_INLINE void store_lanes(T* p, Vec v) { store_narrowed(p, v); }
 
   const KernelArgs<T>& a_;
   bool line_groups_ = false;  // whether run_line_group() applies at all
