@@ -23,7 +23,10 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_ce native library: registers torch.ops.fused_ce.*";
   m.def("cpu_capability", &fused_ce::cpu::cpu_capability,
-        "Instruction set the CPU kernels run with on this machine (avx512, avx2 or default).");
+        "Instruction set the CPU kernels run with (avx512, avx2 or default): the best the CPU "
+        "supports unless FUSED_CE_CPU_CAPABILITY names a lower one.");
+  m.def("supported_cpu_capabilities", &fused_ce::cpu::supported_cpu_capabilities,
+        "Instruction sets the CPU kernels can run with on this CPU, from default up.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
   m.def("empty_gradient_cache", &fused_ce::cpu::empty_gradient_cache,
         "Frees the cached CPU gradient buffer, if any.");

@@ -6,7 +6,7 @@ registered as ``torch.ops.fused_ce.*``.
 """
 
 from . import distributed
-from ._ops import built_with_cuda, cpu_capability
+from ._ops import built_with_cuda, cpu_capability, supported_cpu_capabilities
 from .autograd import CrossEntropyFunction
 from .cache import empty_cache, gradient_cache_bytes, set_gradient_cache
 from .functional import cross_entropy
@@ -28,4 +28,5 @@ __all__ = [
     "linear_cross_entropy",
     "patch_torch",
     "set_gradient_cache",
+    "supported_cpu_capabilities",
 ]

@@ -7,6 +7,9 @@ without computing them, which is what torch.compile, FakeTensor and
 on shapes, dtypes and strides.
 """
 
+import os
+import warnings
+
 import torch
 
 from . import _C  # noqa: F401  (loads the library, registering the operators)
@@ -60,8 +63,32 @@ def _backward_fake(grad_loss, grad_lse, input, target, weight, lse, ignore_index
 
 
 def cpu_capability() -> str:
-    """The instruction set the CPU kernels use on this machine: avx512, avx2 or default."""
+    """The instruction set the CPU kernels run with: ``"avx512"``, ``"avx2"`` or
+    ``"default"`` (the compiler's baseline, SSE2 on x86-64). The best the CPU
+    supports, unless the environment variable ``FUSED_CE_CPU_CAPABILITY``
+    names a lower one (read once, when fused_ce is imported)."""
     return _C.cpu_capability()
+
+
+def supported_cpu_capabilities() -> list:
+    """The instruction sets the CPU kernels can run with on this CPU, from
+    ``"default"`` up: the values ``FUSED_CE_CPU_CAPABILITY`` may take here."""
+    return list(_C.supported_cpu_capabilities())
+
+
+def _check_requested_capability() -> None:
+    requested = os.environ.get("FUSED_CE_CPU_CAPABILITY")
+    active = cpu_capability()  # also pins the choice for the whole process
+    if requested is not None and requested != active:
+        warnings.warn(
+            f"FUSED_CE_CPU_CAPABILITY={requested!r} is not one of this CPU's instruction sets "
+            f"{supported_cpu_capabilities()}; the CPU kernels use {active!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_check_requested_capability()
 
 
 def built_with_cuda() -> bool:

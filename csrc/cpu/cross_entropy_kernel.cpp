@@ -12,8 +12,9 @@
 //    positions is gathered into a class-major buffer and the classes are
 //    walked with the positions side by side in the vector lanes.
 //
-// Every function below is inlined into run_kernel(), which is compiled once
-// per instruction set (FUSED_CE_MULTIVERSION) and selected at load time.
+// Every function below is inlined into one entry point per instruction set
+// (run_kernel_avx512 and so on, at the end of the file); run_kernel() calls
+// the best one the CPU supports, or the one FUSED_CE_CPU_CAPABILITY names.
 
 #include "cross_entropy_kernel.h"
 
@@ -32,13 +33,15 @@
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// AVX-512 (x86-64-v4), AVX2 + FMA + F16C (x86-64-v3) and baseline SSE2.
-#define FUSED_CE_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FUSED_CE_HAS_MULTIVERSION 1
+// Besides the baseline (SSE2), entry points compiled for AVX-512
+// (x86-64-v4) and AVX2 + FMA + F16C (x86-64-v3). Explicit entry points
+// rather than target_clones, whose resolver cannot be overridden: the tests
+// run every instruction set the machine has, not only its best.
+#define FUSED_CE_X86_TARGETS 1
+#define FUSED_CE_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FUSED_CE_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define FUSED_CE_MULTIVERSION
-#define FUSED_CE_HAS_MULTIVERSION 0
+#define FUSED_CE_X86_TARGETS 0
 #endif
 
 namespace fused_ce {
@@ -1040,33 +1043,88 @@ FUSED_CE_INLINE void run_kernel_impl(const KernelArgs<T>& args, int64_t begin, i
   }
 }
 
+// One entry point per instruction set: the same kernels, inlined and
+// compiled for each target.
+template <typename T>
+void run_kernel_default(const KernelArgs<T>& args, int64_t begin, int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+#if FUSED_CE_X86_TARGETS
+template <typename T>
+FUSED_CE_TARGET_AVX2 void run_kernel_avx2(const KernelArgs<T>& args, int64_t begin, int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+template <typename T>
+FUSED_CE_TARGET_AVX512 void run_kernel_avx512(const KernelArgs<T>& args, int64_t begin,
+                                              int64_t end) {
+  run_kernel_impl(args, begin, end);
+}
+#endif
+
+// Instruction sets with an entry point, in increasing order.
+enum class Isa { kDefault, kAvx2, kAvx512 };
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
+
+Isa best_supported_isa() {
+#if FUSED_CE_X86_TARGETS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+  return Isa::kDefault;
+}
+
+// The best supported instruction set, or a lower one that
+// FUSED_CE_CPU_CAPABILITY names (anything else there is ignored; the Python
+// package warns about it). Chosen once, on first use.
+Isa active_isa() {
+  static const Isa isa = [] {
+    const Isa best = best_supported_isa();
+    if (const char* requested = std::getenv("FUSED_CE_CPU_CAPABILITY")) {
+      for (int i = 0; i <= int(best); ++i) {
+        if (std::strcmp(requested, kIsaNames[i]) == 0) return Isa(i);
+      }
+    }
+    return best;
+  }();
+  return isa;
+}
+
+template <typename T>
+void dispatch(const KernelArgs<T>& args, int64_t begin, int64_t end) {
+  switch (active_isa()) {
+#if FUSED_CE_X86_TARGETS
+    case Isa::kAvx512:
+      return run_kernel_avx512(args, begin, end);
+    case Isa::kAvx2:
+      return run_kernel_avx2(args, begin, end);
+#endif
+    default:
+      return run_kernel_default(args, begin, end);
+  }
+}
+
 }  // namespace
 
-FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end) {
-  run_kernel_impl(args, begin, end);
+void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end) {
+  dispatch(args, begin, end);
 }
-FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<double>& args, int64_t begin, int64_t end) {
-  run_kernel_impl(args, begin, end);
+void run_kernel(const KernelArgs<double>& args, int64_t begin, int64_t end) {
+  dispatch(args, begin, end);
 }
-FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<BFloat16Bits>& args, int64_t begin,
-                                      int64_t end) {
-  run_kernel_impl(args, begin, end);
+void run_kernel(const KernelArgs<BFloat16Bits>& args, int64_t begin, int64_t end) {
+  dispatch(args, begin, end);
 }
-FUSED_CE_MULTIVERSION void run_kernel(const KernelArgs<Float16Bits>& args, int64_t begin,
-                                      int64_t end) {
-  run_kernel_impl(args, begin, end);
+void run_kernel(const KernelArgs<Float16Bits>& args, int64_t begin, int64_t end) {
+  dispatch(args, begin, end);
 }
 
-const char* cpu_capability() {
-#if FUSED_CE_HAS_MULTIVERSION
-  // Mirrors the order in which the target_clones resolver picks a clone.
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
-  return "default";
-#else
-  return "default (compiler auto-vectorisation)";
-#endif
+const char* cpu_capability() { return kIsaNames[int(active_isa())]; }
+
+std::vector<const char*> supported_cpu_capabilities() {
+  std::vector<const char*> names;
+  for (int i = 0; i <= int(best_supported_isa()); ++i) names.push_back(kIsaNames[i]);
+  return names;
 }
 
 }  // namespace cpu

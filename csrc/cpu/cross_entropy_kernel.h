@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fused_ce {
 namespace cpu {
@@ -111,15 +112,21 @@ int64_t num_work_items(const KernelArgs<T>& args) {
   return args.use_row_kernel ? positions : (positions + tile - 1) / tile;
 }
 
-// Runs work items [begin, end). Thread-safe for disjoint ranges; picks the
-// best instruction set the CPU supports at load time.
+// Runs work items [begin, end). Thread-safe for disjoint ranges. Runs the
+// code compiled for the best instruction set the CPU supports, or for a
+// lower one named by the environment variable FUSED_CE_CPU_CAPABILITY
+// ("avx2", "default"), read once, on first use.
 void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end);
 void run_kernel(const KernelArgs<double>& args, int64_t begin, int64_t end);
 void run_kernel(const KernelArgs<BFloat16Bits>& args, int64_t begin, int64_t end);
 void run_kernel(const KernelArgs<Float16Bits>& args, int64_t begin, int64_t end);
 
-// Name of the instruction set run_kernel dispatches to on this CPU.
+// Name of the instruction set run_kernel dispatches to: "avx512", "avx2" or
+// "default" (the compiler's baseline).
 const char* cpu_capability();
+
+// The instruction sets this CPU can run, from "default" up.
+std::vector<const char*> supported_cpu_capabilities();
 
 }  // namespace cpu
 }  // namespace fused_ce
