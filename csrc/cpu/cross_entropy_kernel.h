@@ -94,11 +94,15 @@ struct KernelArgs {
 };
 
 // Positions handled per work item by the tile kernel: one per lane of a
-// 32-byte vector of the accumulate type (simd.h's kVectorBytes).
+// vector of the accumulate type, `vector_bytes` wide.
 template <typename T>
-constexpr int64_t tile_positions() {
-  return 32 / int64_t(sizeof(acc_t<T>));
+constexpr int64_t tile_positions(int vector_bytes) {
+  return vector_bytes / int64_t(sizeof(acc_t<T>));
 }
+
+// Width in bytes of the vectors of the kernels run_kernel dispatches to (64
+// for AVX-512, 32 otherwise).
+int vector_bytes();
 
 // Fewest classes for which the row-wise kernel beats the tile kernel.
 constexpr int64_t kRowKernelMinClasses = 64;
@@ -108,7 +112,7 @@ constexpr int64_t kRowKernelMinClasses = 64;
 template <typename T>
 int64_t num_work_items(const KernelArgs<T>& args) {
   const int64_t positions = args.N * args.D;
-  constexpr int64_t tile = tile_positions<T>();
+  const int64_t tile = tile_positions<T>(vector_bytes());
   return args.use_row_kernel ? positions : (positions + tile - 1) / tile;
 }
 

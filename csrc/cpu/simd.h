@@ -1,10 +1,15 @@
 // Portable SIMD building blocks for the CPU kernels.
 //
 // Written with GCC/Clang vector extensions instead of intrinsics so that one
-// source compiles to SSE2, AVX2 or AVX-512 code depending on the target the
-// enclosing function is compiled for (see FUSED_CE_MULTIVERSION in
-// cross_entropy_kernel.cpp). Deliberately free of torch headers: nothing here
-// may be instantiated with ISA flags that leak into shared inline functions.
+// source compiles to SSE2, AVX2 or AVX-512 code depending on the target of
+// the entry point it is inlined into (kernel_entry_points.h). Deliberately
+// free of torch headers: nothing here may be instantiated with ISA flags
+// that leak into shared inline functions.
+//
+// The vector width is FUSED_CE_VECTOR_BYTES, set by the translation unit
+// before it includes this header (32 unless set). Each unit that includes it
+// gets its own copy (an unnamed namespace), so units of different widths can
+// be linked together.
 #pragma once
 
 #include <cmath>
@@ -14,13 +19,20 @@
 
 #define FUSED_CE_INLINE inline __attribute__((always_inline))
 
+#ifndef FUSED_CE_VECTOR_BYTES
+#define FUSED_CE_VECTOR_BYTES 32
+#endif
+
 namespace fused_ce {
 namespace cpu {
+namespace {
 
-// 32 bytes: one AVX2 register (and an AVX-512VL one), two SSE registers.
-// Wider generic vectors are legal but GCC lowers them to spills when they
-// exceed the hardware width, which costs far more than AVX-512 gains.
-constexpr int kVectorBytes = 32;
+// 32 bytes: one AVX2 register, two SSE registers; 64: one AVX-512 register.
+// A width is only used for instruction sets that hold it in one or two
+// registers: GCC lowers wider generic vectors to spills, which cost far
+// more than the wider arithmetic gains.
+constexpr int kVectorBytes = FUSED_CE_VECTOR_BYTES;
+static_assert(kVectorBytes == 32 || kVectorBytes == 64, "vector widths with a kernel build");
 
 typedef float VecF __attribute__((vector_size(kVectorBytes)));
 typedef int32_t VecI32 __attribute__((vector_size(kVectorBytes)));
@@ -246,5 +258,6 @@ FUSED_CE_INLINE void transpose_square(Vec* m) {
   detail::transpose_stage<Vec, kLanes / 2>(m);
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace fused_ce
