@@ -234,7 +234,15 @@ struct GradientFinish {
     const Vec w = weight ? load_vec<Vec>(weight + c) : Vec{} + Acc(1);
     Vec v = scale * load_vec<Vec>(e + c) - coef_w * w;
     const int64_t lane = target - c;
-    if (lane >= 0 && lane < kLanes) v[lane] -= target_delta;
+    if (uint64_t(lane) < uint64_t(kLanes)) {
+      // A lane select, not v[lane]: indexing a vector by a variable makes
+      // GCC keep v in memory on every iteration, not only on this one.
+      using Lanes = int_lanes_t<Vec>;
+      Lanes ids;
+      for (int i = 0; i < kLanes; ++i) ids[i] = i;
+      v -= ids == typename std::remove_reference<decltype(ids[0])>::type(lane) ? Vec{} + target_delta
+                                                                              : Vec{};
+    }
     return v;
   }
 
