@@ -156,8 +156,8 @@ void launch(const cpu::KernelArgs<T>& args) {
   if (items == 0) return;
   // About 64k elements per task: enough to amortise scheduling, small
   // enough to balance rows across threads.
-  const int64_t per_item = args.C * (args.use_row_kernel ? 1 : cpu::tile_positions<T>(cpu::vector_bytes()));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
+  const int64_t elements_per_item = args.C * cpu::positions_per_work_item(args);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / elements_per_item);
   at::parallel_for(0, items, grain,
                    [&](int64_t begin, int64_t end) { cpu::run_kernel(args, begin, end); });
 }

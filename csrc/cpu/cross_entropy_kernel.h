@@ -107,13 +107,17 @@ int vector_bytes();
 // Fewest classes for which the row-wise kernel beats the tile kernel.
 constexpr int64_t kRowKernelMinClasses = 64;
 
-// Work items: rows for the row kernel, tiles of tile_positions<T>() positions
-// otherwise.
+// Positions per work item: one row for the row kernel, a tile of
+// tile_positions<T>() positions otherwise.
+template <typename T>
+int64_t positions_per_work_item(const KernelArgs<T>& args) {
+  return args.use_row_kernel ? 1 : tile_positions<T>(vector_bytes());
+}
+
 template <typename T>
 int64_t num_work_items(const KernelArgs<T>& args) {
-  const int64_t positions = args.N * args.D;
-  const int64_t tile = tile_positions<T>(vector_bytes());
-  return args.use_row_kernel ? positions : (positions + tile - 1) / tile;
+  const int64_t per_item = positions_per_work_item(args);
+  return (args.N * args.D + per_item - 1) / per_item;
 }
 
 // Runs work items [begin, end). Thread-safe for disjoint ranges. Runs the

@@ -238,10 +238,10 @@ struct GradientFinish {
       // A lane select, not v[lane]: indexing a vector by a variable makes
       // GCC keep v in memory on every iteration, not only on this one.
       using Lanes = int_lanes_t<Vec>;
+      using LaneIndex = typename std::remove_reference<decltype(Lanes{}[0])>::type;
       Lanes ids;
       for (int i = 0; i < kLanes; ++i) ids[i] = i;
-      v -= ids == typename std::remove_reference<decltype(ids[0])>::type(lane) ? Vec{} + target_delta
-                                                                              : Vec{};
+      v -= ids == LaneIndex(lane) ? Vec{} + target_delta : Vec{};
     }
     return v;
   }
@@ -553,11 +553,6 @@ class RowKernel {
     }
   }
 
-  template <bool kHasWeight>
-  FUSED_CE_INLINE Vec weight_vec(int64_t c) const {
-    return kHasWeight ? load_vec<Vec>(a_.weight + c) : Vec{} + Acc(1);
-  }
-
   // The row x: the input row itself (storage type T) or its softcapped
   // version in scratch (accumulate type).
   template <bool kHasWeight, typename X>
@@ -639,28 +634,25 @@ class RowKernel {
     if (a_.z_loss != Acc(0) && !ignored) coef_p += g * Acc(2) * a_.z_loss * w_target * lse;
     const Acc coef_w = g * eps_per_class;
 
-    // Pass 3, usually fused into the streamed store (see PendingRow): from
-    // grad_row = exp(x - max), p = that / sum.
+    // Pass 3, usually fused into the streamed store (see PendingRow).
     GradientFinish<Acc> finish;
+    finish.coef_w = coef_w;
+    finish.weight = kHasWeight ? a_.weight : nullptr;
     if (!ignored) {
+      // grad_row holds exp(x - max); p = that / sum.
       finish.scale = coef_p * inv_sum;
-      finish.coef_w = coef_w;
-      finish.weight = kHasWeight ? a_.weight : nullptr;
       finish.target = target;
       finish.target_delta = g * (Acc(1) - eps) * w_target;
     } else {
-      // No exponentials were kept: p = exp(x - lse), finished here.
+      // No exponentials were kept: grad_row = p = exp(x - lse).
+      finish.scale = coef_p;
       int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
-        const Vec p = Simd<Acc>::exp(load_widened<Vec>(x + c) - lse);
-        store_vec(grad_row + c, coef_p * p - coef_w * weight_vec<kHasWeight>(c));
+        store_vec(grad_row + c, Simd<Acc>::exp(load_widened<Vec>(x + c) - lse));
       }
       if (c < C) {
         // Padding lanes read lse itself: exp(0), never an overflow.
-        const Vec p = Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, lse) - lse);
-        Vec wv = Vec{} + Acc(1);
-        if (kHasWeight) wv = load_partial<Vec>(a_.weight + c, C - c, Acc(0));
-        store_partial(grad_row + c, coef_p * p - coef_w * wv, C - c);
+        store_partial(grad_row + c, Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, lse) - lse), C - c);
       }
     }
     // The softcap's chain rule needs the finished gradient in scratch.
@@ -776,7 +768,7 @@ class TileKernel {
     const T* in = a_.input + n[0][0] * a_.input_strides.n + d[0][0];
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t t = 0; t < kLineGroup; ++t) {
-        x_.data()[t * C + c] = load_lanes(in + c * a_.input_strides.c + t * kLanes);
+        x_.data()[t * C + c] = load_widened<Vec>(in + c * a_.input_strides.c + t * kLanes);
       }
     }
     for (int64_t t = 0; t < kLineGroup; ++t) {
@@ -787,7 +779,7 @@ class TileKernel {
       T* out = a_.grad_input + n[0][0] * a_.grad_input_strides.n + d[0][0];
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t t = 0; t < kLineGroup; ++t) {
-          store_lanes(out + c * a_.grad_input_strides.c + t * kLanes, g_.data()[t * C + c]);
+          store_narrowed(out + c * a_.grad_input_strides.c + t * kLanes, g_.data()[t * C + c]);
         }
       }
     }
@@ -981,7 +973,7 @@ class TileKernel {
                               bool consecutive, Vec* dst) const {
     if (consecutive && s.d == 1) {
       const T* first = src + n[0] * s.n + d[0];
-      for (int64_t c = 0; c < a_.C; ++c) dst[c] = load_lanes(first + c * s.c);
+      for (int64_t c = 0; c < a_.C; ++c) dst[c] = load_widened<Vec>(first + c * s.c);
       return;
     }
     int64_t base[kLanes];
@@ -994,7 +986,7 @@ class TileKernel {
       for (int64_t c0 = 0; c0 < a_.C; c0 += kLanes) {
         const int64_t start = c0 + kLanes <= a_.C ? c0 : a_.C - kLanes;
         Vec block[kLanes];
-        for (int l = 0; l < kLanes; ++l) block[l] = load_lanes(src + base[l] + start);
+        for (int l = 0; l < kLanes; ++l) block[l] = load_widened<Vec>(src + base[l] + start);
         transpose_square(block);
         for (int j = 0; j < kLanes; ++j) dst[start + j] = block[j];
       }
@@ -1019,7 +1011,7 @@ class TileKernel {
                                const int64_t* d, int valid, bool consecutive) const {
     if (consecutive && s.d == 1) {
       T* first = dst + n[0] * s.n + d[0];
-      for (int64_t c = 0; c < a_.C; ++c) store_lanes(first + c * s.c, tile[c]);
+      for (int64_t c = 0; c < a_.C; ++c) store_narrowed(first + c * s.c, tile[c]);
       return;
     }
     if (s.c == 1 && a_.C >= kLanes) {
@@ -1029,7 +1021,7 @@ class TileKernel {
         Vec block[kLanes];
         for (int j = 0; j < kLanes; ++j) block[j] = tile[start + j];
         transpose_square(block);
-        for (int l = 0; l < valid; ++l) store_lanes(dst + n[l] * s.n + d[l] * s.d + start, block[l]);
+        for (int l = 0; l < valid; ++l) store_narrowed(dst + n[l] * s.n + d[l] * s.d + start, block[l]);
       }
       return;
     }
@@ -1038,10 +1030,6 @@ class TileKernel {
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
     }
   }
-
-  // One vector of kLanes consecutive elements, converted.
-  static FUSED_CE_INLINE Vec load_lanes(const T* p) { return load_widened<Vec>(p); }
-  static FUSED_CE_INLINE void store_lanes(T* p, Vec v) { store_narrowed(p, v); }
 
   const KernelArgs<T>& a_;
   bool line_groups_ = false;  // whether run_line_group() applies at all
