@@ -63,8 +63,10 @@ def _backward_fake(grad_loss, grad_lse, input, target, weight, lse, ignore_index
 
 
 def cpu_capability() -> str:
-    """The instruction set the CPU kernels run with: ``"avx512"``, ``"avx2"`` or
-    ``"default"`` (the compiler's baseline, SSE2 on x86-64). The best the CPU
+    """The instruction set the CPU kernels run with: ``"avx512_bf16"`` (AVX-512
+    with its bfloat16 conversions, which only the bfloat16 kernel uses),
+    ``"avx512"``, ``"avx2"`` or ``"default"`` (the compiler's baseline, SSE2 on
+    x86-64). The best the CPU
     supports, unless the environment variable ``FUSED_CE_CPU_CAPABILITY``
     names a lower one (read once, when fused_ce is imported)."""
     return _C.cpu_capability()

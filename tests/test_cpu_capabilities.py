@@ -1,5 +1,5 @@
-"""The CPU kernels are compiled once per instruction set (AVX-512, AVX2,
-baseline) and the best one the CPU supports runs. The rest of the suite
+"""The CPU kernels are compiled once per instruction set (AVX-512 with and
+without AVX512_BF16, AVX2, baseline) and the best one the CPU supports runs. The rest of the suite
 therefore only exercises that one; here the numerical test modules run again
 in a subprocess for every other instruction set this CPU supports, selected
 with FUSED_CE_CPU_CAPABILITY."""
@@ -35,7 +35,7 @@ def run_python(code: str, capability: str) -> subprocess.CompletedProcess:
 
 def test_supported_capabilities_start_at_the_baseline():
     assert SUPPORTED[0] == "default"
-    assert set(SUPPORTED) <= {"default", "avx2", "avx512"}
+    assert set(SUPPORTED) <= {"default", "avx2", "avx512", "avx512_bf16"}
     assert fused_ce.cpu_capability() in SUPPORTED
 
 

@@ -767,3 +767,24 @@ def test_mean_denominator_in_every_target_walk(device, layout, with_weight):
     x = make_logits(shape, torch.float64, device).requires_grad_()
     w = make_weight(C, torch.float64, device) if with_weight else None
     check_against_torch(fused_ce, x, t, w, reduction="mean", what=f"{layout}, weight={with_weight}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dname)
+@pytest.mark.parametrize("C", [10, 1000], ids=["tile", "row"])
+def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
+    # The CPU kernels compute half inputs in float32 and round the gradient
+    # once, to nearest even as c10 does (AVX512_BF16's conversion included).
+    # The same logits given as float32 take the same float32 arithmetic, so
+    # the half gradient must be exactly that gradient rounded: a truncating
+    # or twice-rounding conversion differs in about half of the elements,
+    # which the tolerance of the parity tests would let through.
+    x = make_logits((67, C), dtype, "cpu")
+    t = make_class_target((67,), C, "cpu", ignore_index=-100, ignore_frac=0.1)
+    grads = []
+    for logits in (x, x.float()):
+        logits = logits.clone().requires_grad_()
+        fused_ce.cross_entropy(logits, t, label_smoothing=0.1).backward()
+        grads.append(logits.grad)
+    half_grad, float_grad = grads
+    assert half_grad.dtype == dtype
+    assert torch.equal(half_grad, float_grad.to(dtype))

@@ -1,13 +1,14 @@
 // The CPU kernels' entry points for the baseline instruction set and AVX2
 // (32-byte vectors; AVX-512's, with 64-byte vectors, are in
-// cross_entropy_kernel_avx512.cpp), and run_kernel(), which picks one per
-// the CPU or FUSED_CE_CPU_CAPABILITY.
+// cross_entropy_kernel_avx512.cpp and cross_entropy_kernel_avx512_bf16.cpp),
+// and run_kernel(), which picks one per the CPU or FUSED_CE_CPU_CAPABILITY.
 #define FUSED_CE_VECTOR_BYTES 32
 #include "cross_entropy_kernel_impl.h"
 #include "kernel_entry_points.h"
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace fused_ce {
@@ -30,13 +31,15 @@ FUSED_CE_INSTANTIATE_ENTRY_POINT(run_kernel_avx2);
 namespace {
 
 // Instruction sets with an entry point, in increasing order.
-enum class Isa { kDefault, kAvx2, kAvx512 };
-constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512", "avx512_bf16"};
 
 Isa best_supported_isa() {
 #if FUSED_CE_X86_TARGETS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  }
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
 #endif
   return Isa::kDefault;
@@ -62,6 +65,10 @@ template <typename T>
 void dispatch(const KernelArgs<T>& args, int64_t begin, int64_t end) {
   switch (active_isa()) {
 #if FUSED_CE_X86_TARGETS
+    case Isa::kAvx512Bf16:
+      // Only bfloat16 has code of its own here.
+      if constexpr (std::is_same<T, BFloat16Bits>::value) return run_kernel_avx512_bf16(args, begin, end);
+      return run_kernel_avx512(args, begin, end);
     case Isa::kAvx512:
       return run_kernel_avx512(args, begin, end);
     case Isa::kAvx2:
@@ -74,7 +81,7 @@ void dispatch(const KernelArgs<T>& args, int64_t begin, int64_t end) {
 
 }  // namespace
 
-int vector_bytes() { return active_isa() == Isa::kAvx512 ? 64 : 32; }
+int vector_bytes() { return active_isa() >= Isa::kAvx512 ? 64 : 32; }
 
 void run_kernel(const KernelArgs<float>& args, int64_t begin, int64_t end) {
   dispatch(args, begin, end);

@@ -103,7 +103,10 @@ typedef uint64_t VecU64 __attribute__((vector_size(kVectorBytes)));
 // extend); for 16 (AVX-512) that form is two.
 FUSED_CE_INLINE VecF widen(VecU16 bfloat16_bits) {
   VecF out;
-#if FUSED_CE_SHUFFLE_CONVERSIONS && defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#if FUSED_CE_AVX512
+  // vpmovzxwd + vpslld; the generic form below becomes six instructions.
+  out = VecF(_mm512_slli_epi32(_mm512_cvtepu16_epi32(__m256i(bfloat16_bits)), 16));
+#elif FUSED_CE_SHUFFLE_CONVERSIONS && defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
   const VecU16x16 wide = __builtin_shufflevector(bfloat16_bits, VecU16{}, 8, 0, 8, 1, 8, 2, 8, 3, 8,
                                                  4, 8, 5, 8, 6, 8, 7);
   std::memcpy(&out, &wide, sizeof out);
@@ -122,11 +125,23 @@ FUSED_CE_INLINE VecF widen(VecF16 halves) { return __builtin_convertvector(halve
 // where shifting down and narrowing with saturation took 14. AVX-512 has a
 // truncating narrow (vpmovdw).
 FUSED_CE_INLINE void narrow(VecF v, VecU16* bfloat16_bits) {
+#if FUSED_CE_AVX512 && FUSED_CE_AVX512_BF16
+  // One instruction for all of it (vcvtneps2bf16), with two differences
+  // from c10's rounding: NaN keeps its sign and payload (still a quiet NaN),
+  // and values below FLT_MIN in magnitude become zero instead of bfloat16
+  // subnormals, an absolute difference below 1.2e-38.
+  *bfloat16_bits = VecU16(_mm512_cvtneps_pbh(__m512(v)));
+  return;
+#endif
   VecU32 bits;
   std::memcpy(&bits, &v, sizeof bits);
   const VecU32 nan = VecU32{} + 0x7FC00000u;
   const VecU32 rounded = v != v ? nan : bits + 0x7FFFu + ((bits >> 16) & 1u);
-#if !FUSED_CE_SHUFFLE_CONVERSIONS
+#if FUSED_CE_AVX512
+  // The truncating narrow, vpmovdw (the generic conversion becomes a
+  // two-register permute).
+  *bfloat16_bits = VecU16(_mm512_cvtepi32_epi16(__m512i(rounded >> 16)));
+#elif !FUSED_CE_SHUFFLE_CONVERSIONS
   *bfloat16_bits = __builtin_convertvector(rounded >> 16, VecU16);
 #else
   VecU16x16 halves;
@@ -178,16 +193,24 @@ FUSED_CE_INLINE void store_narrowed(T* p, Vec v) {
   }
 }
 
-// Copies kBytes (a multiple of 16) from src to dst, a 16-byte aligned
-// address, with non-temporal stores. The gradient is written once and not
-// read again by this kernel: streaming it past the cache saves the
-// read-for-ownership of every destination line, a third of the memory
-// traffic of forward + backward. Written as 16-byte stores, which every
-// x86-64 target has (GCC merges them where the target has wider ones).
-// Callers must fence (finish_streaming) before the data is used.
+// Copies kBytes (16, 32 or 64) from src to dst, a kBytes-aligned address,
+// with non-temporal stores. The gradient is written once and not read again
+// by this kernel: streaming it past the cache saves the read-for-ownership
+// of every destination line, a third of the memory traffic of forward +
+// backward. The 32-byte build writes 16-byte pieces, which every x86-64
+// target has; callers must fence (finish_streaming) before the data is used.
 template <int kBytes>
 FUSED_CE_INLINE void stream_bytes(void* dst, const void* src) {
   static_assert(kBytes % 16 == 0, "whole 16-byte stores");
+#if FUSED_CE_AVX512
+  if constexpr (kBytes == 64) {
+    _mm512_stream_si512(static_cast<__m512i*>(dst), load_vec<__m512i>(src));
+    return;
+  } else if constexpr (kBytes == 32) {
+    _mm256_stream_si256(static_cast<__m256i*>(dst), load_vec<__m256i>(src));
+    return;
+  }
+#endif
   for (int i = 0; i < kBytes / 16; ++i) {
 #if defined(__x86_64__)
     _mm_stream_si128(static_cast<__m128i*>(dst) + i,
@@ -198,7 +221,11 @@ FUSED_CE_INLINE void stream_bytes(void* dst, const void* src) {
   }
 }
 
-// Streams one VecF to dst (16-byte aligned) as storage type T.
+// The bytes of one VecF in storage type T: the alignment stream_vec needs.
+template <typename T>
+constexpr int kStreamBytes = kConvertLanes * int(sizeof(T));
+
+// Streams one VecF to dst (kStreamBytes<T>-aligned) as storage type T.
 template <typename T>
 FUSED_CE_INLINE void stream_vec(T* dst, VecF v) {
   if constexpr (std::is_same<T, float>::value) {
@@ -273,11 +300,11 @@ class PendingRow {
     dst_ = dst;
     count_ = count;
     finish_ = finish;
-    // The first chunk also takes the elements up to a 16-byte boundary of
-    // dst, so that every later chunk of a multiple of 16 bytes is aligned.
+    // The first chunk also takes the elements up to a vector-aligned
+    // address in dst, so that every later chunk of whole vectors is aligned.
     done_ = 0;
     head_ = 0;
-    while (head_ < count_ && (reinterpret_cast<uintptr_t>(dst_ + head_) & 15) != 0) ++head_;
+    while (head_ < count_ && !aligned(dst_ + head_)) ++head_;
   }
 
   // Streams the next `chunk` elements (fewer at the end of the row).
@@ -295,10 +322,14 @@ class PendingRow {
   }
 
  private:
-  // Elements [begin, end); dst + begin is 16-byte aligned unless begin = 0.
+  static bool aligned(const T* p) {
+    return reinterpret_cast<uintptr_t>(p) % kStreamBytes<T> == 0;
+  }
+
+  // Elements [begin, end); dst + begin is aligned unless begin = 0.
   FUSED_CE_INLINE void write(int64_t begin, int64_t end) {
     int64_t c = begin;
-    for (; c < end && (reinterpret_cast<uintptr_t>(dst_ + c) & 15) != 0; ++c) {
+    for (; c < end && !aligned(dst_ + c); ++c) {
       dst_[c] = from_acc<T>(finish_.scalar(src_, c));
     }
     for (; c + kConvertLanes <= end; c += kConvertLanes) stream_vec(dst_ + c, finish_.vec(src_, c));
@@ -593,7 +624,7 @@ class RowKernel {
                                                next_d * a_.input_strides.d);
     }
     const int64_t row_bytes = C * int64_t(sizeof(T));
-    auto store_previous_row = [this](int64_t elements) {
+    auto store_previous_row = [this](int64_t elements) FUSED_CE_INLINE_ATTRIBUTES {
       if constexpr (kDeferStores) pending_.advance(elements);
     };
     const Acc sum =

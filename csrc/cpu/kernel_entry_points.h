@@ -9,8 +9,9 @@
 #include "cross_entropy_kernel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// Besides the baseline (SSE2): AVX2 + FMA + F16C (x86-64-v3) and AVX-512
-// (x86-64-v4). Explicit entry points rather than target_clones, whose
+// Besides the baseline (SSE2): AVX2 + FMA + F16C (x86-64-v3), AVX-512
+// (x86-64-v4) and AVX-512 with AVX512_BF16 (for bfloat16 only: the rest
+// would be the same code). Explicit entry points rather than target_clones, whose
 // resolver cannot be overridden: the tests run every instruction set the
 // machine has, not only its best. The attribute is part of each
 // declaration: GCC treats a function declared with and without one as two
@@ -18,6 +19,7 @@
 #define FUSED_CE_X86_TARGETS 1
 #define FUSED_CE_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #define FUSED_CE_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FUSED_CE_TARGET_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define FUSED_CE_X86_TARGETS 0
 #endif
@@ -38,6 +40,11 @@ FUSED_CE_TARGET_AVX2 void run_kernel_avx2(const KernelArgs<T>& args, int64_t beg
 template <typename T>
 FUSED_CE_TARGET_AVX512 void run_kernel_avx512(const KernelArgs<T>& args, int64_t begin,
                                               int64_t end);
+
+// 64-byte vectors and AVX512_BF16's conversion, in
+// cross_entropy_kernel_avx512_bf16.cpp.
+FUSED_CE_TARGET_AVX512_BF16 void run_kernel_avx512_bf16(const KernelArgs<BFloat16Bits>& args,
+                                                        int64_t begin, int64_t end);
 #endif
 
 // Instantiates an entry point for every storage type.

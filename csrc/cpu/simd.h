@@ -17,11 +17,37 @@
 #include <cstring>
 #include <utility>
 
-#define FUSED_CE_INLINE inline __attribute__((always_inline))
-
 #ifndef FUSED_CE_VECTOR_BYTES
 #define FUSED_CE_VECTOR_BYTES 32
 #endif
+
+// The 64-byte builds only ever run under AVX-512 (their entry points are
+// compiled for x86-64-v4), so with GCC on x86-64 their inline functions
+// carry that target too and may use AVX-512 intrinsics where the vector
+// extensions compile poorly: GCC splits a 16-lane widening conversion into
+// six instructions, and the vector extensions have no scalef or streaming
+// store. Everything here has internal linkage, so the attribute cannot reach
+// code outside the translation unit. FUSED_CE_AVX512 tells the code paths
+// apart; a unit that also defines FUSED_CE_AVX512_BF16 adds AVX512_BF16's
+// float32 -> bfloat16 conversion.
+#ifndef FUSED_CE_AVX512_BF16
+#define FUSED_CE_AVX512_BF16 0
+#endif
+#if FUSED_CE_VECTOR_BYTES == 64 && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSED_CE_AVX512 1
+#if FUSED_CE_AVX512_BF16
+#define FUSED_CE_INLINE_ATTRIBUTES \
+  __attribute__((always_inline, target("arch=x86-64-v4,avx512bf16")))
+#else
+#define FUSED_CE_INLINE_ATTRIBUTES __attribute__((always_inline, target("arch=x86-64-v4")))
+#endif
+#include <immintrin.h>
+#else
+#define FUSED_CE_AVX512 0
+#define FUSED_CE_INLINE_ATTRIBUTES __attribute__((always_inline))
+#endif
+// For functions; lambdas take FUSED_CE_INLINE_ATTRIBUTES alone.
+#define FUSED_CE_INLINE inline FUSED_CE_INLINE_ATTRIBUTES
 
 namespace fused_ce {
 namespace cpu {
@@ -53,6 +79,14 @@ struct IntLanes<VecD> {
 template <typename Vec>
 using int_lanes_t = typename IntLanes<Vec>::type;
 
+// Lane-wise max; where either lane is NaN, b's (x86's max instructions
+// behave so). The row max leaves NaN to the exp pass: a NaN logit makes its
+// exp, and so the row's sum and log-sum-exp, NaN whatever the max is.
+template <typename Vec>
+FUSED_CE_INLINE Vec max_vec(Vec a, Vec b) {
+  return a > b ? a : b;
+}
+
 // Per accumulate type: the vector type, its lane count and a vector exp().
 template <typename Acc>
 struct Simd;
@@ -72,18 +106,25 @@ struct Simd<float> {
   // relative error on that interval (< 2e-9, below float rounding; one term
   // shorter than the Taylor series of the same accuracy, and the exp is
   // most of the kernels' arithmetic). NaN passes through every step
-  // unchanged. Arguments are clamped below at -127 ln 2, where n = -127
-  // makes 2^n's exponent field, and so the result, exactly 0: -inf (the
-  // softmax of a masked logit must be 0) and everything whose exp is below
-  // about FLT_MIN / 1.4 come out as 0 without a final select.
+  // unchanged. Arguments are clamped below (a max, whose NaN operand wins
+  // when it is the second), so that -inf, whose softmax must be exactly 0,
+  // gives a finite r.
   static FUSED_CE_INLINE Vec exp(Vec x) {
-    const float kMinArg = -88.02969193f;  // -127 ln 2
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693145751953125f;  // ln 2 split in two (Cody-Waite)
     const float kLn2Lo = 1.428606765330187e-06f;
     const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const Vec min_arg = Vec{} + kMinArg;
-    const Vec clamped = x < min_arg ? min_arg : x;
+#if FUSED_CE_AVX512
+    // -160 ln 2: scalef's 2^-160 takes any p(r) < 2 exactly to 0, and the
+    // results from there up to FLT_MIN come out as the subnormals they are.
+    // (GCC makes a compare and a blend of max_vec here, not one vmaxps.)
+    const Vec clamped = Vec(_mm512_max_ps(__m512(Vec{} + -110.9035489f), __m512(x)));
+#else
+    // -127 ln 2: 2^n assembled with n = -127 has an exponent field, and so a
+    // value, of exactly 0; everything whose exp is below about FLT_MIN / 1.4
+    // comes out as 0 without a final select.
+    const Vec clamped = max_vec(Vec{} + -88.02969193f, x);
+#endif
     // n + kRoundMagic holds n in its low mantissa bits (see two_to_n).
     const Vec n_magic = clamped * kLog2e + kRoundMagic;
     const Vec n = n_magic - kRoundMagic;
@@ -95,6 +136,9 @@ struct Simd<float> {
     p = p * r + 4.999999208e-01f;
     p = p * r + 1.000000036e+00f;
     p = p * r + 1.000000001e+00f;
+#if FUSED_CE_AVX512
+    return Vec(_mm512_scalef_ps(__m512(p), __m512(n)));
+#else
     // 2^n assembled directly in the exponent field: the bits of n_magic are
     // those of kRoundMagic (whose low 9 bits are 0) plus n, so shifting them
     // left by 23 leaves n << 23 in two's complement. For NaN lanes that is
@@ -106,6 +150,7 @@ struct Simd<float> {
     Vec two_to_n;
     std::memcpy(&two_to_n, &exponent, sizeof two_to_n);
     return p * two_to_n;
+#endif
   }
 
   // Natural log for positive, normal, finite lanes (the kernels take the log
@@ -190,13 +235,6 @@ FUSED_CE_INLINE Vec load_vec(const void* p) {
 template <typename Vec>
 FUSED_CE_INLINE void store_vec(void* p, Vec v) {
   std::memcpy(p, &v, sizeof v);
-}
-
-// Lane-wise max. NaN handling is left to the exp pass: a NaN logit makes
-// its exp, and so the row's sum and log-sum-exp, NaN whatever the max is.
-template <typename Vec>
-FUSED_CE_INLINE Vec max_vec(Vec a, Vec b) {
-  return a > b ? a : b;
 }
 
 template <typename Scalar>
