@@ -773,11 +773,14 @@ def test_mean_denominator_in_every_target_walk(device, layout, with_weight):
 @pytest.mark.parametrize("C", [10, 1000], ids=["tile", "row"])
 def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
     # The CPU kernels compute half inputs in float32 and round the gradient
-    # once, to nearest even as c10 does (AVX512_BF16's conversion included).
-    # The same logits given as float32 take the same float32 arithmetic, so
-    # the half gradient must be exactly that gradient rounded: a truncating
-    # or twice-rounding conversion differs in about half of the elements,
-    # which the tolerance of the parity tests would let through.
+    # once, to nearest as c10 does (AVX512_BF16's conversion included). The
+    # same logits given as float32 take the same arithmetic but for the
+    # exp, which is shorter for half types (relative difference < 2e-6). So
+    # the half gradient must be the float32 gradient rounded, except for the
+    # few elements whose value lies that close to a rounding boundary, and
+    # those by one step. A truncating or twice-rounding conversion differs
+    # in about half of the elements, which the tolerance of the parity tests
+    # would let through.
     x = make_logits((67, C), dtype, "cpu")
     t = make_class_target((67,), C, "cpu", ignore_index=-100, ignore_frac=0.1)
     grads = []
@@ -787,4 +790,8 @@ def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
         grads.append(logits.grad)
     half_grad, float_grad = grads
     assert half_grad.dtype == dtype
-    assert torch.equal(half_grad, float_grad.to(dtype))
+    rounded = float_grad.to(dtype)
+    differ = half_grad != rounded
+    assert differ.float().mean().item() < 0.01, f"{differ.sum().item()} of {differ.numel()} differ"
+    steps = (half_grad.view(torch.int16).int() - rounded.view(torch.int16).int()).abs()
+    assert steps.max().item() <= 1

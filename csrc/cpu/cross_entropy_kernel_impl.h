@@ -342,6 +342,18 @@ class PendingRow {
   GradientFinish<float> finish_;
 };
 
+// exp for the logits of storage type T, computed in acc_t<T>: the results
+// for half types are rounded to 8 or 11 bits, which the shorter exp leaves
+// unaffected (see Simd<float>::exp_for_half_results).
+template <typename T, typename Vec>
+FUSED_CE_INLINE Vec exp_for(Vec x) {
+  if constexpr (std::is_same<T, BFloat16Bits>::value || std::is_same<T, Float16Bits>::value) {
+    return Simd<float>::exp_for_half_results(x);
+  } else {
+    return Simd<acc_t<T>>::exp(x);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Helpers for contiguous rows, read in the storage type, computed in the
 // accumulate type.
@@ -475,8 +487,8 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const T* x, int64_t C, Acc shift, Acc* keep,
         for (int l = 0; l < kLinesPerStep; ++l) __builtin_prefetch(next_line + l * kCacheLine);
         next_line += kLinesPerStep * kCacheLine;
       }
-      const Vec e0 = Simd<Acc>::exp(load_widened<Vec>(x + i) - shift);
-      const Vec e1 = Simd<Acc>::exp(load_widened<Vec>(x + i + kLanes) - shift);
+      const Vec e0 = exp_for<T>(load_widened<Vec>(x + i) - shift);
+      const Vec e1 = exp_for<T>(load_widened<Vec>(x + i + kLanes) - shift);
       s0 += e0;
       s1 += e1;
       if (kKeep) {
@@ -487,13 +499,13 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const T* x, int64_t C, Acc shift, Acc* keep,
   }
   c = vectorised_end;
   for (; c + kLanes <= C; c += kLanes) {
-    const Vec e = Simd<Acc>::exp(load_widened<Vec>(x + c) - shift);
+    const Vec e = exp_for<T>(load_widened<Vec>(x + c) - shift);
     s0 += e;
     if (kKeep) store_vec(keep + c, e);
   }
   if (c < C) {
     // -inf padding contributes exp(-inf) = 0.
-    const Vec e = Simd<Acc>::exp(
+    const Vec e = exp_for<T>(
         load_partial<Vec>(x + c, C - c, -std::numeric_limits<Acc>::infinity()) - shift);
     s0 += e;
     if (kKeep) store_partial(keep + c, e, C - c);
@@ -679,11 +691,11 @@ class RowKernel {
       finish.scale = coef_p;
       int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
-        store_vec(grad_row + c, Simd<Acc>::exp(load_widened<Vec>(x + c) - lse));
+        store_vec(grad_row + c, exp_for<X>(load_widened<Vec>(x + c) - lse));
       }
       if (c < C) {
         // Padding lanes read lse itself: exp(0), never an overflow.
-        store_partial(grad_row + c, Simd<Acc>::exp(load_partial<Vec>(x + c, C - c, lse) - lse), C - c);
+        store_partial(grad_row + c, exp_for<X>(load_partial<Vec>(x + c, C - c, lse) - lse), C - c);
       }
     }
     // The softcap's chain rule needs the finished gradient in scratch.
@@ -871,7 +883,7 @@ class TileKernel {
     }
     Vec vsum{};
     for (int64_t c = 0; c < C; ++c) {
-      const Vec e = Simd<Acc>::exp(X[c] - vmax);
+      const Vec e = exp_for<T>(X[c] - vmax);
       vsum += e;
       if (want_grad) G[c] = e;
     }
