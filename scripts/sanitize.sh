@@ -93,10 +93,12 @@ echo "== building with: $SAN_FLAGS"
 )
 SO=$(ls "$WORK"/fused_ce/_C*.so)
 echo "== built $SO"
-if ! nm -D "$SO" | grep -q '__asan_'; then
+# grep reads all of nm's output (no -q): with pipefail, a grep -q that exits at the first match
+# leaves nm to die of SIGPIPE on a large symbol table, and the pipeline reads as a failure.
+if ! nm -D "$SO" | grep '__asan_' > /dev/null; then
   echo "sanitize.sh: $SO has no __asan_ symbols: the flags were not applied" >&2; exit 3
 fi
-if ! nm -D "$SO" | grep -q '__ubsan_'; then
+if ! nm -D "$SO" | grep '__ubsan_' > /dev/null; then
   echo "sanitize.sh: $SO has no __ubsan_ symbols: the flags were not applied" >&2; exit 3
 fi
 echo "== instrumentation: $(nm -D "$SO" | grep -c '__asan_') asan and $(nm -D "$SO" | grep -c '__ubsan_') ubsan symbol references"

@@ -273,8 +273,14 @@ struct GradientFinish {
     return v;
   }
 
+  // The same value as a lane of vec(), whatever the context it is inlined
+  // into: vec() compiles to one fused multiply-subtract where there is FMA,
+  // and an unfused scalar expression may or may not be contracted at each
+  // call site, so the head of a row (written before the first aligned
+  // vector) came out one rounding apart depending on which rows a thread
+  // was given.
   FUSED_CE_INLINE Acc scalar(const Acc* e, int64_t c) const {
-    Acc v = scale * e[c] - coef_w * (weight ? weight[c] : Acc(1));
+    Acc v = std::fma(scale, e[c], -(coef_w * (weight ? weight[c] : Acc(1))));
     if (c == target) v -= target_delta;
     return v;
   }
