@@ -130,8 +130,10 @@ set -e
 if ls "$WORK"/sanitizer.log.* >/dev/null 2>&1; then
   for f in "$WORK"/sanitizer.log.*; do echo "---- $f"; head -60 "$f"; done
 fi
-if cat "$WORK/pytest.log" "$WORK"/sanitizer.log.* 2>/dev/null \
-   | grep -qE 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer|CHECK failed'; then
+# grep reads the files itself: behind a pipe, pipefail would take cat's complaint about a missing
+# sanitizer.log.* (or a SIGPIPE) for "no report".
+if grep -qE 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer|CHECK failed' \
+   "$WORK/pytest.log" "$WORK"/sanitizer.log.* 2>/dev/null; then
   echo "== SANITIZER REPORT FOUND (see above / $WORK/pytest.log)"
   [[ $rc -eq 0 ]] && rc=1
 else
