@@ -100,7 +100,7 @@ typedef uint64_t VecU64 __attribute__((vector_size(kVectorBytes)));
 // values is the whole conversion. For 8 values, written as one shuffle, it
 // compiles to two instructions on AVX2 (a quadword permute and an unpack),
 // where the zero-extend-and-shift form became five (GCC splits the 256-bit
-// extend); for 16 (AVX-512) that form is two.
+// extend); for 16 (AVX-512) GCC splits it too, hence the intrinsics there.
 FUSED_CE_INLINE VecF widen(VecU16 bfloat16_bits) {
   VecF out;
 #if FUSED_CE_AVX512
@@ -131,8 +131,7 @@ FUSED_CE_INLINE void narrow(VecF v, VecU16* bfloat16_bits) {
   // and values below FLT_MIN in magnitude become zero instead of bfloat16
   // subnormals, an absolute difference below 1.2e-38.
   *bfloat16_bits = VecU16(_mm512_cvtneps_pbh(__m512(v)));
-  return;
-#endif
+#else
   VecU32 bits;
   std::memcpy(&bits, &v, sizeof bits);
   const VecU32 nan = VecU32{} + 0x7FC00000u;
@@ -153,6 +152,7 @@ FUSED_CE_INLINE void narrow(VecF v, VecU16* bfloat16_bits) {
   quads = __builtin_shuffle(quads, VecU64{0, 2, 0, 2});
   std::memcpy(bfloat16_bits, &quads, sizeof *bfloat16_bits);
 #endif
+#endif  // FUSED_CE_AVX512_BF16
 }
 FUSED_CE_INLINE void narrow(VecF v, VecF16* halves) { *halves = __builtin_convertvector(v, VecF16); }
 
