@@ -775,18 +775,21 @@ def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
     # The CPU kernels compute half inputs in float32 and round the gradient
     # once, to nearest as c10 does (AVX512_BF16's conversion included). The
     # same logits given as float32 take the same arithmetic but for the
-    # exp, which is shorter for half types (relative difference < 2e-6). So
+    # exp, which is shorter for half types (relative difference < 7e-6). So
     # the half gradient must be the float32 gradient rounded, except for the
     # few elements whose value lies that close to a rounding boundary, and
     # those by one step. A truncating or twice-rounding conversion differs
     # in about half of the elements, which the tolerance of the parity tests
-    # would let through.
+    # would let through. (Where the gradient's terms g p_c and g eps / C
+    # nearly cancel, the exp's difference is magnified and may take more
+    # steps: it is small next to the terms, not next to their difference.)
+    eps = 0.1
     x = make_logits((67, C), dtype, "cpu")
     t = make_class_target((67,), C, "cpu", ignore_index=-100, ignore_frac=0.1)
     grads = []
     for logits in (x, x.float()):
         logits = logits.clone().requires_grad_()
-        fused_ce.cross_entropy(logits, t, label_smoothing=0.1).backward()
+        fused_ce.cross_entropy(logits, t, label_smoothing=eps).backward()
         grads.append(logits.grad)
     half_grad, float_grad = grads
     assert half_grad.dtype == dtype
@@ -794,4 +797,8 @@ def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
     differ = half_grad != rounded
     assert differ.float().mean().item() < 0.01, f"{differ.sum().item()} of {differ.numel()} differ"
     steps = (half_grad.view(torch.int16).int() - rounded.view(torch.int16).int()).abs()
-    assert steps.max().item() <= 1
+    kept = t != -100
+    g = kept.double() / kept.sum()
+    terms = g[:, None] * (torch.softmax(x.double(), 1) + eps / C)
+    cancelling = float_grad.double().abs() < 1e-3 * terms
+    assert ((steps <= 1) | cancelling).all(), f"{steps[~cancelling].max().item()} steps"

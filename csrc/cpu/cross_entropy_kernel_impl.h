@@ -350,11 +350,14 @@ class PendingRow {
 
 // exp for the logits of storage type T, computed in acc_t<T>: the results
 // for half types are rounded to 8 or 11 bits, which the shorter exp leaves
-// unaffected (see Simd<float>::exp_for_half_results).
+// unaffected but for rare one-step roundings (see
+// Simd<float>::exp_for_rounding_to).
 template <typename T, typename Vec>
 FUSED_CE_INLINE Vec exp_for(Vec x) {
-  if constexpr (std::is_same<T, BFloat16Bits>::value || std::is_same<T, Float16Bits>::value) {
-    return Simd<float>::exp_for_half_results(x);
+  if constexpr (std::is_same<T, BFloat16Bits>::value) {
+    return Simd<float>::template exp_for_rounding_to<8>(x);
+  } else if constexpr (std::is_same<T, Float16Bits>::value) {
+    return Simd<float>::template exp_for_rounding_to<11>(x);
   } else {
     return Simd<acc_t<T>>::exp(x);
   }

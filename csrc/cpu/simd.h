@@ -124,39 +124,70 @@ struct Simd<float> {
     return times_two_to_n(p, n, n_magic);
   }
 
-  // exp(x) on the same arguments for results that are rounded to a half type
-  // (the gradient and loss of bfloat16 and float16 logits keep 8 and 11
-  // bits): relative error below 5e-7 down to x = -16 and below 1.5e-6 down
-  // to FLT_MIN (1.1e-6 and 4e-6 in the baseline build, which has no fused
-  // multiply-add), against exp()'s 1e-7 throughout, for two fewer operations
-  // per vector with AVX-512 (10 instead of 12; the exp is the larger part of
-  // a bfloat16 row's time) and one fewer otherwise.
+  // exp(x) on the same arguments for results that will be rounded to
+  // kResultBits significant bits (8 for bfloat16, 11 for float16), with
+  // fewer operations than exp() (the exp is the larger part of a half-type
+  // row's time). Relative error, against exp()'s 1e-7:
   //
-  // exp(x) = 2^t with t = x log2(e) = n + f, n = round(t), f in [-1/2, 1/2];
-  // 2^f is a degree-5 polynomial fitted for minimal relative error (7.5e-8).
-  // f = x log2(e) - n is one fused multiply-add, but log2(e) in float is off
-  // by 2e-8 relative: the error that grows with |x|.
-  static FUSED_CE_INLINE Vec exp_for_half_results(Vec x) {
-    const Vec clamped = clamp_exp_argument(x);
+  //   kResultBits   polynomial   x in [-16, 0]   down to FLT_MIN
+  //        11        degree 5        1.1e-6           4e-6
+  //         8        degree 4        3.6e-6          6.5e-6
+  //
+  // 1/1000 of the spacing of the results or less, so all it can do is move
+  // a rare result across a rounding boundary: one step, for about 1 element
+  // in 1000 (bfloat16) or 2000 (float16). Log-sum-exp outputs, which stay
+  // in float32, move by the same relative amounts.
+  //
+  // exp(x) = 2^t with t = x log2(e) = n + f, f in [0, 1) or [-1/2, 1/2],
+  // 2^f a polynomial fitted for minimal relative error (2.6e-6 and 7.5e-8
+  // for the two degrees); the error that grows with |x| is t's rounding,
+  // which f inherits absolutely (1e-6 at t = -23).
+  template <int kResultBits>
+  static FUSED_CE_INLINE Vec exp_for_rounding_to(Vec x) {
+    static_assert(kResultBits == 8 || kResultBits == 11, "coefficients for bfloat16 and float16");
 #if FUSED_CE_AVX512
-    const Vec t = clamped * kLog2e;
-    const Vec n = Vec(_mm512_roundscale_ps(__m512(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const Vec n_magic = n;  // unused: scalef takes n itself
-    // Spelled out: GCC fuses a product into an add only where it has no
-    // other use, and here t also feeds the rounding.
-    const Vec f = Vec(_mm512_fmsub_ps(__m512(clamped), __m512(Vec{} + kLog2e), __m512(n)));
+    // vreduceps gives f = t - floor(t) in one instruction and vscalefps
+    // multiplies by 2^floor(t) itself, so n is never formed. No clamp
+    // either: for t = -inf, f is 0 and 2^-inf is 0; NaN stays NaN; results
+    // below FLT_MIN come out as the subnormals they are. 7 operations (8
+    // for float16) where exp() takes 12.
+    const Vec t = x * kLog2e;
+    const Vec f = Vec(_mm512_reduce_ps(__m512(t), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    Vec p;
+    if constexpr (kResultBits == 8) {
+      p = f * 1.353416778e-02f + 5.201146379e-02f;
+      p = p * f + 2.414427549e-01f;
+      p = p * f + 6.930038333e-01f;
+      p = p * f + 1.000002623e+00f;
+    } else {
+      p = f * 1.877576695e-03f + 8.989340626e-03f;
+      p = p * f + 5.582631752e-02f;
+      p = p * f + 2.401536107e-01f;
+      p = p * f + 6.931530833e-01f;
+      p = p * f + 9.999999404e-01f;
+    }
+    return Vec(_mm512_scalef_ps(__m512(p), __m512(t)));
 #else
-    // Both products below become fused multiply-adds where there is FMA.
+    const Vec clamped = clamp_exp_argument(x);
+    // Both products become fused multiply-adds where there is FMA.
     const Vec n_magic = clamped * kLog2e + kRoundMagic;
     const Vec n = n_magic - kRoundMagic;
     const Vec f = clamped * kLog2e - n;
-#endif
-    Vec p = f * 1.327645388e-03f + 9.675538241e-03f;
-    p = p * f + 5.550713295e-02f;
-    p = p * f + 2.402211978e-01f;
-    p = p * f + 6.931469671e-01f;
-    p = p * f + 1.000000072e+00f;
+    Vec p;
+    if constexpr (kResultBits == 8) {
+      p = f * 9.570102207e-03f + 5.591786280e-02f;
+      p = p * f + 2.402474433e-01f;
+      p = p * f + 6.931217909e-01f;
+      p = p * f + 9.999992847e-01f;
+    } else {
+      p = f * 1.327645388e-03f + 9.675538241e-03f;
+      p = p * f + 5.550713295e-02f;
+      p = p * f + 2.402211978e-01f;
+      p = p * f + 6.931469671e-01f;
+      p = p * f + 1.000000072e+00f;
+    }
     return times_two_to_n(p, n, n_magic);
+#endif
   }
 
   // Natural log for positive, normal, finite lanes (the kernels take the log
