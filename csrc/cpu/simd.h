@@ -134,9 +134,12 @@ struct Simd<float> {
   //         8        degree 4        3.6e-6          6.5e-6
   //
   // 1/1000 of the spacing of the results or less, so all it can do is move
-  // a rare result across a rounding boundary: one step, for about 1 element
-  // in 1000 (bfloat16) or 2000 (float16). Log-sum-exp outputs, which stay
-  // in float32, move by the same relative amounts.
+  // a rare result across a rounding boundary, by one step (more only where
+  // a gradient's terms nearly cancel): on N(0, 2) logits with 1000 and 32000
+  // classes, 0.02-0.14% of bfloat16 gradient elements (the most with label
+  // smoothing) and under 0.002% of float16 ones, against the same logits
+  // computed in float32. Log-sum-exp outputs, which stay in float32, move
+  // by the same relative amounts.
   //
   // exp(x) = 2^t with t = x log2(e) = n + f, f in [0, 1) or [-1/2, 1/2],
   // 2^f a polynomial fitted for minimal relative error (2.6e-6 and 7.5e-8
