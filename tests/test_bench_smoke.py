@@ -21,3 +21,46 @@ def test_bench_cli_small_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     text = json.dumps(results)
     assert "fused_ce" in text and "eager" in text and "copy" in text
+    for r in results["results"]:
+        if r["status"] != "ok" or r["impl"] == "copy":
+            continue
+        # The ratio to the copy comes from the copy timed in alternation with this implementation.
+        alongside = r["timing"]["alongside"]
+        assert alongside["reps"] == r["timing"]["reps"]
+        assert abs(r["ratio_to_copy"] - r["timing"]["median_ms"] / alongside["median_ms"]) < 1e-9
+
+
+def test_measure_alternates_with_the_reference_on_the_buffer_half_a_rotation_away():
+    from fused_ce.bench.timing import measure
+
+    log = []
+    timing = measure(lambda i: log.append(("step", i)), lambda i: log.append(("prep", i)),
+                     buffers=4, device="cpu", warmup=2, repeat=6,
+                     alongside=(lambda j: log.append(("ref prep", j)), lambda j: log.append(("ref", j))))
+    expected = []
+    for k in range(2 + 6):
+        i = k % 4
+        expected += [("prep", i), ("step", i), ("ref prep", (i + 2) % 4), ("ref", (i + 2) % 4)]
+    assert log == expected
+    assert timing.n == 6 and len(timing.warmup_ms) == 2
+    assert timing.alongside.n == 6 and len(timing.alongside.warmup_ms) == 2
+    assert timing.summary()["alongside"]["reps"] == 6
+    assert measure(lambda i: None, None, buffers=1, device="cpu", warmup=1, repeat=3).alongside is None
+
+
+def test_ratio_to_copy_prefers_the_copy_timed_alongside():
+    from fused_ce.bench import runner
+    from fused_ce.bench.workloads import Workload
+
+    workload = Workload(name="w", family="custom", shape=(8, 100), dtype="fp32")
+
+    def result(impl, median, alongside=None):
+        timing = {"median_ms": median, "alongside": {"median_ms": alongside} if alongside else None}
+        return runner.Result(workload, "fwd+bwd", impl, timing=timing)
+
+    copy, paired, unpaired = result("copy", 2.0), result("fused_ce", 3.0, 1.5), result("eager", 8.0)
+    runner._derive([copy, paired, unpaired])
+    assert paired.ratio_to_copy == 2.0  # 3.0 / 1.5, not 3.0 / 2.0
+    assert unpaired.ratio_to_copy == 4.0
+    assert copy.ratio_to_copy == 1.0
+    assert paired.speedup_vs_eager == 8.0 / 3.0

@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-time", type=float, metavar="S",
                    help="cap a measurement near S seconds by cutting repetitions, never below 5 "
                         "(default: 5, quick: 1.5; 0 = always --repeat)")
+    g.add_argument("--copy-alongside", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the copy of the logits after every repetition of each implementation, "
+                        "and take its ratio to the copy from those (default: on; off: against the "
+                        "copy's own measurement, minutes apart on a drifting machine)")
     g.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0)
 
@@ -150,6 +154,7 @@ def build_config(args, device: str, modes: List[str]) -> runner.Config:
         # CPU probes cost a child process each; CUDA probes are nearly free.
         memory=pick(args.memory, device == "cuda", True),
         seed=args.seed,
+        copy_alongside=args.copy_alongside,
     )
 
 
@@ -160,6 +165,8 @@ def run_notes(args, config: runner.Config, use_compile: bool, meta: dict) -> Lis
         notes.append(f"torch.compile not run ({why}; pass --compile to include it)")
     if not config.memory:
         notes.append("memory not measured (pass --memory to include it)")
+    if not config.copy_alongside:
+        notes.append("x copy is against the copy's own measurement (--no-copy-alongside)")
     busy = environment.busy_warning(meta)
     if busy:
         notes.append(busy)

@@ -203,9 +203,12 @@ def markdown(results: Sequence[Result], meta: dict, modes: Sequence[str]) -> str
     parts += [f"- note: {n}" for n in meta.get("notes", [])]
     if meta.get("complete") is False:
         parts.append("- **partial results**: written while the run was still going (or after it stopped)")
+    alongside = any(r.timing and r.timing.get("alongside") for r in results)
+    copy_basis = ("timed in alternation with each implementation, one repetition after each of its own"
+                  if alongside else "its own measurement")
     parts += ["", "Times are medians (p10-p90 in brackets) of warm repetitions; `x copy` is time / time of "
-              "`out.copy_(logits)` (the roofline, 1.00 is ideal), `vs eager` is the speedup over eager "
-              "`F.cross_entropy`; peak memory is over the inputs (see benchmarks/README.md).", ""]
+              f"`out.copy_(logits)` ({copy_basis}; the roofline, 1.00 is ideal), `vs eager` is the speedup "
+              "over eager `F.cross_entropy`; peak memory is over the inputs (see benchmarks/README.md).", ""]
 
     groups = _grouped(results)
     header = ["workload", "impl", "median ms (p10-p90)"] + list(COLUMNS[4:])

@@ -9,6 +9,12 @@ CPU: ``time.perf_counter`` around the step (CPU ops are synchronous).
 CUDA: a pair of CUDA events around each step on the current stream, read
 after one synchronisation at the end, so the host never stalls the GPU
 between repetitions.
+
+A reference step (the copy of the logits) can be timed *alongside*: one
+repetition of it after each repetition of the step, on another buffer.
+Both then sample the same seconds of a machine whose memory bandwidth
+drifts (a shared VM's neighbours come and go), so their ratio is not
+skewed by when each happened to be measured.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 Step = Callable[[int], object]
+StepPair = Tuple[Optional[Step], Step]  # (untimed prep, timed step)
 
 
 @dataclass
@@ -30,6 +37,7 @@ class Timing:
 
     samples_ms: List[float] = field(default_factory=list)
     warmup_ms: List[float] = field(default_factory=list)  # the first one includes compilation, if any
+    alongside: Optional["Timing"] = None  # the reference step, timed in alternation with this one
 
     @property
     def n(self) -> int:
@@ -69,6 +77,7 @@ class Timing:
             "reps": self.n,
             "warmup_ms": self.warmup_ms,
             "samples_ms": self.samples_ms,
+            "alongside": self.alongside.summary() if self.alongside else None,
         }
 
 
@@ -106,44 +115,66 @@ class _CudaClock:
 
 
 def measure(step: Step, prep: Optional[Step], *, buffers: int, device: str, warmup: int,
-            repeat: int, max_time: float = 0.0, min_repeat: int = 5) -> Timing:
+            repeat: int, max_time: float = 0.0, min_repeat: int = 5,
+            alongside: Optional[StepPair] = None) -> Timing:
     """Time ``step`` over rotating buffers.
 
     ``warmup`` untimed-for-statistics repetitions come first (their times are
     kept apart: the first one includes any compilation). Then up to
     ``repeat`` timed repetitions; when ``max_time`` (seconds) is positive the
     count is cut so the measurement takes about that long, but never below
-    ``min(min_repeat, repeat)``. Exceptions from the step propagate.
+    ``min(min_repeat, repeat)``. With ``alongside`` (prep, step), that step
+    runs after every repetition, on the buffer half the rotation away (so
+    neither finds the other's data in cache), and its times come back as
+    ``Timing.alongside``; ``max_time`` then covers both. Exceptions from
+    either step propagate.
     """
-    clock = _CudaClock() if device == "cuda" else _CpuClock()
+    new_clock = _CudaClock if device == "cuda" else _CpuClock
+    clock = new_clock()
     timing = Timing()
+    reference = Timing() if alongside else None
+    reference_clock = new_clock() if alongside else None
     counter = 0
 
-    def one(clk) -> None:
+    def one() -> None:
         nonlocal counter
         i = counter % buffers
         counter += 1
         if prep is not None:
             prep(i)
-        clk.time(step, i)
+        clock.time(step, i)
+        if alongside:
+            reference_prep, reference_step = alongside
+            j = (i + buffers // 2) % buffers
+            if reference_prep is not None:
+                reference_prep(j)
+            reference_clock.time(reference_step, j)
 
     # Warm-up repetitions, synchronised one by one so that the first (compiling) one is visible.
     for _ in range(max(1, warmup)):
-        one(clock)
+        one()
         timing.warmup_ms.extend(clock.collect())
+        if reference:
+            reference.warmup_ms.extend(reference_clock.collect())
 
     reps = repeat
     if max_time > 0:
-        steady = timing.warmup_ms[1:] or timing.warmup_ms
-        estimate_s = max(1e-6, min(steady) / 1e3)
+        def steady(t: Timing) -> float:
+            return min(t.warmup_ms[1:] or t.warmup_ms)
+
+        per_rep_ms = steady(timing) + (steady(reference) if reference else 0.0)
+        estimate_s = max(1e-6, per_rep_ms / 1e3)
         reps = max(min(min_repeat, repeat), min(repeat, int(max_time / estimate_s)))
 
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection in the middle of a repetition is noise, not cost
     try:
         for _ in range(reps):
-            one(clock)
+            one()
         timing.samples_ms = clock.collect()
+        if reference:
+            reference.samples_ms = reference_clock.collect()
+            timing.alongside = reference
     finally:
         if gc_was_enabled:
             gc.enable()
