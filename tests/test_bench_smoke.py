@@ -5,6 +5,7 @@ Timings are not asserted (they belong to benchmarks, not tests); parity is:
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,22 @@ def test_ratio_to_copy_prefers_the_copy_timed_alongside():
     assert unpaired.ratio_to_copy == 4.0
     assert copy.ratio_to_copy == 1.0
     assert paired.speedup_vs_eager == 8.0 / 3.0
+
+
+def test_copy_runs_alongside_only_where_the_copy_itself_runs():
+    from fused_ce.bench import impls, runner
+    from fused_ce.bench.workloads import Workload
+
+    head = Workload(name="head", family="linear", shape=(64, 100), dtype="fp32", hidden=16)
+    logits = Workload(name="logits", family="custom", shape=(64, 100), dtype="fp32")
+    chosen = [i for i in impls.all_impls() if i.name in ("fused_ce", "eager", "copy")]
+    config = runner.Config(modes=("fwd+bwd",), warmup=1, repeat=3, max_time=0, memory=False)
+    with open(os.devnull, "w") as quiet:
+        results = runner.run([head, logits], chosen, config, progress=runner.Progress(6, stream=quiet))
+    for r in results:
+        if r.impl == "copy":
+            continue
+        assert r.ok, r.status
+        has_copy = r.workload.name == "logits"  # an LM-head workload has no logits to copy
+        assert bool(r.timing["alongside"]) == has_copy
+        assert (r.ratio_to_copy is not None) == has_copy

@@ -157,6 +157,9 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
         reference = None
         progress.log(f"{workload.name}: no parity reference, eager failed: {_short_error(exc)}")
 
+    # The copy runs beside every implementation where the copy itself runs (not on LM-head workloads).
+    copy_alongside = config.copy_alongside and any(
+        i.roofline and not (i.unavailable(device) or i.unsupported(workload)) for i in impls)
     results = {mode: [] for mode in config.modes}
     for impl in impls:  # impl-major: peers that overwrite their input (Liger) come last
         reason = impl.unavailable(device) or impl.unsupported(workload)
@@ -188,8 +191,7 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
                 # The copy does the same work in every mode: one measurement serves them all.
                 result.status, result.timing, result.memory = measured.status, measured.timing, measured.memory
             else:
-                alongside = config.copy_alongside and any(i.roofline for i in impls)
-                _time_one(result, impl, fn, inputs, config, copy_alongside=alongside)
+                _time_one(result, impl, fn, inputs, config, copy_alongside=copy_alongside)
                 if result.ok and config.memory:
                     result.memory = _memory_one(impl, fn, workload, inputs, mode, config).as_dict()
                 measured = result
