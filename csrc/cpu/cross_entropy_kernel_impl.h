@@ -193,6 +193,37 @@ FUSED_CE_INLINE void store_narrowed(T* p, Vec v) {
   }
 }
 
+#if FUSED_CE_AVX512
+// The first `count` (< lanes) elements of p as one vector, the rest zero,
+// and the inverse store: AVX-512's masked moves touch no memory in the
+// masked-off lanes (and never fault there), so a short row at the very end
+// of a tensor is read and written in place.
+template <typename Vec, typename T>
+FUSED_CE_INLINE Vec load_widened_first(const T* p, int count) {
+  if constexpr (std::is_same<T, double>::value) {
+    return Vec(_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p));
+  } else if constexpr (std::is_same<T, float>::value) {
+    return Vec(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
+  } else {
+    using Packed = typename PackedHalf<T>::type;
+    return widen(Packed(_mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), p)));
+  }
+}
+
+template <typename T, typename Vec>
+FUSED_CE_INLINE void store_narrowed_first(T* p, Vec v, int count) {
+  if constexpr (std::is_same<T, double>::value) {
+    _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), __m512d(v));
+  } else if constexpr (std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
+  } else {
+    typename PackedHalf<T>::type packed;
+    narrow(v, &packed);
+    _mm256_mask_storeu_epi16(p, __mmask16((1u << count) - 1), __m256i(packed));
+  }
+}
+#endif
+
 // Copies kBytes (16, 32 or 64) from src to dst, a kBytes-aligned address,
 // with non-temporal stores. The gradient is written once and not read again
 // by this kernel: streaming it past the cache saves the read-for-ownership
@@ -765,7 +796,13 @@ class TileKernel {
   explicit TileKernel(const KernelArgs<T>& args) : a_(args) {
     x_.resize(a_.C * kLineGroup);
     if (a_.prob_target) t_.resize(a_.C);
-    if (a_.grad_input || a_.grad_target) g_.resize(a_.C * kLineGroup);
+    if (a_.grad_input || a_.grad_target) {
+      // At least kLanes vectors, zeroed: scatter() transposes a whole
+      // square even when there are fewer classes.
+      const int64_t count = a_.C * kLineGroup > kLanes ? a_.C * kLineGroup : kLanes;
+      g_.resize(count);
+      std::memset(static_cast<void*>(g_.data()), 0, size_t(count) * sizeof(Vec));
+    }
     line_groups_ = kLineGroup > 1 && !a_.prob_target && a_.input_strides.d == 1 &&
                    (!a_.grad_input || a_.grad_input_strides.d == 1);
   }
@@ -1068,6 +1105,18 @@ class TileKernel {
       }
       return;
     }
+#if FUSED_CE_AVX512
+    if (s.c == 1) {
+      // Rows shorter than a vector (a 10-class classifier): each lane's row
+      // as one masked load, then the same transpose. Element by element,
+      // these rows took several times the rest of the tile's work.
+      Vec block[kLanes];
+      for (int l = 0; l < kLanes; ++l) block[l] = load_widened_first<Vec>(src + base[l], int(a_.C));
+      transpose_square(block);
+      for (int64_t c = 0; c < a_.C; ++c) dst[c] = block[c];
+      return;
+    }
+#endif
     if (s.c == 1) {
       // Rows shorter than a vector: read each lane's row in order.
       for (int l = 0; l < kLanes; ++l) {
@@ -1101,6 +1150,18 @@ class TileKernel {
       }
       return;
     }
+#if FUSED_CE_AVX512
+    if (s.c == 1) {
+      // The transpose of gather()'s masked rows.
+      // The tile has kLanes vectors (see the constructor); those past C
+      // only fill lanes that the masked stores leave out.
+      Vec block[kLanes];
+      for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
+      transpose_square(block);
+      for (int l = 0; l < valid; ++l) store_narrowed_first(dst + n[l] * s.n + d[l] * s.d, block[l], int(a_.C));
+      return;
+    }
+#endif
     for (int l = 0; l < valid; ++l) {
       T* out = dst + n[l] * s.n + d[l] * s.d;
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
