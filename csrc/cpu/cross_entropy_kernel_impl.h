@@ -194,34 +194,39 @@ FUSED_CE_INLINE void store_narrowed(T* p, Vec v) {
 }
 
 #if FUSED_CE_AVX512
-// The first `count` (< lanes) elements of p as one vector, the rest zero,
-// and the inverse store: AVX-512's masked moves touch no memory in the
-// masked-off lanes (and never fault there), so a short row at the very end
-// of a tensor is read and written in place.
+// The lanes of p selected by `mask` as one vector (of the accumulate type),
+// `fill` in the others, and the inverse store. AVX-512's masked moves touch
+// no memory in the masked-off lanes and never fault there, so the short
+// ends of rows, even at the very end of a tensor, are read and written in
+// place and at vector speed.
 template <typename Vec, typename T>
-FUSED_CE_INLINE Vec load_widened_first(const T* p, int count) {
+FUSED_CE_INLINE Vec load_widened_masked(const T* p, uint32_t mask, acc_t<T> fill) {
   if constexpr (std::is_same<T, double>::value) {
-    return Vec(_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p));
+    return Vec(_mm512_mask_loadu_pd(_mm512_set1_pd(fill), __mmask8(mask), p));
   } else if constexpr (std::is_same<T, float>::value) {
-    return Vec(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
+    return Vec(_mm512_mask_loadu_ps(_mm512_set1_ps(fill), __mmask16(mask), p));
   } else {
     using Packed = typename PackedHalf<T>::type;
-    return widen(Packed(_mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), p)));
+    const Vec widened = widen(Packed(_mm256_maskz_loadu_epi16(__mmask16(mask), p)));
+    return Vec(_mm512_mask_mov_ps(_mm512_set1_ps(fill), __mmask16(mask), __m512(widened)));
   }
 }
 
 template <typename T, typename Vec>
-FUSED_CE_INLINE void store_narrowed_first(T* p, Vec v, int count) {
+FUSED_CE_INLINE void store_narrowed_masked(T* p, Vec v, uint32_t mask) {
   if constexpr (std::is_same<T, double>::value) {
-    _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), __m512d(v));
+    _mm512_mask_storeu_pd(p, __mmask8(mask), __m512d(v));
   } else if constexpr (std::is_same<T, float>::value) {
-    _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
+    _mm512_mask_storeu_ps(p, __mmask16(mask), __m512(v));
   } else {
     typename PackedHalf<T>::type packed;
     narrow(v, &packed);
-    _mm256_mask_storeu_epi16(p, __mmask16((1u << count) - 1), __m256i(packed));
+    _mm256_mask_storeu_epi16(p, __mmask16(mask), __m256i(packed));
   }
 }
+
+// The mask of lanes [0, count).
+FUSED_CE_INLINE uint32_t first_lanes(int64_t count) { return (uint32_t(1) << count) - 1; }
 #endif
 
 // Copies kBytes (16, 32 or 64) from src to dst, a kBytes-aligned address,
@@ -398,19 +403,27 @@ FUSED_CE_INLINE Vec exp_for(Vec x) {
 // Helpers for contiguous rows, read in the storage type, computed in the
 // accumulate type.
 
-// Loads up to one vector from p (converted from storage type T); lanes past
-// `count` hold `fill`.
+// Loads `count` (< lanes) elements from p (converted from storage type T)
+// as one vector; the other lanes hold `fill`.
 template <typename Vec, typename T, typename Acc>
 FUSED_CE_INLINE Vec load_partial(const T* p, int64_t count, Acc fill) {
+#if FUSED_CE_AVX512
+  return load_widened_masked<Vec>(p, first_lanes(count), fill);
+#else
   constexpr int kLanes = sizeof(Vec) / sizeof(Acc);
   Acc tmp[kLanes];
   for (int i = 0; i < kLanes; ++i) tmp[i] = i < count ? to_acc(p[i]) : fill;
   return load_vec<Vec>(tmp);
+#endif
 }
 
 template <typename Vec, typename Acc>
 FUSED_CE_INLINE void store_partial(Acc* p, Vec v, int64_t count) {
+#if FUSED_CE_AVX512
+  store_narrowed_masked(p, v, first_lanes(count));
+#else
   for (int64_t i = 0; i < count; ++i) p[i] = v[i];
+#endif
 }
 
 // A heap array of vector-aligned vectors. (std::vector of an
@@ -443,17 +456,23 @@ template <typename Acc, typename T>
 FUSED_CE_INLINE Acc max_of_row(const T* x, int64_t C) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
-  const Vec lowest = Vec{} - std::numeric_limits<Acc>::infinity();
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
   Vec m[kUnroll];
-  for (int u = 0; u < kUnroll; ++u) m[u] = lowest;
+  for (int u = 0; u < kUnroll; ++u) m[u] = Vec{} + minus_infinity;
   int64_t c = 0;
   for (; c + kUnroll * kLanes <= C; c += kUnroll * kLanes) {
     for (int u = 0; u < kUnroll; ++u) m[u] = max_vec(m[u], load_widened<Vec>(x + c + u * kLanes));
   }
   for (; c + kLanes <= C; c += kLanes) m[0] = max_vec(m[0], load_widened<Vec>(x + c));
+#if FUSED_CE_AVX512
+  // The tail as one masked vector, not element by element.
+  if (c < C) m[1] = max_vec(m[1], load_partial<Vec>(x + c, C - c, minus_infinity));
+  return reduce_max<Acc>(max_vec(max_vec(m[0], m[1]), max_vec(m[2], m[3])));
+#else
   Acc result = reduce_max<Acc>(max_vec(max_vec(m[0], m[1]), max_vec(m[2], m[3])));
   for (; c < C; ++c) result = max_scalar(result, to_acc(x[c]));
   return result;
+#endif
 }
 
 // sum_c w_c (x_c - shift) (w_c = 1 without weights).
@@ -1113,7 +1132,8 @@ class TileKernel {
       // as one masked load, then the same transpose. Element by element
       // instead, bfloat16 262144 x 10 forward + backward took 1.5x as long.
       Vec block[kLanes];
-      for (int l = 0; l < kLanes; ++l) block[l] = load_widened_first<Vec>(src + base[l], int(a_.C));
+      const uint32_t row = first_lanes(a_.C);
+      for (int l = 0; l < kLanes; ++l) block[l] = load_widened_masked<Vec>(src + base[l], row, Acc(0));
       transpose_square(block);
       for (int64_t c = 0; c < a_.C; ++c) dst[c] = block[c];
       return;
@@ -1161,7 +1181,7 @@ class TileKernel {
       for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
       transpose_square(block);
       for (int l = 0; l < valid; ++l) {
-        store_narrowed_first(dst + n[l] * s.n + d[l] * s.d, block[l], int(a_.C));
+        store_narrowed_masked(dst + n[l] * s.n + d[l] * s.d, block[l], first_lanes(a_.C));
       }
       return;
     }
