@@ -1126,25 +1126,23 @@ class TileKernel {
       }
       return;
     }
-#if FUSED_CE_AVX512
     if (s.c == 1) {
+#if FUSED_CE_AVX512
       // Rows shorter than a vector (a 10-class classifier): each lane's row
-      // as one masked load, then the same transpose. Element by element
-      // instead, bfloat16 262144 x 10 forward + backward took 1.5x as long.
+      // as one masked load (load_partial), then the same transpose. Element
+      // by element instead, bfloat16 262144 x 10 forward + backward took
+      // 1.5x as long.
       Vec block[kLanes];
-      const uint32_t row = first_lanes(a_.C);
-      for (int l = 0; l < kLanes; ++l) block[l] = load_widened_masked<Vec>(src + base[l], row, Acc(0));
+      for (int l = 0; l < kLanes; ++l) block[l] = load_partial<Vec>(src + base[l], a_.C, Acc(0));
       transpose_square(block);
       for (int64_t c = 0; c < a_.C; ++c) dst[c] = block[c];
-      return;
-    }
-#endif
-    if (s.c == 1) {
+#else
       // Rows shorter than a vector: read each lane's row in order.
       for (int l = 0; l < kLanes; ++l) {
         const T* row = src + base[l];
         for (int64_t c = 0; c < a_.C; ++c) dst[c][l] = to_acc(row[c]);
       }
+#endif
       return;
     }
     for (int64_t c = 0; c < a_.C; ++c) {
@@ -1180,9 +1178,8 @@ class TileKernel {
       Vec block[kLanes];
       for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
       transpose_square(block);
-      for (int l = 0; l < valid; ++l) {
-        store_narrowed_masked(dst + n[l] * s.n + d[l] * s.d, block[l], first_lanes(a_.C));
-      }
+      const uint32_t row = first_lanes(a_.C);
+      for (int l = 0; l < valid; ++l) store_narrowed_masked(dst + n[l] * s.n + d[l] * s.d, block[l], row);
       return;
     }
 #endif
