@@ -188,6 +188,32 @@ def test_bfloat16_huge(device, C):
         _compare(x, t, device, f"bf16 huge {reduction}", reduction=reduction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C", [200, 1000])
+def test_half_rows_at_any_offset(device, dtype, C):
+    # The row kernel folds a half-type row's shift (its max) into the exp for |max| <= 2^24 and
+    # takes 2^(x - max) beyond (see FoldedShiftedExp): rows centred from -1e30 to 1e30, across
+    # both boundaries, with a spread of a few steps of the type at that magnitude so that many
+    # classes keep a non-negligible probability, ties at the max included.
+    finite_max = torch.finfo(dtype).max
+    offsets = [0.0, -37.5, 90.0, -128.0, 129.0, 3000.0, -6e4, 2.0**24, -(2.0**24), 2.0**24 * 1.0078125,
+               3e9, -1e30, 1e30]
+    offsets = [o for o in offsets if abs(o) < finite_max]
+    rows = []
+    for offset in offsets:
+        spacing = max(abs(offset), 1.0) * torch.finfo(dtype).eps
+        row = offset + torch.randn(C, dtype=torch.float64) * 4 * spacing
+        row[torch.randint(0, C, (3,))] = row.max()  # ties at the max
+        rows.append(row)
+    x = torch.stack(rows).to(dtype)
+    t = torch.randint(0, C, (len(offsets),))
+    t[1] = x[1].float().argmax()
+    for reduction in REDUCTIONS:
+        for ls in (0.0, 0.1):
+            _compare(x, t, device, f"{dtype} offsets {reduction} ls={ls}", reduction=reduction,
+                     label_smoothing=ls)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_single_class(device, dtype):
     # C == 1: log_softmax is 0, loss 0, gradient 0 -- for class and soft targets, with smoothing

@@ -95,6 +95,8 @@ template <>
 struct Simd<float> {
   using Vec = VecF;
   static constexpr int kLanes = kVectorBytes / sizeof(float);
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2 = 0.693147180559945309f;
 
   // exp(x) for float lanes, accurate to about 1 ulp on the range the kernels
   // use: arguments <= 0 (logits minus their max or their log-sum-exp, or
@@ -147,14 +149,21 @@ struct Simd<float> {
   // which f inherits absolutely (1e-6 at t = -23).
   template <int kResultBits>
   static FUSED_CE_INLINE Vec exp_for_rounding_to(Vec x) {
+    return exp2_for_rounding_to<kResultBits>(x * kLog2e);
+  }
+
+  // 2^t, with exp_for_rounding_to's precision: the part of it after t.
+  // Callers that subtract a shift from x first can fold the subtraction
+  // into t's multiply (see FoldedShiftedExp).
+  template <int kResultBits>
+  static FUSED_CE_INLINE Vec exp2_for_rounding_to(Vec t) {
     static_assert(kResultBits == 8 || kResultBits == 11, "coefficients for bfloat16 and float16");
 #if FUSED_CE_AVX512
     // vreduceps gives f = t - floor(t) in one instruction and vscalefps
     // multiplies by 2^floor(t) itself, so n is never formed. No clamp
     // either: for t = -inf, f is 0 and 2^-inf is 0; NaN stays NaN; results
-    // below FLT_MIN come out as the subnormals they are. 7 operations (8
-    // for float16) where exp() takes 12.
-    const Vec t = x * kLog2e;
+    // below FLT_MIN come out as the subnormals they are. 6 operations (7
+    // for float16) after t, where exp() takes 12.
     const Vec f = Vec(_mm512_reduce_ps(__m512(t), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
     Vec p;
     if constexpr (kResultBits == 8) {
@@ -171,11 +180,12 @@ struct Simd<float> {
     }
     return Vec(_mm512_scalef_ps(__m512(p), __m512(t)));
 #else
-    const Vec clamped = clamp_exp_argument(x);
-    // Both products become fused multiply-adds where there is FMA.
-    const Vec n_magic = clamped * kLog2e + kRoundMagic;
+    // Clamped below at -127 as clamp_exp_argument does (there in units of
+    // ln 2), so that 2^-inf comes out as 0.
+    const Vec clamped = max_vec(Vec{} + -127.0f, t);
+    const Vec n_magic = clamped + kRoundMagic;
     const Vec n = n_magic - kRoundMagic;
-    const Vec f = clamped * kLog2e - n;
+    const Vec f = clamped - n;  // exact: n is the integer nearest to t
     Vec p;
     if constexpr (kResultBits == 8) {
       p = f * 9.570102207e-03f + 5.591786280e-02f;
@@ -223,7 +233,6 @@ struct Simd<float> {
   }
 
  private:
-  static constexpr float kLog2e = 1.44269504088896341f;
   static constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
 
   // The exp argument clamped below (a max, whose NaN operand wins when it is
