@@ -28,7 +28,6 @@
 #include <limits>
 #include <new>
 #include <type_traits>
-#include <vector>
 
 #include "simd.h"
 
@@ -495,26 +494,36 @@ FUSED_CE_INLINE void store_partial(Acc* p, Vec v, int64_t count) {
 #endif
 }
 
-// A heap array of vector-aligned vectors. (std::vector of an
-// over-aligned type is not: GCC loses the alignment of vector typedefs used
-// through templates.)
-template <typename Vec>
-class VectorBuffer {
+// A heap array of T starting on a cache line, so that whole-vector loads
+// and stores at multiples of the vector width from its start never straddle
+// two lines. (std::vector's allocations are 16-byte aligned, and it loses
+// the alignment of over-aligned vector typedefs used through templates.)
+template <typename T>
+class AlignedBuffer {
  public:
-  VectorBuffer() = default;
-  VectorBuffer(const VectorBuffer&) = delete;
-  VectorBuffer& operator=(const VectorBuffer&) = delete;
-  ~VectorBuffer() { std::free(data_); }
+  static constexpr size_t kAlignment = 64;
 
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(data_); }
+
+  // Discards the contents.
   void resize(int64_t count) {
     std::free(data_);
-    data_ = static_cast<Vec*>(std::aligned_alloc(kVectorBytes, size_t(count) * sizeof(Vec)));
-    if (!data_ && count > 0) throw std::bad_alloc();
+    data_ = nullptr;
+    // aligned_alloc wants a multiple of the alignment.
+    bytes_ = (size_t(count) * sizeof(T) + kAlignment - 1) / kAlignment * kAlignment;
+    if (bytes_ == 0) return;
+    data_ = static_cast<T*>(std::aligned_alloc(kAlignment, bytes_));
+    if (!data_) throw std::bad_alloc();
   }
-  Vec* data() const { return data_; }
+  void set_to_zero() { std::memset(static_cast<void*>(data_), 0, bytes_); }
+  T* data() const { return data_; }
 
  private:
-  Vec* data_ = nullptr;
+  T* data_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 // Row reductions, unrolled over independent accumulators so that the loop
@@ -863,8 +872,8 @@ class RowKernel {
   static constexpr bool kDeferStores = std::is_same<Acc, float>::value;
 
   const KernelArgs<T>& a_;
-  std::vector<Acc> capped_row_;  // the softcapped row, in the accumulate type
-  std::vector<Acc> grad_[2];     // gradient rows: this one, and the previous one while pending
+  AlignedBuffer<Acc> capped_row_;  // the softcapped row, in the accumulate type
+  AlignedBuffer<Acc> grad_[2];     // gradient rows: this one, and the previous one while pending
   int current_ = 0;
   PendingRow<T> pending_;        // the previous row's gradient, from grad_[current_ ^ 1]
 };
@@ -892,7 +901,7 @@ class TileKernel {
       // square even when there are fewer classes.
       const int64_t count = a_.C * kLineGroup > kLanes ? a_.C * kLineGroup : kLanes;
       g_.resize(count);
-      std::memset(static_cast<void*>(g_.data()), 0, size_t(count) * sizeof(Vec));
+      g_.set_to_zero();
     }
     line_groups_ = kLineGroup > 1 && !a_.prob_target && a_.input_strides.d == 1 &&
                    (!a_.grad_input || a_.grad_input_strides.d == 1);
@@ -1267,9 +1276,9 @@ class TileKernel {
   int64_t next_first_ = -1, next_n_ = 0, next_d_ = 0;
   // Tiles are (C, lanes), class-major: one vector per class; x_ and g_ hold
   // kLineGroup of them, one after the other.
-  VectorBuffer<Vec> x_;  // logits
-  VectorBuffer<Vec> t_;  // smoothed probability targets
-  VectorBuffer<Vec> g_;  // exp(x - max), then the gradient
+  AlignedBuffer<Vec> x_;  // logits
+  AlignedBuffer<Vec> t_;  // smoothed probability targets
+  AlignedBuffer<Vec> g_;  // exp(x - max), then the gradient
 };
 
 template <typename T>
