@@ -383,23 +383,26 @@ class PendingRow {
   GradientFinish<float> finish_;
 };
 
+template <typename T>
+constexpr bool kIsHalf = std::is_same<T, BFloat16Bits>::value || std::is_same<T, Float16Bits>::value;
+
+// The significant bits of a half type's results: what the shorter exp is
+// fitted for (Simd<float>::exp_for_rounding_to).
+template <typename T>
+constexpr int kResultBits = std::is_same<T, BFloat16Bits>::value ? 8 : 11;
+
 // exp for the logits of storage type T, computed in acc_t<T>: the results
 // for half types are rounded to 8 or 11 bits, which the shorter exp leaves
 // unaffected but for rare one-step roundings (see
 // Simd<float>::exp_for_rounding_to).
 template <typename T, typename Vec>
 FUSED_CE_INLINE Vec exp_for(Vec x) {
-  if constexpr (std::is_same<T, BFloat16Bits>::value) {
-    return Simd<float>::template exp_for_rounding_to<8>(x);
-  } else if constexpr (std::is_same<T, Float16Bits>::value) {
-    return Simd<float>::template exp_for_rounding_to<11>(x);
+  if constexpr (kIsHalf<T>) {
+    return Simd<float>::template exp_for_rounding_to<kResultBits<T>>(x);
   } else {
     return Simd<acc_t<T>>::exp(x);
   }
 }
-
-template <typename T>
-constexpr bool kIsHalf = std::is_same<T, BFloat16Bits>::value || std::is_same<T, Float16Bits>::value;
 
 // exp(x - shift) for the elements of one row of storage type T, computed in
 // acc_t<T>: the plain form, for every type and every shift.
@@ -454,8 +457,7 @@ class FoldedShiftedExp {
   }
   template <typename Vec>
   FUSED_CE_INLINE Vec operator()(Vec x) const {
-    constexpr int kResultBits = std::is_same<T, BFloat16Bits>::value ? 8 : 11;
-    return Simd<float>::template exp2_for_rounding_to<kResultBits>(x * scale_ - offset_);
+    return Simd<float>::template exp2_for_rounding_to<kResultBits<T>>(x * scale_ - offset_);
   }
   float log_bias() const { return log_bias_; }
 
