@@ -53,7 +53,6 @@ def extension():
     define_macros = []
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
-        sources = [s for s in sources if not s.endswith("compile_check.cu")]
         define_macros.append(("FUSED_CE_WITH_CUDA", "1"))
         nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
         return CUDAExtension(

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA backend on machines without a GPU.
 #
-#  1. csrc/cuda/compile_check.cu (torch-free: every kernel and launcher for
-#     every dtype) for sm_80 and sm_90, warnings as errors, with the
+#  1. csrc/cuda/launchers_*.cu (torch-free: every kernel and launcher, one
+#     file per dtype, exactly what the extension build compiles) for sm_80
+#     and sm_90, warnings as errors, with the
 #     half/bfloat16 macros torch's extension build defines.  Prints registers
 #     and spills per kernel; fails on a compile error or on a kernel spilling
 #     more than SPILL_LIMIT (64) bytes.  Up to a few dozen spilled bytes are
@@ -47,16 +48,20 @@ TORCH_NVCC_FLAGS=(
 echo "== nvcc: $(nvcc --version | tail -n 1)"
 
 # --- 1. kernels --------------------------------------------------------------
-echo "== compiling csrc/cuda/compile_check.cu for sm_80 and sm_90"
+echo "== compiling csrc/cuda/launchers_*.cu for sm_80 and sm_90"
 start=$SECONDS
-if ! nvcc --threads 2 -std=c++17 -O3 -c csrc/cuda/compile_check.cu -o "$tmp/compile_check.o" \
-    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-    -Xptxas -v --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
-    "${TORCH_NVCC_FLAGS[@]}" >"$tmp/kernels.log" 2>&1; then
-  grep -v '^ptxas info' "$tmp/kernels.log" | grep -v 'bytes stack frame'
-  echo "FAIL: compile_check.cu does not compile"
-  exit 1
-fi
+: >"$tmp/kernels.log"
+for src in csrc/cuda/launchers_*.cu; do
+  if ! nvcc --threads 2 -std=c++17 -O3 -c "$src" -o "$tmp/$(basename "$src" .cu).o" \
+      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+      -Xptxas -v --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+      "${TORCH_NVCC_FLAGS[@]}" >"$tmp/one.log" 2>&1; then
+    grep -v '^ptxas info' "$tmp/one.log" | grep -v 'bytes stack frame'
+    echo "FAIL: $src does not compile"
+    exit 1
+  fi
+  cat "$tmp/one.log" >>"$tmp/kernels.log"
+done
 echo "   compiled in $((SECONDS - start)) s"
 
 # ptxas -v prints, per entry function and architecture:

@@ -23,7 +23,8 @@
 #include <tuple>
 
 #include "../cross_entropy.h"
-#include "cross_entropy_kernels.cuh"
+// Declarations only: the launchers are compiled in launchers_<dtype>.cu.
+#include "ce_params.cuh"
 
 namespace {
 

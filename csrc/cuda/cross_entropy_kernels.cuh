@@ -359,5 +359,17 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
   return detail::run_backward(p, stream);
 }
 
+// Explicit instantiation of the three launchers for one storage type.  Each
+// launchers_<dtype>.cu does this for its type, so the kernels of the four
+// types compile in parallel, torch-free, and the binding only needs the
+// declarations in ce_params.cuh.
+#define FUSED_CE_INSTANTIATE_LAUNCHERS(T)                                                         \
+  template cudaError_t launch_cross_entropy_forward<T>(const CrossEntropyForwardParams<T>&,       \
+                                                       cudaStream_t);                            \
+  template cudaError_t launch_cross_entropy_forward_with_grad<T>(const CrossEntropyForwardParams<T>&, \
+                                                                 cudaStream_t);                  \
+  template cudaError_t launch_cross_entropy_backward<T>(const CrossEntropyBackwardParams<T>&,     \
+                                                        cudaStream_t);
+
 }  // namespace cuda
 }  // namespace fused_ce

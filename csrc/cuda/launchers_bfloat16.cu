@@ -1,0 +1,11 @@
+// The __nv_bfloat16 instantiation of the CUDA launchers and kernels (torch-free; see
+// FUSED_CE_INSTANTIATE_LAUNCHERS in cross_entropy_kernels.cuh).
+#include "cross_entropy_kernels.cuh"
+
+namespace fused_ce {
+namespace cuda {
+
+FUSED_CE_INSTANTIATE_LAUNCHERS(__nv_bfloat16)
+
+}  // namespace cuda
+}  // namespace fused_ce

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build with the CUDA kernels, smoke-check
+# them, run the CUDA half of the test suite, time the GPU benchmarks and run
+# compute-sanitizer over a few CUDA tests.  Every stage has its own time
+# limit, so a hang or a crash in one still leaves the later ones their turn,
+# and everything is logged under $OUT (or ./gpu_out).
+#
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,tests,bench,sanitize
+#
+# Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
+# BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
+# per stage).  The machine has no network: torch, pytest, xdist and
+# hypothesis must already be installed there.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+STAGES="${1:-build,smoke,tests,bench,sanitize}"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
+
+{
+  stage environment
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "python", sys.version.split()[0])'
+  nvcc --version | tail -n 2
+  nproc
+} 2>&1 | tee -a "$LOG"
+
+if want build; then
+  stage "build (sm_90)" | tee -a "$LOG"
+  if ! TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}" timeout "${BUILD_TIMEOUT:-300}" \
+      "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    tail -n 60 "$OUT/build.log" | tee -a "$LOG"
+    echo "BUILD FAILED" | tee -a "$LOG"
+    exit 1
+  fi
+  grep -E "warning|error" "$OUT/build.log" | grep -v "Wmaybe-uninitialized\|avx512" | head -n 20 | tee -a "$LOG"
+  echo "built in ${SECONDS}s" | tee -a "$LOG"
+fi
+
+if want smoke; then
+  stage smoke | tee -a "$LOG"
+  timeout "${SMOKE_TIMEOUT:-90}" "$PY" scripts/gpu_smoke.py 2>&1 | tee -a "$LOG"
+fi
+
+if want tests; then
+  stage "tests (CUDA cases)" | tee -a "$LOG"
+  # -k cuda keeps the CUDA parametrisations and the CUDA-only tests.
+  FUSED_CE_TEST_LARGE=1 timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest tests -q -p no:cacheprovider \
+      -k cuda -n "${TEST_WORKERS:-8}" --timeout 120 -rfE ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  echo "pytest exit status $?" | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-300 | head -n 80 | tee -a "$LOG"
+fi
+
+if want bench; then
+  stage benchmarks | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" -m fused_ce.bench --device cuda --out "$OUT/bench" \
+      ${BENCH_ARGS:---filter lm-32k-fp32,lm-128k-bf16,cls-10-fp32 --modes fwd+bwd --max-time 1} 2>&1 \
+      | tee "$OUT/bench.log" | grep -v "^\[" | tail -n 40 | tee -a "$LOG"
+fi
+
+if want sanitize; then
+  stage "compute-sanitizer memcheck" | tee -a "$LOG"
+  timeout "${SANITIZE_TIMEOUT:-90}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$PY" -m pytest tests/test_special_values.py tests/test_errors.py -q -p no:cacheprovider -x \
+      -k "cuda and not large" >"$OUT/memcheck.log" 2>&1
+  echo "memcheck exit status $?" | tee -a "$LOG"
+  grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/memcheck.log" | head -n 20 | tee -a "$LOG"
+fi
+stage done | tee -a "$LOG"

@@ -1,0 +1,142 @@
+"""First look at the CUDA kernels on a GPU machine, before the test suite.
+
+Runs one small case through each kernel path the launchers can pick (one
+thread per row, 8 lanes, a warp, a block; register-resident and streaming
+forward_with_grad; class-strided (N, C, H, W); probability targets; the
+softcap; the in-place gradient) and prints, per case, the largest error of
+the loss and the gradient against float64 PyTorch on the CPU.  Each case is
+run in its own try block, so one failing path does not hide the others; an
+asynchronous CUDA error (illegal address) ends the script, naming the case.
+
+    python scripts/gpu_smoke.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+import fused_ce
+
+# The device under test (cpu runs the same script against the CPU kernels).
+DEVICE = os.environ.get("SMOKE_DEVICE", "cuda")
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def relative_error(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.equal(torch.isnan(a), torch.isnan(r)):
+        return float("inf")
+    fin = torch.isfinite(r)
+    scale = r[fin].abs().max().clamp_min(1e-12) if fin.any() else 1.0
+    return float(((a[fin] - r[fin]).abs().max() / scale) if fin.any() else 0.0)
+
+
+def run_case(name, shape, dtype, *, classes_dim=1, prob=False, inplace=False, **options):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x_cpu = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    C = shape[classes_dim] if len(shape) > 1 else shape[0]
+    target_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    if prob:
+        t_cpu = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), classes_dim).to(dtype)
+    else:
+        t_cpu = torch.randint(0, C, target_shape, generator=gen)
+        if t_cpu.numel() > 2:
+            t_cpu.view(-1)[::3] = -100
+    softcap = options.pop("softcap", None)
+    reduction = options.pop("reduction", "mean")
+
+    x64 = x_cpu.double().requires_grad_()
+    xr = softcap * torch.tanh(x64 / softcap) if softcap else x64
+    ref = F.cross_entropy(xr, t_cpu.double() if prob else t_cpu, reduction=reduction, **options)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+
+    x = x_cpu.to(DEVICE).requires_grad_()
+    t = t_cpu.to(DEVICE)
+    extra = {"softcap": softcap} if softcap else {}
+    if inplace:
+        extra["inplace_backward"] = True
+    # The in-place gradient overwrites its input, which must not be a leaf.
+    logits = x.clone() if inplace else x
+    loss = fused_ce.cross_entropy(logits, t, reduction=reduction, **options, **extra)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    err_loss, err_grad = relative_error(loss, ref), relative_error(grad, ref_grad)
+    ok = err_loss <= TOL[dtype] and err_grad <= TOL[dtype] and grad.shape == x.shape
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<34} loss err {err_loss:.2e}  grad err {err_grad:.2e}")
+    return ok
+
+
+CASES = [
+    ("tiny rows fp32 (1 thread/row)", (513, 10), torch.float32, {}),
+    ("tiny rows bf16 smoothing", (513, 24), torch.bfloat16, {"label_smoothing": 0.1}),
+    ("8 lanes fp32 C=100", (300, 100), torch.float32, {}),
+    ("warp fp32 C=1000 weight", (300, 1000), torch.float32, {"weight": "w"}),
+    ("resident bf16 C=32000", (64, 32000), torch.bfloat16, {}),
+    ("resident bf16 C=50257 (odd)", (16, 50257), torch.bfloat16, {"label_smoothing": 0.1}),
+    ("resident fp32 C=32000", (64, 32000), torch.float32, {}),
+    ("streaming fp32 C=40000", (16, 40000), torch.float32, {}),
+    ("streaming bf16 C=128256", (8, 128256), torch.bfloat16, {}),
+    ("fp64 C=3000", (32, 3000), torch.float64, {}),
+    ("fp16 C=5000 sum", (32, 5000), torch.float16, {"reduction": "sum"}),
+    ("class-strided (N,C,H,W) fp32", (2, 21, 9, 13), torch.float32, {}),
+    ("class-strided fp16 none", (2, 7, 16, 16), torch.float16, {"reduction": "none"}),
+    ("prob targets fp32 C=3000", (40, 3000), torch.float32, {"prob": True}),
+    ("prob targets bf16 C=12", (40, 12), torch.bfloat16, {"prob": True}),
+    ("softcap bf16 C=32000", (32, 32000), torch.bfloat16, {"softcap": 30.0}),
+    ("in place bf16 C=32000", (32, 32000), torch.bfloat16, {"inplace": True}),
+    ("unbatched fp32 C=77", (77,), torch.float32, {}),
+]
+
+
+def main() -> int:
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {where}, fused_ce built with CUDA: {fused_ce.built_with_cuda()}")
+    failures = 0
+    for name, shape, dtype, opts in CASES:
+        opts = dict(opts)
+        if opts.get("weight") == "w":
+            opts["weight"] = torch.rand(shape[1], dtype=torch.float64).add(0.5)
+        try:
+            if "weight" in opts:
+                # the reference takes float64 weights; fused_ce the input dtype on the GPU
+                w = opts.pop("weight")
+                failures += not run_case_weighted(name, shape, dtype, w, **opts)
+            else:
+                failures += not run_case(name, shape, dtype, **opts)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            failures += 1
+            print(f"FAIL {name:<34} {type(exc).__name__}: {str(exc)[:300]}")
+            if "CUDA error" in str(exc) or "AcceleratorError" in type(exc).__name__:
+                traceback.print_exc()
+                print("asynchronous CUDA error: later cases cannot run in this process")
+                return 1
+    print(f"{len(CASES) - failures}/{len(CASES)} smoke cases ok")
+    return 1 if failures else 0
+
+
+def run_case_weighted(name, shape, dtype, w64, **options):
+    gen = torch.Generator().manual_seed(7)
+    x_cpu = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    t_cpu = torch.randint(0, shape[1], (shape[0],), generator=gen)
+    w = w64.to(dtype)
+    x64 = x_cpu.double().requires_grad_()
+    ref = F.cross_entropy(x64, t_cpu, weight=w.double(), **options)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    x = x_cpu.to(DEVICE).requires_grad_()
+    loss = fused_ce.cross_entropy(x, t_cpu.to(DEVICE), weight=w.to(DEVICE), **options)
+    (grad,) = torch.autograd.grad(loss, x)
+    err_loss, err_grad = relative_error(loss, ref), relative_error(grad, ref_grad)
+    ok = err_loss <= TOL[dtype] and err_grad <= TOL[dtype]
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<34} loss err {err_loss:.2e}  grad err {err_grad:.2e}")
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
