@@ -58,6 +58,17 @@ void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& 
               " but input is on ", input.device());
 }
 
+void check_scale_gradient(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
+              "fused_ce: scale_gradient_ needs a floating point gradient, got ", grad.scalar_type());
+  TORCH_CHECK(grad.is_non_overlapping_and_dense(),
+              "fused_ce: scale_gradient_ needs a dense, non-overlapping gradient");
+  TORCH_CHECK(scale.numel() == 1, "fused_ce: scale_gradient_ needs a one-element scale, got shape ",
+              scale.sizes());
+  TORCH_CHECK(scale.device() == grad.device(), "fused_ce: scale is on ", scale.device(),
+              " but grad is on ", grad.device());
+}
+
 at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
                                      const at::Tensor& input) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();

@@ -44,6 +44,10 @@ void check_loss_options(double z_loss, double softcap);
 void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& input,
                        const ProblemShape& shape);
 
+// Checks scale_gradient_'s arguments: a dense, non-overlapping floating
+// point gradient and a one-element scale on the same device.
+void check_scale_gradient(const at::Tensor& grad, const at::Tensor& scale);
+
 // The class weights in the accumulate type, contiguous (undefined if none).
 at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
                                      const at::Tensor& input);

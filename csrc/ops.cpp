@@ -56,4 +56,12 @@ TORCH_LIBRARY(fused_ce, m) {
       "float softcap, bool input_grad, bool target_grad) "
       "-> (Tensor grad_input, Tensor grad_target)",
       {at::Tag::pt2_compliant_tag});
+
+  // The backward of a gradient that forward_with_grad computed for an
+  // upstream gradient of 1: multiplies it in place by the actual upstream
+  // gradient `scale` (one element), and leaves it untouched when that is
+  // exactly 1. On CUDA the check happens on the device, so the common
+  // loss.backward() costs no pass over the gradient and no host
+  // synchronisation.
+  m.def("scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
 }

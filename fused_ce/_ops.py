@@ -28,10 +28,9 @@ def _per_element(input: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_like(t: torch.Tensor) -> torch.Tensor:
-    """The layout the backends give gradients: the CPU kernels keep a dense
-    input's strides (channels-last stays channels-last); the CUDA kernels
-    write a contiguous (N, C, D) gradient."""
-    return torch.empty_like(t) if t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    """The layout every backend gives gradients: torch.empty_like's, so a
+    dense tensor's strides are kept (channels-last stays channels-last)."""
+    return torch.empty_like(t)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
@@ -60,6 +59,11 @@ def _backward_fake(grad_loss, grad_lse, input, target, weight, lse, ignore_index
     grad_input = _gradient_like(input) if input_grad else input.new_empty((0,))
     grad_target = _gradient_like(target) if target_grad else target.new_empty((0,))
     return grad_input, grad_target
+
+
+@torch.library.register_fake("fused_ce::scale_gradient_")
+def _scale_gradient_fake(grad, scale):
+    return None
 
 
 def cpu_capability() -> str:

@@ -8,19 +8,23 @@ inside the Function, rather than in front of it keeps a reshape node (and
 its backward) out of every graph. The Function applies the reduction
 itself, so that the operators only ever produce per-element results.
 
-Two strategies for the gradient:
+Strategies for the gradient:
 
-* On the CPU, when only the input needs a gradient and the loss is reduced,
-  the forward already computes the gradient of the reduced loss (the
+* When only the input needs a gradient and the loss is reduced, the forward
+  already computes the gradient of the reduced loss (the
   ``forward_with_grad`` operator). The logits are then read once for forward
-  and backward together, and the backward only scales the saved gradient by
-  the upstream gradient (nothing at all when that is 1, as it is for a loss
-  that is the end of the graph).
-* Otherwise (CUDA, ``reduction="none"``, gradients for soft targets, a
+  and backward together, and the backward only scales the gradient by the
+  upstream gradient, skipping that pass when it is 1, as it is for a loss at
+  the end of the graph. On the CPU the check is a free read of the scalar
+  and the product is out of place. On CUDA the ``scale_gradient_`` operator
+  checks on the device (no host synchronisation) and scales in place, so the
+  gradient is handed out once; a second backward through the same graph
+  (``retain_graph=True``) takes the next strategy, from tensors saved for
+  it. Under torch.compile CUDA takes the next strategy throughout: its
+  traced backward would always multiply, a second pass over the gradient.
+* Otherwise (``reduction="none"``, gradients for soft targets, a
   differentiable lse output) the forward saves the per-element log-sum-exp
-  and the backward operator recomputes the softmax from the logits. On CUDA
-  this is the cheaper plan: checking the upstream gradient would need a host
-  synchronisation.
+  and the backward operator recomputes the softmax from the logits.
 * With ``inplace_backward`` the forward writes the gradient over the logits
   themselves (any device), and the backward scales it in place.
 """
@@ -77,13 +81,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         input3 = input.reshape(n, num_classes, d)
         target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
         ctx.inplace = inplace_backward and input_grad
+        device_type = input.device.type
         ctx.gradient_in_forward = ctx.inplace or (
             input_grad
             and not target_grad
             and not return_lse
             and reduction != REDUCTION_NONE
-            and input.device.type == "cpu"
+            and (device_type == "cpu" or (device_type == "cuda" and not torch.compiler.is_compiling()))
         )
+        # The CPU's gradient from the forward is a saved tensor; CUDA's is
+        # ctx.gradient until the backward hands it out.
+        ctx.gradient_saved = False
+        ctx.gradient = None
         if ctx.inplace:
             if not input.is_contiguous():
                 # A reshaped copy would receive the gradient instead of the logits.
@@ -99,7 +108,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif ctx.gradient_in_forward:
             loss, lse, total_weight, grad_input = ops.cross_entropy_forward_with_grad(
                 input3, target3, weight, *options, reduction)
-            ctx.save_for_backward(grad_input)
+            if device_type == "cpu":
+                ctx.save_for_backward(grad_input)
+                ctx.gradient_saved = True
+            else:
+                # Scaled in place and handed out by the first backward, so
+                # not a saved tensor (a second backward's unpacking would
+                # find it modified); it has no autograd history, so holding
+                # it on ctx makes no reference cycle. The lse strategy's
+                # tensors serve a second backward.
+                ctx.gradient = grad_input
+                ctx.save_for_backward(input3, target3, weight, lse, total_weight)
         else:
             loss, lse, total_weight = ops.cross_entropy_forward(input3, target3, weight, *options)
             if input_grad or target_grad:
@@ -120,7 +139,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             # that is the very tensor it accumulates into (a leaf's x.grad).
             gradient = _hand_out_inplace_gradient(ctx, grad_output)
             return (gradient.view(ctx.input_shape), None) + no_grads_for_options
-        if ctx.gradient_in_forward:
+        if ctx.gradient_in_forward and ctx.gradient is not None:
+            # CUDA: scaled on the device unless the upstream gradient is 1.
+            gradient, ctx.gradient = ctx.gradient, None
+            ops.scale_gradient_(gradient, grad_output)
+            return (gradient.reshape(ctx.input_shape), None) + no_grads_for_options
+        if ctx.gradient_in_forward and ctx.gradient_saved:
             (grad_input,) = ctx.saved_tensors
             grad_input = _scale_saved_gradient(grad_input, grad_output)
             return (grad_input.reshape(ctx.input_shape), None) + no_grads_for_options
@@ -159,9 +183,11 @@ def _hand_out_inplace_gradient(ctx, grad_output):
             "(retain_graph=True) is not supported with inplace_backward=True")
     (gradient,) = ctx.saved_tensors  # raises if the logits were modified after the forward
     ctx.gradient_handed_out = True
-    if (torch.compiler.is_compiling() or grad_output.device.type != "cpu"
-            or grad_output.item() != 1.0):
+    if torch.compiler.is_compiling():
         gradient.mul_(grad_output.to(gradient.dtype))
+    else:
+        # Skips the pass when the upstream gradient is 1, on the device for CUDA.
+        ops.scale_gradient_(gradient, grad_output)
     return gradient
 
 

@@ -162,6 +162,9 @@ def make_class_target(shape, C, device="cpu", ignore_index=None, ignore_frac=0.2
         flat[0] = True
         if flat.numel() > 1:
             flat[-1] = False
+            # an ignore_index inside [0, C) must not ignore that last element either
+            if C > 1 and t.view(-1)[-1] == ignore_index:
+                t.view(-1)[-1] = (ignore_index + 1) % C
         t = torch.where(mask, torch.full_like(t, ignore_index), t)
     return t.to(dtype).to(device)
 

@@ -145,8 +145,13 @@ def _check_parity(device, dtype, layout, config, reduction, upstream=1.0, N=16, 
     tol = TOL[dtype]
     torch.testing.assert_close(loss1, loss0, **tol, msg=lambda m: f"{tag}: loss {m}")
     torch.testing.assert_close(recv1, recv0, **tol, msg=lambda m: f"{tag}: gradient at the logits {m}")
-    torch.testing.assert_close(gh1, gh0, **tol, msg=lambda m: f"{tag}: h.grad {m}")
-    torch.testing.assert_close(gW1, gW0, **tol, msg=lambda m: f"{tag}: W.grad {m}")
+    # h.grad and W.grad are sums of products with the logits' gradient: where they cancel, the
+    # last-bit differences of the two gradients (the kernels differ: on CUDA the in-place one is
+    # register-resident) are relative to the terms, so the absolute tolerance follows their size.
+    for name, got, want in (("h.grad", gh1, gh0), ("W.grad", gW1, gW0)):
+        atol = tol["atol"] * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=atol,
+                                   msg=lambda m, name=name: f"{tag}: {name} {m}")
 
     # and both against the float64 reference computed from the logits' actual values
     ref_l, ref_g = ref_logits_grad(before1, t, w, upstream, **opts)

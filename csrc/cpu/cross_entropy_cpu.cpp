@@ -288,6 +288,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
   return {grad_input, grad_target};
 }
 
+// grad *= scale in place, nothing when scale is 1: reading a CPU scalar
+// costs no synchronisation.
+void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_gradient(grad, scale);
+  if (scale.item<double>() != 1.0) grad.mul_(scale.reshape({}));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
@@ -295,6 +302,7 @@ TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_forward_with_grad", &forward_with_grad_cpu);
   m.impl("cross_entropy_forward_with_grad_inplace", &forward_with_grad_inplace_cpu);
   m.impl("cross_entropy_backward", &backward_cpu);
+  m.impl("scale_gradient_", &scale_gradient_cpu);
 }
 
 }  // namespace fused_ce

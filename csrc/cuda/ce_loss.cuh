@@ -57,8 +57,8 @@ struct RowGradient {
   int64_t target = -1;
   // e u_c is part of the gradient; otherwise u_c (a weight read) is skipped.
   bool has_mass = false;
-  // Every element is exactly 0 (an ignored row without an lse gradient):
-  // the kernels write zeros without reading the logits.
+  // Every element is exactly 0 (an ignored row without an lse gradient and
+  // with a finite lse): the kernels write zeros without reading the logits.
   bool zero = false;
 
   // dL/dx_c from the capped logit l of class c; mass() returns u_c.
@@ -163,13 +163,16 @@ struct LossMath {
   // Class targets, upstream gradients g (of the loss) and g_lse (of lse):
   //   a = g ((1 - eps) w_t + eps W / C + 2 z w_t lse) + g_lse,
   //   b = g (1 - eps) w_t,  e = g eps / C.
-  // An ignored row (target < 0) has g = 0: only g_lse p_c remains.
+  // An ignored row (target < 0) has g = 0: only g_lse p_c remains.  Like
+  // PyTorch's 0 * p_c, that is NaN wherever p_c is, which needs a non-finite
+  // lse (a NaN in the row, or +inf and -inf logits); only rows with a finite
+  // lse are zero-filled without reading them.
   __device__ __forceinline__ RowGradient<Acc> class_gradient(Acc g, Acc g_lse, int64_t target, Acc w_target,
                                                             Acc weight_sum, Acc lse) const {
     RowGradient<Acc> r;
     if (target < 0) {
       r.a = g_lse;
-      r.zero = g_lse == Acc(0);
+      r.zero = g_lse == Acc(0) && isfinite(lse);
       return r;
     }
     Acc coef = one_minus_eps * w_target;

@@ -123,5 +123,11 @@ cudaError_t launch_cross_entropy_forward_with_grad(const CrossEntropyForwardPara
 template <typename T>
 cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream);
 
+// grad[0, numel) *= *scale in place (a dense gradient from forward_with_grad
+// and the upstream gradient in the accumulation type); the kernel returns at
+// once, on the device, when *scale == 1.  See ce_scale_gradient.cuh.
+template <typename T>
+cudaError_t launch_scale_gradient(T* grad, int64_t numel, const acc_t<T>* scale, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fused_ce

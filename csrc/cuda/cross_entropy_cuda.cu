@@ -8,9 +8,13 @@
 //
 // Output conventions (operator spec): loss and lse are (N, D) in the
 // accumulation dtype (float64 for float64 input, else float32), total_weight
-// is 0-d in that dtype, gradients are contiguous (N, C, D) in the input dtype,
-// and a gradient that is not requested is an empty (0,) tensor.  The in-place
-// forward_with_grad writes the gradient over its (contiguous) input instead.
+// is 0-d in that dtype, gradients are laid out like torch.empty_like of the
+// tensor they belong to (the input, or a probability target), and a gradient
+// that is not requested is an empty (0,) tensor of that tensor's dtype.  The
+// kernels write contiguous (N, C, D) gradients: for any other layout (class
+// axis last, transposed) the binding copies them once into the result.  The
+// in-place forward_with_grad writes the gradient over its (contiguous) input
+// instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -157,6 +161,21 @@ at::Tensor per_element(const char* op, const char* name, const at::Tensor& t, co
 // Where forward_impl puts the gradient.
 enum class GradOutput { kNone, kNewTensor, kInPlace };
 
+// A gradient shaped and laid out like `like` (the operator's result), and the
+// contiguous (N, C, D) tensor the kernels write: the result itself in the
+// usual case, else a scratch tensor that finish() copies into the result.
+struct GradientOutput {
+  at::Tensor result;
+  at::Tensor kernel_out;
+
+  explicit GradientOutput(const at::Tensor& like) : result(at::empty_like(like)) {
+    kernel_out = result.is_contiguous() ? result : at::empty(like.sizes(), like.options());
+  }
+  void finish() {
+    if (!kernel_out.is_same(result)) result.copy_(kernel_out);
+  }
+};
+
 void check_reduction(const char* op, int64_t reduction) {
   TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum, op,
               ": reduction must be 1 (mean) or 2 (sum), got ", reduction);
@@ -183,8 +202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor loss = at::empty({in.N, in.D}, acc_options);
   at::Tensor lse = at::empty({in.N, in.D}, acc_options);
   at::Tensor total_weight = at::empty({}, acc_options);
+  std::optional<GradientOutput> new_grad;
+  if (grad_output == GradOutput::kNewTensor) new_grad.emplace(input);
+  // What the kernel writes the gradient into.
   at::Tensor grad_input;
-  if (grad_output == GradOutput::kNewTensor) grad_input = at::empty({in.N, in.C, in.D}, input.options());
+  if (grad_output == GradOutput::kNewTensor) grad_input = new_grad->kernel_out;
   if (grad_output == GradOutput::kInPlace) grad_input = input;
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, acc_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -207,6 +229,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       C10_CUDA_CHECK(ce::launch_cross_entropy_forward(p, stream));
     }
   });
+  if (new_grad) {
+    new_grad->finish();
+    grad_input = new_grad->result;
+  }
   return {loss, lse, total_weight, grad_input};
 }
 
@@ -254,11 +280,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
       has_grad_lse ? per_element(op, "grad_lse", *grad_lse, input, in) : at::Tensor();
   c10::cuda::CUDAGuard device_guard(input.device());
 
-  at::Tensor grad_input =
-      input_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
-  at::Tensor grad_target =
-      target_grad ? at::empty({in.N, in.C, in.D}, input.options()) : at::empty({0}, input.options());
-  if (!input_grad && !target_grad) return {grad_input, grad_target};
+  if (!input_grad && !target_grad) return {at::empty({0}, input.options()), at::empty({0}, target.options())};
+  std::optional<GradientOutput> grad_input, grad_target;
+  if (input_grad) grad_input.emplace(input);
+  if (target_grad) grad_target.emplace(target);
   at::Tensor workspace =
       at::empty({ce::kWorkspaceElems}, input.options().dtype(acc_dtype(input.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -279,12 +304,39 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
     p.lse = lse_acc.const_data_ptr<Acc>();
     p.lse_stride_n = lse_acc.stride(0);
     p.lse_stride_d = lse_acc.stride(1);
-    p.grad_input = input_grad ? kernel_mutable_ptr<scalar_t>(grad_input) : nullptr;
-    p.grad_target = target_grad ? kernel_mutable_ptr<scalar_t>(grad_target) : nullptr;
+    p.grad_input = input_grad ? kernel_mutable_ptr<scalar_t>(grad_input->kernel_out) : nullptr;
+    p.grad_target = target_grad ? kernel_mutable_ptr<scalar_t>(grad_target->kernel_out) : nullptr;
     p.workspace = workspace.mutable_data_ptr<Acc>();
     C10_CUDA_CHECK(ce::launch_cross_entropy_backward(p, stream));
   });
-  return {grad_input, grad_target};
+  at::Tensor grad_input_result = at::empty({0}, input.options());
+  at::Tensor grad_target_result = at::empty({0}, target.options());
+  if (grad_input) {
+    grad_input->finish();
+    grad_input_result = grad_input->result;
+  }
+  if (grad_target) {
+    grad_target->finish();
+    grad_target_result = grad_target->result;
+  }
+  return {grad_input_result, grad_target_result};
+}
+
+// grad *= scale in place, skipped on the device when scale is exactly 1 (see
+// ce_scale_gradient.cuh): the backward of a gradient computed in the forward.
+void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  fused_ce::check_scale_gradient(grad, scale);
+  if (grad.numel() == 0) return;
+  c10::cuda::CUDAGuard device_guard(grad.device());
+  const at::Tensor scale_acc = scale.to(acc_dtype(grad.scalar_type())).reshape({});
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_ce_scale_gradient_cuda", [&] {
+    using Acc = ce::acc_t<typename KernelType<scalar_t>::type>;
+    // Dense and non-overlapping: numel elements from the lowest address,
+    // whatever the strides.
+    C10_CUDA_CHECK(ce::launch_scale_gradient(kernel_mutable_ptr<scalar_t>(grad), grad.numel(),
+                                             scale_acc.const_data_ptr<Acc>(), stream));
+  });
 }
 
 }  // namespace
@@ -294,4 +346,5 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_forward_with_grad", &cross_entropy_forward_with_grad_cuda);
   m.impl("cross_entropy_forward_with_grad_inplace", &cross_entropy_forward_with_grad_inplace_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+  m.impl("scale_gradient_", &scale_gradient_cuda);
 }

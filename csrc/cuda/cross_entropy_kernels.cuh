@@ -5,6 +5,7 @@
 //   ce_stream_kernels.cuh    general streaming row kernels (forward, backward)
 //   ce_resident_kernel.cuh   register-resident forward_with_grad
 //   ce_total_weight.cuh      total_weight / scale / sum of weights
+//   ce_scale_gradient.cuh    the backward of a gradient computed in the forward
 // and the loss formulas they share in ce_loss.cuh.
 //
 // Choice of kernel (rows are the N * D (n, d) elements, each with C logits):
@@ -40,6 +41,7 @@
 #include "ce_memory.cuh"
 #include "ce_params.cuh"
 #include "ce_resident_kernel.cuh"
+#include "ce_scale_gradient.cuh"
 #include "ce_stream_kernels.cuh"
 #include "ce_total_weight.cuh"
 
@@ -359,7 +361,7 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
   return detail::run_backward(p, stream);
 }
 
-// Explicit instantiation of the three launchers for one storage type.  Each
+// Explicit instantiation of the launchers for one storage type.  Each
 // launchers_<dtype>.cu does this for its type, so the kernels of the four
 // types compile in parallel, torch-free, and the binding only needs the
 // declarations in ce_params.cuh.
@@ -369,7 +371,8 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
   template cudaError_t launch_cross_entropy_forward_with_grad<T>(const CrossEntropyForwardParams<T>&, \
                                                                  cudaStream_t);                  \
   template cudaError_t launch_cross_entropy_backward<T>(const CrossEntropyBackwardParams<T>&,     \
-                                                        cudaStream_t);
+                                                        cudaStream_t);                           \
+  template cudaError_t launch_scale_gradient<T>(T*, int64_t, const acc_t<T>*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_ce

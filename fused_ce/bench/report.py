@@ -162,8 +162,8 @@ def summary(results: Sequence[Result]) -> str:
             problems.append(f"  FAILED {r.impl} on {r.workload.name} ({r.mode}): {r.status[8:]}")
     lines.extend(problems or ["  parity: every timed implementation matches eager within tolerance"])
     if any(r.mode == BACKWARD and r.ok for r in results):
-        lines.append("  note: 'backward' alone is not comparable across implementations (fused_ce on the CPU "
-                     "computes the gradient inside the forward); compare fwd+bwd.")
+        lines.append("  note: 'backward' alone is not comparable across implementations (fused_ce computes "
+                     "the gradient of a reduced loss inside the forward); compare fwd+bwd.")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 * ``forward``: the loss of logits that do not require grad (evaluation).
 * ``backward``: ``loss.backward()`` alone; the forward runs untimed in prep.
   Implementations split work differently between the two passes (fused_ce
-  on the CPU computes the gradient inside the forward), so compare
+  computes the gradient of a reduced loss inside the forward), so compare
   ``fwd+bwd`` across implementations.
 * ``fwd+bwd``: the headline, a training step's loss: a fresh autograd graph
   per repetition, ``loss = fn(x, t); loss.backward()``.
