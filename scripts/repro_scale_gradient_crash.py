@@ -1,0 +1,30 @@
+"""Open bug (2026-11-26, H100): a direct call of torch.ops.fused_ce.scale_gradient_ on CUDA with
+bad arguments (the two-element scale of tests/test_scale_gradient.py::test_rejects_bad_arguments)
+crashed its process with a segmentation fault instead of raising RuntimeError. Each case below is
+one call; run it from a given index on so that a crash does not hide the later ones:
+
+    for i in 0 1 2 3 4; do python3 scripts/repro_scale_gradient_crash.py $i; done
+"""
+import faulthandler
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+faulthandler.enable()
+import torch  # noqa: E402
+
+import fused_ce  # noqa: E402,F401
+ops = torch.ops.fused_ce
+cases = [
+    ("cuda grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor(2.0, device="cuda"))),
+    ("cuda grad, two-element scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor([2.0, 3.0], device="cuda"))),
+    ("cuda grad, cpu scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor(2.0))),
+    ("cpu grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8), torch.tensor(2.0, device="cuda"))),
+    ("fwd op, cuda input, cpu weight", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.ones(5), -100, 0.0, 0.0, 0.0)),
+]
+for name, fn in cases[int(sys.argv[1]):]:
+    print("calling:", name, flush=True)
+    try:
+        fn(); torch.cuda.synchronize(); print("  no error", flush=True)
+    except Exception as e:
+        print("  raised", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
