@@ -62,9 +62,11 @@ _HALF = (torch.float16, torch.bfloat16)
 _CHUNK_FRACTION = 16  # a chunk holds 1/16 of the logits ...
 _CHUNK_MIN_BYTES = 32 << 20  # ... but its buffers at least 32 MiB (or all N rows) ...
 _CHUNK_MAX_BYTES = 64 << 20  # ... and at most 64 MiB
+_CUDA_MIN_CHUNK_ROWS = 4096  # on a GPU, at least 4096 rows (or all N): see default_chunk_size()
 
 
-def default_chunk_size(num_rows: int, num_classes: int, bytes_per_logit: int = 4) -> int:
+def default_chunk_size(num_rows: int, num_classes: int, bytes_per_logit: int = 4,
+                       device_type: str = "cpu") -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
     ``N / 16`` rows, clamped so that the chunk's buffers (``bytes_per_logit``
@@ -84,14 +86,28 @@ def default_chunk_size(num_rows: int, num_classes: int, bytes_per_logit: int = 4
       512-row one). The floor only matters for logits under 512 MiB, where
       memory is not the concern; below 32 MiB of logits there is one chunk.
 
+    * On CUDA, at least 4096 rows (or all N). Each chunk reads the ``V x H``
+      weight once per GEMM (three times) and reads and writes the float32
+      ``V x H`` gradient accumulator: about 14 bytes per weight element per
+      chunk, against 6 c flops per weight element of GEMM work for c rows.
+      At an H100's ~700 TFLOP/s (bf16) and ~3 TB/s that traffic costs about
+      540 / c of the arithmetic: 256-row chunks (the CPU rule for a 128k
+      vocabulary in bfloat16) made the Llama-3 head 3.5x slower than eager
+      (``benchmarks/results/gpu-2026-11-26-h100``); 4096 rows keep it near
+      an eighth, for a chunk buffer of up to half the logits of an 8192-row
+      batch, still far from eager's three logit-sized tensors.
+
     Examples (float32): N=8192, V=32000 -> 512 rows (62.5 MiB, 1/16 of the
-    logits); N=2048, V=32000 -> 256 rows; N=8192, V=128256 -> 128 rows.
+    logits); N=2048, V=32000 -> 256 rows; N=8192, V=128256 -> 128 rows; on
+    CUDA, N=8192 -> 4096 rows whatever V.
     """
     if num_rows <= 0:
         return 1
     row_bytes = max(1, num_classes * bytes_per_logit)
     rows = -(-num_rows // _CHUNK_FRACTION)
     rows = min(max(rows, _CHUNK_MIN_BYTES // row_bytes), _CHUNK_MAX_BYTES // row_bytes)
+    if device_type == "cuda":
+        rows = max(rows, _CUDA_MIN_CHUNK_ROWS)
     if rows > 8:
         rows -= rows % 8
     return max(1, min(num_rows, rows))
@@ -487,7 +503,7 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
         weight = weight.contiguous()
     if chunk_size is None:
         staged = dtype in _HALF and device.type == "cpu"
-        chunk_size = default_chunk_size(n, v, dtype.itemsize + (4 if staged else 0))
+        chunk_size = default_chunk_size(n, v, dtype.itemsize + (4 if staged else 0), device.type)
     red = _REDUCTIONS[reduction]
 
     if grad_mode and any(t_.requires_grad for t_ in tensors):

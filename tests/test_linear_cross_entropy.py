@@ -370,6 +370,10 @@ def test_default_chunk_size():
     assert default_chunk_size(200, 32000, 4) == 200  # under 32 MiB of logits: one chunk
     assert default_chunk_size(0, 10, 4) == 1
     assert default_chunk_size(1024, 10**8, 4) == 1
+    # CUDA: at least 4096 rows (the weight's traffic per chunk), at most N
+    assert default_chunk_size(8192, 128256, 2, "cuda") == 4096
+    assert default_chunk_size(65536, 32000, 4, "cuda") == 4096
+    assert default_chunk_size(1000, 32000, 4, "cuda") == 1000
 
 
 # --------------------------------------------------------------------------- gradcheck
