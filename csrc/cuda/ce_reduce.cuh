@@ -150,6 +150,21 @@ __device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op o
   }
 }
 
+// True on every thread of the group's warp (TPR <= 32: the warp's collectives
+// use the full mask, so all its slices must agree) or block (TPR == BLOCK)
+// when `v` is true on any of them; a single thread's own value for TPR == 1.
+// Makes a per-row decision to run a collective uniform.
+template <int TPR, int BLOCK>
+__device__ __forceinline__ bool group_any(bool v) {
+  if constexpr (TPR == 1) {
+    return v;
+  } else if constexpr (TPR <= kWarpSize) {
+    return __any_sync(0xffffffffu, v) != 0;
+  } else {
+    return __syncthreads_or(v) != 0;
+  }
+}
+
 // Convenience wrappers for a single value.
 template <int TPR, int BLOCK, typename Acc>
 __device__ __forceinline__ Acc group_max(Acc v) {

@@ -251,8 +251,52 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
   }
 }
 
+// The magnitude of lse from which the backward recomputes a row's max and
+// sum instead of trusting p_c = exp(y_c - lse): lse is rounded at its own
+// magnitude, an error that p_c inherits relative to itself (2^-17 below 128
+// in float32, 2^-37 below 2^16 in float64), and that can swallow log(sum)
+// whole (tied maxima near 1e30 would get p = 1 instead of 1/2).
+template <typename Acc>
+__device__ __forceinline__ Acc exact_lse_bound() {
+  return sizeof(Acc) == 8 ? Acc(65536) : Acc(128);
+}
+
+// max and log(sum of exp) of one row's (capped) logits over the group, as the
+// forward computes them; every thread of the group gets them.
+template <CachePolicy P, int U, int TPR, int BLOCK, int VEC, typename T, typename Math>
+__device__ __forceinline__ RowStats<acc_t<T>> group_row_stats(const T* x, int64_t stride_c,
+                                                               const RowSplit<VEC>& rs, int lane,
+                                                               const Math& math) {
+  using Acc = acc_t<T>;
+  constexpr int kStep = U * TPR;
+  const T neg_inf = storage_neg_inf<T>();
+  Fields<Acc, 2> st{{acc_neg_inf<Acc>(), Acc(0)}};
+  if constexpr (VEC > 1) {
+    T xe[kEdges];
+    load_edges<P>(x, rs, lane, neg_inf, xe);
+    Acc ye[kEdges];
+    math.edge_logits(rs, lane, xe, ye);
+    online_lse_add<kEdges>(st.v[0], st.v[1], ye);
+  }
+  for (int first = lane; first < rs.body_slots; first += kStep) {
+    T xv[U][VEC];
+    load_step<P, U, TPR>(x, stride_c, rs, first, neg_inf, xv);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool real = first + u * TPR < rs.body_slots;
+      Acc yv[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) yv[j] = math.logit_or_padding(to_acc(xv[u][j]), real);
+      online_lse_add<VEC>(st.v[0], st.v[1], yv);
+    }
+  }
+  st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
+  return RowStats<Acc>{st.v[0], acc_log(st.v[1])};
+}
+
 // Backward: grad_input and/or grad_target from grad_loss, grad_lse and the
-// saved lse (p_c = exp(y_c - lse)).
+// saved lse (p_c = exp(y_c - lse); rows with |lse| >= exact_lse_bound()
+// recompute their max and sum first, an extra read of those rows only).
 template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP>
 __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     ce_backward_stream_kernel(const CrossEntropyBackwardParams<T> p, const LossMath<acc_t<T>, CAP> math) {
@@ -291,7 +335,15 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       if (p.grad_lse != nullptr) g_lse = p.grad_lse[rc.n * p.grad_lse_stride_n + rc.d * p.grad_lse_stride_d];
       lse = p.lse[rc.n * p.lse_stride_n + rc.d * p.lse_stride_d];
     }
-    const RowStats<Acc> stats{lse, Acc(0)};
+    RowStats<Acc> stats{lse, Acc(0)};
+    // Finite only: an infinite or NaN lse already gives PyTorch's infinities
+    // and NaNs through exp(y - lse).
+    const bool recompute = active && isfinite(lse) && fabs(lse) >= exact_lse_bound<Acc>();
+    if (group_any<TPR, BLOCK>(recompute)) {
+      const RowStats<Acc> exact =
+          group_row_stats<CachePolicy::kKeep, U, TPR, BLOCK>(x, p.input_stride_c, rs, lane, math);
+      if (recompute) stats = exact;
+    }
 
     if constexpr (PROB) {
       const T* t = p.target_prob + rc.n * p.prob_stride_n + rc.d * p.prob_stride_d;
