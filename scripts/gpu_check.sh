@@ -50,11 +50,16 @@ fi
 
 if want tests; then
   stage "tests (CUDA cases)" | tee -a "$LOG"
-  # -k cuda keeps the CUDA parametrisations and the CUDA-only tests.
-  FUSED_CE_TEST_LARGE=1 timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest tests -q -p no:cacheprovider \
-      -k cuda -n "${TEST_WORKERS:-8}" --timeout 120 -rfE ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  # -k cuda keeps the CUDA parametrisations and the CUDA-only tests.  -v
+  # logs every result as it comes, and the time limit sends SIGINT, on which
+  # pytest still prints its summary: a run cut short keeps its failures' names.
+  FUSED_CE_TEST_LARGE=1 timeout -s INT -k 20 "${TESTS_TIMEOUT:-240}" "$PY" -m pytest tests -v \
+      -p no:cacheprovider -k cuda -n "${TEST_WORKERS:-8}" --timeout 120 -rfE ${TEST_ARGS:-} \
+      >"$OUT/tests.log" 2>&1
   echo "pytest exit status $?" | tee -a "$LOG"
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-300 | head -n 80 | tee -a "$LOG"
+  grep -cE " PASSED " "$OUT/tests.log" | sed 's/^/passed: /' | tee -a "$LOG"
+  grep -E " (FAILED|ERROR) |^(FAILED|ERROR) |node down|crashed|[0-9]+ (passed|failed)" "$OUT/tests.log" \
+      | cut -c1-300 | sort -u | head -n 80 | tee -a "$LOG"
 fi
 
 if want bench; then

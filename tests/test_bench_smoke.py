@@ -84,3 +84,21 @@ def test_copy_runs_alongside_only_where_the_copy_itself_runs():
         has_copy = r.workload.name == "logits"  # an LM-head workload has no logits to copy
         assert bool(r.timing["alongside"]) == has_copy
         assert (r.ratio_to_copy is not None) == has_copy
+
+
+def test_parity_without_a_finite_reference():
+    # eager's own loss NaN (float16 means over millions of pixels): no verdict, not a mismatch
+    import torch
+
+    from fused_ce.bench import parity
+
+    grad = torch.randn(4, 3)
+    fused = parity.Outputs(torch.tensor(2.5), grad)
+    eager_nan = parity.Outputs(torch.tensor(float("nan")), grad)
+    eager_off = parity.Outputs(torch.tensor(2.0), grad)
+    p = parity.compare(fused, eager_nan, torch.float16)
+    assert not p.reference_finite and "not finite" in p.short()
+    q = parity.compare(fused, eager_off, torch.float16)
+    assert q.reference_finite and not q.ok and q.short().startswith("MISMATCH")
+    r = parity.compare(parity.Outputs(torch.tensor(float("nan")), grad), eager_nan, torch.float16)
+    assert r.reference_finite and r.ok  # both NaN: the same result

@@ -32,14 +32,19 @@ class Parity:
     grad_diff: float
     ok: bool
     error: Optional[str] = None
+    # False when eager's own loss is NaN or infinite where this implementation's
+    # is finite: then there is no reference to compare with, and no verdict.
+    reference_finite: bool = True
 
     def as_dict(self) -> dict:
         return {"loss_max_abs_diff": self.loss_diff, "grad_max_abs_diff": self.grad_diff,
-                "ok": self.ok, "error": self.error}
+                "ok": self.ok, "error": self.error, "reference_finite": self.reference_finite}
 
     def short(self) -> str:
         if self.error:
             return f"ERROR {self.error}"
+        if not self.reference_finite:
+            return "n/a: eager's loss is not finite"
         verdict = "ok" if self.ok else "MISMATCH"
         return f"{verdict} {self.loss_diff:.1e}/{self.grad_diff:.1e}"
 
@@ -80,10 +85,18 @@ def _scale(t: torch.Tensor) -> float:
     return max(1e-30, float(worst))
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(c).all()) for c in _chunks(t))
+
+
 def compare(candidate: Outputs, reference: Outputs, dtype: torch.dtype) -> Parity:
     loss_diff = _max_abs(candidate.loss, reference.loss)
     grad_diff = _max_abs(candidate.grad, reference.grad)
     tol = TOLERANCE.get(dtype, 1e-4)
     ok = (loss_diff <= tol * max(1.0, _scale(reference.loss))
           and grad_diff <= tol * _scale(reference.grad))
-    return Parity(loss_diff, grad_diff, ok)
+    # The workloads' logits are finite, so a finite loss is expected; eager's
+    # float16 mean over 2M pixels was NaN on an H100 where fused_ce and
+    # torch.compile were finite (benchmarks/results/gpu-2026-11-26-h100).
+    reference_finite = _all_finite(reference.loss) or not _all_finite(candidate.loss)
+    return Parity(loss_diff, grad_diff, ok, reference_finite=reference_finite)
