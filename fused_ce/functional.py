@@ -44,6 +44,7 @@ def cross_entropy(
     softcap: Optional[float] = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    validate: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Drop-in replacement for :func:`torch.nn.functional.cross_entropy`.
 
@@ -71,6 +72,14 @@ def cross_entropy(
       another part of the graph saved them. Needs a reduced loss, no
       ``return_lse`` and no target gradient; does nothing when the logits
       do not require grad.
+    * ``validate``: check class-index targets on the host before the kernel
+      runs, raising PyTorch's ``IndexError`` ("Target 12 is out of bounds.")
+      for one that is neither ``ignore_index`` nor in ``[0, C)``. The CPU
+      operators always check (this adds nothing there); on CUDA an
+      out-of-range target otherwise triggers a
+      device-side assertion, as in PyTorch, after which the CUDA context is
+      unusable. The check synchronises with the device, so it is off by
+      default (and it cannot be captured in a CUDA graph).
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -135,6 +144,8 @@ def cross_entropy(
         _check_class_target_shape(input, target, unbatched)
         if target.dtype != torch.int64:
             target = target.long()
+        if validate:
+            _check_targets_in_range(target, num_classes, ignore_index)
 
     if unbatched:
         # A batch of one; CrossEntropyFunction takes the (N, C, D) view itself.
@@ -191,6 +202,15 @@ def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool
             raise ValueError("cross_entropy(): inplace_backward=True cannot be combined with "
                              "return_lse=True (the gradient would have to wait for the lse's)")
     return z_loss, softcap
+
+
+def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """validate=True: PyTorch's CPU error for the first class target that is neither
+    ignore_index nor in [0, C), checked where the targets live (one synchronisation)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise IndexError(f"Target {value} is out of bounds.")
 
 
 def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,

@@ -16,8 +16,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ``isinstance(loss, torch.nn.CrossEntropyLoss)`` still holds; only the
     computation is replaced by the fused kernel.
 
-    The keyword-only options ``z_loss``, ``softcap``, ``return_lse`` and
-    ``inplace_backward`` are those of :func:`fused_ce.cross_entropy`; they
+    The keyword-only options ``z_loss``, ``softcap``, ``return_lse``,
+    ``inplace_backward`` and ``validate`` are those of
+    :func:`fused_ce.cross_entropy`; they
     are plain attributes (not part of the ``state_dict``).
     """
 
@@ -25,20 +26,23 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, return_lse: bool = False,
-                 inplace_backward: bool = False) -> None:
+                 inplace_backward: bool = False, validate: bool = False) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
+        self.validate = validate
 
     def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              z_loss=self.z_loss, softcap=self.softcap,
-                             return_lse=self.return_lse, inplace_backward=self.inplace_backward)
+                             return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+                             validate=self.validate)
 
     def extra_repr(self) -> str:
-        options = {"z_loss": 0.0, "softcap": None, "return_lse": False, "inplace_backward": False}
+        options = {"z_loss": 0.0, "softcap": None, "return_lse": False, "inplace_backward": False,
+                   "validate": False}
         return ", ".join(f"{name}={getattr(self, name)!r}" for name, default in options.items()
                          if getattr(self, name) != default)

@@ -5,7 +5,10 @@ torch, not hard-coded) and then fused_ce.cross_entropy; after every error the li
 produce correct results.
 """
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -396,3 +399,71 @@ def test_unbatched_input_with_one_element_target(device):
         ref = F.cross_entropy(x.double().cpu(), t.cpu(), reduction=reduction)
         out = fused_ce.cross_entropy(x, t, reduction=reduction)
         assert_close_ref(out, ref, torch.float32, what=f"(C,) input with (1,) target, {reduction}")
+
+
+# --------------------------------------------------------------------------
+# validate=True: the host-side target check (opt-in; it synchronises on CUDA).
+
+
+@pytest.mark.parametrize("bad", ["C", "C+2", -1, -101])
+@pytest.mark.parametrize("kind", ["2d", "kdim", "unbatched", "module"])
+def test_validate_reports_out_of_range_targets(device, kind, bad):
+    # PyTorch's CPU error on every device, before any kernel runs (CUDA would assert instead)
+    C = 5
+    value = {"C": C, "C+2": C + 2}.get(bad, bad)
+    if kind == "unbatched":
+        x, t = make_logits((C,), device=device), torch.tensor(value, device=device)
+    else:
+        shape, tshape = ((4, C, 3), (4, 3)) if kind == "kdim" else ((4, C), (4,))
+        x, t = make_logits(shape, device=device), make_class_target(tshape, C, device, ignore_index=-100)
+        t.view(-1)[1] = value
+    loss = fused_ce.CrossEntropyLoss(validate=True) if kind == "module" else None
+    with pytest.raises(IndexError, match=rf"Target {value} is out of bounds"):
+        if loss is not None:
+            loss(x, t)
+        else:
+            fused_ce.cross_entropy(x, t, validate=True)
+    _still_works(device)
+
+
+def test_validate_accepts_valid_targets(device):
+    # ignore_index anywhere (inside [0, C) too) and every class: the usual results
+    x = make_logits((40, 6), torch.float64, device)
+    for ignore_index in (-100, 3):
+        t = make_class_target((40,), 6, device, ignore_index=ignore_index)
+        out = fused_ce.cross_entropy(x, t, ignore_index=ignore_index, validate=True, reduction="none")
+        ref = F.cross_entropy(x.cpu(), t.cpu(), ignore_index=ignore_index, reduction="none")
+        assert_close_ref(out, ref, torch.float64, what=f"validate=True, ignore_index={ignore_index}", floor=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
+def test_cuda_out_of_range_target_asserts_on_the_device():
+    # Without validate, an out-of-range target on CUDA is a device-side assertion (as in PyTorch):
+    # the process gets an error, not a crash or a silent result. Run apart: it ruins the CUDA context.
+    code = (
+        "import torch, fused_ce\n"
+        "x = torch.randn(64, 7, device='cuda')\n"
+        "t = torch.zeros(64, dtype=torch.long, device='cuda'); t[5] = 9\n"
+        "try:\n"
+        "    fused_ce.cross_entropy(x, t).item()\n"
+        "    print('NO ERROR')\n"
+        "except Exception as e:\n"
+        "    print('ERROR', type(e).__name__, str(e).splitlines()[0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERROR" in proc.stdout and "assert" in proc.stdout.lower(), proc.stdout + proc.stderr[-2000:]
+
+
+def test_validate_check_itself(device):
+    # the host-side check that validate=True adds (on the CPU the operator would catch these too)
+    from fused_ce.functional import _check_targets_in_range
+
+    t = torch.tensor([[0, 4, -100], [3, 2, 1]], device=device)
+    _check_targets_in_range(t, 5, -100)  # all valid
+    for value, ignore_index in ((5, -100), (-1, -100), (-100, 2)):
+        bad = t.clone()
+        bad[1, 1] = value
+        with pytest.raises(IndexError, match=rf"^Target {value} is out of bounds\.$"):
+            _check_targets_in_range(bad, 5, ignore_index)
