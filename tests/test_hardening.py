@@ -13,7 +13,8 @@
   four dtypes, weights, ignore_index, label smoothing, reductions, soft targets, non-contiguous
   layouts and special values (NaN, +-inf, 1e30).  scripts/sanitize.sh runs it under ASan/UBSan.
 
-All of it is CPU only (the thread/RSS properties are about the C++ CPU kernels).
+All of it is CPU only (the thread/RSS properties are about the C++ CPU kernels), except the
+bitwise determinism of repeated calls, which is also checked on CUDA.
 """
 
 from __future__ import annotations
@@ -106,6 +107,34 @@ def test_deterministic_repeated_and_thread_count(case, dtype, reduction):
     assert _bits_equal(results[1][0], results[2][0]), f"{case}/{dtype}: loss differs, 1 vs 2 threads"
     assert _bits_equal(results[1][1], results[2][1]), f"{case}/{dtype}: gradient differs, 1 vs 2 threads"
     assert _bits_equal(results[2][1], ref_grad)
+
+
+CUDA_DET_CASES = {
+    "tiny_rows": ((4096, 10), (4096,)),  # one thread per row
+    "warp_rows": ((1024, 1000), (1024,)),  # a warp per row
+    "resident_rows": ((64, 32000), (64,)),  # register-resident forward_with_grad, block reductions
+    "streamed_rows": ((16, 70000), (16,)),  # longer than the register-resident limit
+    "class_strided": ((8, 21, 32, 32), (8, 32, 32)),  # (N, C, H, W)
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CUDA_DET_CASES))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_deterministic_repeated(case, dtype, reduction):
+    # no atomics in the CUDA kernels: fixed reduction orders give the same bits every call
+    xshape, tshape = CUDA_DET_CASES[case]
+    C = xshape[1]
+    x = make_logits(xshape, dtype, "cuda")
+    t = make_class_target(tshape, C, "cuda", ignore_index=-100, ignore_frac=0.1)
+    kw = dict(weight=make_weight(C, dtype, "cuda"), label_smoothing=0.1, reduction=reduction)
+    ref_loss, ref_grad = _fwd_bwd(x, t, **kw)
+    assert torch.isfinite(ref_grad).all()
+    for i in range(3):
+        loss, grad = _fwd_bwd(x, t, **kw)
+        assert _bits_equal(loss, ref_loss), f"{case}/{dtype}: loss differs on repeat {i}"
+        assert _bits_equal(grad, ref_grad), f"{case}/{dtype}: gradient differs on repeat {i}"
 
 
 def test_num_threads_restored():
