@@ -14,7 +14,8 @@
   layouts and special values (NaN, +-inf, 1e30).  scripts/sanitize.sh runs it under ASan/UBSan.
 
 All of it is CPU only (the thread/RSS properties are about the C++ CPU kernels), except the
-bitwise determinism of repeated calls, which is also checked on CUDA.
+bitwise determinism of repeated calls and the absence of leaks (allocator bytes), which are
+also checked on CUDA.
 """
 
 from __future__ import annotations
@@ -235,6 +236,37 @@ def _leak_check(steps, warmup=300, slack_mb=20.0):
 
 def test_no_leak_rss():
     _leak_check(steps=5000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
+def test_no_leak_cuda_memory():
+    # 10 000 CUDA steps over every strategy (gradient from the forward and its retain_graph
+    # recomputation, the lse backward, in place): the allocator ends where it started
+    x = make_logits((64, 1000), torch.float32, "cuda")
+    t = make_class_target((64,), 1000, "cuda", ignore_index=-100)
+    xs = make_logits((16, 10, 8), torch.float32, "cuda")
+    ts = make_class_target((16, 8), 10, "cuda", ignore_index=-100)
+
+    def step(i):
+        xl = x.detach().requires_grad_()
+        loss = fused_ce.cross_entropy(xl, t, label_smoothing=0.1)
+        loss.backward(retain_graph=i % 16 == 0)
+        if i % 16 == 0:
+            loss.backward()
+        if i % 4 == 0:
+            xl2 = xs.detach().requires_grad_()
+            fused_ce.cross_entropy(xl2, ts, reduction="none").sum().backward()
+        if i % 8 == 0:
+            fused_ce.cross_entropy(x.detach().clone().requires_grad_() * 1, t, inplace_backward=True).backward()
+
+    for i in range(100):
+        step(i)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(10000):
+        step(i)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
 
 
 @pytest.mark.slow
