@@ -53,6 +53,17 @@ def _bits_equal(a, b):
     return torch.equal(a.contiguous().view(ia), b.contiguous().view(ia))
 
 
+def _assert_repeatable(x, t, kw, label, repeats=3):
+    """Forward + backward `repeats` more times: the same bits each time. Returns the first result."""
+    ref_loss, ref_grad = _fwd_bwd(x, t, **kw)
+    assert torch.isfinite(ref_grad).all()
+    for i in range(repeats):
+        loss, grad = _fwd_bwd(x, t, **kw)
+        assert _bits_equal(loss, ref_loss), f"{label}: loss differs on repeat {i}"
+        assert _bits_equal(grad, ref_grad), f"{label}: gradient differs on repeat {i}"
+    return ref_loss, ref_grad
+
+
 class _NumThreads:
     def __init__(self, n):
         self.n = n
@@ -95,12 +106,7 @@ def _det_inputs(case, dtype):
 def test_deterministic_repeated_and_thread_count(case, dtype, reduction):
     x, t, w = _det_inputs(case, dtype)
     kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
-    ref_loss, ref_grad = _fwd_bwd(x, t, **kw)
-    assert torch.isfinite(ref_grad).all()
-    for i in range(3):
-        loss, grad = _fwd_bwd(x, t, **kw)
-        assert _bits_equal(loss, ref_loss), f"{case}/{dtype}: loss differs on repeat {i}"
-        assert _bits_equal(grad, ref_grad), f"{case}/{dtype}: gradient differs on repeat {i}"
+    ref_loss, ref_grad = _assert_repeatable(x, t, kw, f"{case}/{dtype}")
     results = {}
     for n in (1, 2):
         with _NumThreads(n):
@@ -130,12 +136,7 @@ def test_cuda_deterministic_repeated(case, dtype, reduction):
     x = make_logits(xshape, dtype, "cuda")
     t = make_class_target(tshape, C, "cuda", ignore_index=-100, ignore_frac=0.1)
     kw = dict(weight=make_weight(C, dtype, "cuda"), label_smoothing=0.1, reduction=reduction)
-    ref_loss, ref_grad = _fwd_bwd(x, t, **kw)
-    assert torch.isfinite(ref_grad).all()
-    for i in range(3):
-        loss, grad = _fwd_bwd(x, t, **kw)
-        assert _bits_equal(loss, ref_loss), f"{case}/{dtype}: loss differs on repeat {i}"
-        assert _bits_equal(grad, ref_grad), f"{case}/{dtype}: gradient differs on repeat {i}"
+    _assert_repeatable(x, t, kw, f"{case}/{dtype}")
 
 
 def test_num_threads_restored():
