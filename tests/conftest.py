@@ -77,6 +77,11 @@ TOLS = {
 
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
+
+def dtype_id(dtype):
+    """A dtype's name for test ids: "float32", "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
 REDUCTIONS = ["none", "mean", "sum"]
 
 

@@ -16,15 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
+from conftest import assert_close_ref, dtype_id, make_class_target, make_logits, make_prob_target, make_weight
 
 import fused_ce  # an ImportError must fail the module, not skip it
 
 INPLACE_ERR = "modified by an inplace operation"
-
-
-def _dname(d):
-    return str(d).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------
@@ -136,7 +132,7 @@ def _check_parity(device, dtype, layout, config, reduction, upstream=1.0, N=16, 
     w = make_weight(C, dtype, device) if cfg.get("weight") else None
     opts = {k: cfg[k] for k in ("ignore_index", "label_smoothing", "z_loss", "softcap") if k in cfg}
     opts["reduction"] = reduction
-    tag = f"{layout} {_dname(dtype)} {config} {reduction} upstream={upstream}"
+    tag = f"{layout} {dtype_id(dtype)} {config} {reduction} upstream={upstream}"
 
     loss0, gh0, gW0, before0, recv0, _ = _run(fn, h, W, t, w, False, upstream, **opts)
     loss1, gh1, gW1, before1, recv1, logits1 = _run(fn, h, W, t, w, True, upstream, **opts)
@@ -236,7 +232,7 @@ def _record_saved(fn):
 
 
 @pytest.mark.parametrize("layout", ["2d", "3d"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_gradient_shares_the_logits_storage(device, dtype, layout):
     for upstream in (1.0, 2.5):
         _check_shared_storage(device, dtype, layout, upstream)
@@ -307,7 +303,7 @@ def test_saved_tensor_measurement_detects_a_logits_sized_save():
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_logits_overwritten_by_gradient(device, dtype, kind):
     for reduction in ("mean", "sum"):
         _check_overwritten(device, dtype, kind, reduction)

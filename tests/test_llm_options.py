@@ -22,19 +22,16 @@ import torch.nn.functional as F
 
 from conftest import (
     assert_close_ref,
-    ref_llm,
-    softcap_ref,
+    dtype_id,
     make_class_target,
     make_logits,
     make_prob_target,
     make_weight,
+    ref_llm,
+    softcap_ref,
 )
 
 import fused_ce  # an ImportError must fail the module, not skip it
-
-
-def _dname(d):
-    return str(d).replace("torch.", "")
 
 
 def _acc(dtype):
@@ -256,7 +253,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF_TOL = {torch.bfloat16: dict(rtol=2e-2, atol_scale=1e-2), torch.float16: dict(rtol=4e-3, atol_scale=2e-3)}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPE_KINDS)
 def test_shapes_layouts_dtypes(device, shape, dtype):
     for k, kind in enumerate(("class", "prob")):
@@ -271,19 +268,19 @@ def test_shapes_layouts_dtypes(device, shape, dtype):
         w = make_weight(C, dtype, device)
         tol = HALF_TOL.get(dtype, {})
         loss, lse, _ = check_llm(x, t, w, view=view, reduction=reduction, label_smoothing=0.1, z_loss=1e-2,
-                                 softcap=5.0, return_lse=True, what=f"{shape} {_dname(dtype)} {kind} {reduction}",
+                                 softcap=5.0, return_lse=True, what=f"{shape} {dtype_id(dtype)} {kind} {reduction}",
                                  **tol)
         assert tuple(lse.shape) == elem_shape
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("options", ["z", "softcap", "lse"])
 def test_each_option_alone_large_vocab(device, options, dtype):
     # the row kernel (C = 1000) with each option alone, 3-D input
     x = make_logits((4, 1000, 3), dtype, device)
     t = make_class_target((4, 3), 1000, device, ignore_index=-100)
     check_llm(x, t, None, reduction="mean", **OPTION_SETS[options], **HALF_TOL.get(dtype, {}),
-              what=f"C=1000 {options} {_dname(dtype)}")
+              what=f"C=1000 {options} {dtype_id(dtype)}")
 
 
 def test_lse_is_accumulate_precision_for_half_inputs(device):
@@ -314,7 +311,7 @@ def _extreme_logits(N, C, dtype, device):
     return x.to(dtype).to(device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("C", [10, 1000])
 def test_softcap_extreme_logits(device, C, dtype):
     for reduction in ("none", "mean", "sum"):
@@ -340,7 +337,7 @@ def _check_extreme(device, C, dtype, reduction, z_loss):
     assert (gi[x.abs() == math.inf] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_softcap_nan_logit_propagates(device, dtype):
     # a NaN logit poisons its element only (loss, lse and gradient of that row), like the reference
     x = make_logits((5, 12), dtype, device)
@@ -419,7 +416,7 @@ def test_softcap_tanh_branch_boundary(device):
 # 4. return_lse.
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_return_lse_shape_dtype(device, dtype):
     for shape, elem in [((7,), ()), ((5, 7), (5,)), ((3, 7, 2, 4), (3, 2, 4))]:
         x = make_logits(shape, dtype, device)
@@ -483,7 +480,7 @@ def _check_lse_differentiable(device, kind, reduction, softcap):
     assert_close_ref(xl.grad, x64.grad, torch.float64, what="grad of loss + 0.1 lse^2")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_lse_only_backward(device, kind, dtype):
     for reduction in ("none", "mean", "sum"):
@@ -602,7 +599,7 @@ OP_CASES = [  # (kind, dtype, layout, weight, label_smoothing, z_loss, softcap)
     ("prob", torch.float32, "contiguous", False, 0.2, 0.05, 3.0),
     ("prob", torch.float64, "class_last", True, 0.0, 0.1, 0.0),
 ]
-OP_IDS = [f"{c[0]}-{_dname(c[1])}-{c[2]}-z{c[5]}-cap{c[6]}" for c in OP_CASES]
+OP_IDS = [f"{c[0]}-{dtype_id(c[1])}-{c[2]}-z{c[5]}-cap{c[6]}" for c in OP_CASES]
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=OP_IDS)

@@ -20,6 +20,7 @@ from conftest import (
     TARGET_WALK_LAYOUTS,
     assert_close_ref,
     check_against_torch,
+    dtype_id,
     make_class_target,
     make_logits,
     make_prob_target,
@@ -29,10 +30,6 @@ from conftest import (
 )
 
 import fused_ce  # an ImportError must fail the module, not skip it
-
-
-def _dname(d):
-    return str(d).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------
@@ -51,7 +48,7 @@ IGNORE_CASES = {
 @pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("C", [10, 67])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_option_grid_class_targets(device, dtype, C, reduction, use_weight, ignore, label_smoothing):
     N = 23
     case = IGNORE_CASES[ignore]
@@ -69,7 +66,7 @@ def test_option_grid_class_targets(device, dtype, C, reduction, use_weight, igno
 @pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("C", [10, 67])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_option_grid_prob_targets(device, dtype, C, reduction, use_weight, label_smoothing):
     N = 19
     x = make_logits((N, C), dtype, device)
@@ -80,7 +77,7 @@ def test_option_grid_prob_targets(device, dtype, C, reduction, use_weight, label
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 def test_prob_targets_unnormalised_and_only_target_grad(device, dtype, reduction):
     # Targets that do not sum to 1 (torch does not require it); grad only w.r.t. the target.
     x = make_logits((11, 7, 3), dtype, device)
@@ -134,7 +131,7 @@ def _target_shape(shape):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", [1, 3, 10, 33, 64, 67, 1000, 1001, 3000])
 @pytest.mark.parametrize("kind", SHAPE_KINDS)
 def test_shapes_classes_dtypes(device, kind, C, dtype, reduction):
@@ -148,7 +145,7 @@ def test_shapes_classes_dtypes(device, kind, C, dtype, reduction):
                         what=f"{kind} shape={shape} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", [3, 1001])
 @pytest.mark.parametrize("kind", SHAPE_KINDS)
 def test_shapes_plain_sum(device, kind, C, dtype):
@@ -159,7 +156,7 @@ def test_shapes_plain_sum(device, kind, C, dtype):
     check_against_torch(fused_ce, x, t, None, reduction="sum", what=f"{kind} {shape} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", [1, 3, 67, 1001])
 @pytest.mark.parametrize("kind", SHAPE_KINDS)
 def test_shapes_prob_targets(device, kind, C, dtype):
@@ -172,7 +169,7 @@ def test_shapes_prob_targets(device, kind, C, dtype):
                             what=f"soft {kind} {shape} {dtype} {reduction}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("C", [3, 2048])
 def test_large_logit_scale(device, C, dtype):
     # logits spread over +-60: exercises the max subtraction and exp range
@@ -315,7 +312,7 @@ def _layout_case(layout, C, dtype, device):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("C", [10, 67, 1000])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_noncontiguous_class_targets(device, layout, C, dtype, reduction):
@@ -331,7 +328,7 @@ def test_noncontiguous_class_targets(device, layout, C, dtype, reduction):
                         what=f"{layout} C={C}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("C", [5, 70])
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "expanded"])
 def test_noncontiguous_prob_targets(device, layout, C, dtype):
@@ -420,7 +417,7 @@ def test_uint8_targets(device, C, reduction):
         (torch.bfloat16, torch.float32),
         (torch.float16, torch.float64),
     ],
-    ids=lambda d: _dname(d),
+    ids=lambda d: dtype_id(d),
 )
 def test_prob_target_dtype_promotion(device, in_dtype, t_dtype, reduction):
     # torch promotes: float32 input + float64 target -> float64 loss (and float64 computation)
@@ -701,7 +698,7 @@ def test_channels_last_gradient_layout(device, C, reduction):
 
 
 @pytest.mark.parametrize("C", [32000, 50257])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
 def test_language_model_vocab_sizes(device, C, dtype):
     # LM-style: few rows, huge odd vocabularies (vector tails), ignore_index padding, smoothing
     x = make_logits((6, C), dtype, device, scale=4.0)
@@ -720,7 +717,7 @@ SEGMENTATION_SPATIAL = [(16, 16), (12, 20), (9, 13)]
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
 @pytest.mark.parametrize("spatial", SEGMENTATION_SPATIAL, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("C", [3, 21])
 def test_segmentation_layouts(device, C, dtype, spatial, offset):
     shape = (3, C) + spatial
@@ -735,7 +732,7 @@ def test_segmentation_layouts(device, C, dtype, spatial, offset):
                             what=f"segmentation {shape} offset {offset}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_segmentation_llm_options_and_inplace(dtype):
     # z_loss, softcap and the in-place gradient through the grouped path, against plain PyTorch.
     shape = (2, 5, 16, 32)
@@ -769,7 +766,7 @@ def test_mean_denominator_in_every_target_walk(device, layout, with_weight):
     check_against_torch(fused_ce, x, t, w, reduction="mean", what=f"{layout}, weight={with_weight}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dname)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("C", [10, 1000], ids=["tile", "row"])
 def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
     # The CPU kernels compute half inputs in float32 and round the gradient
@@ -810,7 +807,7 @@ def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
 
 @pytest.mark.parametrize("N", [1, 17, 45])
 @pytest.mark.parametrize("C", [1, 3, 7, 10, 15])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_rows_shorter_than_a_vector(device, dtype, C, N):
     x = make_logits((N, C), dtype, device)
     check_against_torch(fused_ce, x, make_class_target((N,), C, device), label_smoothing=0.1,

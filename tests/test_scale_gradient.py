@@ -11,13 +11,9 @@ import pytest
 import torch
 
 import fused_ce  # noqa: F401  (registers the operators)
-from conftest import FLOAT_DTYPES, make_logits
+from conftest import FLOAT_DTYPES, dtype_id, make_logits
 
 ops = torch.ops.fused_ce
-
-
-def _dname(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def _expected(grad, scale):
@@ -28,7 +24,7 @@ def _expected(grad, scale):
 
 
 @pytest.mark.parametrize("scale", [2.5, -0.75, 0.0, 1e-3, math.nan, math.inf])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_scales_every_element(device, dtype, scale):
     # 4099 elements: vector body plus a tail of every dtype's vector width
     grad = make_logits((4099,), dtype, device)
@@ -38,7 +34,7 @@ def test_scales_every_element(device, dtype, scale):
     torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dname)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_scale_one_leaves_the_gradient_untouched(device, dtype):
     grad = make_logits((37, 129), dtype, device)
     before = grad.clone()
