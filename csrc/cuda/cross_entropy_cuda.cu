@@ -171,10 +171,18 @@ struct GradientOutput {
   explicit GradientOutput(const at::Tensor& like) : result(at::empty_like(like)) {
     kernel_out = result.is_contiguous() ? result : at::empty(like.sizes(), like.options());
   }
-  void finish() {
+  // The result, once the kernels have written kernel_out.
+  at::Tensor finish() {
     if (!kernel_out.is_same(result)) result.copy_(kernel_out);
+    return result;
   }
 };
+
+// An optional gradient's operator result: the finished gradient, or, when it
+// was not requested, the empty (0,) tensor of `like`'s dtype.
+at::Tensor finished_or_empty(std::optional<GradientOutput>& gradient, const at::Tensor& like) {
+  return gradient ? gradient->finish() : at::empty({0}, like.options());
+}
 
 void check_reduction(const char* op, int64_t reduction) {
   TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum, op,
@@ -229,10 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       C10_CUDA_CHECK(ce::launch_cross_entropy_forward(p, stream));
     }
   });
-  if (new_grad) {
-    new_grad->finish();
-    grad_input = new_grad->result;
-  }
+  if (new_grad) grad_input = new_grad->finish();
   return {loss, lse, total_weight, grad_input};
 }
 
@@ -280,10 +285,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
       has_grad_lse ? per_element(op, "grad_lse", *grad_lse, input, in) : at::Tensor();
   c10::cuda::CUDAGuard device_guard(input.device());
 
-  if (!input_grad && !target_grad) return {at::empty({0}, input.options()), at::empty({0}, target.options())};
   std::optional<GradientOutput> grad_input, grad_target;
   if (input_grad) grad_input.emplace(input);
   if (target_grad) grad_target.emplace(target);
+  if (!input_grad && !target_grad) {
+    return {finished_or_empty(grad_input, input), finished_or_empty(grad_target, target)};
+  }
   at::Tensor workspace =
       at::empty({ce::kWorkspaceElems}, input.options().dtype(acc_dtype(input.scalar_type())));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -309,17 +316,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
     p.workspace = workspace.mutable_data_ptr<Acc>();
     C10_CUDA_CHECK(ce::launch_cross_entropy_backward(p, stream));
   });
-  at::Tensor grad_input_result = at::empty({0}, input.options());
-  at::Tensor grad_target_result = at::empty({0}, target.options());
-  if (grad_input) {
-    grad_input->finish();
-    grad_input_result = grad_input->result;
-  }
-  if (grad_target) {
-    grad_target->finish();
-    grad_target_result = grad_target->result;
-  }
-  return {grad_input_result, grad_target_result};
+  return {finished_or_empty(grad_input, input), finished_or_empty(grad_target, target)};
 }
 
 // grad *= scale in place, skipped on the device when scale is exactly 1 (see
