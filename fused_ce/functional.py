@@ -75,10 +75,9 @@ def cross_entropy(
     * ``validate``: check class-index targets on the host before the kernel
       runs, raising PyTorch's ``IndexError`` ("Target 12 is out of bounds.")
       for one that is neither ``ignore_index`` nor in ``[0, C)``. The CPU
-      operators always check (this adds nothing there); on CUDA an
-      out-of-range target otherwise triggers a
-      device-side assertion, as in PyTorch, after which the CUDA context is
-      unusable. The check synchronises with the device, so it is off by
+      operators check anyway (there it repeats their check); on CUDA an
+      out-of-range target otherwise triggers a device-side assertion, as in
+      PyTorch, after which the CUDA context is unusable. The check synchronises with the device, so it is off by
       default (and it cannot be captured in a CUDA graph).
     """
     if size_average is not None or reduce is not None:
