@@ -1,10 +1,11 @@
 // The Python extension module fused_ce._C. Importing it loads this shared
 // library, which registers the operators with the dispatcher; the few
-// functions below describe how the library was built and control the CPU
-// gradient cache.
+// functions below describe how the library was built, control the CPU
+// gradient cache and give Python the C++ fast path of cross_entropy.
 
 #include <torch/extension.h>
 
+#include "autograd.h"
 #include "cpu/cross_entropy_kernel.h"
 #include "cpu/gradient_cache.h"
 
@@ -34,4 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Turns the CPU gradient cache on or off; returns the previous setting.");
   m.def("gradient_cache_bytes", &fused_ce::cpu::gradient_cache_bytes,
         "Bytes the CPU gradient cache holds right now.");
+  m.def("cross_entropy_loss", &fused_ce::cross_entropy_loss,
+        "The loss of batched arguments with its autograd node in C++ (see csrc/autograd.h): "
+        "fused_ce.cross_entropy's path for the common cases.",
+        py::arg("input"), py::arg("target"), py::arg("weight"), py::arg("ignore_index"),
+        py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("reduction"),
+        py::arg("device_scaled"));
 }

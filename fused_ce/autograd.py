@@ -10,21 +10,20 @@ itself, so that the operators only ever produce per-element results.
 
 Strategies for the gradient:
 
-* When only the input needs a gradient and the loss is reduced, the forward
-  already computes the gradient of the reduced loss (the
-  ``forward_with_grad`` operator). The logits are then read once for forward
-  and backward together, and the backward only scales the gradient by the
-  upstream gradient, skipping that pass when it is 1, as it is for a loss at
-  the end of the graph. On the CPU the check is a free read of the scalar
-  and the product is out of place. On CUDA the ``scale_gradient_`` operator
-  checks on the device (no host synchronisation) and scales in place, so the
-  gradient is handed out once; a second backward through the same graph
-  (``retain_graph=True``) computes it again, bit for bit, from the saved
-  logits. Under torch.compile CUDA takes the next strategy throughout: its
-  traced backward would always multiply, a second pass over the gradient.
-* Otherwise (``reduction="none"``, gradients for soft targets, a
+* When only the input needs a gradient and the loss is reduced, on the CPU,
+  the forward already computes the gradient of the reduced loss (the
+  ``forward_with_grad`` operator) and saves it. The logits are then read
+  once for forward and backward together, and the backward only multiplies
+  the gradient by the upstream gradient, skipping that when it is 1 (a free
+  read of a CPU scalar). ``fused_ce.cross_entropy`` sends this case, and its
+  CUDA counterpart, to the C++ autograd node of csrc/autograd.h, which costs
+  less per call; the Function takes it under torch.compile and when called
+  directly.
+* Otherwise (CUDA, ``reduction="none"``, gradients for soft targets, a
   differentiable lse output) the forward saves the per-element log-sum-exp
-  and the backward operator recomputes the softmax from the logits.
+  and the backward operator recomputes the softmax from the logits. CUDA
+  takes this path here because a traced backward would always multiply the
+  gradient, a second pass over it, where the lse path writes it once.
 * With ``inplace_backward`` the forward writes the gradient over the logits
   themselves (any device), and the backward scales it in place.
 """
@@ -36,12 +35,6 @@ import torch
 from ._ops import accumulate_dtype, ops
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
-
-# Devices whose gradient from the forward is scaled in place on the device
-# (ops.scale_gradient_) rather than read back and multiplied out of place.
-# A tuple, so that tests can run this strategy on the CPU too.
-DEVICE_SCALED_GRADIENT = ("cuda",)
-
 
 def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype):
     if reduction == REDUCTION_MEAN:
@@ -86,18 +79,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         input3 = input.reshape(n, num_classes, d)
         target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
         ctx.inplace = inplace_backward and input_grad
-        device_scaled = input.device.type in DEVICE_SCALED_GRADIENT
         ctx.gradient_in_forward = ctx.inplace or (
             input_grad
             and not target_grad
             and not return_lse
             and reduction != REDUCTION_NONE
-            and (input.device.type == "cpu" or (device_scaled and not torch.compiler.is_compiling()))
+            and input.device.type == "cpu"
         )
-        # Device-scaled (CUDA): the gradient from the forward, until the
-        # backward hands it out; otherwise (CPU) it is a saved tensor.
-        ctx.device_scaled = ctx.gradient_in_forward and device_scaled and not ctx.inplace
-        ctx.gradient = None
         if ctx.inplace:
             if not input.is_contiguous():
                 # A reshaped copy would receive the gradient instead of the logits.
@@ -113,17 +101,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif ctx.gradient_in_forward:
             loss, lse, total_weight, grad_input = ops.cross_entropy_forward_with_grad(
                 input3, target3, weight, *options, reduction)
-            if ctx.device_scaled:
-                # Scaled in place and handed out by the first backward, so
-                # not a saved tensor (a second backward's unpacking would
-                # find it modified); it has no autograd history, so holding
-                # it on ctx makes no reference cycle. A second backward
-                # through the graph (retain_graph=True) recomputes it from
-                # the saved operands: the same kernel gives the same bits.
-                ctx.gradient = grad_input
-                ctx.save_for_backward(input3, target3, weight)
-            else:
-                ctx.save_for_backward(grad_input)
+            ctx.save_for_backward(grad_input)
         else:
             loss, lse, total_weight = ops.cross_entropy_forward(input3, target3, weight, *options)
             if input_grad or target_grad:
@@ -144,15 +122,6 @@ class CrossEntropyFunction(torch.autograd.Function):
             # that is the very tensor it accumulates into (a leaf's x.grad).
             gradient = _hand_out_inplace_gradient(ctx, grad_output)
             return (gradient.view(ctx.input_shape), None) + no_grads_for_options
-        if ctx.device_scaled:
-            gradient, ctx.gradient = ctx.gradient, None
-            if gradient is None:  # handed out by a previous backward
-                input, target, weight = ctx.saved_tensors
-                gradient = ops.cross_entropy_forward_with_grad(
-                    input, target, weight, *ctx.options, ctx.reduction)[3]
-            # Scaled on the device, and not at all when grad_output is 1.
-            ops.scale_gradient_(gradient, grad_output)
-            return (gradient.reshape(ctx.input_shape), None) + no_grads_for_options
         if ctx.gradient_in_forward:
             (grad_input,) = ctx.saved_tensors
             grad_input = _scale_saved_gradient(grad_input, grad_output)

@@ -3,9 +3,10 @@
 On CUDA the forward computes the gradient (forward_with_grad) and the backward
 scales it in place with scale_gradient_, which skips the pass on the device
 when the upstream gradient is 1; a second backward through the same graph
-recomputes it. fused_ce.autograd.DEVICE_SCALED_GRADIENT names the devices that
-take this path; these tests add the CPU to it, so the strategy's autograd
-logic is checked on machines without a GPU too.
+recomputes it. The C++ autograd node (csrc/autograd.cpp) takes this path for the
+devices that fused_ce.functional.DEVICE_SCALED_GRADIENT names; these tests add
+the CPU to it, so the strategy's autograd logic is checked on machines without
+a GPU too.
 """
 
 import pytest
@@ -13,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import fused_ce
-import fused_ce.autograd as fused_autograd
+import fused_ce.functional as fused_functional
 from conftest import assert_close_ref, make_class_target, make_logits, make_weight
 
 
 @pytest.fixture(autouse=True)
 def _device_scaled_everywhere(monkeypatch):
-    monkeypatch.setattr(fused_autograd, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    monkeypatch.setattr(fused_functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
 
 
 def _case(device, dtype=torch.float64, C=7):
@@ -69,17 +72,28 @@ def test_accumulates_into_a_leaf(device):
     torch.testing.assert_close(x.grad, 3 * first, rtol=1e-6, atol=1e-7)
 
 
-def test_strategy_is_taken(device, monkeypatch):
+class _FusedOpCalls(TorchDispatchMode):
+    """Records the fused_ce operators that reach the dispatcher, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fused_ce":
+            self.calls.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backwards", [1, 2])
+def test_strategy_is_taken(device, backwards):
     # the gradient comes from forward_with_grad and is scaled by scale_gradient_; the
-    # backward operator is not called
+    # backward operator is never called, and a second backward recomputes the gradient
     x, t, _ = _case(device, torch.float32)
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(torch.ops.fused_ce, name)
-
-    monkeypatch.setattr(fused_autograd, "ops", Spy())
-    fused_ce.cross_entropy(x, t).backward()
-    assert calls == ["cross_entropy_forward_with_grad", "scale_gradient_"], calls
+    with _FusedOpCalls() as spy:
+        loss = fused_ce.cross_entropy(x, t)
+        for _ in range(backwards):
+            loss.backward(retain_graph=True)
+    expected = ["cross_entropy_forward_with_grad", "scale_gradient_"]
+    expected += ["cross_entropy_forward_with_grad", "scale_gradient_"] * (backwards - 1)
+    assert spy.calls == expected

@@ -1,0 +1,34 @@
+// The loss of the common cases with its autograd node in C++: the fast path
+// of fused_ce.cross_entropy (fused_ce/functional.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fused_ce {
+
+// The loss for batched input (N, C, d1, ..., dk) and a class-index target
+// (N, d1, ..., dk) int64 or a probability target shaped like the input, with
+// the options of the operators (ops.cpp) and reduction 0 (none), 1 (mean) or
+// 2 (sum). Returns the loss in the input's dtype: a scalar, or shaped like
+// the target's batch for reduction 0.
+//
+// When autograd needs a gradient (grad mode on and input.requires_grad()),
+// the reduction must be mean or sum and the target must not require grad:
+// the forward then computes the gradient of the reduced loss
+// (cross_entropy_forward_with_grad) and the node's backward only scales it.
+// `device_scaled` picks how: the gradient is held until the first backward
+// and scaled in place by scale_gradient_, which skips the pass on the device
+// when the upstream gradient is 1 (CUDA: no host synchronisation); otherwise
+// it is saved and multiplied out of place unless the upstream gradient is 1.
+// Every other case with a gradient goes through the Python
+// CrossEntropyFunction (fused_ce/autograd.py); this one exists because a
+// Python autograd.Function costs about 40 microseconds more per training
+// step, which is most of the step for small class counts.
+at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                              double label_smoothing, double z_loss, double softcap,
+                              int64_t reduction, bool device_scaled);
+
+}  // namespace fused_ce
