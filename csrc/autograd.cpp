@@ -23,7 +23,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------------------
-// The operators, through the dispatcher.
+// The operators, through the dispatcher. They have no autograd kernels (this
+// file is their autograd), so each call starts below the autograd keys:
+// that skips autograd's boxed fallback, a microsecond or two per call.
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_operator(const char* name) {
@@ -36,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& inpu
   static const auto op = find_operator<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double,
       double)>("fused_ce::cross_entropy_forward");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(input, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap);
 }
 
@@ -45,11 +48,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_op(
   static const auto op = find_operator<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double,
       double, int64_t)>("fused_ce::cross_entropy_forward_with_grad");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(input, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, reduction);
 }
 
 void scale_gradient_op(at::Tensor& grad, const at::Tensor& scale) {
   static const auto op = find_operator<void(at::Tensor&, const at::Tensor&)>("fused_ce::scale_gradient_");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(grad, scale);
 }
 

@@ -6,8 +6,9 @@
 // input (N, C, D) with any strides (class axis 1), and either class-index
 // targets (N, D) int64 or probability targets shaped like the input.
 // Per-element results are in the accumulate type (float64 for float64
-// inputs, float32 otherwise); reductions happen in Python, where they are
-// cheap and autograd-visible.
+// inputs, float32 otherwise); reductions happen in the autograd layer
+// (fused_ce/autograd.py, csrc/autograd.cpp), where they are cheap and
+// autograd-visible.
 //
 // Options shared by every operator: ignore_index and label_smoothing as in
 // torch.nn.CrossEntropyLoss; z_loss (>= 0) adds z_loss * lse^2 per element,

@@ -1,0 +1,73 @@
+"""The fixed cost of one call: forward, backward and a training step on tiny logits.
+
+With 4 x 10 logits the kernels take well under a microsecond, so what is
+measured is everything around them: argument checks, autograd nodes, the
+dispatcher, allocation. It bounds how small a batch can be before fused_ce
+stops paying off, and on a GPU it is what the host spends per step. Each
+path is timed inside one training-step loop (x.grad dropped, loss, backward)
+and its forward and backward are reported apart, best of several rounds:
+
+    python benchmarks/per_call_cost.py [--device cuda] [--rows 4] [--classes 10]
+
+Paths: eager ``F.cross_entropy``; ``fused_ce.cross_entropy`` (the C++
+autograd node for these arguments); ``CrossEntropyFunction.apply`` (the
+Python autograd.Function that every other case takes).
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fused_ce
+
+
+def _step_times(loss_fn, x, target, steps):
+    """Mean microseconds of the forward and of the backward over ``steps`` training steps."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    forward = backward = 0
+    clock = time.perf_counter_ns
+    for _ in range(steps):
+        x.grad = None
+        sync()
+        start = clock()
+        loss = loss_fn(x, target)
+        sync()
+        middle = clock()
+        loss.backward()
+        sync()
+        forward += middle - start
+        backward += clock() - middle
+    return forward / steps / 1e3, backward / steps / 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5000, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="the best round is reported")
+    args = parser.parse_args()
+
+    x = torch.randn(args.rows, args.classes, device=args.device, requires_grad=True)
+    target = torch.randint(0, args.classes, (args.rows,), device=args.device)
+    paths = {
+        "eager F.cross_entropy": F.cross_entropy,
+        "fused_ce.cross_entropy": fused_ce.cross_entropy,
+        "CrossEntropyFunction.apply": lambda a, b: fused_ce.CrossEntropyFunction.apply(a, b, None, -100, 0.0, 1),
+    }
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {args.device}, logits {args.rows}x{args.classes} fp32")
+    print(f"{'path':28s} {'forward us':>10s} {'backward us':>11s} {'step us':>8s}")
+    for name, loss_fn in paths.items():
+        _step_times(loss_fn, x, target, 200)  # warm-up
+        rounds = [_step_times(loss_fn, x, target, args.steps) for _ in range(args.rounds)]
+        forward, backward = min(rounds, key=sum)
+        print(f"{name:28s} {forward:10.1f} {backward:11.1f} {forward + backward:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
