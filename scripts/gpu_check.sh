@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,tests,bench,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,percall,bench,sanitize
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
@@ -15,7 +15,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,tests,bench,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,percall,bench,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -48,6 +48,22 @@ if want smoke; then
   timeout "${SMOKE_TIMEOUT:-90}" "$PY" scripts/gpu_smoke.py 2>&1 | tee -a "$LOG"
 fi
 
+if want repro; then
+  # The open crash (scripts/repro_scale_gradient_crash.py runs its cases
+  # from the given index on): after a crash, go on from the case after it.
+  stage "repro: scale_gradient_ crash" | tee -a "$LOG"
+  first=0
+  while [ "$first" -lt 5 ]; do
+    output=$(timeout 60 "$PY" scripts/repro_scale_gradient_crash.py "$first" 2>&1)
+    status=$?
+    echo "$output" | head -n 40 | tee -a "$LOG"
+    echo "from case $first: exit status $status" | tee -a "$LOG"
+    [ "$status" -eq 0 ] && break
+    started=$(echo "$output" | grep -c "^calling:")
+    first=$((first + (started > 0 ? started : 1)))
+  done
+fi
+
 if want tests; then
   stage "tests (CUDA cases)" | tee -a "$LOG"
   # -k cuda keeps the CUDA parametrisations and the CUDA-only tests.  -v
@@ -60,6 +76,15 @@ if want tests; then
   grep -cE " PASSED " "$OUT/tests.log" | sed 's/^/passed: /' | tee -a "$LOG"
   grep -E " (FAILED|ERROR) |^(FAILED|ERROR) |node down|crashed|[0-9]+ (passed|failed)" "$OUT/tests.log" \
       | cut -c1-300 | sort -u | head -n 80 | tee -a "$LOG"
+fi
+
+if want percall; then
+  # What each step costs the host (the 10-class rows are bound by it).
+  stage "per-call cost" | tee -a "$LOG"
+  for rows in 4 65536; do
+    timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows "$rows" --steps 2000 --rounds 3 \
+        2>&1 | tee -a "$LOG"
+  done
 fi
 
 if want bench; then
