@@ -79,6 +79,20 @@ struct IntLanes<VecD> {
 template <typename Vec>
 using int_lanes_t = typename IntLanes<Vec>::type;
 
+// As many int64 lanes as a float vector has lanes (class targets).
+template <typename Vec>
+struct Int64Lanes;
+template <>
+struct Int64Lanes<VecF> {
+  typedef int64_t type __attribute__((vector_size(2 * kVectorBytes)));
+};
+template <>
+struct Int64Lanes<VecD> {
+  typedef int64_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename Vec>
+using int64_lanes_t = typename Int64Lanes<Vec>::type;
+
 // Lane-wise max; where either lane is NaN, b's (x86's max instructions
 // behave so). The row max leaves NaN to the exp pass: a NaN logit makes its
 // exp, and so the row's sum and log-sum-exp, NaN whatever the max is.
