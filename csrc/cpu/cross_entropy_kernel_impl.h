@@ -290,6 +290,11 @@ struct GradientFinish {
   Acc scale = 1, coef_w = 0, target_delta = 0;
   const Acc* weight = nullptr;  // nullptr: all ones
   int64_t target = -1;          // -1: none
+  // A softcapped row's capped logits y (nullptr: not capped): the gradient
+  // is then multiplied by 1 - (y / softcap)^2, the chain rule through
+  // softcap * tanh(x / softcap).
+  const Acc* capped = nullptr;
+  Acc inv_cap = 0;
 
   // Elements [c, c + kLanes) of the gradient.
   FUSED_CE_INLINE Vec vec(const Acc* e, int64_t c) const {
@@ -305,6 +310,10 @@ struct GradientFinish {
       for (int i = 0; i < kLanes; ++i) ids[i] = i;
       v -= ids == LaneIndex(lane) ? Vec{} + target_delta : Vec{};
     }
+    if (capped) {
+      const Vec t = load_vec<Vec>(capped + c) * inv_cap;
+      v *= Acc(1) - t * t;
+    }
     return v;
   }
 
@@ -317,6 +326,10 @@ struct GradientFinish {
   FUSED_CE_INLINE Acc scalar(const Acc* e, int64_t c) const {
     Acc v = std::fma(scale, e[c], -(coef_w * (weight ? weight[c] : Acc(1))));
     if (c == target) v -= target_delta;
+    if (capped) {
+      const Acc t = capped[c] * inv_cap;
+      v *= std::fma(-t, t, Acc(1));  // as vec() computes it
+    }
     return v;
   }
 
@@ -657,38 +670,27 @@ FUSED_CE_INLINE Acc sum_exp_of_row(const T* x, int64_t C, const ShiftedExp& shif
   return reduce_sum<Acc>(s0 + s1);
 }
 
-// dst[c] = softcap * tanh(src[c] / softcap), in the accumulate type.
+// dst[c] = softcap * tanh(src[c] / softcap), in the accumulate type;
+// returns the row max of dst (as max_of_row, which it saves a pass of).
 template <typename Acc, typename T>
-FUSED_CE_INLINE void softcap_row(const T* src, int64_t C, Acc softcap, Acc* dst) {
+FUSED_CE_INLINE Acc softcap_row(const T* src, int64_t C, Acc softcap, Acc* dst) {
   using Vec = typename Simd<Acc>::Vec;
   constexpr int kLanes = Simd<Acc>::kLanes;
   const Acc inv_cap = Acc(1) / softcap;
+  const Acc minus_infinity = -std::numeric_limits<Acc>::infinity();
+  Vec row_max = Vec{} + minus_infinity;
   int64_t c = 0;
   for (; c + kLanes <= C; c += kLanes) {
-    store_vec(dst + c, softcap * tanh_vec<Acc>(load_widened<Vec>(src + c) * inv_cap));
+    const Vec y = softcap * tanh_vec<Acc>(load_widened<Vec>(src + c) * inv_cap);
+    store_vec(dst + c, y);
+    row_max = max_vec(row_max, y);
   }
   if (c < C) {
     store_partial(dst + c, softcap * tanh_vec<Acc>(load_partial<Vec>(src + c, C - c, Acc(0)) * inv_cap),
                   C - c);
+    row_max = max_vec(row_max, load_partial<Vec>(dst + c, C - c, minus_infinity));
   }
-}
-
-// grad[c] *= d y_c / d x_c = 1 - (y_c / softcap)^2 for capped logits y:
-// the chain rule through softcap * tanh(x / softcap).
-template <typename Acc>
-FUSED_CE_INLINE void softcap_chain_rule(const Acc* capped, int64_t C, Acc softcap, Acc* grad) {
-  using Vec = typename Simd<Acc>::Vec;
-  constexpr int kLanes = Simd<Acc>::kLanes;
-  const Acc inv_cap = Acc(1) / softcap;
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) {
-    const Vec t = load_vec<Vec>(capped + c) * inv_cap;
-    store_vec(grad + c, load_vec<Vec>(grad + c) * (Acc(1) - t * t));
-  }
-  for (; c < C; ++c) {
-    const Acc t = capped[c] * inv_cap;
-    grad[c] *= Acc(1) - t * t;
-  }
+  return reduce_max<Acc>(row_max);
 }
 
 // ---------------------------------------------------------------------------
@@ -702,7 +704,10 @@ class RowKernel {
 
  public:
   explicit RowKernel(const KernelArgs<T>& args) : a_(args) {
-    if (a_.softcap != Acc(0)) capped_row_.resize(a_.C);
+    if (a_.softcap != Acc(0)) {
+      capped_rows_[0].resize(a_.C);
+      capped_rows_[1].resize(a_.C);
+    }
     if (a_.grad_input) {
       grad_[0].resize(a_.C);
       grad_[1].resize(a_.C);
@@ -721,30 +726,33 @@ class RowKernel {
     const int64_t n = pos / a_.D, d = pos - n * a_.D;
     const T* row = a_.input + n * a_.input_strides.n + d * a_.input_strides.d;
     if (a_.softcap != Acc(0)) {
-      // Every pass reads the capped row, computed once into scratch.
-      softcap_row(row, a_.C, a_.softcap, capped_row_.data());
-      run_weighted(capped_row_.data(), /*capped=*/true, n, d, pos, next_pos);
+      // Every pass reads the capped row, computed once into scratch, with
+      // its max. The gradient's chain rule reads it again while the row is
+      // streamed out, during the next row: so two rows, like grad_.
+      Acc* capped = capped_rows_[current_].data();
+      const Acc row_max = softcap_row(row, a_.C, a_.softcap, capped);
+      run_weighted(capped, /*capped=*/true, row_max, n, d, pos, next_pos);
     } else {
-      run_weighted(row, /*capped=*/false, n, d, pos, next_pos);
+      run_weighted(row, /*capped=*/false, max_of_row<Acc>(row, a_.C), n, d, pos, next_pos);
     }
   }
 
  private:
   template <typename X>
-  FUSED_CE_INLINE void run_weighted(const X* x, bool capped, int64_t n, int64_t d, int64_t pos,
-                                    int64_t next_pos) {
+  FUSED_CE_INLINE void run_weighted(const X* x, bool capped, Acc row_max, int64_t n, int64_t d,
+                                    int64_t pos, int64_t next_pos) {
     if (a_.weight) {
-      run_row<true>(x, capped, n, d, pos, next_pos);
+      run_row<true>(x, capped, row_max, n, d, pos, next_pos);
     } else {
-      run_row<false>(x, capped, n, d, pos, next_pos);
+      run_row<false>(x, capped, row_max, n, d, pos, next_pos);
     }
   }
 
   // The row x: the input row itself (storage type T) or its softcapped
-  // version in scratch (accumulate type).
+  // version in scratch (accumulate type), and its max.
   template <bool kHasWeight, typename X>
-  FUSED_CE_INLINE void run_row(const X* x, bool capped, int64_t n, int64_t d, int64_t pos,
-                               int64_t next_pos) {
+  FUSED_CE_INLINE void run_row(const X* x, bool capped, Acc row_max, int64_t n, int64_t d,
+                               int64_t pos, int64_t next_pos) {
     const int64_t C = a_.C;
     const int64_t target = a_.class_target[n * a_.class_target_stride_n + d * a_.class_target_stride_d];
     const bool ignored = target == a_.ignore_index;
@@ -760,7 +768,7 @@ class RowKernel {
     // (PendingRow), at the end of this row otherwise.
     Acc* grad_row = grad_out ? grad_[current_].data() : nullptr;
 
-    // Pass 1 (memory): the row max. Pass 2 (cache): sum of exp(x - max),
+    // Pass 1 (memory), before this: the row max. Pass 2 (cache): sum of exp(x - max),
     // keeping the exponentials when the gradient follows so that each
     // element costs one exp in total. Label smoothing adds a pass for
     // sum_c w_c (x_c - max).
@@ -769,7 +777,6 @@ class RowKernel {
     // logits of large magnitude (a constant row of 1000s, 1e30) lse
     // itself has lost the digits the loss consists of.
     const bool need_smoothing = eps != Acc(0) && !ignored;
-    const Acc row_max = max_of_row<Acc>(x, C);
     const Acc shifted_wx =
         need_smoothing ? weighted_sum_of_row<kHasWeight>(x, a_.weight, C, row_max) : Acc(0);
     Acc* keep = (grad_row && !ignored) ? grad_row : nullptr;
@@ -845,11 +852,11 @@ class RowKernel {
         store_partial(grad_row + c, exp_for<X>(load_partial<Vec>(x + c, C - c, lse) - lse), C - c);
       }
     }
-    // The softcap's chain rule needs the finished gradient in scratch.
-    if (capped) {
-      finish.apply_in_place(grad_row, C);
-      finish = GradientFinish<Acc>();
-      if constexpr (std::is_same<X, Acc>::value) softcap_chain_rule(x, C, a_.softcap, grad_row);
+    if constexpr (std::is_same<X, Acc>::value) {
+      if (capped) {
+        finish.capped = x;
+        finish.inv_cap = Acc(1) / a_.softcap;
+      }
     }
 
     if constexpr (kDeferStores) {
@@ -874,7 +881,7 @@ class RowKernel {
   static constexpr bool kDeferStores = std::is_same<Acc, float>::value;
 
   const KernelArgs<T>& a_;
-  AlignedBuffer<Acc> capped_row_;  // the softcapped row, in the accumulate type
+  AlignedBuffer<Acc> capped_rows_[2];  // softcapped rows, in the accumulate type: as grad_
   AlignedBuffer<Acc> grad_[2];     // gradient rows: this one, and the previous one while pending
   int current_ = 0;
   PendingRow<T> pending_;        // the previous row's gradient, from grad_[current_ ^ 1]

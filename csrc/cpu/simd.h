@@ -217,6 +217,29 @@ struct Simd<float> {
 #endif
   }
 
+  // expm1(t) = exp(t) - 1 for t in [0, 20] (tanh_vec's arguments), to a
+  // few ulp: 2^n expm1(r) + (2^n - 1) with exp()'s reduction t = n ln 2 + r.
+  // expm1(r) is its Taylor series to r^7 without the constant term
+  // (truncation below 2e-8 relative for |r| <= ln2 / 2), so small t lose
+  // nothing to the cancellation of exp(t) - 1; for n >= 1 the two terms
+  // have the same sign.
+  static FUSED_CE_INLINE Vec expm1_of_nonnegative(Vec t) {
+    const float kLn2Hi = 0.693145751953125f;
+    const float kLn2Lo = 1.428606765330187e-06f;
+    const Vec n_magic = t * kLog2e + kRoundMagic;
+    const Vec n = n_magic - kRoundMagic;
+    Vec r = t - n * kLn2Hi;
+    r = r - n * kLn2Lo;
+    Vec p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
+    p = p * r + (1.0f / 120.0f);
+    p = p * r + (1.0f / 24.0f);
+    p = p * r + (1.0f / 6.0f);
+    p = p * r + 0.5f;
+    const Vec expm1_r = (r * r) * p + r;
+    const Vec two_to_n = times_two_to_n(Vec{} + 1.0f, n, n_magic);
+    return expm1_r * two_to_n + (two_to_n - 1.0f);
+  }
+
   // Natural log for positive, normal, finite lanes (the kernels take the log
   // of sums of exponentials, which lie in [1, C]); NaN passes through.
   //
@@ -328,6 +351,28 @@ FUSED_CE_INLINE typename Simd<Acc>::Vec tanh_vec(typename Simd<Acc>::Vec u) {
   const Vec near_zero = u * series;
   const Vec away = u < Acc(0) ? -saturating : saturating;
   return magnitude < Acc(0.125) ? near_zero : away;
+}
+
+// float: tanh|u| = m / (m + 2) with m = expm1(2|u|), a single formula for
+// every |u| (expm1 does not cancel near 0) and a third fewer operations
+// than the two above. |u| is clamped at 10, past which tanh rounds to 1.
+template <>
+FUSED_CE_INLINE VecF tanh_vec<float>(VecF u) {
+  // |u| and, at the end, u's sign bit back on the result (tanh(-0) is -0),
+  // as bit operations.
+  VecI32 u_bits;
+  std::memcpy(&u_bits, &u, sizeof u_bits);
+  const VecI32 magnitude_bits = u_bits & INT32_MAX;
+  VecF magnitude;
+  std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+  const VecF m = Simd<float>::expm1_of_nonnegative(2.0f * (magnitude < 10.0f ? magnitude : VecF{} + 10.0f));
+  const VecF t = m / (m + 2.0f);
+  VecI32 t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
+  t_bits |= u_bits & INT32_MIN;
+  VecF signed_t;
+  std::memcpy(&signed_t, &t_bits, sizeof signed_t);
+  return u != u ? u : signed_t;  // NaN passes through
 }
 
 template <typename Vec>
