@@ -128,17 +128,6 @@ def _cuda_kernels() -> bool:
     return _BUILT_WITH_CUDA
 
 
-def _functorch_active() -> bool:
-    # The check autograd.Function.apply itself makes (it also traces cleanly
-    # under torch.compile, unlike peeking at the interpreter stack).
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is not None and bool(active())
-
-
-def _forward_ad_active() -> bool:
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
 def unsupported_reason(
     input: Any,
     target: Any,
@@ -167,9 +156,9 @@ def unsupported_reason(
     if (type(input) not in _PLAIN_TENSOR_TYPES or type(target) not in _PLAIN_TENSOR_TYPES
             or (weight is not None and type(weight) not in _PLAIN_TENSOR_TYPES)):
         return "tensor subclass"
-    if _functorch_active():
+    if _functional.functorch_active():
         return "inside a torch.func transform"
-    if _forward_ad_active():
+    if _functional.forward_ad_active():
         return "forward-mode AD"
 
     # --- scalar arguments ------------------------------------------------

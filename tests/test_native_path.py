@@ -178,3 +178,39 @@ def test_torch_function_subclass_takes_the_python_path(device):
     loss.backward()
     assert_close_ref(x.grad.as_subclass(torch.Tensor), _reference(x.as_subclass(torch.Tensor), t)[1],
                      torch.float32)
+
+
+def _outcome(fn):
+    """fn()'s result, or the type of the exception it raised."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - comparing what both paths do
+        return type(exc)
+
+
+def test_forward_mode_ad_is_not_silently_dropped(device):
+    # a C++ node would return the loss without its tangent; the Python Function raises (no jvp)
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_logits((4, 6), torch.float32, device)
+    t = make_class_target((4,), 6, device)
+    outcomes = []
+    for fn in (lambda a: fused_ce.cross_entropy(a, t),
+               lambda a: fused_ce.CrossEntropyFunction.apply(a, t, None, -100, 0.0, 1)):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.randn_like(x))
+            outcomes.append(_outcome(lambda: fwAD.unpack_dual(fn(dual)).tangent))
+    assert outcomes[0] is outcomes[1] is NotImplementedError
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func scripts a helper with torch.jit
+def test_torch_func_transforms_behave_as_the_python_function(device):
+    x = make_logits((4, 6), torch.float32, device)
+    t = make_class_target((4,), 6, device)
+    native = _outcome(lambda: torch.func.grad(lambda a: fused_ce.cross_entropy(a, t))(x))
+    python = _outcome(lambda: torch.func.grad(
+        lambda a: fused_ce.CrossEntropyFunction.apply(a, t, None, -100, 0.0, 1))(x))
+    if isinstance(python, type):
+        assert native is python
+    else:
+        torch.testing.assert_close(native, python)
