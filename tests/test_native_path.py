@@ -188,6 +188,7 @@ def _outcome(fn):
         return type(exc)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forward_ad scripts a helper with torch.jit
 def test_forward_mode_ad_is_not_silently_dropped(device):
     # a C++ node would return the loss without its tangent; the Python Function raises (no jvp)
     import torch.autograd.forward_ad as fwAD
