@@ -111,33 +111,31 @@ struct Simd<float> {
   static constexpr int kLanes = kVectorBytes / sizeof(float);
   static constexpr float kLog2e = 1.44269504088896341f;
   static constexpr float kLn2 = 0.693147180559945309f;
+  // ln 2 split in two (Cody-Waite): kLn2Hi has few significant bits, so
+  // n * kLn2Hi is exact and x - n ln 2 loses nothing whatever n is.
+  static constexpr float kLn2Hi = 0.693145751953125f;
+  static constexpr float kLn2Lo = 1.428606765330187e-06f;
 
   // exp(x) for float lanes, accurate to about 1 ulp on the range the kernels
-  // use: arguments <= 0 (logits minus their max or their log-sum-exp, or
-  // -2|u| in tanh_vec) or NaN. There is no upper clamp: above 88 the result
-  // is wrong, not inf, and every caller guarantees that cannot happen.
+  // use: arguments <= 0 (logits minus their max or their log-sum-exp) or
+  // NaN. There is no upper clamp: above 88 the result is wrong, not inf, and
+  // every caller guarantees that cannot happen.
   //
-  // exp(x) = 2^n * exp(r) with n = round(x / ln 2) and r = x - n ln 2 in
-  // [-ln2/2, ln2/2] (ln 2 in two parts, so that r is exact whatever n is);
-  // exp(r) is a degree-6 polynomial fitted for minimal relative error on
-  // that interval (< 2e-9, below float rounding; one term shorter than the
-  // Taylor series of the same accuracy, and the exp is most of the kernels'
-  // arithmetic). NaN passes through every step unchanged.
+  // exp(x) = 2^n * exp(r) with x = n ln 2 + r (reduce_by_ln2); exp(r) is a
+  // degree-6 polynomial fitted for minimal relative error on [-ln2/2, ln2/2]
+  // (< 2e-9, below float rounding; one term shorter than the Taylor series
+  // of the same accuracy, and the exp is most of the kernels' arithmetic).
+  // NaN passes through every step unchanged.
   static FUSED_CE_INLINE Vec exp(Vec x) {
-    const float kLn2Hi = 0.693145751953125f;  // ln 2 split in two (Cody-Waite)
-    const float kLn2Lo = 1.428606765330187e-06f;
-    const Vec clamped = clamp_exp_argument(x);
-    const Vec n_magic = clamped * kLog2e + kRoundMagic;
-    const Vec n = n_magic - kRoundMagic;
-    Vec r = clamped - n * kLn2Hi;
-    r = r - n * kLn2Lo;
+    const LnTwoReduction reduced = reduce_by_ln2(clamp_exp_argument(x));
+    const Vec r = reduced.r;
     Vec p = r * 1.383678258e-03f + 8.374798799e-03f;
     p = p * r + 4.166822561e-02f;
     p = p * r + 1.666642038e-01f;
     p = p * r + 4.999999208e-01f;
     p = p * r + 1.000000036e+00f;
     p = p * r + 1.000000001e+00f;
-    return times_two_to_n(p, n, n_magic);
+    return times_two_to_n(p, reduced.n, reduced.n_magic);
   }
 
   // exp(x) on the same arguments for results that will be rounded to
@@ -218,25 +216,21 @@ struct Simd<float> {
   }
 
   // expm1(t) = exp(t) - 1 for t in [0, 20] (tanh_vec's arguments), to a
-  // few ulp: 2^n expm1(r) + (2^n - 1) with exp()'s reduction t = n ln 2 + r.
+  // few ulp: 2^n expm1(r) + (2^n - 1) with t = n ln 2 + r (reduce_by_ln2).
   // expm1(r) is its Taylor series to r^7 without the constant term
   // (truncation below 2e-8 relative for |r| <= ln2 / 2), so small t lose
   // nothing to the cancellation of exp(t) - 1; for n >= 1 the two terms
   // have the same sign.
   static FUSED_CE_INLINE Vec expm1_of_nonnegative(Vec t) {
-    const float kLn2Hi = 0.693145751953125f;
-    const float kLn2Lo = 1.428606765330187e-06f;
-    const Vec n_magic = t * kLog2e + kRoundMagic;
-    const Vec n = n_magic - kRoundMagic;
-    Vec r = t - n * kLn2Hi;
-    r = r - n * kLn2Lo;
+    const LnTwoReduction reduced = reduce_by_ln2(t);
+    const Vec r = reduced.r;
     Vec p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
     p = p * r + (1.0f / 120.0f);
     p = p * r + (1.0f / 24.0f);
     p = p * r + (1.0f / 6.0f);
     p = p * r + 0.5f;
     const Vec expm1_r = (r * r) * p + r;
-    const Vec two_to_n = times_two_to_n(Vec{} + 1.0f, n, n_magic);
+    const Vec two_to_n = times_two_to_n(Vec{} + 1.0f, reduced.n, reduced.n_magic);
     return expm1_r * two_to_n + (two_to_n - 1.0f);
   }
 
@@ -263,14 +257,26 @@ struct Simd<float> {
     series = series * s2 + (1.0f / 3.0f);
     series = series * s2 + 1.0f;
     const Vec e = __builtin_convertvector(exponent, Vec);
-    const float kLn2Hi = 0.693145751953125f;
-    const float kLn2Lo = 1.428606765330187e-06f;
     const Vec result = e * kLn2Hi + (e * kLn2Lo + 2.0f * s * series);
     return x != x ? x : result;
   }
 
  private:
   static constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+
+  // x = n ln 2 + r with n = round(x / ln 2) and r in [-ln2/2, ln2/2], exact
+  // (see kLn2Hi); n_magic = n + kRoundMagic, which times_two_to_n takes too.
+  struct LnTwoReduction {
+    Vec r, n, n_magic;
+  };
+  static FUSED_CE_INLINE LnTwoReduction reduce_by_ln2(Vec x) {
+    LnTwoReduction out;
+    out.n_magic = x * kLog2e + kRoundMagic;
+    out.n = out.n_magic - kRoundMagic;
+    out.r = x - out.n * kLn2Hi;
+    out.r = out.r - out.n * kLn2Lo;
+    return out;
+  }
 
   // The exp argument clamped below (a max, whose NaN operand wins when it is
   // the second), so that -inf, whose softmax must be exactly 0, still gives
