@@ -222,6 +222,18 @@ def identical(a, b):
     return torch.equal(a, b)
 
 
+# Names of the loss's autograd node (grad_fn.name()) under fused_ce: the C++
+# node of the common cases (csrc/autograd.cpp), and the Python
+# CrossEntropyFunction's for the rest.
+NATIVE_NODE = "torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>"
+PYTHON_NODE = "CrossEntropyFunctionBackward"
+
+
+def grad_fn_name(t):
+    """t.grad_fn.name(), or None for a tensor without one."""
+    return t.grad_fn.name() if t.grad_fn is not None else None
+
+
 def _leaf(t, requires_grad):
     leaf = t.detach().clone()
     return leaf.requires_grad_(requires_grad)

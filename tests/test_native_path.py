@@ -12,30 +12,15 @@ checked against PyTorch by the rest of the suite.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fused_ce
-from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target
-
-NATIVE_NODE = "torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>"
-PYTHON_NODE = "CrossEntropyFunctionBackward"
+from conftest import (NATIVE_NODE, PYTHON_NODE, assert_close_ref, grad_fn_name, make_class_target,
+                      make_logits, make_prob_target, torch_reference)
 
 
 def _leaf(shape, device, dtype=torch.float32):
     return make_logits(shape, dtype, device).requires_grad_()
-
-
-def _node(loss):
-    return loss.grad_fn.name() if loss.grad_fn is not None else None
-
-
-def _reference(x, t, **kwargs):
-    """PyTorch's loss and the gradient of its sum for the input, in float64 on the CPU."""
-    x64 = x.detach().double().cpu().requires_grad_()
-    loss = F.cross_entropy(x64, t.cpu(), **kwargs)
-    (grad,) = torch.autograd.grad(loss.sum(), x64)
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize(
@@ -58,13 +43,13 @@ def test_path_taken(device, kwargs, soft, target_grad, expected):
     t.requires_grad_(target_grad)
     out = fused_ce.cross_entropy(x, t, **kwargs)
     loss = out[0] if isinstance(out, tuple) else out
-    assert _node(loss) == expected
+    assert grad_fn_name(loss) == expected
 
 
 def test_no_graph_without_gradients(device):
     x = _leaf((5, 9), device)
     t = make_class_target((5,), 9, device)
-    want, _ = _reference(x, t, reduction="none")
+    want = torch_reference(x, t, reduction="none")[0]
     with torch.no_grad():
         loss = fused_ce.cross_entropy(x, t, reduction="none")
     assert loss.grad_fn is None and not loss.requires_grad and loss.shape == (5,)
@@ -75,7 +60,7 @@ def test_no_graph_without_gradients(device):
     # grad mode on, but nothing requires grad
     loss = fused_ce.cross_entropy(x.detach(), t, label_smoothing=0.2)
     assert loss.grad_fn is None
-    assert_close_ref(loss, _reference(x, t, label_smoothing=0.2)[0], torch.float32)
+    assert_close_ref(loss, torch_reference(x, t, label_smoothing=0.2)[0], torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(7, 13), (3, 5, 4, 2), (13,)], ids=["2d", "4d", "unbatched"])
@@ -85,9 +70,9 @@ def test_gradient_reaches_the_logits_in_their_shape(device, shape):
     t = make_class_target((shape[0],) + shape[2:], C, device) if len(shape) > 1 else \
         make_class_target((), C, device, ignore_frac=0.0)
     loss = fused_ce.cross_entropy(x, t, reduction="sum")
-    assert _node(loss) == NATIVE_NODE
+    assert grad_fn_name(loss) == NATIVE_NODE
     loss.backward()
-    want_loss, want_grad = _reference(x, t, reduction="sum")
+    want_loss, want_grad, _ = torch_reference(x, t, reduction="sum")
     assert x.grad.shape == x.shape
     assert_close_ref(loss, want_loss, torch.float32)
     assert_close_ref(x.grad, want_grad, torch.float32)
@@ -98,7 +83,7 @@ def test_channels_last_gradient_keeps_the_layout(device):
     t = make_class_target((2, 5, 3), 6, device)
     fused_ce.cross_entropy(x, t).backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
-    assert_close_ref(x.grad, _reference(x, t)[1], torch.float32)
+    assert_close_ref(x.grad, torch_reference(x, t)[1], torch.float32)
 
 
 def test_double_backward_raises_when_attempted(device):
@@ -107,7 +92,7 @@ def test_double_backward_raises_when_attempted(device):
     t = make_class_target((4,), 7, device, ignore_frac=0.0)
     scale = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
     (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t) * scale, x, create_graph=True)
-    assert_close_ref(grad, 1.5 * _reference(x, t)[1], torch.float64)
+    assert_close_ref(grad, 1.5 * torch_reference(x, t)[1], torch.float64)
     with pytest.raises(RuntimeError, match="not differentiable"):
         grad.sum().backward()
 
@@ -119,7 +104,7 @@ def test_create_graph_for_the_rest_of_the_graph(device):
     t = make_class_target((4,), 7, device, ignore_frac=0.0)
     loss = fused_ce.cross_entropy(x, t) + (y ** 3).sum()
     grad_x, grad_y = torch.autograd.grad(loss, (x, y), create_graph=True)
-    assert_close_ref(grad_x, _reference(x, t)[1], torch.float64)
+    assert_close_ref(grad_x, torch_reference(x, t)[1], torch.float64)
     grad_y.sum().backward()
     torch.testing.assert_close(y.grad, 6 * y.detach())
 
@@ -137,7 +122,7 @@ def test_saved_tensor_hooks_see_the_saved_gradient(device):
         loss = fused_ce.cross_entropy(x, t, label_smoothing=0.05)
     assert packed, "the node saved nothing through the hooks"
     loss.backward()
-    assert_close_ref(x.grad, _reference(x, t, label_smoothing=0.05)[1], torch.float32)
+    assert_close_ref(x.grad, torch_reference(x, t, label_smoothing=0.05)[1], torch.float32)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -176,7 +161,7 @@ def test_torch_function_subclass_takes_the_python_path(device):
     loss = fused_ce.cross_entropy(x, t)
     assert _LoggingTensor.calls > 0
     loss.backward()
-    assert_close_ref(x.grad.as_subclass(torch.Tensor), _reference(x.as_subclass(torch.Tensor), t)[1],
+    assert_close_ref(x.grad.as_subclass(torch.Tensor), torch_reference(x.as_subclass(torch.Tensor), t)[1],
                      torch.float32)
 
 

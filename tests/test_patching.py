@@ -20,12 +20,12 @@ import fused_ce.functional
 from fused_ce import patching
 from fused_ce.patching import patch_torch, supported, unsupported_reason
 
+from conftest import NATIVE_NODE, PYTHON_NODE, grad_fn_name
+
 # Captured at import, before any test patches anything.
 ORIGINAL_CE = torch.nn.functional.cross_entropy
 ORIGINAL_LOSS_CLASS = torch.nn.CrossEntropyLoss
-# The loss's autograd node under fused_ce: the C++ node of the common cases, or the Python Function's.
-FUSED_NODES = ("torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>",
-               "CrossEntropyFunctionBackward")
+FUSED_NODES = (NATIVE_NODE, PYTHON_NODE)  # the loss's autograd node under fused_ce
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +51,6 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _node_name(loss):
-    return loss.grad_fn.name() if loss.grad_fn is not None else None
-
-
 # One random upstream gradient per test process run, shared by the reference and the patched call
 # (reseeded per call from this value so both see the same one, never all ones).
 _GRAD_SEED = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -65,7 +61,7 @@ def _loss_and_grads(fn, x, target, weight=None, target_grad=False, **kwargs):
     xl = x.detach().clone().requires_grad_()
     tl = target.detach().clone().requires_grad_(target_grad)
     loss = fn(xl, tl, weight=weight, **kwargs)
-    node = _node_name(loss)
+    node = grad_fn_name(loss)
     gen = torch.Generator().manual_seed(_GRAD_SEED)
     go = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype) + 0.5
     leaves = [xl] + ([tl] if target_grad else [])
