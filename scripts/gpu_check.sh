@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,percall,bench,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,percall,bench,sanitize
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
@@ -15,7 +15,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,percall,bench,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,percall,bench,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -76,6 +76,32 @@ if want tests; then
   grep -cE " PASSED " "$OUT/tests.log" | sed 's/^/passed: /' | tee -a "$LOG"
   grep -E " (FAILED|ERROR) |^(FAILED|ERROR) |node down|crashed|[0-9]+ (passed|failed)" "$OUT/tests.log" \
       | cut -c1-300 | sort -u | head -n 80 | tee -a "$LOG"
+fi
+
+if want clusters; then
+  # Rows split over thread-block clusters (new, not yet run on a GPU): their
+  # tests alone first; then LM shapes with FUSED_CE_CUDA_CLUSTERS=1 (the
+  # default: clusters for rows too long for one block), 0 (none: those rows
+  # streamed twice) and all (clusters also for rows of 16k-57k 16-bit classes,
+  # instead of one big block per SM), each next to a copy of the logits; then
+  # memcheck and racecheck over the cluster tests.
+  stage "cluster rows" | tee -a "$LOG"
+  timeout 150 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda -rfE 2>&1 \
+      | tail -n 25 | cut -c1-300 | tee -a "$LOG"
+  for clusters in 1 0 all; do
+    echo "FUSED_CE_CUDA_CLUSTERS=$clusters" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=$clusters timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
+        --shapes 16384x32000:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
+        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "$OUT/clusters-$clusters" 2>&1 \
+        | grep -v "^\[" | grep -E "logits|fused_ce |copy " | tee -a "$LOG"
+  done
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest tests/test_long_rows.py \
+        -q -p no:cacheprovider -k "cuda and (128256 or 60001)" >"$OUT/clusters-$tool.log" 2>&1
+    echo "$tool exit status $?" | tee -a "$LOG"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|Invalid|passed|failed" "$OUT/clusters-$tool.log" | head -n 10 \
+        | tee -a "$LOG"
+  done
 fi
 
 if want percall; then

@@ -120,7 +120,8 @@ CUDA_DET_CASES = {
     "tiny_rows": ((4096, 10), (4096,)),  # one thread per row
     "warp_rows": ((1024, 1000), (1024,)),  # a warp per row
     "resident_rows": ((64, 32000), (64,)),  # register-resident forward_with_grad, block reductions
-    "streamed_rows": ((16, 70000), (16,)),  # longer than the register-resident limit
+    "cluster_rows": ((16, 70000), (16,)),  # past one block: split over a cluster on sm_90+
+    "streamed_rows": ((16, 270000), (16,)),  # past every register-resident configuration
     "class_strided": ((8, 21, 32, 32), (8, 32, 32)),  # (N, C, H, W)
 }
 

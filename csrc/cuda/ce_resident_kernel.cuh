@@ -12,7 +12,14 @@
 //
 // Requirements checked by the launcher: class stride 1, D == 1 (gradient
 // rows contiguous), vectorisable (same 16-byte phase for input and gradient
-// rows), and at most TPR * CH body slots per row.
+// rows), and at most CLUSTER * TPR * CH body slots per row.
+//
+// CLUSTER > 1 (sm_90+, see ce_cluster.cuh): a row too long for one block is
+// split over the CLUSTER blocks of a thread-block cluster (TPR == BLOCK).
+// Each block holds a contiguous range of the body slots (block 0 also the
+// head and tail elements), the statistics are reduced within the block and
+// then across the cluster, and each block writes the gradient of its own
+// slots: still one read and one write per element.
 //
 // In place (grad_input == input) needs nothing extra here: each lane stores
 // exactly the slots and edge elements it loaded, from its registers; the
@@ -25,7 +32,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "ce_cluster.cuh"
 #include "ce_common.cuh"
 #include "ce_loss.cuh"
 #include "ce_memory.cuh"
@@ -129,10 +138,12 @@ struct WordCodec<__nv_bfloat16> : HalfWordCodec<WordCodec<__nv_bfloat16>> {
   __device__ __forceinline__ static uint32_t neg_inf_word(int) { return 0xff80ff80u; }
 };
 
+// Body slot `slot` of `row` into w, or -inf padding when this thread holds
+// no slot (`real` false).
 template <CachePolicy P, int VEC, typename T>
-__device__ __forceinline__ void load_slot_words(const T* row, const RowSplit<VEC>& rs, int slot,
+__device__ __forceinline__ void load_slot_words(const T* row, const RowSplit<VEC>& rs, int slot, bool real,
                                                 uint32_t (&w)[kWordsPerSlot]) {
-  if (slot < rs.body_slots) {
+  if (real) {
     const uint4 v = load_global<P>(reinterpret_cast<const uint4*>(row + rs.slot_class(slot)));
     w[0] = v.x;
     w[1] = v.y;
@@ -147,7 +158,6 @@ __device__ __forceinline__ void load_slot_words(const T* row, const RowSplit<VEC
 template <CachePolicy P, int VEC, typename T>
 __device__ __forceinline__ void store_slot_words(T* row, const RowSplit<VEC>& rs, int slot,
                                                  const uint32_t (&w)[kWordsPerSlot]) {
-  if (slot >= rs.body_slots) return;
   store_global<P>(reinterpret_cast<uint4*>(row + rs.slot_class(slot)), make_uint4(w[0], w[1], w[2], w[3]));
 }
 
@@ -163,18 +173,23 @@ __device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], doubl
   for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "d"(after));
 }
 
-// CAP: softcap on (see LossMath).
-template <typename T, int TPR, int BLOCK, int VEC, int CH, bool CAP>
+// CAP: softcap on (see LossMath).  CLUSTER: blocks per row (1: a row per
+// group of TPR threads).
+template <typename T, int TPR, int BLOCK, int VEC, int CH, bool CAP, int CLUSTER = 1>
 __global__ void __launch_bounds__(BLOCK)
     ce_forward_grad_resident_kernel(const CrossEntropyForwardParams<T> p,
                                     const LossMath<acc_t<T>, CAP> math) {
   static_assert(VEC > 1 && TPR >= VEC, "vectorised rows only; a lane owns at most one head/tail element");
   static_assert(VEC * sizeof(T) == kVectorBytes, "one slot is one 16-byte vector");
+  static_assert(CLUSTER == 1 || (TPR == BLOCK && CLUSTER <= kMaxClusterBlocks),
+                "a row split over a cluster takes whole blocks");
   using Acc = acc_t<T>;
   using Codec = WordCodec<T>;
-  using Sched = RowSchedule<TPR, BLOCK>;
+  using Sched = std::conditional_t<(CLUSTER > 1), ClusterRowSchedule<CLUSTER, BLOCK>, RowSchedule<TPR, BLOCK>>;
 
   const int lane = Sched::lane();
+  const int rank = CLUSTER > 1 ? cluster_block_rank() : 0;
+  int parity = 0;  // of the cluster all-reduce's exchange slot
   const int64_t rows = p.N;  // D == 1
   const int C = static_cast<int>(p.C);
   const Acc grad_scale = p.workspace[kWorkspaceScaleSlot];
@@ -187,6 +202,12 @@ __global__ void __launch_bounds__(BLOCK)
     const T* x = p.input + (active ? row : 0) * p.input_stride_n;
     RowSplit<VEC> rs = RowSplit<VEC>::make(x, C);
     if (!active) rs.clear();
+    // This block's body slots, and the row split it reads the edges from:
+    // block 0 of a cluster holds the head and tail elements, the others none.
+    const SlotRange mine =
+        CLUSTER > 1 ? SlotRange::of_rank(rs.body_slots, rank, CLUSTER) : SlotRange{0, rs.body_slots};
+    RowSplit<VEC> edges = rs;
+    if (rank != 0) edges.head = edges.tail = 0;
     const int64_t y =
         active ? read_class_target(p.target, row * p.target_stride_n, p.ignore_index, p.C) : -1;
     // y_t, also the reference the smoothing sum is taken relative to (see
@@ -196,14 +217,16 @@ __global__ void __launch_bounds__(BLOCK)
       y_target = math.logit(to_acc(load_global<CachePolicy::kCoherent>(x + y))).y;
     const Acc ref = isfinite(y_target) ? y_target : Acc(0);
 
-    // The only read of the row: body slot ch * TPR + lane goes to xw[ch],
-    // the lane's head/tail elements to xe; padding is -inf.  Evict-first:
-    // nothing reads the row again.
+    // The only read of the row: body slot mine.first + ch * TPR + lane goes
+    // to xw[ch], the lane's head/tail elements to xe; padding is -inf.
+    // Evict-first: nothing reads the row again.
     uint32_t xw[CH][kWordsPerSlot];
     T xe[kEdges];
 #pragma unroll
-    for (int ch = 0; ch < CH; ++ch) load_slot_words<CachePolicy::kStream>(x, rs, ch * TPR + lane, xw[ch]);
-    load_edges<CachePolicy::kStream>(x, rs, lane, neg_inf, xe);
+    for (int ch = 0; ch < CH; ++ch)
+      load_slot_words<CachePolicy::kStream>(x, rs, mine.first + ch * TPR + lane, ch * TPR + lane < mine.count,
+                                            xw[ch]);
+    load_edges<CachePolicy::kStream>(x, edges, lane, neg_inf, xe);
 
     // One pass over the registers: an online (max, sum of exp) per slot plus,
     // with smoothing, sum_c w_c (y_c - ref) and sum_c w_c; then one group
@@ -215,19 +238,19 @@ __global__ void __launch_bounds__(BLOCK)
       st.v[3] += w;
     };
     Acc ye[kEdges];
-    math.edge_logits(rs, lane, xe, ye);
+    math.edge_logits(edges, lane, xe, ye);
     online_lse_add<kEdges>(st.v[0], st.v[1], ye);
     if (math.smoothing) {
 #pragma unroll
       for (int e = 0; e < kEdges; ++e) {
-        const int c = rs.edge_class(lane, e);
+        const int c = edges.edge_class(lane, e);
         if (c >= 0) add_smoothing(ye[e], c);
       }
     }
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) {
-      const int slot = ch * TPR + lane;
-      const bool real = slot < rs.body_slots;
+      const int slot = mine.first + ch * TPR + lane;
+      const bool real = ch * TPR + lane < mine.count;
       Acc vals[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) vals[j] = math.logit_or_padding(Codec::get(xw[ch], j), real);
@@ -239,6 +262,10 @@ __global__ void __launch_bounds__(BLOCK)
     }
     // Also the barrier between this row's reads and its in-place writes.
     st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
+    if constexpr (CLUSTER > 1) {
+      st = cluster_allreduce<CLUSTER>(st, LseSumOp{}, parity);
+      parity ^= 1;
+    }
     const RowStats<Acc> stats{st.v[0], acc_log(st.v[1])};
     const Acc lse = stats.lse();
 #pragma unroll
@@ -248,7 +275,7 @@ __global__ void __launch_bounds__(BLOCK)
     const Acc w_target = y >= 0 ? class_weight(p.weight, y) : Acc(0);
 
     if (!active) continue;  // no collectives past this point
-    if (lane == 0) {
+    if (lane == 0 && rank == 0) {
       p.loss[row] = y >= 0 ? math.class_loss(stats, y_target, w_target, ref, st.v[2], weight_sum) : Acc(0);
       p.lse[row] = lse;  // ignored rows included
     }
@@ -262,20 +289,22 @@ __global__ void __launch_bounds__(BLOCK)
     };
 #pragma unroll
     for (int e = 0; e < kEdges; ++e) {
-      const int c = rs.edge_class(lane, e);
+      const int c = edges.edge_class(lane, e);
       xe[e] = c >= 0 ? from_acc<T>(grad_at(to_acc(xe[e]), c)) : zero;
     }
-    store_edges<CachePolicy::kStream>(gx, rs, lane, xe);
+    store_edges<CachePolicy::kStream>(gx, edges, lane, xe);
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) {
-      const int slot = ch * TPR + lane;
-      if (slot >= rs.body_slots) continue;
+      if (ch * TPR + lane >= mine.count) continue;
+      const int slot = mine.first + ch * TPR + lane;
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
         Codec::put(xw[ch], j, grad_at(Acc(Codec::get_again(xw[ch], j)), rs.slot_class(slot) + j));
       store_slot_words<CachePolicy::kStream>(gx, rs, slot, xw[ch]);
     }
   }
+  // No block may leave while another can still read its exchange slot.
+  if constexpr (CLUSTER > 1) cluster_barrier();
 }
 
 }  // namespace cuda

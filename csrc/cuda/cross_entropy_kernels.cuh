@@ -23,18 +23,25 @@
 //    head and tail of each row, so odd C such as 50257 still vectorises);
 //    scalar accesses otherwise.
 //  * forward_with_grad with class targets keeps the row in registers when it
-//    fits (57344 bf16/fp16, 32768 fp32 (16384 with the softcap), 8192 fp64
-//    classes), else streams it twice.  The in-place variant
-//    (grad_input == input) takes the same kernels: both are alias-safe (see
-//    their headers).
+//    fits: in one block up to 57344 bf16/fp16, 32768 fp32 (16384 with the
+//    softcap) and 8192 fp64 classes; on sm_90+, split over a thread-block
+//    cluster of up to 8 blocks, up to 262144 bf16/fp16, 131072 fp32 and
+//    65536 fp64 classes (a 128k or 256k vocabulary).  Longer rows, and
+//    cluster-sized rows on older GPUs or with FUSED_CE_CUDA_CLUSTERS=0, are
+//    streamed twice.  The in-place variant (grad_input == input) takes the
+//    same kernels: they are alias-safe (see their headers).
 //  * The softcap is a compile-time kernel parameter (a tanh per logit
 //    read); z_loss and grad_lse only change per-row coefficients.
 // Every launch is asynchronous on the caller's stream: no host
-// synchronisation, no device queries, CUDA-graph capturable.
+// synchronisation, CUDA-graph capturable.  The only device queries (whether
+// clusters can be launched) are host-side attribute reads, made for rows
+// too long for one block.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "ce_common.cuh"
 #include "ce_loss.cuh"
@@ -185,6 +192,9 @@ bool gradient_layout(const CrossEntropyForwardParams<T>& p) {
 
 // Register-resident configurations, smallest first: (threads per row,
 // block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
+// Rows of more than kSlotsOf256ThreadBlock slots take one block of 512 or
+// more threads: one block per SM.
+constexpr int64_t kSlotsOf256ThreadBlock = 256 * 8;
 template <bool CAP, typename T>
 cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
                             bool* launched) {
@@ -218,6 +228,90 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
 #undef FUSED_CE_RESIDENT
   *launched = false;
   return cudaSuccess;
+}
+
+// Which rows the cluster kernels take, from FUSED_CE_CUDA_CLUSTERS (read
+// once per process), for comparisons: "0" none (rows past one block are
+// streamed twice); unset or "1" the rows too long for one block; "all" also
+// the rows one block of 512 or more threads would hold (one such block per
+// SM, so a row's reductions and writes do not overlap other rows' loads,
+// where 2 to 3 blocks of 256 threads per SM would).
+enum class ClusterUse { kNone, kLongRows, kAll };
+
+inline ClusterUse cluster_use() {
+  static const ClusterUse use = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_CLUSTERS");
+    if (v != nullptr && std::strcmp(v, "0") == 0) return ClusterUse::kNone;
+    if (v != nullptr && std::strcmp(v, "all") == 0) return ClusterUse::kAll;
+    return ClusterUse::kLongRows;
+  }();
+  return use;
+}
+
+// Whether `kernel`, a kernel split over thread-block clusters, can run on
+// the current device: the device launches clusters, and the binary loaded
+// for it was compiled for sm_90 or newer (an sm_80 binary, or PTX JIT-compiled
+// from compute_80, holds the trapping stubs of ce_cluster.cuh).
+template <typename Kernel>
+bool clusters_usable(Kernel kernel) {
+  int device = 0, cluster_launch = 0;
+  cudaFuncAttributes attributes;
+  const bool usable = cudaGetDevice(&device) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
+                      cluster_launch != 0 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+                      attributes.binaryVersion >= 90;
+  // A failed query must not surface as the error of a later launch check.
+  if (!usable) (void)cudaGetLastError();
+  return usable;
+}
+
+// Register-resident rows split over a cluster of CLUSTER blocks of BLOCK
+// threads (ce_resident_kernel.cuh), smallest capacity first: CLUSTER * BLOCK
+// * CH slots.  256-thread blocks (80 registers for bf16, 119 with the
+// softcap) leave room for two or three blocks per SM, so one row's
+// reductions overlap other rows' loads; the 512-thread configuration is
+// there for the longest rows (256k bf16).  Clusters of 2 blocks hold no more
+// than one 1024-thread block: only FUSED_CE_CUDA_CLUSTERS=all uses them.
+// Returns whether a kernel was launched: not when the row is too long, the
+// device or binary has no clusters, or the launch is refused (a cluster the
+// device cannot schedule is refused synchronously); the row then takes the
+// streaming kernel instead of failing the call.
+template <bool CAP, typename T>
+bool launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream) {
+  constexpr int V = vector_width<T>();
+  const int64_t rows = p.N;
+  const auto math = loss_math<CAP>(p);
+  auto launch = [&](auto kernel, int cluster, int block) -> bool {
+    // One cluster per row at most; the kernel walks rows with a cluster stride.
+    const int64_t max_clusters = 0x7fffffff / cluster;
+    const int64_t clusters = rows < max_clusters ? rows : max_clusters;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned int>(clusters * cluster));
+    config.blockDim = dim3(static_cast<unsigned int>(block));
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    if (cudaLaunchKernelEx(&config, kernel, p, math) == cudaSuccess) return true;
+    (void)cudaGetLastError();  // not the error of a later launch check
+    return false;
+  };
+#define FUSED_CE_CLUSTER_RESIDENT(CLUSTER, BLOCK, CH)                                                 \
+  if (slots <= int64_t(CLUSTER) * (BLOCK) * (CH)) {                                                  \
+    const auto kernel = ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP, CLUSTER>;        \
+    return clusters_usable(kernel) && launch(kernel, CLUSTER, BLOCK);                               \
+  }
+  FUSED_CE_CLUSTER_RESIDENT(2, 256, 8)
+  FUSED_CE_CLUSTER_RESIDENT(4, 256, 8)
+  FUSED_CE_CLUSTER_RESIDENT(8, 256, 8)
+  FUSED_CE_CLUSTER_RESIDENT(8, 512, 8)
+#undef FUSED_CE_CLUSTER_RESIDENT
+  return false;
 }
 
 template <typename T>
@@ -264,13 +358,20 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
 
   if (!prob && with_grad && row_layout && vector_ok &&
       p.C * static_cast<int64_t>(sizeof(T)) > kTinyRowBytes) {
-    bool launched = false;
     // A row has at most C / VEC body slots (the head and tail elements are
     // held separately).
     const int64_t slots = p.C / vector_width<T>();
+    auto try_clusters = [&] {
+      return capped ? launch_cluster_resident<true>(p, slots, stream)
+                    : launch_cluster_resident<false>(p, slots, stream);
+    };
+    const ClusterUse use = cluster_use();
+    if (use == ClusterUse::kAll && slots > kSlotsOf256ThreadBlock && try_clusters()) return cudaSuccess;
+    bool launched = false;
     const cudaError_t err = capped ? launch_resident<true>(p, slots, stream, &launched)
                                    : launch_resident<false>(p, slots, stream, &launched);
     if (launched) return err;
+    if (use != ClusterUse::kNone && try_clusters()) return cudaSuccess;
   }
 
   const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
