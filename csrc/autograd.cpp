@@ -8,13 +8,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/function.h>
 
-#include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cross_entropy.h"
+#include "double_backward.h"
 
 namespace fused_ce {
 namespace {
@@ -98,23 +99,6 @@ bool is_reduced(int64_t reduction) {
          reduction == static_cast<int64_t>(Reduction::Sum);
 }
 
-// ---------------------------------------------------------------------------
-// The autograd node.
-
-// What autograd's once_differentiable does for a Python backward: a second
-// differentiation through this gradient (create_graph=True, then grad of the
-// gradient) raises when it is attempted, instead of silently missing the
-// second-order term the operators do not compute.
-at::Tensor fail_if_differentiated(const at::Tensor& gradient) {
-  at::Tensor alias = gradient.detach();
-  alias.set_requires_grad(true);
-  auto error = std::make_shared<torch::autograd::DelayedError>(
-      "fused_ce.cross_entropy: the gradient is not differentiable (its backward does not support "
-      "double backward / create_graph=True)",
-      /*num_inputs=*/1);
-  return error->apply({alias})[0];
-}
-
 }  // namespace
 
 // Outside the anonymous namespace: autograd names the node after this class
@@ -125,6 +109,11 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // The forward's arguments, in order; backward returns one gradient per
   // argument, undefined for all but the input.
   static constexpr size_t kNumArguments = 9;
+
+  // The saved tensors, in order; undefined where the strategy does not need
+  // them. The target, weights, lse and total weight are what the double
+  // backward needs (double_backward.h), all O(N) or smaller.
+  enum Saved : size_t { kInput, kTarget, kWeight, kLse, kTotalWeight, kGradient, kNumSaved };
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -137,21 +126,27 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
     ctx->set_materialize_grads(false);
     ctx->saved_data["input_sizes"] = input.sizes();
     ctx->saved_data["device_scaled"] = device_scaled;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["reduction"] = reduction;
+    variable_list saved(kNumSaved);
+    saved[kTarget] = args.target;
+    saved[kWeight] = weight.value_or(at::Tensor());
+    if (z_loss != 0) saved[kLse] = lse;
+    saved[kTotalWeight] = total_weight;
     if (device_scaled) {
       // Scaled in place and handed out by the first backward, so not a
       // saved tensor (a second backward's unpacking would find it
       // modified). A second backward (retain_graph=True) recomputes it from
       // the saved operands: the same kernel gives the same bits.
       ctx->saved_data["gradient"] = gradient;
-      ctx->saved_data["ignore_index"] = ignore_index;
-      ctx->saved_data["label_smoothing"] = label_smoothing;
-      ctx->saved_data["z_loss"] = z_loss;
-      ctx->saved_data["softcap"] = softcap;
-      ctx->saved_data["reduction"] = reduction;
-      ctx->save_for_backward({input, target, weight.value_or(at::Tensor())});
+      saved[kInput] = input;
     } else {
-      ctx->save_for_backward({gradient});
+      saved[kGradient] = gradient;
     }
+    ctx->save_for_backward(std::move(saved));
     return reduce(loss, total_weight, reduction, input);
   }
 
@@ -159,38 +154,44 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
     variable_list grads(kNumArguments);
     const at::Tensor& grad_output = grad_outputs[0];
     if (!grad_output.defined()) return grads;  // the loss was not used
-    const bool create_graph = at::GradMode::is_enabled();
-    at::Tensor gradient;
-    {
-      at::NoGradGuard no_grad;
-      gradient = ctx->saved_data["device_scaled"].toBool() ? device_scaled_gradient(ctx, grad_output)
-                                                           : saved_gradient(ctx, grad_output);
-      gradient = gradient.reshape(ctx->saved_data["input_sizes"].toIntVector());
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      grads[0] = differentiable(ctx, grad_output);
+      return grads;
     }
-    grads[0] = create_graph && grad_output.requires_grad() ? fail_if_differentiated(gradient) : gradient;
+    const bool device_scaled = ctx->saved_data["device_scaled"].toBool();
+    grads[0] = (device_scaled ? device_scaled_gradient(ctx, grad_output) : saved_gradient(ctx, grad_output))
+                   .reshape(ctx->saved_data["input_sizes"].toIntVector());
     return grads;
   }
 
  private:
-  // The held gradient (or, after a first backward, a recomputed one), scaled
-  // in place on the device; untouched when grad_output is 1.
-  static at::Tensor device_scaled_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
+  static LossOptions saved_options(AutogradContext* ctx) {
+    return {ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
+            ctx->saved_data["z_loss"].toDouble(), ctx->saved_data["softcap"].toDouble()};
+  }
+
+  // The gradient for an upstream gradient of 1: the held one (handed over
+  // when `take`, so that it can be scaled in place), or, after a first
+  // backward took it, a recomputed one.
+  static at::Tensor unscaled_device_gradient(AutogradContext* ctx, bool take) {
     at::IValue& held = ctx->saved_data["gradient"];
-    at::Tensor gradient;
     if (held.isTensor()) {
-      gradient = held.toTensor();
-      held = at::IValue();
-    } else {  // handed out by a previous backward
-      const variable_list saved = ctx->get_saved_variables();
-      const CanonicalArgs args = canonical(saved[0], saved[1]);
-      const std::optional<at::Tensor> weight =
-          saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-      const LossOptions options{ctx->saved_data["ignore_index"].toInt(),
-                                ctx->saved_data["label_smoothing"].toDouble(),
-                                ctx->saved_data["z_loss"].toDouble(), ctx->saved_data["softcap"].toDouble()};
-      gradient = std::get<3>(forward_with_grad_op(args.input, args.target, weight, options,
-                                                  ctx->saved_data["reduction"].toInt()));
+      at::Tensor gradient = held.toTensor();
+      if (take) held = at::IValue();
+      return gradient;
     }
+    const variable_list saved = ctx->get_saved_variables();
+    const CanonicalArgs args = canonical(saved[kInput], saved[kTarget]);
+    const std::optional<at::Tensor> weight =
+        saved[kWeight].defined() ? std::optional<at::Tensor>(saved[kWeight]) : std::nullopt;
+    return std::get<3>(
+        forward_with_grad_op(args.input, args.target, weight, saved_options(ctx), ctx->saved_data["reduction"].toInt()));
+  }
+
+  // The held gradient scaled in place on the device; untouched when
+  // grad_output is 1.
+  static at::Tensor device_scaled_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
+    at::Tensor gradient = unscaled_device_gradient(ctx, /*take=*/true);
     scale_gradient_op(gradient, grad_output);
     return gradient;
   }
@@ -199,9 +200,54 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // retain_graph=True a second backward must find it unchanged. Reading a
   // CPU scalar is free, so the pass is skipped when it is 1.
   static at::Tensor saved_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
-    at::Tensor gradient = ctx->get_saved_variables()[0];
+    at::Tensor gradient = ctx->get_saved_variables()[kGradient];
     if (grad_output.is_cpu() && grad_output.item<double>() == 1.0) return gradient;
     return gradient * grad_output;
+  }
+
+  // create_graph=True: grad_output times the gradient, differentiable with
+  // respect to the input and grad_output (double_backward.h), out of place
+  // so that the saved or held gradient stays for the double backward and
+  // for a later backward. Without the softcap, and only when this node is
+  // the one the autograd engine is running (whose first edge leads to the
+  // input); otherwise differentiating it raises.
+  static at::Tensor differentiable(AutogradContext* ctx, const at::Tensor& grad_output) {
+    const std::vector<int64_t> input_sizes = ctx->saved_data["input_sizes"].toIntVector();
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor gradient;
+    {
+      at::NoGradGuard no_grad;
+      gradient = ctx->saved_data["device_scaled"].toBool() ? unscaled_device_gradient(ctx, /*take=*/false)
+                                                           : saved[kGradient];
+      gradient = gradient.reshape(input_sizes);
+    }
+    const LossOptions options = saved_options(ctx);
+    const auto node = torch::autograd::get_current_node();
+    const char* refusal = nullptr;
+    if (options.softcap != 0) {
+      refusal = "fused_ce.cross_entropy: with softcap the gradient is not differentiable (double "
+                "backward / create_graph=True would need the logits, which the loss does not keep)";
+    } else if (node == nullptr ||
+               dynamic_cast<torch::autograd::CppNode<CrossEntropyLossFunction>*>(node.get()) == nullptr) {
+      refusal = "fused_ce.cross_entropy: the gradient is only differentiable in a backward run by "
+                "autograd's engine";
+    }
+    if (refusal != nullptr) {
+      at::Tensor scaled;
+      {
+        at::NoGradGuard no_grad;
+        scaled = gradient * grad_output;
+      }
+      return fail_if_differentiated(scaled, refusal);
+    }
+    SavedGradient for_double_backward{gradient,
+                                      saved[kTarget],
+                                      saved[kWeight],
+                                      saved[kLse],
+                                      saved[kTotalWeight],
+                                      options,
+                                      static_cast<Reduction>(ctx->saved_data["reduction"].toInt())};
+    return differentiable_gradient(std::move(for_double_backward), grad_output, node->next_edge(0));
   }
 };
 

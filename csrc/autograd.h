@@ -22,6 +22,8 @@ namespace fused_ce {
 // and scaled in place by scale_gradient_, which skips the pass on the device
 // when the upstream gradient is 1 (CUDA: no host synchronisation); otherwise
 // it is saved and multiplied out of place unless the upstream gradient is 1.
+// With create_graph=True the gradient it hands out can be differentiated
+// once more, without the logits (double_backward.h), except with a softcap.
 // Every other case with a gradient goes through the Python
 // CrossEntropyFunction (fused_ce/autograd.py); this one exists because a
 // Python autograd.Function costs about 40 microseconds more per training

@@ -4,10 +4,12 @@ The common cases (the loss alone, or a reduced loss with a gradient for the
 input only) take a C++ autograd node (csrc/autograd.cpp); every other case
 takes the Python CrossEntropyFunction. These tests check which path each
 case takes, and that the C++ node behaves as the Python Function does
-wherever autograd's own machinery is involved: double backward, saved-tensor
+wherever autograd's own machinery is involved: create_graph, saved-tensor
 hooks, activation checkpointing, no_grad and inference mode, and tensors
 that override __torch_function__. Values and gradients of both paths are
-checked against PyTorch by the rest of the suite.
+checked against PyTorch by the rest of the suite; the C++ node's second
+derivatives (which the Python Function does not offer) by
+test_double_backward.py.
 """
 
 import pytest
@@ -84,17 +86,6 @@ def test_channels_last_gradient_keeps_the_layout(device):
     fused_ce.cross_entropy(x, t).backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     assert_close_ref(x.grad, torch_reference(x, t)[1], torch.float32)
-
-
-def test_double_backward_raises_when_attempted(device):
-    # as @once_differentiable does: create_graph=True works, differentiating the gradient raises
-    x = _leaf((4, 7), device, torch.float64)
-    t = make_class_target((4,), 7, device, ignore_frac=0.0)
-    scale = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
-    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t) * scale, x, create_graph=True)
-    assert_close_ref(grad, 1.5 * torch_reference(x, t)[1], torch.float64)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        grad.sum().backward()
 
 
 def test_create_graph_for_the_rest_of_the_graph(device):

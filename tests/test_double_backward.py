@@ -1,0 +1,193 @@
+"""Second derivatives: differentiating the gradient of the loss (create_graph=True).
+
+The C++ loss node keeps the gradient of the reduced loss, not the logits; with
+create_graph=True it hands out a gradient whose own backward computes the
+Hessian-vector product from that gradient (csrc/double_backward.h). These
+tests compare it with PyTorch's double backward of F.cross_entropy in float64
+(hand-written torch ops for z_loss), check gradgradcheck, a MAML-style inner
+step, and the cases that refuse a second derivative: the softcap, whose
+Hessian needs the logits, and a third derivative.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import fused_ce
+import fused_ce.functional as fused_functional
+from conftest import make_class_target, make_logits, make_prob_target, make_weight, ref_llm
+
+DOUBLE_BACKWARD_NODE = "fused_ce::CrossEntropyGradientBackward"
+
+CASES = {
+    "plain": dict(),
+    "weight-smoothing-ignore": dict(weight=True, label_smoothing=0.2, ignore=True),
+    "sum-smoothing": dict(reduction="sum", label_smoothing=0.1, ignore=True),
+    "zloss-weight": dict(weight=True, z_loss=0.05, ignore=True),
+    "probabilities": dict(soft=True),
+    "probabilities-weight-smoothing-zloss-sum": dict(soft=True, weight=True, label_smoothing=0.3, z_loss=0.02,
+                                                     reduction="sum"),
+}
+SHAPES = {"2d": (6, 5), "3d": (4, 7, 3), "unbatched": (9,)}
+
+
+def _inputs(case, shape, device, dtype=torch.float64):
+    spec = CASES[case]
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = make_logits(shape, dtype, device).requires_grad_()
+    if spec.get("soft"):
+        t = make_prob_target(shape, dtype, device)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+        # (an unbatched target would be ignored altogether: test_all_ignored covers that)
+        ignore = spec.get("ignore") and len(shape) > 1
+        t = make_class_target(tshape, C, device, ignore_index=-100 if ignore else None)
+    kwargs = dict(reduction=spec.get("reduction", "mean"), label_smoothing=spec.get("label_smoothing", 0.0))
+    if spec.get("weight"):
+        kwargs["weight"] = make_weight(C, dtype, device)
+    return x, t, kwargs, spec.get("z_loss", 0.0)
+
+
+def _reference_loss(x, t, kwargs, z_loss):
+    """PyTorch's loss in float64 on the CPU, differentiable twice."""
+    kwargs = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    if z_loss:
+        loss, _ = ref_llm(x, t.cpu(), z_loss=z_loss, **kwargs)
+        return loss
+    return F.cross_entropy(x, t.cpu(), **kwargs)
+
+
+def _hvp(loss_of, x, upstream, v):
+    """(gradient, d<v, gradient>/dx, d<v, gradient>/d upstream) with create_graph=True."""
+    loss = loss_of(x)
+    (grad,) = torch.autograd.grad(loss, x, upstream, create_graph=True)
+    d_x, d_upstream = torch.autograd.grad((grad * v).sum(), (x, upstream))
+    return grad, d_x, d_upstream
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_hessian_vector_product_matches_torch(device, case, shape):
+    x, t, kwargs, z_loss = _inputs(case, SHAPES[shape], device)
+    v = torch.randn(x.shape, dtype=torch.float64)
+    upstream = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().cpu().requires_grad_()
+    want = _hvp(lambda a: _reference_loss(a, t, kwargs, z_loss), x_ref, upstream, v)
+    got = _hvp(lambda a: fused_ce.cross_entropy(a, t, z_loss=z_loss, **kwargs), x,
+               upstream.to(device).detach().requires_grad_(), v.to(device))
+    for name, g, w in zip(("gradient", "d/dx", "d/d upstream"), got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12, equal_nan=True,
+                                   msg=lambda m: f"{case} {shape} {name}: {m}")
+
+
+@pytest.mark.parametrize("weight", [False, True])
+def test_all_ignored(device, weight):
+    # PyTorch: the mean is NaN, its gradient and the gradient's derivative w.r.t. x are 0, and the
+    # derivative w.r.t. the upstream gradient is NaN (it divides by the total weight, 0, last)
+    x = make_logits((4, 6), torch.float64, device).requires_grad_()
+    t = torch.full((4,), -100, device=device)
+    kwargs = dict(weight=make_weight(6, torch.float64, device)) if weight else {}
+    v = torch.randn(x.shape, dtype=torch.float64)
+    upstream = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().cpu().requires_grad_()
+    want = _hvp(lambda a: _reference_loss(a, t, kwargs, 0.0), x_ref, upstream, v)
+    got = _hvp(lambda a: fused_ce.cross_entropy(a, t, **kwargs), x, upstream.to(device).detach().requires_grad_(),
+               v.to(device))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["weight-smoothing-ignore", "zloss-weight", "probabilities"])
+def test_gradgradcheck(device, case):
+    x, t, kwargs, z_loss = _inputs(case, (5, 4), device)
+
+    def fn(a):
+        return fused_ce.cross_entropy(a, t, z_loss=z_loss, **kwargs)
+
+    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_node_and_float32(device):
+    # float32: the Hessian-vector product is computed from the float32 gradient
+    x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (16, 33), device, torch.float32)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t, **kwargs), x, create_graph=True)
+    assert grad.grad_fn.name() == DOUBLE_BACKWARD_NODE
+    v = torch.randn(x.shape)
+    (d_x,) = torch.autograd.grad((grad * v.to(device)).sum(), x)
+    x64 = x.detach().double().cpu().requires_grad_()
+    kwargs64 = dict(kwargs, weight=kwargs["weight"].double())
+    (g64,) = torch.autograd.grad(_reference_loss(x64, t, kwargs64, 0.0), x64, create_graph=True)
+    (want,) = torch.autograd.grad((g64 * v.double()).sum(), x64)
+    torch.testing.assert_close(d_x.cpu().double(), want, rtol=1e-4, atol=1e-6)
+
+
+def _maml_meta_gradient(loss_fn, w0, features, labels, query, query_labels):
+    """One MAML inner step on a linear classifier, then the query loss's gradient w.r.t. w0.
+
+    The inner gradient is taken with create_graph=True and an upstream gradient that does not
+    require grad (autograd.grad's default): the meta-gradient needs the loss's Hessian."""
+    w = w0.detach().requires_grad_()
+    (inner,) = torch.autograd.grad(loss_fn(features @ w, labels), w, create_graph=True)
+    adapted = w - 0.5 * inner
+    (meta,) = torch.autograd.grad(loss_fn(query @ adapted, query_labels), w)
+    return meta
+
+
+def test_maml_inner_step(device):
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(8, 5, dtype=torch.float64, generator=gen)
+    features = torch.randn(12, 8, dtype=torch.float64, generator=gen)
+    query = torch.randn(10, 8, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 5, (12,), generator=gen)
+    query_labels = torch.randint(0, 5, (10,), generator=gen)
+    args = [a.to(device) for a in (w0, features, labels, query, query_labels)]
+    got = _maml_meta_gradient(lambda z, y: fused_ce.cross_entropy(z, y, label_smoothing=0.1), *args)
+    want = _maml_meta_gradient(lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1),
+                               w0, features, labels, query, query_labels)
+    # without the Hessian term the meta-gradient would be that of the query loss at the adapted weights
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_device_scaled_gradient_stays_for_a_later_backward(device, monkeypatch):
+    # CUDA's strategy (the held gradient, scaled in place by the first backward) on every device:
+    # create_graph=True must not scale the held gradient, which a plain backward then still hands out
+    monkeypatch.setattr(fused_functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (6, 5), device)
+    x_ref = x.detach().cpu().requires_grad_()
+    v = torch.randn(x.shape, dtype=torch.float64)
+    loss = fused_ce.cross_entropy(x, t, **kwargs)
+    (grad,) = torch.autograd.grad(loss * 3.0, x, create_graph=True)
+    (d_x,) = torch.autograd.grad((grad * v.to(device)).sum(), x)
+    (plain,) = torch.autograd.grad(loss, x)
+    ref_loss = _reference_loss(x_ref, t, kwargs, 0.0)
+    (ref_grad,) = torch.autograd.grad(ref_loss * 3.0, x_ref, create_graph=True)
+    (ref_d_x,) = torch.autograd.grad((ref_grad * v).sum(), x_ref)
+    torch.testing.assert_close(d_x.cpu(), ref_d_x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(plain.cpu(), ref_grad.detach() / 3.0, rtol=1e-9, atol=1e-12)
+
+
+def test_softcap_refuses_a_second_derivative(device):
+    x, t, kwargs, _ = _inputs("plain", (6, 5), device)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t, softcap=5.0), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="softcap"):
+        grad.sum().backward()
+
+
+def test_third_derivative_raises(device):
+    x, t, kwargs, _ = _inputs("plain", (6, 5), device)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t), x, create_graph=True)
+    (second,) = torch.autograd.grad((grad ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative"):
+        second.sum().backward()
+
+
+def test_differentiating_the_gradient_twice_needs_retain_graph(device):
+    x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (6, 5), device)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t, **kwargs), x, create_graph=True)
+    first = torch.autograd.grad(grad.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad(grad.sum(), x)[0]
+    assert torch.equal(first, second)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(grad.sum(), x)
