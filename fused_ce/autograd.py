@@ -26,8 +26,16 @@ Strategies for the gradient:
   gradient, a second pass over it, where the lse path writes it once.
 * With ``inplace_backward`` the forward writes the gradient over the logits
   themselves (any device), and the backward scales it in place.
+
+Second derivatives (``create_graph=True``): on the lse path the logits are
+saved, so the backward also builds the loss from them with differentiable
+torch operations (the same formulas, :func:`_differentiable_loss`) and hands
+out the kernel's gradient carrying that loss's graph: the values are the
+kernel's, their derivatives are PyTorch's. A gradient computed in the
+forward has no such graph; differentiating it raises.
 """
 
+import functools
 import math
 
 import torch
@@ -105,48 +113,156 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss, lse, total_weight = ops.cross_entropy_forward(input3, target3, weight, *options)
             if input_grad or target_grad:
-                ctx.save_for_backward(input3, target3, weight, lse, total_weight)
+                # input and target themselves too: saved inputs keep their
+                # autograd history, which a second derivative follows.
+                ctx.save_for_backward(input3, target3, weight, lse, total_weight, input, target)
         out = _reduce(loss, total_weight, reduction, input.dtype)
         if reduction == REDUCTION_NONE:
             out = out.reshape((n,) + spatial)
         return (out, lse.reshape((n,) + spatial)) if return_lse else out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_lse=None):
-        no_grads_for_options = (None,) * 8
-        if grad_output is None and grad_lse is None:  # no output was used
-            return (None, None) + no_grads_for_options
-        if ctx.inplace:
-            # A view, not the logits' own tensor: autograd copies a gradient
-            # that is the very tensor it accumulates into (a leaf's x.grad).
-            gradient = _hand_out_inplace_gradient(ctx, grad_output)
-            return (gradient.view(ctx.input_shape), None) + no_grads_for_options
-        if ctx.gradient_in_forward:
-            (grad_input,) = ctx.saved_tensors
-            grad_input = _scale_saved_gradient(grad_input, grad_output)
-            return (grad_input.reshape(ctx.input_shape), None) + no_grads_for_options
+        if torch.is_grad_enabled():  # create_graph=True
+            return _backward_with_graph(ctx, grad_output, grad_lse)
+        return _backward(ctx, grad_output, grad_lse)
 
-        input, target, weight, lse, total_weight = ctx.saved_tensors
-        n, _, d = input.shape
-        acc = accumulate_dtype(input.dtype)
-        if grad_output is None:  # only lse was used
-            grad_loss = torch.zeros((), dtype=acc, device=input.device).expand(n, d)
+
+_NO_GRADS_FOR_OPTIONS = (None,) * 8
+
+
+def _backward(ctx, grad_output, grad_lse):
+    """The gradients for (input, target) and the options, as plain tensors."""
+    if grad_output is None and grad_lse is None:  # no output was used
+        return (None, None) + _NO_GRADS_FOR_OPTIONS
+    if ctx.inplace:
+        # A view, not the logits' own tensor: autograd copies a gradient
+        # that is the very tensor it accumulates into (a leaf's x.grad).
+        gradient = _hand_out_inplace_gradient(ctx, grad_output)
+        return (gradient.view(ctx.input_shape), None) + _NO_GRADS_FOR_OPTIONS
+    if ctx.gradient_in_forward:
+        (grad_input,) = ctx.saved_tensors
+        grad_input = _scale_saved_gradient(grad_input, grad_output)
+        return (grad_input.reshape(ctx.input_shape), None) + _NO_GRADS_FOR_OPTIONS
+
+    input, target, weight, lse, total_weight = ctx.saved_tensors[:5]
+    n, _, d = input.shape
+    acc = accumulate_dtype(input.dtype)
+    if grad_output is None:  # only lse was used
+        grad_loss = torch.zeros((), dtype=acc, device=input.device).expand(n, d)
+    else:
+        grad_loss = grad_output.to(acc)
+        if ctx.reduction == REDUCTION_MEAN:
+            grad_loss = (grad_loss / total_weight).expand(n, d)
+        elif ctx.reduction == REDUCTION_SUM:
+            grad_loss = grad_loss.expand(n, d)
         else:
-            grad_loss = grad_output.to(acc)
-            if ctx.reduction == REDUCTION_MEAN:
-                grad_loss = (grad_loss / total_weight).expand(n, d)
-            elif ctx.reduction == REDUCTION_SUM:
-                grad_loss = grad_loss.expand(n, d)
-            else:
-                grad_loss = grad_loss.reshape(n, d)
-        if grad_lse is not None:
-            grad_lse = grad_lse.to(acc).reshape(n, d)
-        input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_input, grad_target = ops.cross_entropy_backward(
-            grad_loss, grad_lse, input, target, weight, lse, *ctx.options, input_grad, target_grad)
-        return (grad_input.reshape(ctx.input_shape) if input_grad else None,
-                grad_target.reshape(ctx.target_shape) if target_grad else None) + no_grads_for_options
+            grad_loss = grad_loss.reshape(n, d)
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(acc).reshape(n, d)
+    input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_input, grad_target = ops.cross_entropy_backward(
+        grad_loss, grad_lse, input, target, weight, lse, *ctx.options, input_grad, target_grad)
+    return (grad_input.reshape(ctx.input_shape) if input_grad else None,
+            grad_target.reshape(ctx.target_shape) if target_grad else None) + _NO_GRADS_FOR_OPTIONS
+
+
+def _backward_with_graph(ctx, grad_output, grad_lse):
+    """create_graph=True: the kernel's gradients, carrying the graph of the same
+    gradients computed by differentiable torch operations from the saved
+    logits (``g + (h - h.detach())``: the value of g, the derivatives of h)."""
+    with torch.no_grad():
+        grads = _backward(ctx, grad_output, grad_lse)
+    if ctx.inplace or ctx.gradient_in_forward:
+        return tuple(not_differentiable(g, _COMPUTED_IN_FORWARD) for g in grads)
+    if grads[0] is None and grads[1] is None:
+        return grads
+    _, _, weight, _, total_weight, input, target = ctx.saved_tensors
+    loss, lse = _differentiable_loss(input, target, weight, ctx.options, ctx.reduction, total_weight)
+    outputs, upstream = [], []
+    for output, grad in ((loss, grad_output), (lse, grad_lse)):
+        if grad is not None:
+            outputs.append(output.reshape(grad.shape))
+            upstream.append(grad.to(output.dtype))
+    wrt = [t for t, needed in zip((input, target), ctx.needs_input_grad[:2]) if needed]
+    graphs = iter(torch.autograd.grad(outputs, wrt, upstream, create_graph=True, allow_unused=True))
+    result = []
+    for g, needed in zip(grads[:2], ctx.needs_input_grad[:2]):
+        h = next(graphs) if needed else None
+        result.append(g if h is None else g + (h - h.detach()))
+    return tuple(result) + _NO_GRADS_FOR_OPTIONS
+
+
+def _differentiable_loss(input, target, weight, options, reduction, total_weight):
+    """The loss (reduced like the Function's) and lse of the operators, from
+    torch operations that autograd differentiates twice; in the accumulate
+    dtype. The formulas of csrc/cuda/ce_loss.cuh: per element,
+    ``(1 - eps) w_t (lse - y_t) + eps/C sum_c w_c (lse - y_c) + z w_t lse^2``
+    (0 when ignored), or ``sum_c w_c q'_c (lse - y_c) + z lse^2`` for
+    probabilities, with ``y = softcap * tanh(x / softcap)``."""
+    ignore_index, eps, z_loss, softcap = options
+    n, num_classes = input.shape[0], input.shape[1]
+    acc = accumulate_dtype(input.dtype)
+    y = input.reshape(n, num_classes, -1).to(acc)
+    if softcap:
+        y = softcap * torch.tanh(y / softcap)
+    lse = torch.logsumexp(y, 1)
+    minus_log_p = lse.unsqueeze(1) - y
+    w = None if weight is None else weight.to(acc).view(1, num_classes, 1)
+    if target.is_floating_point():
+        q = target.reshape(y.shape).to(acc)
+        if eps:
+            q = q * (1 - eps) + eps / num_classes
+        loss = ((q if w is None else q * w) * minus_log_p).sum(1) + z_loss * lse.square()
+    else:
+        t = target.reshape(n, -1)
+        counted = t != ignore_index
+        t = torch.where(counted, t, 0)
+        w_t = torch.ones_like(lse) if w is None else weight.to(acc)[t]
+        w_t = torch.where(counted, w_t, 0)
+        loss = (1 - eps) * w_t * minus_log_p.gather(1, t.unsqueeze(1)).squeeze(1) + z_loss * w_t * lse.square()
+        if eps:
+            smoothing = (minus_log_p if w is None else minus_log_p * w).sum(1) * (eps / num_classes)
+            loss = loss + torch.where(counted, smoothing, 0)
+        loss = torch.where(counted, loss, 0)
+    if reduction == REDUCTION_MEAN:
+        loss = loss.sum() / total_weight
+    elif reduction == REDUCTION_SUM:
+        loss = loss.sum()
+    return loss, lse
+
+
+_COMPUTED_IN_FORWARD = (
+    "fused_ce.cross_entropy: this gradient was computed in the forward (inplace_backward=True, or the "
+    "CPU path under torch.compile) and cannot be differentiated again")
+
+
+def not_differentiable(gradient, message):
+    """``gradient`` behind a node that raises ``message`` if autograd differentiates through it."""
+    if gradient is None:
+        return None
+    return torch._C._functions.DelayedError(message, 1)(gradient.detach().requires_grad_())
+
+
+def once_differentiable(message):
+    """Decorator for a backward whose gradients have no second derivative.
+
+    Like ``torch.autograd.function.once_differentiable``, but with
+    ``create_graph=True`` every gradient raises ``message`` when differentiated,
+    also when the upstream gradients need no grad (``autograd.grad``'s default,
+    a MAML inner step): there PyTorch's decorator hands out gradients without
+    history, and the missing second-order term would go unnoticed.
+    """
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            return tuple(not_differentiable(o, message) if isinstance(o, torch.Tensor) else o for o in outputs)
+        return wrapper
+    return decorate
 
 
 def _hand_out_inplace_gradient(ctx, grad_output):

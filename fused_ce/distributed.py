@@ -54,7 +54,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .autograd import once_differentiable
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -266,7 +267,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("fused_ce.distributed.vocab_parallel_cross_entropy: the gradient has no second "
+                         "derivative (double backward / create_graph=True)")
     def backward(ctx, grad_loss):
         x, t, lse = ctx.saved_tensors
         eps, reduction = ctx.eps, ctx.reduction

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
+from .autograd import once_differentiable
 from .functional import _check_class_target_shape, _dtype_name, cross_entropy
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
@@ -307,7 +308,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("fused_ce.linear_cross_entropy: the gradients have no second derivative "
+                         "(double backward / create_graph=True); use cross_entropy(F.linear(...)) for that")
     def backward(ctx, grad_output):
         nones = (None,) * 7
         if ctx.grads is not None:

@@ -2,11 +2,14 @@
 
 The C++ loss node keeps the gradient of the reduced loss, not the logits; with
 create_graph=True it hands out a gradient whose own backward computes the
-Hessian-vector product from that gradient (csrc/double_backward.h). These
-tests compare it with PyTorch's double backward of F.cross_entropy in float64
-(hand-written torch ops for z_loss), check gradgradcheck, a MAML-style inner
-step, and the cases that refuse a second derivative: the softcap, whose
-Hessian needs the logits, and a third derivative.
+Hessian-vector product from that gradient (csrc/double_backward.h). The
+Python CrossEntropyFunction (reduction="none", target gradients, return_lse)
+saved the logits and differentiates the same loss built from torch
+operations. These tests compare both with PyTorch's double backward of
+F.cross_entropy in float64 (hand-written torch ops for z_loss and the
+softcap), check gradgradcheck, a MAML-style inner step, and the cases that
+refuse a second derivative: the softcap on the C++ node, whose Hessian needs
+the logits, a gradient written over the logits, and a third derivative.
 """
 
 import pytest
@@ -109,6 +112,51 @@ def test_gradgradcheck(device, case):
     assert gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["weight-smoothing-ignore", "probabilities"])
+def test_reduction_none_python_path(device, case):
+    # reduction="none" takes the Python CrossEntropyFunction, which saved the logits: its second
+    # derivatives come from the same loss built with torch operations
+    x, t, kwargs, _ = _inputs(case, (4, 7, 3), device)
+    kwargs["reduction"] = "none"
+    v = torch.randn(x.shape, dtype=torch.float64)
+    upstream = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().cpu().requires_grad_()
+    want = _hvp(lambda a: _reference_loss(a, t, kwargs, 0.0), x_ref, upstream, v)
+    got = _hvp(lambda a: fused_ce.cross_entropy(a, t, **kwargs), x, upstream.to(device).detach().requires_grad_(),
+               v.to(device))
+    for name, g, w in zip(("gradient", "d/dx", "d/d upstream"), got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{case} {name}: {m}")
+
+
+def test_target_gradient_and_lse_python_path(device):
+    # probabilities that require grad, and a differentiable lse, with z_loss and the softcap: mixed
+    # second derivatives in x and the target, against the same loss in torch operations
+    x = make_logits((5, 6), torch.float64, device).requires_grad_()
+    q = make_prob_target((5, 6), torch.float64, device).requires_grad_()
+    opts = dict(reduction="sum", z_loss=0.05, softcap=4.0, label_smoothing=0.1)
+    v, u = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+
+    def second_derivatives(loss_and_lse, a, b):
+        loss, lse = loss_and_lse(a, b)
+        ga, gb = torch.autograd.grad(loss + 0.3 * lse.sum(), (a, b), create_graph=True)
+        mixed = (ga * v.to(ga.device)).sum() + (gb * u.to(gb.device)).sum()
+        return (ga, gb) + torch.autograd.grad(mixed, (a, b))
+
+    got = second_derivatives(lambda a, b: fused_ce.cross_entropy(a, b, return_lse=True, **opts), x, q)
+    x_ref, q_ref = (t.detach().cpu().requires_grad_() for t in (x, q))
+    want = second_derivatives(lambda a, b: ref_llm(a, b, **opts), x_ref, q_ref)
+    for name, g, w in zip(("d/dx", "d/dq", "d2/dx", "d2/dq"), got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_inplace_backward_refuses_a_second_derivative(device):
+    x = make_logits((6, 5), torch.float32, device).requires_grad_()
+    t = make_class_target((6,), 5, device)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x * 1.0, t, inplace_backward=True), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="computed in the forward"):
+        grad.sum().backward()
+
+
 def test_gradient_node_and_float32(device):
     # float32: the Hessian-vector product is computed from the float32 gradient
     x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (16, 33), device, torch.float32)
@@ -191,3 +239,15 @@ def test_differentiating_the_gradient_twice_needs_retain_graph(device):
     assert torch.equal(first, second)
     with pytest.raises(RuntimeError, match="retain_graph"):
         torch.autograd.grad(grad.sum(), x)
+
+
+def test_linear_cross_entropy_refuses_a_second_derivative(device):
+    # its gradients come from the chunk loop, without a graph: with create_graph=True they raise
+    # when differentiated, also for an upstream gradient that needs no grad (where PyTorch's
+    # once_differentiable would hand out gradients without history and the term would be lost)
+    x = make_logits((8, 4), torch.float64, device).requires_grad_()
+    w = make_logits((6, 4), torch.float64, device).requires_grad_()
+    t = make_class_target((8,), 6, device)
+    gx, gw = torch.autograd.grad(fused_ce.linear_cross_entropy(x, w, t), (x, w), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (gx.sum() + gw.sum()).backward()
