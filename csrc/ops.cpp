@@ -15,6 +15,7 @@
 // weighted by the target's class weight like the NLL term; softcap (> 0, or
 // 0 for none) maps every logit x to softcap * tanh(x / softcap) first.
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_ce, m) {
@@ -65,4 +66,16 @@ TORCH_LIBRARY(fused_ce, m) {
   // loss.backward() costs no pass over the gradient and no host
   // synchronisation.
   m.def("scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
+}
+
+// The operators have no derivatives of their own: the autograd layers above
+// them (csrc/autograd.cpp, fused_ce/autograd.py) compute the gradients. With
+// autograd's "not implemented" kernel, differentiating through an operator
+// raises, where autograd's default for operators without an autograd kernel
+// only warns and treats the result as a constant (a silently zero second
+// derivative under torch.func transforms). The in-place operators only run
+// inside those layers' backward passes and without grad mode.
+TORCH_LIBRARY_IMPL(fused_ce, Autograd, m) {
+  for (const char* name : {"cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_backward"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

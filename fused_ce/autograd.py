@@ -54,6 +54,39 @@ def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtyp
     return out if out.dtype == dtype else out.to(dtype)
 
 
+_COMPUTED_IN_FORWARD = (
+    "fused_ce.cross_entropy: this gradient was computed in the forward (inplace_backward=True, or the "
+    "CPU path under torch.compile) and cannot be differentiated again")
+
+
+def not_differentiable(gradient, message):
+    """``gradient`` behind a node that raises ``message`` if autograd differentiates through it."""
+    if gradient is None:
+        return None
+    return torch._C._functions.DelayedError(message, 1)(gradient.detach().requires_grad_())
+
+
+def once_differentiable(message):
+    """Decorator for a backward whose gradients have no second derivative.
+
+    Like ``torch.autograd.function.once_differentiable``, but with
+    ``create_graph=True`` every gradient raises ``message`` when differentiated,
+    also when the upstream gradients need no grad (``autograd.grad``'s default,
+    a MAML inner step): there PyTorch's decorator hands out gradients without
+    history, and the missing second-order term would go unnoticed.
+    """
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            return tuple(not_differentiable(o, message) if isinstance(o, torch.Tensor) else o for o in outputs)
+        return wrapper
+    return decorate
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused cross-entropy on batched arguments.
 
@@ -128,6 +161,55 @@ class CrossEntropyFunction(torch.autograd.Function):
         return _backward(ctx, grad_output, grad_lse)
 
 
+class FunctorchCrossEntropyFunction(torch.autograd.Function):
+    """The loss under torch.func transforms (grad, vjp, jacrev, vmap, ...).
+
+    They need a forward without ctx and a ``setup_context``; the forward then
+    cannot see which gradients will be wanted, so this Function always takes
+    the lse path. ``apply(input, target, weight, ignore_index,
+    label_smoothing, reduction, z_loss, softcap)`` returns ``(loss, lse,
+    total_weight)``. Under vmap the operators run once per batch element
+    (functorch's fallback for operators without a batching rule).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap):
+        n, num_classes, spatial = input.shape[0], input.shape[1], input.shape[2:]
+        d = math.prod(spatial)
+        input3 = input.reshape(n, num_classes, d)
+        target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
+        loss, lse, total_weight = ops.cross_entropy_forward(
+            input3, target3, weight, ignore_index, label_smoothing, z_loss, softcap)
+        out = _reduce(loss, total_weight, reduction, input.dtype)
+        if reduction == REDUCTION_NONE:
+            out = out.reshape((n,) + spatial)
+        return out, lse.reshape((n,) + spatial), total_weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap = inputs
+        _, lse, total_weight = output
+        ctx.mark_non_differentiable(total_weight)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(input, target, weight, lse, total_weight)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.reduction = reduction
+        ctx.input_shape, ctx.target_shape = input.shape, target.shape
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_lse, _grad_total_weight):
+        if grad_output is None and grad_lse is None:
+            return (None, None) + _NO_GRADS_FOR_OPTIONS[:6]
+        input, target, weight, lse, total_weight = ctx.saved_tensors
+        n, num_classes = input.shape[0], input.shape[1]
+        input3 = input.reshape(n, num_classes, -1)
+        target3 = target.reshape(input3.shape) if target.is_floating_point() else target.reshape(n, -1)
+        grads = _gradients_from_lse(ctx, input3, target3, weight, lse, total_weight, grad_output, grad_lse)
+        return grads[:2] + _NO_GRADS_FOR_OPTIONS[:6]
+
+
 _NO_GRADS_FOR_OPTIONS = (None,) * 8
 
 
@@ -146,7 +228,13 @@ def _backward(ctx, grad_output, grad_lse):
         return (grad_input.reshape(ctx.input_shape), None) + _NO_GRADS_FOR_OPTIONS
 
     input, target, weight, lse, total_weight = ctx.saved_tensors[:5]
+    return _gradients_from_lse(ctx, input, target, weight, lse, total_weight, grad_output, grad_lse)
+
+
+def _gradients_from_lse(ctx, input, target, weight, lse, total_weight, grad_output, grad_lse):
+    """The lse path's backward operator, for the canonical (N, C, D) input and target."""
     n, _, d = input.shape
+    lse = lse.reshape(n, d)
     acc = accumulate_dtype(input.dtype)
     if grad_output is None:  # only lse was used
         grad_loss = torch.zeros((), dtype=acc, device=input.device).expand(n, d)
@@ -230,39 +318,6 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
     elif reduction == REDUCTION_SUM:
         loss = loss.sum()
     return loss, lse
-
-
-_COMPUTED_IN_FORWARD = (
-    "fused_ce.cross_entropy: this gradient was computed in the forward (inplace_backward=True, or the "
-    "CPU path under torch.compile) and cannot be differentiated again")
-
-
-def not_differentiable(gradient, message):
-    """``gradient`` behind a node that raises ``message`` if autograd differentiates through it."""
-    if gradient is None:
-        return None
-    return torch._C._functions.DelayedError(message, 1)(gradient.detach().requires_grad_())
-
-
-def once_differentiable(message):
-    """Decorator for a backward whose gradients have no second derivative.
-
-    Like ``torch.autograd.function.once_differentiable``, but with
-    ``create_graph=True`` every gradient raises ``message`` when differentiated,
-    also when the upstream gradients need no grad (``autograd.grad``'s default,
-    a MAML inner step): there PyTorch's decorator hands out gradients without
-    history, and the missing second-order term would go unnoticed.
-    """
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grads):
-            with torch.no_grad():
-                outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return outputs
-            return tuple(not_differentiable(o, message) if isinstance(o, torch.Tensor) else o for o in outputs)
-        return wrapper
-    return decorate
 
 
 def _hand_out_inplace_gradient(ctx, grad_output):

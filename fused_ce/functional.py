@@ -4,7 +4,8 @@ Everything user-facing happens here: legacy arguments, PyTorch-style errors,
 dtype promotion for soft targets, autocast, and unbatched input (made a batch
 of one). Batched arguments then go, as they are, either to the C++ autograd
 node of the common cases (``_C.cross_entropy_loss``) or to the Python
-``CrossEntropyFunction``; see ``_native_path``. Both take the operators'
+``CrossEntropyFunction``; see ``_native_path``. Under torch.func transforms
+they go to ``FunctorchCrossEntropyFunction``. All take the operators'
 canonical ``(N, C, D)`` view themselves.
 """
 
@@ -17,7 +18,8 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
 from . import _C
-from .autograd import REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction
+from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
+                       FunctorchCrossEntropyFunction)
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -177,7 +179,14 @@ def cross_entropy(
         input = input.contiguous()
 
     reduction_code = _REDUCTIONS[reduction]
-    if _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
+    if functorch_active():
+        # torch.func transforms need a Function with setup_context; the
+        # gradient cannot be written over logits that a transform wraps, so
+        # inplace_backward only saves memory elsewhere and is ignored here.
+        loss, lse, _ = FunctorchCrossEntropyFunction.apply(input, target, weight, int(ignore_index),
+                                                           label_smoothing, reduction_code, z_loss, softcap)
+        result = (loss, lse) if return_lse else loss
+    elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
         result = _C.cross_entropy_loss(input, target, weight, int(ignore_index), label_smoothing,
                                        z_loss, softcap, reduction_code,
                                        input.device.type in DEVICE_SCALED_GRADIENT)
@@ -217,10 +226,10 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     about 30 microseconds per step, most of a small-class step's cost. The
     Python Function takes everything else: target gradients, gradients of
     ``reduction="none"``, ``return_lse``, ``inplace_backward``, torch.compile
-    (which traces Python Functions, not C++ nodes), torch.func transforms,
-    forward-mode AD (the C++ node would drop the tangents; the Function
-    raises that it has no jvp) and tensors that override
-    ``__torch_function__``.
+    (which traces Python Functions, not C++ nodes), forward-mode AD (the C++
+    node would drop the tangents; the Function raises that it has no jvp)
+    and tensors that override ``__torch_function__``. (torch.func transforms
+    are routed before this is asked.)
     """
     if return_lse or inplace_backward or torch.compiler.is_compiling():
         return False

@@ -178,16 +178,3 @@ def test_forward_mode_ad_is_not_silently_dropped(device):
             dual = fwAD.make_dual(x, torch.randn_like(x))
             outcomes.append(_outcome(lambda: fwAD.unpack_dual(fn(dual)).tangent))
     assert outcomes[0] is outcomes[1] is NotImplementedError
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func scripts a helper with torch.jit
-def test_torch_func_transforms_behave_as_the_python_function(device):
-    x = make_logits((4, 6), torch.float32, device)
-    t = make_class_target((4,), 6, device)
-    native = _outcome(lambda: torch.func.grad(lambda a: fused_ce.cross_entropy(a, t))(x))
-    python = _outcome(lambda: torch.func.grad(
-        lambda a: fused_ce.CrossEntropyFunction.apply(a, t, None, -100, 0.0, 1))(x))
-    if isinstance(python, type):
-        assert native is python
-    else:
-        torch.testing.assert_close(native, python)
