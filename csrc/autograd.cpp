@@ -110,10 +110,23 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // argument, undefined for all but the input.
   static constexpr size_t kNumArguments = 9;
 
-  // The saved tensors, in order; undefined where the strategy does not need
-  // them. The target, weights, lse and total weight are what the double
-  // backward needs (double_backward.h), all O(N) or smaller.
-  enum Saved : size_t { kInput, kTarget, kWeight, kLse, kTotalWeight, kGradient, kNumSaved };
+  // The loss's operands and options besides the logits, for a recomputation
+  // of the gradient (CUDA, a second backward) and for the double backward
+  // (double_backward.h): O(N) tensors and scalars, kept as one plain value
+  // (a tuple in saved_data) rather than as saved tensors, so that a plain
+  // backward unpacks nothing but the gradient.
+  enum State : size_t {
+    kTarget,         // canonical (N, D) or (N, C, D)
+    kTargetVersion,  // its version counter at the forward
+    kWeight,         // or None
+    kLse,            // (N, D), or None without z_loss
+    kTotalWeight,
+    kIgnoreIndex,
+    kLabelSmoothing,
+    kZLoss,
+    kSoftcap,
+    kReduction,
+  };
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -126,27 +139,20 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
     ctx->set_materialize_grads(false);
     ctx->saved_data["input_sizes"] = input.sizes();
     ctx->saved_data["device_scaled"] = device_scaled;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["reduction"] = reduction;
-    variable_list saved(kNumSaved);
-    saved[kTarget] = args.target;
-    saved[kWeight] = weight.value_or(at::Tensor());
-    if (z_loss != 0) saved[kLse] = lse;
-    saved[kTotalWeight] = total_weight;
+    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
+        {args.target, target._version(), weight.has_value() ? at::IValue(*weight) : at::IValue(),
+         z_loss != 0 ? at::IValue(lse) : at::IValue(), total_weight, ignore_index, label_smoothing, z_loss,
+         softcap, reduction});
     if (device_scaled) {
       // Scaled in place and handed out by the first backward, so not a
       // saved tensor (a second backward's unpacking would find it
       // modified). A second backward (retain_graph=True) recomputes it from
-      // the saved operands: the same kernel gives the same bits.
+      // the saved logits: the same kernel gives the same bits.
       ctx->saved_data["gradient"] = gradient;
-      saved[kInput] = input;
+      ctx->save_for_backward({input});
     } else {
-      saved[kGradient] = gradient;
+      ctx->save_for_backward({gradient});
     }
-    ctx->save_for_backward(std::move(saved));
     return reduce(loss, total_weight, reduction, input);
   }
 
@@ -165,9 +171,18 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   }
 
  private:
+  static const at::IValue& state(AutogradContext* ctx, State field) {
+    return ctx->saved_data["state"].toTupleRef().elements()[field];
+  }
+
+  static at::Tensor optional_state(AutogradContext* ctx, State field) {
+    const at::IValue& value = state(ctx, field);
+    return value.isNone() ? at::Tensor() : value.toTensor();
+  }
+
   static LossOptions saved_options(AutogradContext* ctx) {
-    return {ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["label_smoothing"].toDouble(),
-            ctx->saved_data["z_loss"].toDouble(), ctx->saved_data["softcap"].toDouble()};
+    return {state(ctx, kIgnoreIndex).toInt(), state(ctx, kLabelSmoothing).toDouble(), state(ctx, kZLoss).toDouble(),
+            state(ctx, kSoftcap).toDouble()};
   }
 
   // The gradient for an upstream gradient of 1: the held one (handed over
@@ -180,12 +195,12 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
       if (take) held = at::IValue();
       return gradient;
     }
-    const variable_list saved = ctx->get_saved_variables();
-    const CanonicalArgs args = canonical(saved[kInput], saved[kTarget]);
-    const std::optional<at::Tensor> weight =
-        saved[kWeight].defined() ? std::optional<at::Tensor>(saved[kWeight]) : std::nullopt;
-    return std::get<3>(
-        forward_with_grad_op(args.input, args.target, weight, saved_options(ctx), ctx->saved_data["reduction"].toInt()));
+    const at::Tensor input = ctx->get_saved_variables()[0];
+    const CanonicalArgs args = canonical(input, state(ctx, kTarget).toTensor());
+    const at::Tensor weight = optional_state(ctx, kWeight);
+    return std::get<3>(forward_with_grad_op(args.input, args.target,
+                                            weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt,
+                                            saved_options(ctx), state(ctx, kReduction).toInt()));
   }
 
   // The held gradient scaled in place on the device; untouched when
@@ -200,7 +215,7 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // retain_graph=True a second backward must find it unchanged. Reading a
   // CPU scalar is free, so the pass is skipped when it is 1.
   static at::Tensor saved_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
-    at::Tensor gradient = ctx->get_saved_variables()[kGradient];
+    at::Tensor gradient = ctx->get_saved_variables()[0];
     if (grad_output.is_cpu() && grad_output.item<double>() == 1.0) return gradient;
     return gradient * grad_output;
   }
@@ -213,12 +228,11 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // input); otherwise differentiating it raises.
   static at::Tensor differentiable(AutogradContext* ctx, const at::Tensor& grad_output) {
     const std::vector<int64_t> input_sizes = ctx->saved_data["input_sizes"].toIntVector();
-    const variable_list saved = ctx->get_saved_variables();
     at::Tensor gradient;
     {
       at::NoGradGuard no_grad;
       gradient = ctx->saved_data["device_scaled"].toBool() ? unscaled_device_gradient(ctx, /*take=*/false)
-                                                           : saved[kGradient];
+                                                           : ctx->get_saved_variables()[0];
       gradient = gradient.reshape(input_sizes);
     }
     const LossOptions options = saved_options(ctx);
@@ -240,13 +254,19 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
       }
       return fail_if_differentiated(scaled, refusal);
     }
+    const at::Tensor target = state(ctx, kTarget).toTensor();
+    // What a saved tensor's unpacking checks: the second derivative reads the
+    // targets of the forward.
+    TORCH_CHECK(target._version() == state(ctx, kTargetVersion).toInt(),
+                "fused_ce.cross_entropy: the target has been modified by an inplace operation since the "
+                "forward; the loss's gradient cannot be differentiated (create_graph=True)");
     SavedGradient for_double_backward{gradient,
-                                      saved[kTarget],
-                                      saved[kWeight],
-                                      saved[kLse],
-                                      saved[kTotalWeight],
+                                      target,
+                                      optional_state(ctx, kWeight),
+                                      optional_state(ctx, kLse),
+                                      state(ctx, kTotalWeight).toTensor(),
                                       options,
-                                      static_cast<Reduction>(ctx->saved_data["reduction"].toInt())};
+                                      static_cast<Reduction>(state(ctx, kReduction).toInt())};
     return differentiable_gradient(std::move(for_double_backward), grad_output, node->next_edge(0));
   }
 };

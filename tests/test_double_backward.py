@@ -251,3 +251,12 @@ def test_linear_cross_entropy_refuses_a_second_derivative(device):
     gx, gw = torch.autograd.grad(fused_ce.linear_cross_entropy(x, w, t), (x, w), create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         (gx.sum() + gw.sum()).backward()
+
+
+def test_target_modified_in_place_refuses_a_second_derivative(device):
+    # the second derivative reads the forward's targets: like a saved tensor, they must be unchanged
+    x, t, kwargs, _ = _inputs("plain", (6, 5), device)
+    loss = fused_ce.cross_entropy(x, t)
+    t.add_(1).remainder_(5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x, create_graph=True)
