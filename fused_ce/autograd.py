@@ -54,6 +54,16 @@ def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtyp
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _canonical_views(input, target):
+    """The operators' (N, C, D) input and (N, D) or (N, C, D) target, D = d1 * ... * dk:
+    views for dense inputs (contiguous, channels-last), since the kernels walk
+    the class axis by its stride."""
+    n, num_classes = input.shape[0], input.shape[1]
+    d = math.prod(input.shape[2:])
+    input3 = input.reshape(n, num_classes, d)
+    return input3, target.reshape(input3.shape) if target.is_floating_point() else target.reshape(n, d)
+
+
 _COMPUTED_IN_FORWARD = (
     "fused_ce.cross_entropy: this gradient was computed in the forward (inplace_backward=True, or the "
     "CPU path under torch.compile) and cannot be differentiated again")
@@ -111,14 +121,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.options = options
         ctx.reduction = reduction
         ctx.set_materialize_grads(False)
-        # The canonical (N, C, D) views: views for dense inputs (contiguous,
-        # channels-last), since the kernels walk the class axis by its stride.
         ctx.input_shape, ctx.target_shape = input.shape, target.shape
-        n, num_classes = input.shape[0], input.shape[1]
-        spatial = input.shape[2:]
-        d = math.prod(spatial)
-        input3 = input.reshape(n, num_classes, d)
-        target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
+        n, spatial = input.shape[0], input.shape[2:]
+        input3, target3 = _canonical_views(input, target)
         ctx.inplace = inplace_backward and input_grad
         ctx.gradient_in_forward = ctx.inplace or (
             input_grad
@@ -176,10 +181,8 @@ class FunctorchCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap):
-        n, num_classes, spatial = input.shape[0], input.shape[1], input.shape[2:]
-        d = math.prod(spatial)
-        input3 = input.reshape(n, num_classes, d)
-        target3 = target.reshape(n, num_classes, d) if target.is_floating_point() else target.reshape(n, d)
+        n, spatial = input.shape[0], input.shape[2:]
+        input3, target3 = _canonical_views(input, target)
         loss, lse, total_weight = ops.cross_entropy_forward(
             input3, target3, weight, ignore_index, label_smoothing, z_loss, softcap)
         out = _reduce(loss, total_weight, reduction, input.dtype)
@@ -203,9 +206,7 @@ class FunctorchCrossEntropyFunction(torch.autograd.Function):
         if grad_output is None and grad_lse is None:
             return (None, None) + _NO_GRADS_FOR_OPTIONS[:6]
         input, target, weight, lse, total_weight = ctx.saved_tensors
-        n, num_classes = input.shape[0], input.shape[1]
-        input3 = input.reshape(n, num_classes, -1)
-        target3 = target.reshape(input3.shape) if target.is_floating_point() else target.reshape(n, -1)
+        input3, target3 = _canonical_views(input, target)
         grads = _gradients_from_lse(ctx, input3, target3, weight, lse, total_weight, grad_output, grad_lse)
         return grads[:2] + _NO_GRADS_FOR_OPTIONS[:6]
 
@@ -289,23 +290,23 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
     (0 when ignored), or ``sum_c w_c q'_c (lse - y_c) + z lse^2`` for
     probabilities, with ``y = softcap * tanh(x / softcap)``."""
     ignore_index, eps, z_loss, softcap = options
-    n, num_classes = input.shape[0], input.shape[1]
+    num_classes = input.shape[1]
     acc = accumulate_dtype(input.dtype)
-    y = input.reshape(n, num_classes, -1).to(acc)
+    input3, target3 = _canonical_views(input, target)
+    y = input3.to(acc)
     if softcap:
         y = softcap * torch.tanh(y / softcap)
     lse = torch.logsumexp(y, 1)
     minus_log_p = lse.unsqueeze(1) - y
     w = None if weight is None else weight.to(acc).view(1, num_classes, 1)
     if target.is_floating_point():
-        q = target.reshape(y.shape).to(acc)
+        q = target3.to(acc)
         if eps:
             q = q * (1 - eps) + eps / num_classes
         loss = ((q if w is None else q * w) * minus_log_p).sum(1) + z_loss * lse.square()
     else:
-        t = target.reshape(n, -1)
-        counted = t != ignore_index
-        t = torch.where(counted, t, 0)
+        counted = target3 != ignore_index
+        t = torch.where(counted, target3, 0)
         w_t = torch.ones_like(lse) if w is None else weight.to(acc)[t]
         w_t = torch.where(counted, w_t, 0)
         loss = (1 - eps) * w_t * minus_log_p.gather(1, t.unsqueeze(1)).squeeze(1) + z_loss * w_t * lse.square()

@@ -260,3 +260,13 @@ def test_target_modified_in_place_refuses_a_second_derivative(device):
     t.add_(1).remainder_(5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(device, reduction):
+    x = torch.randn(0, 5, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    loss = fused_ce.cross_entropy(x, t, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss), create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    assert grad.shape == second.shape == x.shape
