@@ -7,6 +7,12 @@
 #
 #   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,percall,bench,sanitize
 #
+# A session's device time (15 minutes, machine start included) fits about two
+# calls of at most 10 minutes each, e.g.
+#   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
+#   bash scripts/gpu_check.sh build,clusters,percall,bench
+# (the second build is incremental while the machine is still warm).
+#
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage).  The machine has no network: torch, pytest, xdist and
