@@ -25,7 +25,9 @@
 // exactly the slots and edge elements it loaded, from its registers; the
 // only element read by other lanes, the target logit, is read (through the
 // coherent path) before the group reduction, which is also a memory barrier
-// of the group (group_allreduce); and the gradient is written after it.
+// of the group (group_allreduce), and, split over a cluster, before the
+// cluster barrier (cluster_allreduce), which orders every block's reads
+// before any block's writes; the gradient is written after them.
 //
 // The formulas are in ce_loss.cuh.
 #pragma once
@@ -213,7 +215,7 @@ __global__ void __launch_bounds__(BLOCK)
     // y_t, also the reference the smoothing sum is taken relative to (see
     // ce_loss.cuh).
     Acc y_target = Acc(0);
-    if (y >= 0 && (lane == 0 || math.smoothing))
+    if (y >= 0 && ((lane == 0 && rank == 0) || math.smoothing))
       y_target = math.logit(to_acc(load_global<CachePolicy::kCoherent>(x + y))).y;
     const Acc ref = isfinite(y_target) ? y_target : Acc(0);
 

@@ -40,6 +40,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -249,19 +250,34 @@ inline ClusterUse cluster_use() {
 }
 
 // Whether `kernel`, a kernel split over thread-block clusters, can run on
-// the current device: the device launches clusters, and the binary loaded
-// for it was compiled for sm_90 or newer (an sm_80 binary, or PTX JIT-compiled
-// from compute_80, holds the trapping stubs of ce_cluster.cuh).
+// the current device: the device launches clusters, and the code loaded for
+// it was compiled from sm_90 or newer source. An sm_80 build holds the
+// trapping stubs of ce_cluster.cuh; run on an sm_90 device through PTX
+// compiled by the driver, its binaryVersion says 90 while its ptxVersion
+// still says 80, so both are checked. Cached per device: the answer only
+// depends on the device and the loaded module.
 template <typename Kernel>
 bool clusters_usable(Kernel kernel) {
-  int device = 0, cluster_launch = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> known[kMaxDevices] = {};  // 0 unknown, 1 usable, -1 not
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();  // not the error of a later launch check
+    return false;
+  }
+  if (device < kMaxDevices && known[device].load() != 0) return known[device].load() > 0;
+  int cluster_launch = 0;
   cudaFuncAttributes attributes;
-  const bool usable = cudaGetDevice(&device) == cudaSuccess &&
-                      cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
-                      cluster_launch != 0 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-                      attributes.binaryVersion >= 90;
-  // A failed query must not surface as the error of a later launch check.
-  if (!usable) (void)cudaGetLastError();
+  bool usable = false;
+  if (cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+  } else if (cluster_launch != 0) {
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess)
+      (void)cudaGetLastError();
+    else
+      usable = attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+  }
+  if (device < kMaxDevices) known[device].store(usable ? 1 : -1);
   return usable;
 }
 
@@ -272,16 +288,20 @@ bool clusters_usable(Kernel kernel) {
 // reductions overlap other rows' loads; the 512-thread configuration is
 // there for the longest rows (256k bf16).  Clusters of 2 blocks hold no more
 // than one 1024-thread block: only FUSED_CE_CUDA_CLUSTERS=all uses them.
-// Returns whether a kernel was launched: not when the row is too long, the
-// device or binary has no clusters, or the launch is refused (a cluster the
-// device cannot schedule is refused synchronously); the row then takes the
-// streaming kernel instead of failing the call.
+// *launched is false when the row is too long, the device or the loaded
+// code has no clusters, or the device cannot schedule such a cluster now
+// (cudaOccupancyMaxActiveClusters, a host-side query, so nothing that would
+// fail is enqueued, also during graph capture: e.g. 8 blocks that each need
+// a whole SM, under MPS or green-context limits); the row then takes the
+// streaming kernel instead of failing the call. Otherwise the launch's error.
 template <bool CAP, typename T>
-bool launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream) {
+cudaError_t launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
+                                    bool* launched) {
   constexpr int V = vector_width<T>();
   const int64_t rows = p.N;
   const auto math = loss_math<CAP>(p);
-  auto launch = [&](auto kernel, int cluster, int block) -> bool {
+  *launched = false;
+  auto launch = [&](auto kernel, int cluster, int block) -> cudaError_t {
     // One cluster per row at most; the kernel walks rows with a cluster stride.
     const int64_t max_clusters = 0x7fffffff / cluster;
     const int64_t clusters = rows < max_clusters ? rows : max_clusters;
@@ -297,21 +317,26 @@ bool launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slot
     config.stream = stream;
     config.attrs = attribute;
     config.numAttrs = 1;
-    if (cudaLaunchKernelEx(&config, kernel, p, math) == cudaSuccess) return true;
-    (void)cudaGetLastError();  // not the error of a later launch check
-    return false;
+    int active_clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&active_clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // not the error of a later launch check
+      return cudaSuccess;
+    }
+    if (active_clusters < 1) return cudaSuccess;
+    *launched = true;
+    return cudaLaunchKernelEx(&config, kernel, p, math);
   };
 #define FUSED_CE_CLUSTER_RESIDENT(CLUSTER, BLOCK, CH)                                                 \
   if (slots <= int64_t(CLUSTER) * (BLOCK) * (CH)) {                                                  \
     const auto kernel = ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP, CLUSTER>;        \
-    return clusters_usable(kernel) && launch(kernel, CLUSTER, BLOCK);                               \
+    return clusters_usable(kernel) ? launch(kernel, CLUSTER, BLOCK) : cudaSuccess;                  \
   }
   FUSED_CE_CLUSTER_RESIDENT(2, 256, 8)
   FUSED_CE_CLUSTER_RESIDENT(4, 256, 8)
   FUSED_CE_CLUSTER_RESIDENT(8, 256, 8)
   FUSED_CE_CLUSTER_RESIDENT(8, 512, 8)
 #undef FUSED_CE_CLUSTER_RESIDENT
-  return false;
+  return cudaSuccess;
 }
 
 template <typename T>
@@ -361,17 +386,23 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     // A row has at most C / VEC body slots (the head and tail elements are
     // held separately).
     const int64_t slots = p.C / vector_width<T>();
+    bool launched = false;
     auto try_clusters = [&] {
-      return capped ? launch_cluster_resident<true>(p, slots, stream)
-                    : launch_cluster_resident<false>(p, slots, stream);
+      return capped ? launch_cluster_resident<true>(p, slots, stream, &launched)
+                    : launch_cluster_resident<false>(p, slots, stream, &launched);
     };
     const ClusterUse use = cluster_use();
-    if (use == ClusterUse::kAll && slots > kSlotsOf256ThreadBlock && try_clusters()) return cudaSuccess;
-    bool launched = false;
+    if (use == ClusterUse::kAll && slots > kSlotsOf256ThreadBlock) {
+      const cudaError_t err = try_clusters();
+      if (launched) return err;
+    }
     const cudaError_t err = capped ? launch_resident<true>(p, slots, stream, &launched)
                                    : launch_resident<false>(p, slots, stream, &launched);
     if (launched) return err;
-    if (use != ClusterUse::kNone && try_clusters()) return cudaSuccess;
+    if (use != ClusterUse::kNone) {
+      const cudaError_t cluster_err = try_clusters();
+      if (launched) return cluster_err;
+    }
   }
 
   const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
