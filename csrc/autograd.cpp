@@ -119,6 +119,7 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
     kTarget,         // canonical (N, D) or (N, C, D)
     kTargetVersion,  // its version counter at the forward
     kWeight,         // or None
+    kWeightVersion,
     kLse,            // (N, D), or None without z_loss
     kTotalWeight,
     kIgnoreIndex,
@@ -140,9 +141,9 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
     ctx->saved_data["input_sizes"] = input.sizes();
     ctx->saved_data["device_scaled"] = device_scaled;
     ctx->saved_data["state"] = c10::ivalue::Tuple::create(
-        {args.target, target._version(), weight.has_value() ? at::IValue(*weight) : at::IValue(),
-         z_loss != 0 ? at::IValue(lse) : at::IValue(), total_weight, ignore_index, label_smoothing, z_loss,
-         softcap, reduction});
+        {args.target, args.target._version(), weight.has_value() ? at::IValue(*weight) : at::IValue(),
+         weight.has_value() ? weight->_version() : int64_t(0), z_loss != 0 ? at::IValue(lse) : at::IValue(),
+         total_weight, ignore_index, label_smoothing, z_loss, softcap, reduction});
     if (device_scaled) {
       // Scaled in place and handed out by the first backward, so not a
       // saved tensor (a second backward's unpacking would find it
@@ -221,52 +222,54 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   }
 
   // create_graph=True: grad_output times the gradient, differentiable with
-  // respect to the input and grad_output (double_backward.h), out of place
-  // so that the saved or held gradient stays for the double backward and
-  // for a later backward. Without the softcap, and only when this node is
-  // the one the autograd engine is running (whose first edge leads to the
-  // input); otherwise differentiating it raises.
+  // respect to the input and grad_output (double_backward.h), out of place.
+  // The saved gradient stays for a later backward; on CUDA the held one is
+  // handed to the double backward (a later backward recomputes it), since a
+  // plain backward would scale it in place under the double backward's feet.
+  // Without the softcap, and only when this node is the one the autograd
+  // engine is running (whose first edge leads to the input); otherwise
+  // differentiating the gradient raises.
   static at::Tensor differentiable(AutogradContext* ctx, const at::Tensor& grad_output) {
     const std::vector<int64_t> input_sizes = ctx->saved_data["input_sizes"].toIntVector();
     at::Tensor gradient;
     {
       at::NoGradGuard no_grad;
-      gradient = ctx->saved_data["device_scaled"].toBool() ? unscaled_device_gradient(ctx, /*take=*/false)
+      gradient = ctx->saved_data["device_scaled"].toBool() ? unscaled_device_gradient(ctx, /*take=*/true)
                                                            : ctx->get_saved_variables()[0];
       gradient = gradient.reshape(input_sizes);
     }
-    const LossOptions options = saved_options(ctx);
     const auto node = torch::autograd::get_current_node();
-    const char* refusal = nullptr;
-    if (options.softcap != 0) {
-      refusal = "fused_ce.cross_entropy: with softcap the gradient is not differentiable (double "
-                "backward / create_graph=True would need the logits, which the loss does not keep)";
-    } else if (node == nullptr ||
-               dynamic_cast<torch::autograd::CppNode<CrossEntropyLossFunction>*>(node.get()) == nullptr) {
-      refusal = "fused_ce.cross_entropy: the gradient is only differentiable in a backward run by "
-                "autograd's engine";
-    }
-    if (refusal != nullptr) {
+    const bool ours =
+        node != nullptr && dynamic_cast<torch::autograd::CppNode<CrossEntropyLossFunction>*>(node.get()) != nullptr;
+    torch::autograd::edge_list depends_on;
+    if (ours) depends_on.push_back(node->next_edge(0));
+    if (grad_output.requires_grad()) depends_on.push_back(torch::autograd::impl::gradient_edge(grad_output));
+    const LossOptions options = saved_options(ctx);
+    if (options.softcap != 0 || !ours) {
       at::Tensor scaled;
       {
         at::NoGradGuard no_grad;
         scaled = gradient * grad_output;
       }
-      return fail_if_differentiated(scaled, refusal);
+      return refuse_differentiation(
+          scaled,
+          options.softcap != 0
+              ? "fused_ce.cross_entropy: with softcap the gradient is not differentiable (double backward / "
+                "create_graph=True would need the logits, which the loss does not keep)"
+              : "fused_ce.cross_entropy: the gradient is only differentiable in a backward run by autograd's "
+                "engine",
+          std::move(depends_on));
     }
-    const at::Tensor target = state(ctx, kTarget).toTensor();
-    // What a saved tensor's unpacking checks: the second derivative reads the
-    // targets of the forward.
-    TORCH_CHECK(target._version() == state(ctx, kTargetVersion).toInt(),
-                "fused_ce.cross_entropy: the target has been modified by an inplace operation since the "
-                "forward; the loss's gradient cannot be differentiated (create_graph=True)");
     SavedGradient for_double_backward{gradient,
-                                      target,
+                                      state(ctx, kTarget).toTensor(),
                                       optional_state(ctx, kWeight),
                                       optional_state(ctx, kLse),
                                       state(ctx, kTotalWeight).toTensor(),
                                       options,
-                                      static_cast<Reduction>(state(ctx, kReduction).toInt())};
+                                      static_cast<Reduction>(state(ctx, kReduction).toInt()),
+                                      state(ctx, kTargetVersion).toInt(),
+                                      state(ctx, kWeightVersion).toInt()};
+    check_unmodified(for_double_backward);
     return differentiable_gradient(std::move(for_double_backward), grad_output, node->next_edge(0));
   }
 };

@@ -11,6 +11,7 @@
 
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -128,12 +129,14 @@ class CrossEntropyGradientBackward : public Node {
       : saved_(std::move(saved)), grad_output_(std::move(grad_output)), input_sizes_(std::move(input_sizes)) {}
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as autograd's own nodes: a graph may be shared by threads
     TORCH_CHECK(saved_.gradient.defined(),
                 "fused_ce.cross_entropy: trying to differentiate the loss's gradient a second time, but "
                 "its saved tensors have been freed; use retain_graph=True the first time");
     variable_list out(2);
     const at::Tensor& v = grads[0];
     if (!v.defined()) return out;
+    check_unmodified(saved_);
     const bool create_graph = at::GradMode::is_enabled();
     {
       at::NoGradGuard no_grad;
@@ -141,12 +144,22 @@ class CrossEntropyGradientBackward : public Node {
         out[0] = hessian_vector_product(saved_, v, grad_output_, input_sizes_);
       if (task_should_compute_output(1)) out[1] = upstream_derivative(saved_, v, grad_output_);
     }
-    // A third derivative would need the Hessian's own derivative: refuse it.
+    // Differentiating these again (a third derivative, or
+    // torch.autograd.functional.hvp, which differentiates a Hessian-vector
+    // product with respect to the vector) is not offered: refuse it,
+    // reachable from everything they depend on.
     if (create_graph) {
-      for (at::Tensor& t : out)
+      torch::autograd::edge_list depends_on{next_edge(0), next_edge(1)};
+      if (v.requires_grad()) depends_on.push_back(torch::autograd::impl::gradient_edge(v));
+      for (at::Tensor& t : out) {
         if (t.defined())
-          t = fail_if_differentiated(t, "fused_ce.cross_entropy: the loss has no third derivative (its "
-                                        "gradient can be differentiated once)");
+          t = refuse_differentiation(
+              t,
+              "fused_ce.cross_entropy: the loss's gradient can be differentiated once; a third "
+              "derivative, or differentiating a Hessian-vector product again (as "
+              "torch.autograd.functional.hvp does; vhp works), is not supported",
+              torch::autograd::edge_list(depends_on));
+      }
     }
     return out;
   }
@@ -154,6 +167,7 @@ class CrossEntropyGradientBackward : public Node {
   std::string name() const override { return "fused_ce::CrossEntropyGradientBackward"; }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     saved_ = SavedGradient{};
     grad_output_ = at::Tensor();
   }
@@ -181,11 +195,19 @@ at::Tensor differentiable_gradient(SavedGradient saved, const at::Tensor& grad_o
   return result;
 }
 
-at::Tensor fail_if_differentiated(const at::Tensor& gradient, const char* message) {
-  at::Tensor alias = gradient.detach();
-  alias.set_requires_grad(true);
-  auto error = std::make_shared<torch::autograd::DelayedError>(message, /*num_inputs=*/1);
-  return error->apply({alias})[0];
+at::Tensor refuse_differentiation(const at::Tensor& value, const char* message,
+                                  torch::autograd::edge_list depends_on) {
+  at::Tensor result = value.detach();
+  torch::autograd::set_history(result, make_node<torch::autograd::Error>(message, std::move(depends_on)));
+  return result;
+}
+
+void check_unmodified(const SavedGradient& saved) {
+  const bool weight_same = !saved.weight.defined() || saved.weight._version() == saved.weight_version;
+  TORCH_CHECK(saved.target._version() == saved.target_version && weight_same,
+              "fused_ce.cross_entropy: one of the variables needed for the second derivative of the "
+              "loss (its ", weight_same ? "target" : "weight", ") has been modified by an inplace "
+              "operation since the forward");
 }
 
 }  // namespace fused_ce

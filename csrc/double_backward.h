@@ -16,14 +16,20 @@
 // Z = 2 z w_t (class target) or 2 z (probabilities). So u = A p = g / s + b
 // is known from what the node saved, and for a vector v
 //   H v = u * v - u (u.v) / A + Z (u.v) u / A^2,
-// which gives the Hessian-vector product without the logits. (Rows with
-// A = 0 have a zero gradient and contribute nothing.) The softcap makes the
-// Hessian depend on the logits themselves; the node does not offer a
-// second derivative for it.
+// which gives the Hessian-vector product without the logits. Rows with
+// A = 0 contribute nothing: right without z_loss (their gradient and Hessian
+// are 0); with z_loss a row whose lse makes A exactly 0 would still have the
+// Z p p^T term, which is lost with p (and near that point the recovery is
+// ill-conditioned). Precision: p comes from the saved gradient, so for 16-bit
+// inputs the target class of a row with a small p_t (where u_t = g_t / s +
+// b_t cancels) has the gradient's 8-11 bits, not float32's. The softcap
+// makes the Hessian depend on the logits themselves; the node does not offer
+// a second derivative for it.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/edge.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <vector>
 
@@ -40,7 +46,16 @@ struct SavedGradient {
   at::Tensor total_weight;  // 0-dim, accumulate type: the mean's denominator
   LossOptions options;
   Reduction reduction;      // Mean or Sum
+  // Version counters of target and weight at the forward: the second
+  // derivative refuses operands modified in place since, as a saved
+  // tensor's unpacking would.
+  int64_t target_version = 0;
+  int64_t weight_version = 0;
 };
+
+// Raises PyTorch's in-place modification error if target or weight changed
+// since the forward.
+void check_unmodified(const SavedGradient& saved);
 
 // grad_output * saved.gradient, as a tensor autograd can differentiate again:
 // with respect to the input (through `input_edge`, the loss node's edge to
@@ -48,9 +63,13 @@ struct SavedGradient {
 at::Tensor differentiable_gradient(SavedGradient saved, const at::Tensor& grad_output,
                                    torch::autograd::Edge input_edge);
 
-// `gradient` behind a node that raises `message` when autograd
-// differentiates through it: what autograd's once_differentiable does for a
-// Python backward, for the derivatives not offered.
-at::Tensor fail_if_differentiated(const at::Tensor& gradient, const char* message);
+// `value` (a tensor without history) as the output of a node that raises
+// `message` when autograd differentiates through it: the derivatives not
+// offered. The node's edges are those of what `value` depends on, so that
+// torch.autograd.grad with respect to any of them reaches it and raises
+// (rather than leaving the term out); with no edges it can only be reached
+// by a .backward() through `value`.
+at::Tensor refuse_differentiation(const at::Tensor& value, const char* message,
+                                  torch::autograd::edge_list depends_on);
 
 }  // namespace fused_ce

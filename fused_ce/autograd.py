@@ -69,11 +69,19 @@ _COMPUTED_IN_FORWARD = (
     "CPU path under torch.compile) and cannot be differentiated again")
 
 
-def not_differentiable(gradient, message):
-    """``gradient`` behind a node that raises ``message`` if autograd differentiates through it."""
+def not_differentiable(gradient, message, depends_on=()):
+    """``gradient`` behind a node that raises ``message`` if autograd differentiates through it.
+
+    The node also has edges to the tensors in ``depends_on`` (with history), so that
+    ``torch.autograd.grad`` with respect to them reaches it and raises; without any,
+    only a ``.backward()`` through the gradient does (as with PyTorch's once_differentiable).
+    """
     if gradient is None:
         return None
-    return torch._C._functions.DelayedError(message, 1)(gradient.detach().requires_grad_())
+    depends_on = [t for t in depends_on if t is not None and t.requires_grad]
+    outputs = torch._C._functions.DelayedError(message, 1 + len(depends_on))(
+        gradient.detach().requires_grad_(), *depends_on)
+    return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
 def once_differentiable(message):
@@ -263,7 +271,10 @@ def _backward_with_graph(ctx, grad_output, grad_lse):
     with torch.no_grad():
         grads = _backward(ctx, grad_output, grad_lse)
     if ctx.inplace or ctx.gradient_in_forward:
-        return tuple(not_differentiable(g, _COMPUTED_IN_FORWARD) for g in grads)
+        # In place, the logits are saved (and hold the gradient): the refusal is
+        # reachable from them.
+        depends_on = ctx.saved_tensors if ctx.inplace else ()
+        return tuple(not_differentiable(g, _COMPUTED_IN_FORWARD, depends_on) for g in grads)
     if grads[0] is None and grads[1] is None:
         return grads
     _, _, weight, _, total_weight, input, target = ctx.saved_tensors

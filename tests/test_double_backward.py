@@ -270,3 +270,79 @@ def test_empty_batch(device, reduction):
     (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss), create_graph=True)
     (second,) = torch.autograd.grad(grad.sum(), x)
     assert grad.shape == second.shape == x.shape
+
+
+def _refusing_gradient(kind, device):
+    x = make_logits((6, 5), torch.float64, device).requires_grad_()
+    t = make_class_target((6,), 5, device)
+    if kind == "softcap":
+        loss = fused_ce.cross_entropy(x, t, softcap=3.0)
+    elif kind == "inplace":
+        loss = fused_ce.cross_entropy(x * 1.0, t, inplace_backward=True)
+    else:  # the gradient of the gradient: a third derivative
+        (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t), x, create_graph=True)
+        return x, torch.autograd.grad((grad ** 2).sum(), x, create_graph=True)[0]
+    return x, torch.autograd.grad(loss, x, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("kind", ["softcap", "inplace", "third"])
+def test_refusals_are_reached_by_autograd_grad(device, kind):
+    # torch.autograd.grad(..., x) only runs the nodes on paths to x: a refusal hung on a detached
+    # leaf would be skipped and the term silently left out
+    x, grad = _refusing_gradient(kind, device)
+    with pytest.raises(RuntimeError, match="differentia"):
+        torch.autograd.grad((grad * grad).sum() + x.sum(), x)
+
+
+def test_functional_hvp_raises_rather_than_returning_zeros(device):
+    # autograd.functional.hvp differentiates the Hessian-vector product with respect to the vector
+    x = make_logits((4, 6), torch.float64, device)
+    t = make_class_target((4,), 6, device)
+    v = torch.randn_like(x)
+    _, vhp = torch.autograd.functional.vhp(lambda a: fused_ce.cross_entropy(a, t), x, v)
+    _, want = torch.autograd.functional.vhp(lambda a: F.cross_entropy(a.cpu(), t.cpu()), x.cpu(), v.cpu())
+    torch.testing.assert_close(vhp.cpu(), want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="hvp"):
+        torch.autograd.functional.hvp(lambda a: fused_ce.cross_entropy(a, t), x, v)
+
+
+@pytest.mark.parametrize("what", ["target", "weight"])
+def test_operands_modified_after_the_first_backward(device, what):
+    # the Hessian-vector product reads target and weight when it runs, after the create_graph backward
+    x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (6, 5), device)
+    (grad,) = torch.autograd.grad(fused_ce.cross_entropy(x, t, **kwargs), x, create_graph=True)
+    if what == "target":
+        t.add_(1).remainder_(5)
+    else:
+        kwargs["weight"].mul_(3)
+    with pytest.raises(RuntimeError, match=f"its {what}.*modified by an inplace operation"):
+        torch.autograd.grad(grad.sum(), x)
+
+
+def test_target_whose_canonical_view_is_a_copy(device):
+    # a transposed (N, d1, d2) target is copied by the (N, D) reshape: no false in-place error
+    x = make_logits((2, 3, 4, 5), torch.float64, device).requires_grad_()
+    t = make_class_target((2, 5, 4), 3, device, ignore_index=-100).transpose(1, 2)
+    t[0, 0, 0] = -100  # bumps the original's version
+    got = _hvp(lambda a: fused_ce.cross_entropy(a, t), x, torch.tensor(1.0, dtype=torch.float64,
+               device=device, requires_grad=True), torch.ones_like(x))
+    x_ref = x.detach().cpu().requires_grad_()
+    want = _hvp(lambda a: F.cross_entropy(a, t.cpu()), x_ref, torch.tensor(1.0, dtype=torch.float64,
+                requires_grad=True), torch.ones_like(x_ref))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12)
+
+
+def test_device_scaled_plain_backward_between_hessian_products(device, monkeypatch):
+    # CUDA's held gradient: a plain backward (which scales the held gradient in place) between two
+    # differentiations of the create_graph gradient must not change the second one
+    monkeypatch.setattr(fused_functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    x, t, kwargs, _ = _inputs("weight-smoothing-ignore", (6, 5), device)
+    v = torch.randn(x.shape, dtype=torch.float64, device=device)
+    loss = fused_ce.cross_entropy(x, t, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    (first,) = torch.autograd.grad((grad * v).sum(), x, retain_graph=True)
+    (plain,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+    (second,) = torch.autograd.grad((grad * v).sum(), x)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(plain, 3.0 * grad.detach(), rtol=1e-12, atol=0)
