@@ -56,7 +56,8 @@ RowTerms row_terms(const SavedGradient& s, Canonical k, at::ScalarType acc) {
   const LossOptions& o = s.options;
   const double eps = o.label_smoothing;
   const auto options = s.gradient.options().dtype(acc);
-  const at::Tensor w = s.weight.defined() ? s.weight.to(acc).view({1, k.c, 1}) : at::Tensor();
+  const at::Tensor weight_acc = s.weight.defined() ? s.weight.to(acc) : at::Tensor();
+  const at::Tensor w = weight_acc.defined() ? weight_acc.view({1, k.c, 1}) : at::Tensor();
   const at::Tensor lse = o.z_loss != 0 ? s.lse.to(acc).view({k.n, 1, k.d}) : at::Tensor();
   RowTerms r;
   if (s.target.is_floating_point()) {
@@ -70,7 +71,7 @@ RowTerms row_terms(const SavedGradient& s, Canonical k, at::ScalarType acc) {
   }
   r.counts = (s.target != o.ignore_index).view({k.n, 1, k.d});
   const at::Tensor t = at::where(r.counts, s.target.view({k.n, 1, k.d}), 0);
-  at::Tensor w_t = w.defined() ? s.weight.to(acc).index_select(0, t.reshape(-1)).view({k.n, 1, k.d})
+  at::Tensor w_t = w.defined() ? weight_acc.index_select(0, t.reshape(-1)).view({k.n, 1, k.d})
                                : at::ones({k.n, 1, k.d}, options);
   w_t = at::where(r.counts, w_t, 0);
   r.A = w_t * (1 - eps);

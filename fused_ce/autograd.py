@@ -309,7 +309,8 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
         y = softcap * torch.tanh(y / softcap)
     lse = torch.logsumexp(y, 1)
     minus_log_p = lse.unsqueeze(1) - y
-    w = None if weight is None else weight.to(acc).view(1, num_classes, 1)
+    weight_acc = None if weight is None else weight.to(acc)
+    w = None if weight is None else weight_acc.view(1, num_classes, 1)
     if target.is_floating_point():
         q = target3.to(acc)
         if eps:
@@ -318,7 +319,7 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
     else:
         counted = target3 != ignore_index
         t = torch.where(counted, target3, 0)
-        w_t = torch.ones_like(lse) if w is None else weight.to(acc)[t]
+        w_t = torch.ones_like(lse) if w is None else weight_acc[t]
         w_t = torch.where(counted, w_t, 0)
         loss = (1 - eps) * w_t * minus_log_p.gather(1, t.unsqueeze(1)).squeeze(1) + z_loss * w_t * lse.square()
         if eps:

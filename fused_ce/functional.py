@@ -228,8 +228,8 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     ``reduction="none"``, ``return_lse``, ``inplace_backward``, torch.compile
     (which traces Python Functions, not C++ nodes), forward-mode AD (the C++
     node would drop the tangents; the Function raises that it has no jvp)
-    and tensors that override ``__torch_function__``. (torch.func transforms
-    are routed before this is asked.)
+    and tensors that override ``__torch_function__``. Only asked outside
+    torch.func transforms, which ``cross_entropy`` routes first.
     """
     if return_lse or inplace_backward or torch.compiler.is_compiling():
         return False
@@ -237,7 +237,7 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
         if target.requires_grad or (input.requires_grad and reduction == REDUCTION_NONE):
             return False
     tensors = (input, target) if weight is None else (input, target, weight)
-    return not (functorch_active() or forward_ad_active() or has_torch_function(tensors))
+    return not (forward_ad_active() or has_torch_function(tensors))
 
 
 def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool,

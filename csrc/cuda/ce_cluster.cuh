@@ -10,9 +10,9 @@
 //
 // Clusters need sm_90.  The kernels that use them are also compiled for
 // older architectures (one build serves every GPU), where these helpers trap;
-// the launcher only starts such a kernel when the binary for the current
-// device was compiled for sm_90 or newer and the device launches clusters
-// (cross_entropy_kernels.cuh, clusters_usable).
+// the launcher only starts such a kernel when the device launches clusters
+// and the code loaded for it was compiled from sm_90+ source, both its PTX
+// and its binary version (cross_entropy_kernels.cuh, clusters_usable).
 #pragma once
 
 #include <cooperative_groups.h>

@@ -38,9 +38,9 @@
 // too long for one block.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
