@@ -5,7 +5,7 @@ Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
 registered as ``torch.ops.fused_ce.*``.
 """
 
-from . import distributed
+from . import _vmap, distributed  # noqa: F401  (_vmap registers the batching rules)
 from ._ops import built_with_cuda, cpu_capability, supported_cpu_capabilities
 from .autograd import CrossEntropyFunction
 from .cache import empty_cache, gradient_cache_bytes, set_gradient_cache

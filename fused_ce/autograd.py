@@ -33,6 +33,13 @@ torch operations (the same formulas, :func:`_differentiable_loss`) and hands
 out the kernel's gradient carrying that loss's graph: the values are the
 kernel's, their derivatives are PyTorch's. A gradient computed in the
 forward has no such graph; differentiating it raises.
+
+Calls that no Function here can differentiate, forward-mode AD and nested
+torch.func transforms (``jvp``, ``jacfwd``, ``hessian``, ``grad`` of
+``grad``), take :func:`composite_cross_entropy` instead: the operator's
+forward values carrying the graph of :func:`_differentiable_loss`, so that
+every transform differentiates PyTorch operations (at their speed and
+memory).
 """
 
 import functools
@@ -331,6 +338,36 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
     elif reduction == REDUCTION_SUM:
         loss = loss.sum()
     return loss, lse
+
+
+def composite_cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,
+                            z_loss, softcap):
+    """``(loss, lse)`` for forward-mode AD and nested torch.func transforms,
+    which the Functions cannot differentiate. Arguments as for
+    ``FunctorchCrossEntropyFunction``.
+
+    The operator computes the values from detached tensors (so they are
+    exactly the fused path's, with its target checks and total weight); they
+    carry the graph of the same loss in torch operations (``k + (h -
+    h.detach())``: the value of k, the derivatives of h), which any
+    transform, at any order, differentiates. As in PyTorch, the loss of
+    class-index targets has no derivative for the class weights (a tangent
+    on them is dropped; the mean's total weight is a constant here), that
+    of probability targets has."""
+    n, spatial = input.shape[0], input.shape[2:]
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    if weight is not None and not target.is_floating_point():
+        weight = weight.detach()
+    input3, target3 = _canonical_views(input.detach(), target.detach())
+    loss, lse, total_weight = ops.cross_entropy_forward(
+        input3, target3, None if weight is None else weight.detach(), *options)
+    graph_loss, graph_lse = _differentiable_loss(input, target, weight, options, reduction, total_weight)
+    loss = _reduce(loss, total_weight, reduction, graph_loss.dtype)
+    loss = (loss + (graph_loss - graph_loss.detach())).to(input.dtype)
+    lse = lse + (graph_lse - graph_lse.detach())
+    if reduction == REDUCTION_NONE:
+        loss = loss.reshape((n,) + spatial)
+    return loss, lse.reshape((n,) + spatial)
 
 
 def _hand_out_inplace_gradient(ctx, grad_output):

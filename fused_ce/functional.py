@@ -4,9 +4,10 @@ Everything user-facing happens here: legacy arguments, PyTorch-style errors,
 dtype promotion for soft targets, autocast, and unbatched input (made a batch
 of one). Batched arguments then go, as they are, either to the C++ autograd
 node of the common cases (``_C.cross_entropy_loss``) or to the Python
-``CrossEntropyFunction``; see ``_native_path``. Under torch.func transforms
-they go to ``FunctorchCrossEntropyFunction``. All take the operators'
-canonical ``(N, C, D)`` view themselves.
+``CrossEntropyFunction``; see ``_native_path``. Under a reverse-mode
+torch.func transform they go to ``FunctorchCrossEntropyFunction``; with
+forward-mode AD or nested transforms, to ``composite_cross_entropy``. All
+take the operators' canonical ``(N, C, D)`` view themselves.
 """
 
 import math
@@ -14,12 +15,15 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
 from . import _C
 from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
-                       FunctorchCrossEntropyFunction)
+                       FunctorchCrossEntropyFunction, composite_cross_entropy)
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -179,12 +183,18 @@ def cross_entropy(
         input = input.contiguous()
 
     reduction_code = _REDUCTIONS[reduction]
-    if functorch_active():
-        # torch.func transforms need a Function with setup_context; the
-        # gradient cannot be written over logits that a transform wraps, so
-        # inplace_backward only saves memory elsewhere and is ignored here.
+    # Under torch.func transforms and forward-mode AD the gradient cannot be
+    # written over logits that a transform wraps: inplace_backward only saves
+    # memory elsewhere and is ignored here.
+    if functorch_active() and not _functorch_needs_composite(input, target, weight):
+        # A single reverse-mode transform (grad, vjp, jacrev; under vmap or not)
+        # needs a Function with setup_context.
         loss, lse, _ = FunctorchCrossEntropyFunction.apply(input, target, weight, int(ignore_index),
                                                            label_smoothing, reduction_code, z_loss, softcap)
+        result = (loss, lse) if return_lse else loss
+    elif functorch_active() or (forward_ad_active() and _has_tangent(input, target, weight)):
+        loss, lse = composite_cross_entropy(input, target, weight, int(ignore_index), label_smoothing,
+                                            reduction_code, z_loss, softcap)
         result = (loss, lse) if return_lse else loss
     elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
         result = _C.cross_entropy_loss(input, target, weight, int(ignore_index), label_smoothing,
@@ -216,6 +226,28 @@ def forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
+def _functorch_needs_composite(*tensors: Optional[Tensor]) -> bool:
+    """Whether the active torch.func transforms ask for derivatives that the
+    Functions cannot give, so that the loss takes composite_cross_entropy:
+    forward mode (jvp, jacfwd, hessian), two nested reverse-mode transforms
+    (grad of grad), or a tensor under the transforms that requires grad
+    outside them (torch.autograd over torch.func.grad)."""
+    kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    if TransformType.Jvp in kinds or kinds.count(TransformType.Grad) > 1:
+        return True
+    for t in tensors:
+        while t is not None and is_functorch_wrapped_tensor(t):
+            t = get_unwrapped(t)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _has_tangent(*tensors: Optional[Tensor]) -> bool:
+    """Whether any of the tensors is a dual tensor of the active forward-AD level."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int,
                  return_lse: bool, inplace_backward: bool) -> bool:
     """Whether the call can take the C++ autograd node (``_C.cross_entropy_loss``,
@@ -226,10 +258,10 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     about 30 microseconds per step, most of a small-class step's cost. The
     Python Function takes everything else: target gradients, gradients of
     ``reduction="none"``, ``return_lse``, ``inplace_backward``, torch.compile
-    (which traces Python Functions, not C++ nodes), forward-mode AD (the C++
-    node would drop the tangents; the Function raises that it has no jvp)
-    and tensors that override ``__torch_function__``. Only asked outside
-    torch.func transforms, which ``cross_entropy`` routes first.
+    (which traces Python Functions, not C++ nodes) and tensors that
+    override ``__torch_function__``. Only asked outside torch.func
+    transforms and for inputs without forward-AD tangents (the node would
+    drop them), which ``cross_entropy`` routes first.
     """
     if return_lse or inplace_backward or torch.compiler.is_compiling():
         return False
@@ -237,7 +269,7 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
         if target.requires_grad or (input.requires_grad and reduction == REDUCTION_NONE):
             return False
     tensors = (input, target) if weight is None else (input, target, weight)
-    return not (forward_ad_active() or has_torch_function(tensors))
+    return not has_torch_function(tensors)
 
 
 def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool,
