@@ -36,7 +36,9 @@ or for probability targets, probability targets of another dtype than the
 input, mixed dtypes or devices, autocast with class weights or probability
 targets, torch.compile tracing) take the reference path
 ``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
-and gives PyTorch's results and errors.
+and gives PyTorch's results and errors. So do calls under torch.func
+transforms or with forward-mode AD tangents, which the chunks' Function
+cannot differentiate.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import once_differentiable
-from .functional import _check_class_target_shape, _dtype_name, cross_entropy
+from .functional import (_check_class_target_shape, _dtype_name, _has_tangent, cross_entropy,
+                         forward_ad_active, functorch_active)
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -488,6 +491,11 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
                                 and not (grad_mode and weight.requires_grad)))
         and (not probs or (target.dtype == dtype and not (grad_mode and target.requires_grad)))
         and not torch.compiler.is_compiling()
+        # torch.func transforms and forward-mode AD: the reference's
+        # cross_entropy differentiates under them; the chunks' Function
+        # cannot (and without grad it would drop the tangents).
+        and not functorch_active()
+        and not (forward_ad_active() and _has_tangent(*tensors, target, weight))
     )
     if not supported:
         return _reference(*args)

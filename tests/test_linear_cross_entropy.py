@@ -426,6 +426,31 @@ def test_probability_target_requiring_grad_falls_back():
     torch.testing.assert_close(t.grad, t_ref.grad)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func and forward_ad script helpers
+def test_torch_func_and_forward_mode_fall_back(device):
+    # The chunks' Function has no setup_context and no jvp: these calls take the
+    # reference path. Forward-mode AD used to drop the tangent silently.
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b = _inputs(device=device)
+    t = _class_target(N, V, device, ignore_index=-100)
+    kwargs = dict(linear_bias=b, label_smoothing=0.1)
+
+    def transforms(loss_fn):
+        loss_of_weight = lambda weight: loss_fn(x, weight, t, **kwargs)  # noqa: E731
+        per_row = lambda row, row_target: loss_fn(row, w, row_target, **kwargs)  # noqa: E731
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(loss_fn(x, fwAD.make_dual(w, w_direction), t, **kwargs)).tangent
+        return (torch.func.grad(loss_of_weight)(w),
+                torch.func.vmap(torch.func.grad(per_row))(x, t.clamp(min=0)),
+                torch.func.jvp(loss_of_weight, (w,), (w_direction,))[1],
+                tangent)
+
+    w_direction = torch.randn_like(w)
+    for got, want in zip(transforms(linear_cross_entropy), transforms(F.linear_cross_entropy)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def _error_of(fn, *args, **kwargs):
     try:
         fn(*args, **kwargs)
