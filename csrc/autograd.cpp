@@ -204,9 +204,20 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
                                             saved_options(ctx), state(ctx, kReduction).toInt()));
   }
 
+  // Under vmap over the upstream gradient (torch.autograd.grad's
+  // is_grads_batched and gradcheck's check_batched_grad, with autograd's own
+  // batching; torch.func.vmap around a backward) grad_output holds one
+  // scalar per batch element: it can neither be read on the host nor
+  // applied in place, so the product is formed.
+  static bool batched(const at::Tensor& grad_output) {
+    const c10::DispatchKeySet keys = grad_output.key_set();
+    return keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched);
+  }
+
   // The held gradient scaled in place on the device; untouched when
   // grad_output is 1.
   static at::Tensor device_scaled_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
+    if (batched(grad_output)) return unscaled_device_gradient(ctx, /*take=*/false) * grad_output;
     at::Tensor gradient = unscaled_device_gradient(ctx, /*take=*/true);
     scale_gradient_op(gradient, grad_output);
     return gradient;
@@ -217,7 +228,7 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // CPU scalar is free, so the pass is skipped when it is 1.
   static at::Tensor saved_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
     at::Tensor gradient = ctx->get_saved_variables()[0];
-    if (grad_output.is_cpu() && grad_output.item<double>() == 1.0) return gradient;
+    if (grad_output.is_cpu() && !batched(grad_output) && grad_output.item<double>() == 1.0) return gradient;
     return gradient * grad_output;
   }
 

@@ -384,6 +384,8 @@ def _hand_out_inplace_gradient(ctx, grad_output):
     ctx.gradient_handed_out = True
     if torch.compiler.is_compiling():
         gradient.mul_(grad_output.to(gradient.dtype))
+    elif _batched(grad_output):
+        return gradient * grad_output
     else:
         # Skips the pass when the upstream gradient is 1, on the device for CUDA.
         ops.scale_gradient_(gradient, grad_output)
@@ -399,6 +401,16 @@ def _scale_saved_gradient(grad_input: torch.Tensor, grad_output: torch.Tensor) -
     ``retain_graph=True`` a second backward must see it unchanged.
     """
     if (not torch.compiler.is_compiling() and grad_output.device.type == "cpu"
-            and grad_output.item() == 1.0):
+            and not _batched(grad_output) and grad_output.item() == 1.0):
         return grad_input
     return grad_input * grad_output
+
+
+def _batched(grad_output: torch.Tensor) -> bool:
+    """Whether grad_output holds one upstream gradient per element of a vmap
+    (``torch.autograd.grad(..., is_grads_batched=True)`` and gradcheck's
+    ``check_batched_grad``, which batch with autograd's own key;
+    ``torch.func.vmap`` around a backward): then it can be neither read on
+    the host nor applied in place."""
+    functorch = torch._C._functorch
+    return functorch.is_legacy_batchedtensor(grad_output) or functorch.is_batchedtensor(grad_output)

@@ -1,5 +1,7 @@
 """torch.autograd.gradcheck (float64, finite differences vs. the analytic backward) for every option.
 
+The two grids also check the batched backward and forward-mode AD.
+
 gradcheck is independent of torch's cross_entropy: it compares fused_ce's backward with numerical
 derivatives of fused_ce's own forward.  The forward itself is pinned to torch by a value check in
 each case too.
@@ -14,6 +16,10 @@ import fused_ce
 from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
 
 SHAPES = {"unbatched": (5,), "2d": (4, 5), "3d": (3, 5, 2), "4d": (2, 4, 2, 2)}
+
+# Besides the backward: batched backward (vmap over the upstream gradient),
+# forward-mode AD and batched forward-mode AD, each against finite differences.
+ALL_MODES = dict(check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True)
 
 
 def _tshape(shape):
@@ -42,7 +48,7 @@ def test_gradcheck_class_targets(device, reduction, use_weight, ignore, label_sm
     def fn(inp):
         return fused_ce.cross_entropy(inp, t, **kw)
 
-    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5, **ALL_MODES)
     # the forward is torch's
     ref = F.cross_entropy(x.detach().cpu(), t.cpu(), **{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                                          for k, v in kw.items()})
@@ -64,7 +70,7 @@ def test_gradcheck_prob_targets(device, grads, reduction, use_weight, label_smoo
     def fn(inp, tgt):
         return fused_ce.cross_entropy(inp, tgt, weight=w, reduction=reduction, label_smoothing=label_smoothing)
 
-    assert gradcheck(fn, (x, t), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck(fn, (x, t), eps=1e-6, atol=1e-7, rtol=1e-5, **ALL_MODES)
     ref = F.cross_entropy(x.detach().cpu(), t.detach().cpu(), weight=None if w is None else w.cpu(),
                           reduction=reduction, label_smoothing=label_smoothing)
     assert_close_ref(fn(x.detach(), t.detach()), ref, torch.float64)
@@ -114,3 +120,30 @@ def test_gradcheck_through_module(device):
     x = make_logits((5, C), torch.float64, device).requires_grad_()
     t = make_class_target((5,), C, device, ignore_index=0)
     assert gradcheck(lambda a: m(a, t), (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["native", "native-device-scaled", "function", "inplace"])
+def test_batched_upstream_gradients(device, path, monkeypatch):
+    # One backward for several upstream gradients (is_grads_batched, torch.func.vmap
+    # around a backward): the scalar upstream gradient is batched, so it can be
+    # neither read on the host nor applied in place.
+    if path == "native-device-scaled":
+        monkeypatch.setattr(fused_ce.functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    x = make_logits((4, 5, 3), torch.float64, device).requires_grad_()
+    t = make_class_target((4, 3), 5, device, ignore_index=-100)
+    upstream = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64, device=device)
+    want = torch.autograd.grad(F.cross_entropy(x, t, label_smoothing=0.1), x)[0]
+    want = upstream.view(-1, 1, 1, 1) * want
+
+    def loss():
+        if path == "function":
+            return fused_ce.CrossEntropyFunction.apply(x, t, None, -100, 0.1, 1)
+        return fused_ce.cross_entropy(x.clone() if path == "inplace" else x, t, label_smoothing=0.1,
+                                      inplace_backward=path == "inplace")
+
+    batched = torch.autograd.grad(loss(), x, upstream, is_grads_batched=True)[0]
+    assert_close_ref(batched, want, torch.float64)
+    if path != "inplace":  # the in-place gradient is handed out once per graph
+        graph = loss()
+        mapped = torch.func.vmap(lambda u: torch.autograd.grad(graph, x, u, retain_graph=True)[0])(upstream)
+        assert_close_ref(mapped, want, torch.float64)
