@@ -204,20 +204,24 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
                                             saved_options(ctx), state(ctx, kReduction).toInt()));
   }
 
-  // Under vmap over the upstream gradient (torch.autograd.grad's
-  // is_grads_batched and gradcheck's check_batched_grad, with autograd's own
-  // batching; torch.func.vmap around a backward) grad_output holds one
-  // scalar per batch element: it can neither be read on the host nor
-  // applied in place, so the product is formed.
-  static bool batched(const at::Tensor& grad_output) {
+  // Whether grad_output is more than one plain number, so that the product
+  // must be formed (out of place, with differentiable ops): under vmap over
+  // the upstream gradient (torch.autograd.grad's is_grads_batched and
+  // gradcheck's check_batched_grad, with autograd's own batching;
+  // torch.func.vmap around a backward) it holds one scalar per batch element,
+  // which can neither be read on the host nor applied in place; with a
+  // forward-mode tangent (forward-over-reverse) skipping a product by 1
+  // would drop the tangent.
+  static bool needs_product(const at::Tensor& grad_output) {
     const c10::DispatchKeySet keys = grad_output.key_set();
-    return keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched);
+    return keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched) ||
+           grad_output._fw_grad(/*level=*/0).defined();
   }
 
   // The held gradient scaled in place on the device; untouched when
   // grad_output is 1.
   static at::Tensor device_scaled_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
-    if (batched(grad_output)) return unscaled_device_gradient(ctx, /*take=*/false) * grad_output;
+    if (needs_product(grad_output)) return unscaled_device_gradient(ctx, /*take=*/false) * grad_output;
     at::Tensor gradient = unscaled_device_gradient(ctx, /*take=*/true);
     scale_gradient_op(gradient, grad_output);
     return gradient;
@@ -228,7 +232,7 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // CPU scalar is free, so the pass is skipped when it is 1.
   static at::Tensor saved_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
     at::Tensor gradient = ctx->get_saved_variables()[0];
-    if (grad_output.is_cpu() && !batched(grad_output) && grad_output.item<double>() == 1.0) return gradient;
+    if (grad_output.is_cpu() && !needs_product(grad_output) && grad_output.item<double>() == 1.0) return gradient;
     return gradient * grad_output;
   }
 

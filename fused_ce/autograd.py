@@ -46,6 +46,7 @@ import functools
 import math
 
 import torch
+from torch.autograd import forward_ad
 
 from ._ops import accumulate_dtype, ops
 
@@ -265,10 +266,36 @@ def _gradients_from_lse(ctx, input, target, weight, lse, total_weight, grad_outp
     if grad_lse is not None:
         grad_lse = grad_lse.to(acc).reshape(n, d)
     input_grad, target_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_input, grad_target = ops.cross_entropy_backward(
+    grad_input, grad_target = _backward_operator(
         grad_loss, grad_lse, input, target, weight, lse, *ctx.options, input_grad, target_grad)
     return (grad_input.reshape(ctx.input_shape) if input_grad else None,
             grad_target.reshape(ctx.target_shape) if target_grad else None) + _NO_GRADS_FOR_OPTIONS
+
+
+def _backward_operator(grad_loss, grad_lse, *operands):
+    """``ops.cross_entropy_backward``, also when the upstream gradients carry
+    forward-mode tangents (forward-over-reverse with respect to them, as
+    gradgradcheck's ``check_fwd_over_rev`` does): the operator is linear in
+    ``(grad_loss, grad_lse)``, so the tangent of its result is the operator
+    applied to theirs. (Tangents on the logits or targets send the forward
+    to ``composite_cross_entropy`` instead.)"""
+    tangents = [None, None]
+    if forward_ad_active():
+        tangents = [None if g is None else forward_ad.unpack_dual(g).tangent for g in (grad_loss, grad_lse)]
+    if tangents == [None, None]:
+        return ops.cross_entropy_backward(grad_loss, grad_lse, *operands)
+    primal = [None if g is None else forward_ad.unpack_dual(g).primal for g in (grad_loss, grad_lse)]
+    if tangents[0] is None:
+        tangents[0] = torch.zeros_like(primal[0])
+    grads = ops.cross_entropy_backward(*primal, *operands)
+    grad_tangents = ops.cross_entropy_backward(*tangents, *operands)
+    # An unwanted gradient is an empty placeholder, without a tangent.
+    return tuple(g if g.numel() == 0 else forward_ad.make_dual(g, t) for g, t in zip(grads, grad_tangents))
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is active."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _backward_with_graph(ctx, grad_output, grad_lse):
@@ -296,7 +323,9 @@ def _backward_with_graph(ctx, grad_output, grad_lse):
     result = []
     for g, needed in zip(grads[:2], ctx.needs_input_grad[:2]):
         h = next(graphs) if needed else None
-        result.append(g if h is None else g + (h - h.detach()))
+        # g.detach() drops a forward-mode tangent (from the upstream gradient,
+        # see _backward_operator) that h's graph carries already.
+        result.append(g if h is None else g.detach() + (h - h.detach()))
     return tuple(result) + _NO_GRADS_FOR_OPTIONS
 
 
@@ -384,7 +413,7 @@ def _hand_out_inplace_gradient(ctx, grad_output):
     ctx.gradient_handed_out = True
     if torch.compiler.is_compiling():
         gradient.mul_(grad_output.to(gradient.dtype))
-    elif _batched(grad_output):
+    elif _needs_product(grad_output):
         return gradient * grad_output
     else:
         # Skips the pass when the upstream gradient is 1, on the device for CUDA.
@@ -401,16 +430,19 @@ def _scale_saved_gradient(grad_input: torch.Tensor, grad_output: torch.Tensor) -
     ``retain_graph=True`` a second backward must see it unchanged.
     """
     if (not torch.compiler.is_compiling() and grad_output.device.type == "cpu"
-            and not _batched(grad_output) and grad_output.item() == 1.0):
+            and not _needs_product(grad_output) and grad_output.item() == 1.0):
         return grad_input
     return grad_input * grad_output
 
 
-def _batched(grad_output: torch.Tensor) -> bool:
-    """Whether grad_output holds one upstream gradient per element of a vmap
-    (``torch.autograd.grad(..., is_grads_batched=True)`` and gradcheck's
-    ``check_batched_grad``, which batch with autograd's own key;
-    ``torch.func.vmap`` around a backward): then it can be neither read on
-    the host nor applied in place."""
+def _needs_product(grad_output: torch.Tensor) -> bool:
+    """Whether the scalar upstream gradient is more than one plain number, so
+    that the product must be formed (out of place, with differentiable ops):
+    one value per element of a vmap (``torch.autograd.grad(...,
+    is_grads_batched=True)`` and gradcheck's ``check_batched_grad``, which
+    batch with autograd's own key; ``torch.func.vmap`` around a backward),
+    which can neither be read on the host nor applied in place; or a
+    forward-mode tangent, which skipping a product by 1 would drop."""
     functorch = torch._C._functorch
-    return functorch.is_legacy_batchedtensor(grad_output) or functorch.is_batchedtensor(grad_output)
+    return (functorch.is_legacy_batchedtensor(grad_output) or functorch.is_batchedtensor(grad_output)
+            or (forward_ad_active() and forward_ad.unpack_dual(grad_output).tangent is not None))

@@ -23,7 +23,7 @@ from torch.overrides import has_torch_function
 
 from . import _C
 from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
-                       FunctorchCrossEntropyFunction, composite_cross_entropy)
+                       FunctorchCrossEntropyFunction, composite_cross_entropy, forward_ad_active)
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -219,11 +219,6 @@ def functorch_active() -> bool:
     torch.compile, unlike peeking at the interpreter stack)."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return active is not None and bool(active())
-
-
-def forward_ad_active() -> bool:
-    """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is active."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _functorch_needs_composite(*tensors: Optional[Tensor]) -> bool:

@@ -101,15 +101,22 @@ def test_all_ignored(device, weight):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forward-mode AD scripts a helper
+@pytest.mark.parametrize("path", ["native", "none", "lse"])  # the C++ node; the Python Function twice
 @pytest.mark.parametrize("case", ["weight-smoothing-ignore", "zloss-weight", "probabilities"])
-def test_gradgradcheck(device, case):
+def test_gradgradcheck(device, case, path):
     x, t, kwargs, z_loss = _inputs(case, (5, 4), device)
+    if path == "none":
+        kwargs["reduction"] = "none"
 
     def fn(a):
-        return fused_ce.cross_entropy(a, t, z_loss=z_loss, **kwargs)
+        return fused_ce.cross_entropy(a, t, z_loss=z_loss, return_lse=path == "lse", **kwargs)
 
-    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # Also forward-over-reverse (forward-mode tangents on the logits and on the
+    # upstream gradient) and batched second derivatives.
+    modes = dict(check_batched_grad=True, check_fwd_over_rev=True)
+    assert gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5, check_forward_ad=True)
+    assert gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5, **modes)
 
 
 @pytest.mark.parametrize("case", ["weight-smoothing-ignore", "probabilities"])

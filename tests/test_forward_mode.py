@@ -234,3 +234,37 @@ def test_autograd_over_torch_func_grad(device):
         return torch.autograd.grad((grad.square().sum(), per_sample.square().sum()), x)[0]
 
     _close(second_derivatives(fused_ce.cross_entropy), second_derivatives(F.cross_entropy))
+
+
+@pytest.mark.parametrize("path", ["native", "native-device-scaled", "none", "lse", "inplace", "function"])
+@pytest.mark.parametrize("upstream_value", [1.0, 0.7])
+def test_tangent_of_the_upstream_gradient(device, path, upstream_value, monkeypatch):
+    # Forward-over-reverse with respect to the upstream gradient, without
+    # create_graph: the backward is linear in it, so its tangent must come out
+    # (also when its value is 1, where the backward skips the product).
+    if path == "native-device-scaled":
+        monkeypatch.setattr(fused_ce.functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    x = make_logits((5, 6), torch.float64, device).requires_grad_()
+    target = make_class_target((5,), 6, device, ignore_index=-100)
+    reduction = "none" if path == "none" else "mean"
+    shape = (5,) if path == "none" else ()
+    upstream = torch.full(shape, upstream_value, dtype=torch.float64, device=device)
+    tangent = torch.randn(shape, dtype=torch.float64, device=device)
+
+    def loss(loss_fn, a):
+        if loss_fn is F.cross_entropy:
+            return loss_fn(a, target, reduction=reduction, label_smoothing=0.1)
+        if path == "function":
+            return fused_ce.CrossEntropyFunction.apply(a, target, None, -100, 0.1, 1)
+        if path == "lse":
+            return fused_ce.cross_entropy(a, target, label_smoothing=0.1, return_lse=True)[0]
+        return fused_ce.cross_entropy(a.clone() if path == "inplace" else a, target, reduction=reduction,
+                                      label_smoothing=0.1, inplace_backward=path == "inplace")
+
+    results = []
+    for loss_fn in (fused_ce.cross_entropy, F.cross_entropy):
+        with fwAD.dual_level():
+            (grad,) = torch.autograd.grad(loss(loss_fn, x), x, fwAD.make_dual(upstream, tangent))
+            results.append(fwAD.unpack_dual(grad))
+    _close(results[0].primal, results[1].primal)
+    _close(results[0].tangent, results[1].tangent)
