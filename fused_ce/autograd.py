@@ -362,8 +362,12 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
             smoothing = (minus_log_p if w is None else minus_log_p * w).sum(1) * (eps / num_classes)
             loss = loss + torch.where(counted, smoothing, 0)
         loss = torch.where(counted, loss, 0)
-    if reduction == REDUCTION_MEAN:
+    if reduction == REDUCTION_MEAN and not (target.is_floating_point() and loss.numel() == 0):
         loss = loss.sum() / total_weight
+    elif reduction == REDUCTION_MEAN:
+        # An empty batch of probabilities: PyTorch's mean is NaN, a constant
+        # (its tangent is 0); the operator gives the NaN value.
+        loss = loss.sum()
     elif reduction == REDUCTION_SUM:
         loss = loss.sum()
     return loss, lse

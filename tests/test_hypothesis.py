@@ -123,3 +123,41 @@ def test_random_configs_half_precision(device, cfg, half):
     target_grad = cfg["soft"] and cfg["target_grad"]
     check_against_torch(fused_ce, x, t, w, reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"],
                         target_grad=target_grad, view=view, target_view=target_view, what=str(cfg), **ignore_kw)
+
+
+def _transforms(loss_fn, x, t, w, kwargs, per_sample):
+    """jvp (tangents on the logits, and on probability targets), a Hessian when it
+    is small, and per-sample gradients (vmap over grad) when the rows are plain
+    (N, C) ones; everything that fused_ce computes off its plain path."""
+    gen = torch.Generator().manual_seed(0)
+    x_tangent = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    results = []
+    if t.is_floating_point():
+        t_tangent = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+        results += torch.func.jvp(lambda a, b: loss_fn(a, b, w, **kwargs), (x, t), (x_tangent, t_tangent))
+    else:
+        results += torch.func.jvp(lambda a: loss_fn(a, t, w, **kwargs), (x,), (x_tangent,))
+    if 0 < x.numel() <= 60:  # (PyTorch's own Hessian of an empty batch raises)
+        results.append(torch.func.hessian(lambda a: loss_fn(a, t, w, **kwargs).sum())(x))
+    if per_sample:
+        results.append(torch.func.vmap(torch.func.grad(lambda a, b: loss_fn(a, b, w, **kwargs).sum()))(x, t))
+    return results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cfg=configs())
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func scripts a helper
+def test_random_configs_under_transforms(device, cfg):
+    # forward mode, Hessians and vmap (composite_cross_entropy and the batching rules)
+    cfg = dict(cfg, dtype=torch.float64)
+    x, t, w, view, target_view, ignore_kw = _build(cfg, device)
+    x = view(x)
+    t = target_view(t) if target_view else t
+    kwargs = dict(reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"], **ignore_kw)
+    per_sample = x.dim() == 2 and x.shape[0] > 0
+    got = _transforms(fused_ce.cross_entropy, x, t, w, kwargs, per_sample)
+    want = _transforms(torch.nn.functional.cross_entropy, x, t, w, kwargs, per_sample)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu(), r.cpu(), rtol=1e-7, atol=1e-9, equal_nan=True, msg=lambda m: f"{cfg}: {m}")
