@@ -72,6 +72,11 @@ def _canonical_views(input, target):
     return input3, target.reshape(input3.shape) if target.is_floating_point() else target.reshape(n, d)
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is active."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
 _COMPUTED_IN_FORWARD = (
     "fused_ce.cross_entropy: this gradient was computed in the forward (inplace_backward=True, or the "
     "CPU path under torch.compile) and cannot be differentiated again")
@@ -291,11 +296,6 @@ def _backward_operator(grad_loss, grad_lse, *operands):
     grad_tangents = ops.cross_entropy_backward(*tangents, *operands)
     # An unwanted gradient is an empty placeholder, without a tangent.
     return tuple(g if g.numel() == 0 else forward_ad.make_dual(g, t) for g, t in zip(grads, grad_tangents))
-
-
-def forward_ad_active() -> bool:
-    """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is active."""
-    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _backward_with_graph(ctx, grad_output, grad_lse):
