@@ -231,7 +231,12 @@ def test_autograd_over_torch_func_grad(device):
     def second_derivatives(loss_fn):
         grad = torch.func.grad(lambda a: loss_fn(a, target, label_smoothing=0.1))(x)
         per_sample = torch.func.vmap(torch.func.grad(loss_fn))(x, target)
-        return torch.autograd.grad((grad.square().sum(), per_sample.square().sum()), x)[0]
+        # vmap alone, both derivatives outside it
+        per_row = torch.func.vmap(lambda a, b: loss_fn(a, b, label_smoothing=0.2))(x, target)
+        (row_grad,) = torch.autograd.grad((per_row * torch.arange(4.0, device=device)).sum(), x,
+                                          create_graph=True)
+        return torch.autograd.grad((grad.square().sum(), per_sample.square().sum(), row_grad.square().sum()),
+                                   x)[0]
 
     _close(second_derivatives(fused_ce.cross_entropy), second_derivatives(F.cross_entropy))
 
