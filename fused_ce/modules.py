@@ -3,6 +3,7 @@
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import cross_entropy
@@ -35,6 +36,19 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.validate = validate
 
     def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the fused path's Python (a model that
+            # holds this module stays scriptable, as with PyTorch's module):
+            # a scripted module computes PyTorch's own cross_entropy.
+            if self.z_loss != 0.0 or self.softcap is not None or self.return_lse:
+                raise RuntimeError("fused_ce.CrossEntropyLoss: z_loss, softcap and return_lse are not "
+                                   "supported in TorchScript")
+            return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                   reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return self._fused(input, target)
+
+    @torch.jit.unused
+    def _fused(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              z_loss=self.z_loss, softcap=self.softcap,

@@ -250,3 +250,29 @@ def test_deepcopy_and_pickle_module(tmp_path, device):
         x = make_logits((5, C), torch.float32, device)
         t = make_class_target((5,), C, device, ignore_index=2)
         torch.testing.assert_close(clone(x, t), m(x, t), rtol=0, atol=0)
+
+
+class _ModelWithLoss(torch.nn.Module):
+    def __init__(self, criterion):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 5)
+        self.criterion = criterion
+
+    def forward(self, x, target):
+        return self.criterion(self.head(x), target)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated in recent torch
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torchscript_keeps_models_scriptable(reduction):
+    # As with PyTorch's module, a model that holds the loss can be scripted;
+    # the scripted module computes PyTorch's cross_entropy.
+    weight = torch.rand(5) + 0.5
+    model = _ModelWithLoss(fused_ce.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction=reduction))
+    x, target = torch.randn(6, 4), torch.randint(0, 5, (6,))
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x, target), model(x, target))
+    reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(scripted(x, target), reference(model.head(x), target))
+    with pytest.raises((RuntimeError, torch.jit.Error), match="not supported in TorchScript"):
+        torch.jit.script(fused_ce.CrossEntropyLoss(z_loss=1e-3))(torch.randn(3, 5), target[:3])
