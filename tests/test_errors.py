@@ -132,6 +132,13 @@ def test_target_out_of_bounds_in_every_walk(device, layout, position, with_weigh
     _check_same_error(device, make, [rf"Target {C + 3} is out of bounds"], IndexError)
 
 
+def _TARGET_DTYPE_MESSAGE(name):
+    """The key words of torch's message for a class-index target of dtype ``name``, in the
+    wording of torch 2.13 ("expected target dtype to be Long or Byte, but got Int") and of
+    the torch releases before it ("expected scalar type Long but found Int")."""
+    return [r"expected (target dtype to be|scalar type) Long", rf"(got|found) {name}"]
+
+
 @pytest.mark.parametrize("tdtype,name", [(torch.int32, "Int"), (torch.int16, "Short"), (torch.int8, "Char"),
                                          (torch.bool, "Bool")])
 def test_target_integer_dtype(device, tdtype, name):
@@ -139,9 +146,9 @@ def test_target_integer_dtype(device, tdtype, name):
         return (make_logits((3, 5), device=dev), torch.tensor([0, 1, 2], device=dev).to(tdtype)), {}
 
     # torch's CUDA message names a kernel ("nll_loss_forward_reduce_cuda_kernel_2d_index" not
-    # implemented for 'Int'); its CPU one names the problem, and fused_ce gives that on every device.
-    _check_same_error(device, make, [rf"expected target dtype to be Long or Byte, but got {name}"],
-                      torch_device="cpu")
+    # implemented for 'Int'); its CPU one names the problem, and fused_ce gives that on every device
+    # (torch 2.13's wording; before, torch said "expected scalar type Long but found Int").
+    _check_same_error(device, make, _TARGET_DTYPE_MESSAGE(name), torch_device="cpu")
 
 
 def test_float_class_index_target(device):
@@ -149,8 +156,7 @@ def test_float_class_index_target(device):
     def make(dev):
         return (make_logits((3, 5), device=dev), torch.tensor([0.0, 1.0, 2.0], device=dev)), {}
 
-    _check_same_error(device, make, [r"expected target dtype to be Long or Byte, but got Float"],
-                      torch_device="cpu")
+    _check_same_error(device, make, _TARGET_DTYPE_MESSAGE("Float"), torch_device="cpu")
 
 
 @pytest.mark.parametrize("red", ["foo", "avg", "Mean", ""])
