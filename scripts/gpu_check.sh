@@ -12,6 +12,9 @@
 #   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   bash scripts/gpu_check.sh build,clusters,percall,bench
 # (the second build is incremental while the machine is still warm).
+# Before spending device time, `CUDA=1 scripts/test_with_torch.sh <the GPU
+# machine's torch wheel>` builds and tests the same sources against that torch
+# on the CPU machine.
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
