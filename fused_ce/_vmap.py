@@ -33,9 +33,9 @@ def _fold(t):
     return None if t is None else t.reshape((-1,) + t.shape[2:])
 
 
-def _unfold(t, batch_size):
-    """(B * N, ...) -> (B, N, ...)."""
-    return t.reshape((batch_size, -1) + t.shape[1:])
+def _unfold(t, batch_size, rows):
+    """(B * N, ...) -> (B, N, ...), N = rows (explicit: B or N may be 0)."""
+    return t.reshape((batch_size, rows) + t.shape[1:])
 
 
 def _one_at_a_time(op, batch_size, in_dims, args):
@@ -47,7 +47,7 @@ def _one_at_a_time(op, batch_size, in_dims, args):
     return tuple(torch.stack(r) for r in zip(*results))
 
 
-def _total_weight_per_element(target, weight, ignore_index, num_classes, dtype):
+def _total_weight_per_element(target, weight, ignore_index, dtype):
     """The operator's total weight for each of the (B, N, D) or (B, N, C, D)
     targets: the number of positions for probabilities, else the sum of the
     counted targets' class weights (their count without weights)."""
@@ -71,13 +71,16 @@ def _forward_rule(info, in_dims, input, target, weight, ignore_index, label_smoo
     options = (ignore_index, label_smoothing, z_loss, softcap)
     batch_size = info.batch_size
     if in_dims[2] is not None:
-        return _one_at_a_time(ops.cross_entropy_forward, batch_size, in_dims,
-                              (input, target, weight) + options), (0, 0, 0)
+        if batch_size > 0:
+            return _one_at_a_time(ops.cross_entropy_forward, batch_size, in_dims,
+                                  (input, target, weight) + options), (0, 0, 0)
+        weight = None  # no element to weigh: the folded call gives the empty results' shapes
     input = _batch_first(input, in_dims[0], batch_size)
     target = _batch_first(target, in_dims[1], batch_size)
+    rows = input.shape[1]
     loss, lse, _ = ops.cross_entropy_forward(_fold(input), _fold(target), weight, *options)
-    total_weight = _total_weight_per_element(target, weight, ignore_index, input.shape[2], lse.dtype)
-    return (_unfold(loss, batch_size), _unfold(lse, batch_size), total_weight), (0, 0, 0)
+    total_weight = _total_weight_per_element(target, weight, ignore_index, lse.dtype)
+    return (_unfold(loss, batch_size, rows), _unfold(lse, batch_size, rows), total_weight), (0, 0, 0)
 
 
 @torch.library.register_vmap("fused_ce::cross_entropy_backward")
@@ -89,14 +92,17 @@ def _backward_rule(info, in_dims, grad_loss, grad_lse, input, target, weight, ls
     # An unwanted gradient is an empty placeholder, the same for every element.
     out_dims = (0 if input_grad else None, 0 if target_grad else None)
     if in_dims[4] is not None:
-        grad_input, grad_target = _one_at_a_time(ops.cross_entropy_backward, batch_size, in_dims,
-                                                 tensors + options)
-        return (grad_input if input_grad else grad_input[0],
-                grad_target if target_grad else grad_target[0]), out_dims
+        if batch_size > 0:
+            grad_input, grad_target = _one_at_a_time(ops.cross_entropy_backward, batch_size, in_dims,
+                                                     tensors + options)
+            return (grad_input if input_grad else grad_input[0],
+                    grad_target if target_grad else grad_target[0]), out_dims
+        weight = None  # as in the forward rule
     grad_loss, grad_lse, input, target, lse = (
-        _fold(_batch_first(t, d, batch_size))
+        _batch_first(t, d, batch_size)
         for t, d in zip((grad_loss, grad_lse, input, target, lse), in_dims[:4] + in_dims[5:6]))
-    grad_input, grad_target = ops.cross_entropy_backward(grad_loss, grad_lse, input, target, weight, lse,
-                                                         *options)
-    return (_unfold(grad_input, batch_size) if input_grad else grad_input,
-            _unfold(grad_target, batch_size) if target_grad else grad_target), out_dims
+    rows = input.shape[1]
+    grad_input, grad_target = ops.cross_entropy_backward(
+        _fold(grad_loss), _fold(grad_lse), _fold(input), _fold(target), weight, _fold(lse), *options)
+    return (_unfold(grad_input, batch_size, rows) if input_grad else grad_input,
+            _unfold(grad_target, batch_size, rows) if target_grad else grad_target), out_dims

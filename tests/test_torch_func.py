@@ -105,6 +105,7 @@ def test_vmap_in_dims_and_nesting(device):
     cases = [
         # (function of (x, t), in_dims, arguments)
         (lambda a, b: fn(a, b, weight=weight), (1, 1), (x.transpose(0, 1), t.t())),  # not dim 0
+        (lambda a, b: fn(a, b), (2, 1), (x.permute(1, 2, 0), t.t())),                # nor 1
         (lambda a, b: fn(a, b, label_smoothing=0.2), (0, None), (x, t[0])),          # shared target
         (lambda a, b: fn(a, b, reduction="sum"), (None, 0), (x[0], t)),              # shared logits
         (lambda a, w: fn(a, t[0], weight=w), (0, 0),
@@ -129,3 +130,32 @@ def test_vmap_gradients_for_probability_targets(device):
                for fn in (fused_ce.cross_entropy, F.cross_entropy)]
     for got, want in zip(*results):
         _close(got, want)
+
+
+def test_vmap_empty_batches_and_rows(device):
+    # vmap over zero elements and elements with zero rows (the folded rows cannot be
+    # unfolded by inference: B * N = 0)
+    cases = [((0, 4, 5), (0, 4), None), ((3, 0, 5), (3, 0), None), ((2, 0, 5), (2, 0), (2, 5))]
+    for shape, target_shape, weight_shape in cases:
+        x = make_logits(shape, torch.float64, device)
+        t = make_class_target(target_shape, 5, device)
+        w = None if weight_shape is None else torch.rand(weight_shape, dtype=torch.float64, device=device)
+        for reduction in ("mean", "sum", "none"):
+            results = []
+            for fn in (fused_ce.cross_entropy, F.cross_entropy):
+                def loss(a, b, c, fn=fn):
+                    return fn(a, b, weight=c, reduction=reduction).sum()
+                in_dims = (0, 0, None if w is None else 0)
+                results.append(torch.func.vmap(torch.func.grad_and_value(loss), in_dims)(x, t, w))
+            for got, want in zip(*results):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got.cpu(), want.cpu(), equal_nan=True)
+
+
+def test_vmap_weights_over_an_empty_batch(device):
+    # (PyTorch's own fallback loop raises here: it has no element to run)
+    x, t = make_logits((0, 4, 5), torch.float64, device), make_class_target((0, 4), 5, device)
+    w = torch.rand(0, 5, dtype=torch.float64, device=device)
+    grad, loss = torch.func.vmap(torch.func.grad_and_value(
+        lambda a, b, c: fused_ce.cross_entropy(a, b, weight=c)))(x, t, w)
+    assert grad.shape == (0, 4, 5) and loss.shape == (0,)
