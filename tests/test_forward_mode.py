@@ -1,11 +1,13 @@
 """Forward-mode AD and nested torch.func transforms.
 
 Dual tensors (torch.autograd.forward_ad), ``torch.func.jvp``, ``jacfwd``,
-``hessian`` and ``grad`` of ``grad`` take ``composite_cross_entropy``: the
-operator's values carrying the graph of the same loss in torch operations.
-These tests compare tangents, Jacobians and Hessians with PyTorch's
-F.cross_entropy under the same transforms in float64, check that the values
-are the fused path's own, and that bad targets still raise.
+``hessian``, ``grad`` of ``grad`` and torch.autograd over torch.func take
+``composite_cross_entropy``: the operator's values carrying the graph of the
+same loss in torch operations. These tests compare tangents, Jacobians and
+Hessians with PyTorch's F.cross_entropy under the same transforms in float64,
+check that the values are the fused path's own and that bad targets still
+raise; and that a tangent on the upstream gradient alone (forward-over-reverse
+through the fused backward) comes out on every gradient strategy.
 """
 
 import pytest
