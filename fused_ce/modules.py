@@ -21,6 +21,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ``inplace_backward`` and ``validate`` are those of
     :func:`fused_ce.cross_entropy`; they
     are plain attributes (not part of the ``state_dict``).
+
+    A model that holds the module can be scripted with ``torch.jit.script``;
+    the scripted module computes PyTorch's ``F.cross_entropy`` (TorchScript
+    cannot run the fused path's Python) and refuses ``z_loss``, ``softcap``
+    and ``return_lse``.
     """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None,
