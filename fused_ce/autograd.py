@@ -52,15 +52,6 @@ from ._ops import accumulate_dtype, ops
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
-def _reduce(loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype):
-    if reduction == REDUCTION_MEAN:
-        out = loss.sum() / total_weight
-    elif reduction == REDUCTION_SUM:
-        out = loss.sum()
-    else:
-        out = loss
-    return out if out.dtype == dtype else out.to(dtype)
-
 
 def _canonical_views(input, target):
     """The operators' (N, C, D) input and (N, D) or (N, C, D) target, D = d1 * ... * dk:
@@ -75,6 +66,38 @@ def _canonical_views(input, target):
 def forward_ad_active() -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is active."""
     return getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD is active and any of the tensors (None allowed)
+    carries a tangent at its level."""
+    return forward_ad_active() and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _batch_shape(input):
+    """(N, d1, ..., dk): the shape of per-element results for an (N, C, d1, ..., dk) input."""
+    return input.shape[:1] + input.shape[2:]
+
+
+def _shape_outputs(loss, lse, total_weight, reduction, dtype, batch_shape):
+    """The operator's per-element results as the Functions return them: the
+    loss reduced in ``dtype`` (shaped like the batch for reduction "none")
+    and the lse shaped like the batch."""
+    if reduction == REDUCTION_MEAN:
+        out = loss.sum() / total_weight
+    elif reduction == REDUCTION_SUM:
+        out = loss.sum()
+    else:
+        out = loss.reshape(batch_shape)
+    return (out if out.dtype == dtype else out.to(dtype)), lse.reshape(batch_shape)
+
+
+def _carrying_graph(value, graph):
+    """``value``'s numbers with ``graph``'s derivatives: ``value.detach() +
+    (graph - graph.detach())``. Detaching ``value`` also drops a forward-mode
+    tangent it may carry; ``graph`` carries the derivatives."""
+    return value.detach() + (graph - graph.detach())
 
 
 _COMPUTED_IN_FORWARD = (
@@ -143,7 +166,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.set_materialize_grads(False)
         ctx.input_shape, ctx.target_shape = input.shape, target.shape
-        n, spatial = input.shape[0], input.shape[2:]
         input3, target3 = _canonical_views(input, target)
         ctx.inplace = inplace_backward and input_grad
         ctx.gradient_in_forward = ctx.inplace or (
@@ -175,10 +197,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 # input and target themselves too: saved inputs keep their
                 # autograd history, which a second derivative follows.
                 ctx.save_for_backward(input3, target3, weight, lse, total_weight, input, target)
-        out = _reduce(loss, total_weight, reduction, input.dtype)
-        if reduction == REDUCTION_NONE:
-            out = out.reshape((n,) + spatial)
-        return (out, lse.reshape((n,) + spatial)) if return_lse else out
+        out, lse = _shape_outputs(loss, lse, total_weight, reduction, input.dtype, _batch_shape(input))
+        return (out, lse) if return_lse else out
 
     @staticmethod
     def backward(ctx, grad_output, grad_lse=None):
@@ -202,14 +222,10 @@ class FunctorchCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap):
-        n, spatial = input.shape[0], input.shape[2:]
         input3, target3 = _canonical_views(input, target)
         loss, lse, total_weight = ops.cross_entropy_forward(
             input3, target3, weight, ignore_index, label_smoothing, z_loss, softcap)
-        out = _reduce(loss, total_weight, reduction, input.dtype)
-        if reduction == REDUCTION_NONE:
-            out = out.reshape((n,) + spatial)
-        return out, lse.reshape((n,) + spatial), total_weight
+        return _shape_outputs(loss, lse, total_weight, reduction, input.dtype, _batch_shape(input)) + (total_weight,)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -284,12 +300,11 @@ def _backward_operator(grad_loss, grad_lse, *operands):
     ``(grad_loss, grad_lse)``, so the tangent of its result is the operator
     applied to theirs. (Tangents on the logits or targets send the forward
     to ``composite_cross_entropy`` instead.)"""
-    tangents = [None, None]
-    if forward_ad_active():
-        tangents = [None if g is None else forward_ad.unpack_dual(g).tangent for g in (grad_loss, grad_lse)]
-    if tangents == [None, None]:
+    if not has_tangent(grad_loss, grad_lse):
         return ops.cross_entropy_backward(grad_loss, grad_lse, *operands)
-    primal = [None if g is None else forward_ad.unpack_dual(g).primal for g in (grad_loss, grad_lse)]
+    duals = [None if g is None else forward_ad.unpack_dual(g) for g in (grad_loss, grad_lse)]
+    primal = [None if d is None else d.primal for d in duals]
+    tangents = [None if d is None else d.tangent for d in duals]
     if tangents[0] is None:
         tangents[0] = torch.zeros_like(primal[0])
     grads = ops.cross_entropy_backward(*primal, *operands)
@@ -323,9 +338,9 @@ def _backward_with_graph(ctx, grad_output, grad_lse):
     result = []
     for g, needed in zip(grads[:2], ctx.needs_input_grad[:2]):
         h = next(graphs) if needed else None
-        # g.detach() drops a forward-mode tangent (from the upstream gradient,
-        # see _backward_operator) that h's graph carries already.
-        result.append(g if h is None else g.detach() + (h - h.detach()))
+        # (g's own forward-mode tangent, from the upstream gradient, see
+        # _backward_operator, is dropped: h's graph carries it already.)
+        result.append(g if h is None else _carrying_graph(g, h))
     return tuple(result) + _NO_GRADS_FOR_OPTIONS
 
 
@@ -387,20 +402,15 @@ def composite_cross_entropy(input, target, weight, ignore_index, label_smoothing
     class-index targets has no derivative for the class weights (a tangent
     on them is dropped; the mean's total weight is a constant here), that
     of probability targets has."""
-    n, spatial = input.shape[0], input.shape[2:]
     options = (ignore_index, label_smoothing, z_loss, softcap)
-    if weight is not None and not target.is_floating_point():
-        weight = weight.detach()
+    detached_weight = None if weight is None else weight.detach()
     input3, target3 = _canonical_views(input.detach(), target.detach())
-    loss, lse, total_weight = ops.cross_entropy_forward(
-        input3, target3, None if weight is None else weight.detach(), *options)
-    graph_loss, graph_lse = _differentiable_loss(input, target, weight, options, reduction, total_weight)
-    loss = _reduce(loss, total_weight, reduction, graph_loss.dtype)
-    loss = (loss + (graph_loss - graph_loss.detach())).to(input.dtype)
-    lse = lse + (graph_lse - graph_lse.detach())
-    if reduction == REDUCTION_NONE:
-        loss = loss.reshape((n,) + spatial)
-    return loss, lse.reshape((n,) + spatial)
+    loss, lse, total_weight = ops.cross_entropy_forward(input3, target3, detached_weight, *options)
+    graph_weight = weight if target.is_floating_point() else detached_weight
+    graph_loss, graph_lse = _differentiable_loss(input, target, graph_weight, options, reduction, total_weight)
+    loss, lse = _shape_outputs(loss, lse, total_weight, reduction, graph_loss.dtype, _batch_shape(input))
+    loss = _carrying_graph(loss, graph_loss.reshape(loss.shape)).to(input.dtype)
+    return loss, _carrying_graph(lse, graph_lse.reshape(lse.shape))
 
 
 def _hand_out_inplace_gradient(ctx, grad_output):
@@ -449,4 +459,4 @@ def _needs_product(grad_output: torch.Tensor) -> bool:
     forward-mode tangent, which skipping a product by 1 would drop."""
     functorch = torch._C._functorch
     return (functorch.is_legacy_batchedtensor(grad_output) or functorch.is_batchedtensor(grad_output)
-            or (forward_ad_active() and forward_ad.unpack_dual(grad_output).tangent is not None))
+            or has_tangent(grad_output))

@@ -17,13 +17,12 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-from torch.autograd import forward_ad
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
 from . import _C
 from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
-                       FunctorchCrossEntropyFunction, composite_cross_entropy, forward_ad_active)
+                       FunctorchCrossEntropyFunction, composite_cross_entropy, has_tangent)
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -186,15 +185,15 @@ def cross_entropy(
     # Under torch.func transforms and forward-mode AD the gradient cannot be
     # written over logits that a transform wraps: inplace_backward only saves
     # memory elsewhere and is ignored here.
-    if functorch_active() and not _functorch_needs_composite(input, target, weight):
-        # A single reverse-mode transform (grad, vjp, jacrev; under vmap or not)
-        # needs a Function with setup_context.
-        loss, lse, _ = FunctorchCrossEntropyFunction.apply(input, target, weight, int(ignore_index),
-                                                           label_smoothing, reduction_code, z_loss, softcap)
-        result = (loss, lse) if return_lse else loss
-    elif functorch_active() or (forward_ad_active() and _has_tangent(input, target, weight)):
-        loss, lse = composite_cross_entropy(input, target, weight, int(ignore_index), label_smoothing,
-                                            reduction_code, z_loss, softcap)
+    in_transform = functorch_active()
+    if in_transform or has_tangent(input, target, weight):
+        arguments = (input, target, weight, int(ignore_index), label_smoothing, reduction_code, z_loss, softcap)
+        if in_transform and not _functorch_needs_composite(input, target, weight):
+            # A single reverse-mode transform (grad, vjp, jacrev; under vmap or
+            # not) needs a Function with setup_context.
+            loss, lse, _ = FunctorchCrossEntropyFunction.apply(*arguments)
+        else:
+            loss, lse = composite_cross_entropy(*arguments)
         result = (loss, lse) if return_lse else loss
     elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
         result = _C.cross_entropy_loss(input, target, weight, int(ignore_index), label_smoothing,
@@ -236,11 +235,6 @@ def _functorch_needs_composite(*tensors: Optional[Tensor]) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
-
-
-def _has_tangent(*tensors: Optional[Tensor]) -> bool:
-    """Whether any of the tensors is a dual tensor of the active forward-AD level."""
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int,

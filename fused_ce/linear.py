@@ -51,9 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
-from .autograd import once_differentiable
-from .functional import (_check_class_target_shape, _dtype_name, _has_tangent, cross_entropy,
-                         forward_ad_active, functorch_active)
+from .autograd import has_tangent, once_differentiable
+from .functional import _check_class_target_shape, _dtype_name, cross_entropy, functorch_active
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -495,7 +494,7 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
         # cross_entropy differentiates under them; the chunks' Function
         # cannot (and without grad it would drop the tangents).
         and not functorch_active()
-        and not (forward_ad_active() and _has_tangent(*tensors, target, weight))
+        and not has_tangent(*tensors, target, weight)
     )
     if not supported:
         return _reference(*args)

@@ -108,6 +108,7 @@ from torch.nn import _reduction
 
 from . import functional as _functional
 from ._ops import built_with_cuda
+from .autograd import forward_ad_active
 
 __all__ = ["PatchHandle", "patch_torch", "supported", "unsupported_reason"]
 
@@ -158,7 +159,7 @@ def unsupported_reason(
         return "tensor subclass"
     if _functional.functorch_active():
         return "inside a torch.func transform"
-    if _functional.forward_ad_active():
+    if forward_ad_active():
         return "forward-mode AD"
 
     # --- scalar arguments ------------------------------------------------
