@@ -18,8 +18,12 @@
 // the extension is compiled with -DNDEBUG, so, like PyTorch's
 // CUDA_KERNEL_ASSERT, call the runtime's assertion hook directly on glibc
 // platforms.  Callers must still treat the element as "skip" afterwards so no
-// out-of-bounds access can happen even where the hook is unavailable.
-#if defined(__CUDA_ARCH__) && defined(__GNUC__) && !defined(__APPLE__) && !defined(_WIN32)
+// out-of-bounds access can happen even where the hook is unavailable.  The
+// CPU emulator of tests/cuda_emulator defines its own, which records the
+// failure for the launch to report.
+#if defined(FUSED_CE_KERNEL_ASSERT)
+// Provided by the includer.
+#elif defined(__CUDA_ARCH__) && defined(__GNUC__) && !defined(__APPLE__) && !defined(_WIN32)
 #define FUSED_CE_KERNEL_ASSERT(cond)                                          \
   do {                                                                        \
     if (!(cond)) {                                                            \
@@ -100,6 +104,15 @@ __device__ __forceinline__ double acc_neg_inf<double>() {
   return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
 }
 
+template <typename Acc>
+__device__ __forceinline__ Acc acc_nan();
+template <>
+__device__ __forceinline__ float acc_nan<float>() { return __int_as_float(0x7fffffff); }
+template <>
+__device__ __forceinline__ double acc_nan<double>() {
+  return __longlong_as_double(static_cast<long long>(0x7fffffffffffffffULL));
+}
+
 // exp is evaluated once or twice per logit, so the float path is a multiply
 // and one MUFU op: ex2.approx.ftz(x * log2 e).  Its relative error (~2^-22
 // plus the rounding of the product) is far below what float32 parity tests
@@ -109,9 +122,15 @@ __device__ __forceinline__ double acc_neg_inf<double>() {
 // negligible next to the row's largest term, which is 1).  float64 keeps the
 // accurate libdevice exp.
 __device__ __forceinline__ float fast_exp(float x) {
+#ifdef FUSED_CE_CUDA_EMULATION
+  // The CPU emulator (tests/cuda_emulator) has no PTX: the same maths.
+  const float y = exp2f(x * 1.4426950408889634f);
+  return y < 1.17549435e-38f ? 0.0f : y;
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
   return y;
+#endif
 }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 // log of a row's rescaled sum of exponentials, which is >= 1 (the maximum

@@ -75,8 +75,17 @@ __device__ __forceinline__ void online_lse_add(Acc& m, Acc& s, const T* vals) {
   for (int i = 0; i < N; ++i) step_max = acc_max(step_max, to_acc(vals[i]));
   const Acc m_new = acc_max(m, step_max);
   // While everything seen is -inf (masked logits, padding) there is nothing
-  // to add, and exp(-inf - -inf) would be NaN.
-  if (m_new == acc_neg_inf<Acc>()) return;
+  // to add, and exp(-inf - -inf) would be NaN.  But fmax drops NaN, so the
+  // maximum of NaN and padding is -inf too: a NaN logit (a head or tail
+  // element, alone among its lane's padding) must still make the sum NaN,
+  // as it makes PyTorch's loss NaN.
+  if (m_new == acc_neg_inf<Acc>()) {
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < N; ++i) nan = nan || isnan(to_acc(vals[i]));
+    if (nan) s = acc_nan<Acc>();
+    return;
+  }
   constexpr int kAcc = N < 4 ? N : 4;
   Acc part[kAcc];
 #pragma unroll

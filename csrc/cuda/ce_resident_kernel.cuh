@@ -105,6 +105,9 @@ struct WordCodec<__half> : HalfWordCodec<WordCodec<__half>> {
   // Same value as get(), spelled so that ptxas cannot merge it with get():
   // see the codec comment above.
   __device__ __forceinline__ static float get_again(const uint32_t* w, int j) {
+#ifdef FUSED_CE_CUDA_EMULATION
+    return get(w, j);  // no PTX in the CPU emulator
+#else
     float v;
     if (j % 2) {
       asm("{ .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.f32.f16 %0, hi; }" : "=f"(v) : "r"(w[j / 2]));
@@ -112,6 +115,7 @@ struct WordCodec<__half> : HalfWordCodec<WordCodec<__half>> {
       asm("{ .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.f32.f16 %0, lo; }" : "=f"(v) : "r"(w[j / 2]));
     }
     return v;
+#endif
   }
   __device__ __forceinline__ static uint32_t encode(float v) { return __half_as_ushort(__float2half_rn(v)); }
   __device__ __forceinline__ static uint32_t neg_inf_word(int) { return 0xfc00fc00u; }
@@ -126,6 +130,9 @@ struct WordCodec<__nv_bfloat16> : HalfWordCodec<WordCodec<__nv_bfloat16>> {
   // Same value as get(), spelled as a byte permute so that ptxas cannot
   // merge it with get()'s shift/mask: see the codec comment above.
   __device__ __forceinline__ static float get_again(const uint32_t* w, int j) {
+#ifdef FUSED_CE_CUDA_EMULATION
+    return get(w, j);  // no PTX in the CPU emulator
+#else
     uint32_t bits;
     if (j % 2) {
       asm("prmt.b32 %0, %1, 0, 0x3254;" : "=r"(bits) : "r"(w[j / 2]));
@@ -133,6 +140,7 @@ struct WordCodec<__nv_bfloat16> : HalfWordCodec<WordCodec<__nv_bfloat16>> {
       asm("prmt.b32 %0, %1, 0, 0x1054;" : "=r"(bits) : "r"(w[j / 2]));
     }
     return __uint_as_float(bits);
+#endif
   }
   __device__ __forceinline__ static uint32_t encode(float v) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
@@ -167,12 +175,16 @@ __device__ __forceinline__ void store_slot_words(T* row, const RowSplit<VEC>& rs
 // hoisted above the pass it separates (a volatile asm may otherwise move
 // freely past ordinary arithmetic).
 __device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], float after) {
+#ifndef FUSED_CE_CUDA_EMULATION  // a compiler fence only: nothing to do on the CPU
 #pragma unroll
   for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "f"(after));
+#endif
 }
 __device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], double after) {
+#ifndef FUSED_CE_CUDA_EMULATION  // a compiler fence only: nothing to do on the CPU
 #pragma unroll
   for (int i = 0; i < kWordsPerSlot; ++i) asm volatile("" : "+r"(w[i]) : "d"(after));
+#endif
 }
 
 // CAP: softcap on (see LossMath).  CLUSTER: blocks per row (1: a row per

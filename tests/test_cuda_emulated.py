@@ -1,0 +1,412 @@
+"""The CUDA kernels and launchers, run on the CPU emulator (tests/cuda_emulator).
+
+The same csrc/cuda sources that nvcc compiles, built as host C++ with every
+CUDA thread a fiber, so that they run on machines without a GPU: each
+launcher path (one thread per row, warp slices, register-resident blocks of
+8 to 1024 threads per row, rows split over thread-block clusters of 8
+blocks, the streaming kernels) against the float64 reference of the spec,
+and the emulator's own checks (divergent or deadlocked collectives, warp
+collectives over exited lanes, device-side assertions). What it cannot show
+(timing, the memory model, register limits) stays for the GPU: see
+tests/cuda_emulator/README.md.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close_ref, dtype_id, make_class_target, make_logits, make_prob_target, make_weight, ref_llm
+from cuda_emulator import build
+
+REDUCTION_CODE = {"mean": 1, "sum": 2}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if build.cuda_include_dir() is None:
+        pytest.skip("the CUDA toolkit's headers (cuda_fp16.h) are not installed: the emulator compiles the "
+                    "kernels against them")
+    # scripts/sanitize_cuda_emulator.sh builds it with sanitizers.
+    module = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
+    module.take_launch_log()
+    return module
+
+
+def _options(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    return dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap)
+
+
+def _run_forward(emu, x3, t, mode, reduction="mean", **opts):
+    o = _options(**opts)
+    return emu.forward(x3, t, o["weight"], o["ignore_index"], o["label_smoothing"], o["z_loss"],
+                       o["softcap"] or 0.0, REDUCTION_CODE[reduction], mode)
+
+
+def _reference(x3, t, reduction, **opts):
+    """float64 per-element loss, lse, total weight and the reduced loss's gradient."""
+    o = _options(**opts)
+    x = x3.detach().double().requires_grad_()
+    w = None if o["weight"] is None else o["weight"].double()
+    tt = t.double() if t.is_floating_point() else t
+    loss, lse = ref_llm(x, tt, w, ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                        z_loss=o["z_loss"], softcap=o["softcap"], reduction="none")
+    if t.is_floating_point():
+        total = torch.tensor(float(loss.numel()), dtype=torch.float64)
+    else:
+        valid = t != o["ignore_index"]
+        w_i = torch.ones_like(loss) if w is None else w[torch.where(valid, t, 0)]
+        total = torch.where(valid, w_i, torch.zeros_like(w_i)).sum()
+    reduced = loss.sum() / total if reduction == "mean" else loss.sum()
+    (grad,) = torch.autograd.grad(reduced, x)
+    return loss.detach(), lse.detach(), total, grad
+
+
+def _check_forward_with_grad(emu, x3, t, reduction="mean", mode="with_grad", **opts):
+    ref_loss, ref_lse, ref_total, ref_grad = _reference(x3, t, reduction, **opts)
+    loss, lse, total, grad = _run_forward(emu, x3, t, mode, reduction, **opts)
+    dtype = x3.dtype
+    assert_close_ref(loss, ref_loss, dtype, "loss", floor=1.0)
+    assert_close_ref(lse, ref_lse, dtype, "lse", floor=1.0)
+    assert_close_ref(total, ref_total, torch.float64 if dtype == torch.float64 else torch.float32, "total_weight")
+    assert_close_ref(grad, ref_grad, dtype, "grad")
+    return emu.take_launch_log()
+
+
+# (C, dtype) -> the row kernel's launch for 3 rows: (blocks, threads per
+# block, blocks per cluster). Register capacity: 8 slots of 16 bytes per
+# thread; clusters (the smallest that holds the row) past one block.
+CONFIGURATIONS = [
+    (10, torch.float32, (1, 256, 1)),         # 40-byte rows: one thread each (streamed)
+    (50, torch.float32, (1, 256, 1)),         # 8 threads per row
+    (200, torch.float32, (1, 256, 1)),        # a warp per row
+    (2000, torch.float32, (3, 128, 1)),       # a block of 128 per row
+    (8000, torch.float32, (3, 256, 1)),
+    (16000, torch.float32, (3, 512, 1)),
+    (32000, torch.float32, (3, 1024, 1)),
+    (40000, torch.float32, (24, 256, 8)),     # clusters of 8 blocks of 256
+    (80005, torch.float32, (24, 512, 8)),     # body slots not a multiple of the cluster
+    (131072, torch.float32, (24, 512, 8)),    # the longest cluster rows
+    (140000, torch.float32, (3, 256, 1)),     # too long: streamed by a block
+    (1000, torch.bfloat16, (1, 256, 1)),
+    (50257, torch.bfloat16, (3, 896, 1)),     # GPT-2: the 896-thread block, odd C
+    (60001, torch.bfloat16, (12, 256, 4)),    # clusters of 4
+    (128256, torch.bfloat16, (24, 256, 8)),   # Llama 3
+    (256000, torch.bfloat16, (24, 512, 8)),   # Gemma
+    (300001, torch.bfloat16, (3, 256, 1)),    # streamed
+    (777, torch.float16, (1, 256, 1)),
+    (57344, torch.float16, (3, 896, 1)),
+    (3000, torch.float64, (3, 256, 1)),
+    (10000, torch.float64, (12, 256, 4)),
+]
+
+
+@pytest.mark.parametrize("C, dtype, launch", CONFIGURATIONS,
+                         ids=[f"{c}-{dtype_id(d)}" for c, d, _ in CONFIGURATIONS])
+def test_forward_with_grad_every_configuration(emu, C, dtype, launch):
+    # Rows 12 apart: a block that reads past its row's end into the next
+    # row changes the lse far beyond the tolerance.
+    x = (make_logits((3, C, 1), torch.float64) + 12 * torch.arange(3.0).view(3, 1, 1)).to(dtype)
+    t = make_class_target((3, 1), C, ignore_index=-100)
+    log = _check_forward_with_grad(emu, x, t)
+    assert log[-1] == launch, f"launches (blocks, threads, cluster): {log}"
+
+
+# One configuration of each kind of kernel and collective: a warp slice, a
+# block, a cluster, the streamed row; probabilities (the streamed kernels'
+# other flavour) and the backward further down use the default order.
+SCHEDULED = [(200, torch.float32), (2000, torch.bfloat16), (60001, torch.bfloat16), (140000, torch.float32)]
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("C, dtype", SCHEDULED, ids=[f"{c}-{dtype_id(d)}" for c, d in SCHEDULED])
+def test_thread_order_does_not_matter(emu, C, dtype, order):
+    """The threads of a block run in another order between collectives: a
+    shared-memory value read before the barrier that publishes it, or
+    overwritten before every reader has passed the next one, changes the result."""
+    x = (make_logits((3, C, 1), torch.float64) + 12 * torch.arange(3.0).view(3, 1, 1)).to(dtype)
+    t = make_class_target((3, 1), C, ignore_index=-100)
+    emu.set_schedule(order, seed=C)
+    try:
+        _check_forward_with_grad(emu, x, t, weight=make_weight(C, dtype), label_smoothing=0.1)
+    finally:
+        emu.set_schedule("forward")
+
+
+# Options on each kind of row kernel: tiny rows, register-resident, a
+# cluster, streamed.
+OPTION_SHAPES = [(10, torch.float32), (300, torch.bfloat16), (40000, torch.float32), (140000, torch.float32)]
+OPTIONS = {
+    "weight": dict(weight=True),
+    "ignore-smoothing": dict(label_smoothing=0.2),
+    "weight-smoothing": dict(weight=True, label_smoothing=0.1),
+    "zloss-softcap": dict(z_loss=1e-3, softcap=15.0),
+    "weight-zloss": dict(weight=True, z_loss=1e-2),
+    "ignore-index-in-range": dict(ignore_index=1),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("C, dtype", OPTION_SHAPES, ids=[f"{c}-{dtype_id(d)}" for c, d in OPTION_SHAPES])
+def test_options(emu, C, dtype, option, reduction):
+    N = 4
+    opts = dict(OPTIONS[option])
+    if opts.pop("weight", False):
+        opts["weight"] = make_weight(C, dtype)
+    ignore_index = opts.get("ignore_index", -100)
+    x = make_logits((N, C, 1), dtype)
+    t = make_class_target((N, 1), C, ignore_index=ignore_index)
+    _check_forward_with_grad(emu, x, t, reduction, **opts)
+
+
+@pytest.mark.parametrize("C, dtype", OPTION_SHAPES, ids=[f"{c}-{dtype_id(d)}" for c, d in OPTION_SHAPES])
+def test_in_place(emu, C, dtype):
+    x = make_logits((3, C, 1), dtype)
+    t = make_class_target((3, 1), C, ignore_index=-100)
+    ref_grad = _reference(x, t, "mean", label_smoothing=0.1)[3]
+    _, _, _, grad = _run_forward(emu, x, t, "inplace", label_smoothing=0.1)
+    assert grad.data_ptr() == x.data_ptr()
+    assert_close_ref(x, ref_grad, dtype, "in-place grad")
+
+
+@pytest.mark.parametrize("C, dtype", [(10, torch.float32), (1000, torch.bfloat16), (40000, torch.float32)])
+def test_probability_targets(emu, C, dtype):
+    x = make_logits((3, C, 1), dtype)
+    t = make_prob_target((3, C, 1), dtype)
+    _check_forward_with_grad(emu, x, t, label_smoothing=0.1)
+    _check_forward_with_grad(emu, x, t, "sum", z_loss=1e-3, softcap=20.0)
+
+
+@pytest.mark.parametrize("layout", ["class-strided", "transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layouts(emu, layout, dtype):
+    if layout == "class-strided":  # (N, C, H*W): one thread per position, classes D apart
+        x = make_logits((2, 7, 33), dtype)
+        t = make_class_target((2, 33), 7, ignore_index=-100)
+    elif layout == "transposed":  # (N, C) with the class axis N elements apart
+        x = make_logits((300, 6), dtype).t().unsqueeze(-1)
+        t = make_class_target((6, 1), 300, ignore_index=-100)
+    else:  # rows that start off a 16-byte boundary, one phase each
+        x = make_logits((5, 1003), dtype)[:, 1:1002].unsqueeze(-1)
+        t = make_class_target((5, 1), 1001, ignore_index=-100)
+    _check_forward_with_grad(emu, x, t, weight=make_weight(x.shape[1], dtype), label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("C, dtype", [(10, torch.float32), (1000, torch.bfloat16), (5000, torch.float64),
+                                      (140000, torch.float32)])
+def test_forward_only(emu, C, dtype):
+    x = make_logits((4, C, 1), dtype)
+    t = make_class_target((4, 1), C, ignore_index=-100)
+    ref_loss, ref_lse, ref_total, _ = _reference(x, t, "mean", z_loss=1e-3)
+    loss, lse, total, grad = _run_forward(emu, x, t, "forward", z_loss=1e-3)
+    assert grad.numel() == 0
+    assert_close_ref(loss, ref_loss, dtype, "loss", floor=1.0)
+    assert_close_ref(lse, ref_lse, dtype, "lse", floor=1.0)
+    assert_close_ref(total, ref_total, torch.float32, "total_weight")
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["class", "prob"])
+@pytest.mark.parametrize("C, dtype", [(10, torch.float32), (1000, torch.bfloat16), (40000, torch.float32)])
+def test_backward(emu, C, dtype, soft):
+    """The backward operator's kernels: upstream gradients of the loss (strided)
+    and of the lse, weights and smoothing; the target's gradient for probabilities."""
+    N = 4
+    x = make_logits((N, C, 1), dtype)
+    t = make_prob_target((N, C, 1), dtype) if soft else make_class_target((N, 1), C, ignore_index=-100)
+    weight = None if soft else make_weight(C, dtype)
+    opts = dict(weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=25.0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_loss = torch.randn(N, 2, dtype=acc)[:, :1]  # a strided (N, 1) view
+    grad_lse = torch.randn(N, 1, dtype=acc)
+    xr = x.detach().double().requires_grad_()
+    tr = t.detach().double().requires_grad_() if soft else t
+    loss, lse = ref_llm(xr, tr, None if weight is None else weight.double(), label_smoothing=0.1, z_loss=1e-3,
+                        softcap=25.0, reduction="none")
+    grads = torch.autograd.grad((loss * grad_loss.double()).sum() + (lse * grad_lse.double()).sum(),
+                                (xr, tr) if soft else (xr,))
+    _, saved_lse, _, _ = _run_forward(emu, x, t, "forward", **opts)
+    grad_input, grad_target = emu.backward(grad_loss, grad_lse, x, t, weight, saved_lse, -100, 0.1, 1e-3, 25.0,
+                                           True, soft)
+    assert_close_ref(grad_input, grads[0], dtype, "grad_input")
+    if soft:
+        assert_close_ref(grad_target, grads[1], dtype, "grad_target")
+
+
+def test_empty_and_all_ignored(emu):
+    x = make_logits((0, 100, 1), torch.float32)
+    loss, lse, total, grad = _run_forward(emu, x, torch.zeros(0, 1, dtype=torch.long), "with_grad")
+    assert loss.shape == (0, 1) and grad.shape == (0, 100, 1) and total.item() == 0
+    x = make_logits((3, 100, 1), torch.float32)
+    t = torch.full((3, 1), -100)
+    loss, lse, total, grad = _run_forward(emu, x, t, "with_grad", z_loss=1e-3)
+    assert total.item() == 0 and torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))  # exact zeros although 1 / total is inf
+    assert_close_ref(lse, torch.logsumexp(x.double(), 1), torch.float32, "lse", floor=1.0)
+
+
+@pytest.mark.parametrize("C", [10, 300, 40000])
+def test_out_of_range_target_is_a_device_assertion(emu, C):
+    x = make_logits((3, C, 1), torch.float32)
+    t = torch.tensor([[0], [C], [1]])
+    with pytest.raises(RuntimeError, match="device-side assertion"):
+        _run_forward(emu, x, t, "with_grad")
+    # The assertion is reported by the launch that failed, not by the next
+    # one (on a GPU the context would be unusable from here on).
+    _check_forward_with_grad(emu, x, torch.tensor([[0], [C - 1], [1]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_scale_gradient(emu, dtype, offset):
+    base = make_logits((2000 + offset,), dtype)
+    grad = base[offset:]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = (grad.to(acc) * torch.tensor(0.37).to(acc)).to(dtype)  # as the kernel: in the accumulation type
+    emu.scale_gradient(grad, torch.tensor(0.37))
+    assert torch.equal(grad, expected)
+    before = grad.clone()
+    emu.scale_gradient(grad, torch.tensor(1.0))
+    assert torch.equal(grad, before)
+
+
+def test_results_match_the_cpu_operators(emu):
+    """Kernel for kernel, the emulated CUDA path agrees with fused_ce's CPU
+    operator (both checked against PyTorch above; here against each other)."""
+    import fused_ce  # noqa: F401  (registers the operators)
+
+    x = make_logits((6, 2000, 1), torch.float32)
+    t = make_class_target((6, 1), 2000, ignore_index=-100)
+    loss, lse, total, grad = _run_forward(emu, x, t, "with_grad", label_smoothing=0.1)
+    cpu = torch.ops.fused_ce.cross_entropy_forward_with_grad(x, t, None, -100, 0.1, 0.0, 0.0, 1)
+    torch.testing.assert_close(loss, cpu[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, cpu[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, cpu[2])
+    torch.testing.assert_close(grad, cpu[3], rtol=1e-4, atol=1e-7)
+
+
+# Special values, as tests/test_special_values.py checks them for the
+# operators, on each kind of row kernel (rows of 70 and 140001 classes start
+# off a 16-byte boundary, so class 0 of row 1 is a head element): NaN and
+# +-inf where PyTorch's float32 results have them, finite values close to
+# its float64 results (the kernels accumulate more accurately than PyTorch's
+# float32 over rows of 1e5 classes).
+SPECIAL_CASES = ["nan-other", "nan-target", "posinf-other", "posinf-target", "neginf-masked",
+                 "neginf-target", "row-all-neginf", "huge-ties", "near-float-max"]
+
+
+def _special_logits(case, C):
+    x = make_logits((4, C, 1), torch.float32)
+    row = x[1, :, 0]  # the target of row 1 is class 1
+    if case == "nan-other":
+        row[0] = float("nan")
+    elif case == "nan-target":
+        row[1] = float("nan")
+    elif case == "posinf-other":
+        row[0] = float("inf")
+    elif case == "posinf-target":
+        row[1] = float("inf")
+    elif case == "neginf-masked":
+        row[2:] = float("-inf")
+    elif case == "neginf-target":
+        row[1] = float("-inf")
+    elif case == "row-all-neginf":
+        row[:] = float("-inf")
+    elif case == "huge-ties":
+        row[0] = row[1] = 1e30
+        x[2, :, 0] = 1e30
+    else:
+        row[0], row[2] = 3e38, -3e38
+    return x
+
+
+def _assert_like_torch(actual, ref32, ref64, what):
+    actual = actual.double()
+    for special in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(special(actual), special(ref32)), (
+            f"{what}: {special.__name__} at {special(actual).nonzero().tolist()[:6]}, "
+            f"PyTorch's at {special(ref32).nonzero().tolist()[:6]}")
+    finite = torch.isfinite(ref32)
+    torch.testing.assert_close(actual[finite], ref64[finite], rtol=1e-5, atol=1e-6 * ref64[finite].abs().max().item(),
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("case", SPECIAL_CASES)
+@pytest.mark.parametrize("C", [3, 70, 2000, 40000, 140001])
+def test_special_values(emu, C, case, label_smoothing):
+    x = _special_logits(case, C)
+    t = torch.tensor([[0], [1], [2], [0]])
+    refs = []
+    for dtype in (torch.float32, torch.float64):
+        xr = x[..., 0].to(dtype).requires_grad_()
+        loss = F.cross_entropy(xr, t[:, 0], reduction="none", label_smoothing=label_smoothing)
+        (grad,) = torch.autograd.grad(loss.mean(), xr)
+        refs.append((loss.detach().double(), grad.double()))
+    (loss32, grad32), (loss64, grad64) = refs
+    loss, lse, total, grad = _run_forward(emu, x, t, "with_grad", label_smoothing=label_smoothing)
+    _assert_like_torch(loss[:, 0], loss32, loss64, f"{case}: loss")
+    _assert_like_torch(grad[..., 0], grad32, grad64, f"{case}: grad")
+    # The backward from the saved lse (reduction="none", return_lse): the
+    # same gradient, for an upstream gradient of 1 / N per element.
+    grad_loss = torch.full((4, 1), 0.25)
+    grad_input, _ = emu.backward(grad_loss, None, x, t, None, lse, -100, label_smoothing, 0.0, 0.0, True, False)
+    _assert_like_torch(grad_input[..., 0], grad32, grad64, f"{case}: backward")
+
+
+_CLUSTER_MODE_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from cuda_emulator import build
+from conftest import make_logits, make_class_target
+from test_cuda_emulated import _check_forward_with_grad
+emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
+for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (40000, torch.float32)):
+    x = make_logits((3, C, 1), dtype)
+    t = make_class_target((3, 1), C, ignore_index=-100)
+    print(C, _check_forward_with_grad(emu, x, t, label_smoothing=0.1)[-1])
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)"]),  # clusters from 16k 16-bit classes on
+    ("0", ["(3, 512, 1)", "(3, 896, 1)", "(3, 256, 1)"]),      # none: the 40000-class row streamed
+])
+def test_cluster_modes(emu, mode, expected):
+    """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a subprocess)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FUSED_CE_CUDA_CLUSTERS=mode)
+    out = subprocess.run([sys.executable, "-c", _CLUSTER_MODE_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    launches = [line.split(" ", 1)[1] for line in out.stdout.strip().splitlines()]
+    assert launches == expected
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations(emu, seed):
+    """Random rows, dtypes, options and layouts against the reference."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    dtype = pick([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+    C = int(torch.exp(torch.empty(()).uniform_(0, 12.5, generator=g)).item())  # 1 to ~270000
+    N = int(torch.randint(1, 5, (1,), generator=g))
+    D = pick([1, 1, 1, 3])
+    x = make_logits((N, C + 1, D), dtype)[:, 1:] if pick([False, True]) else make_logits((N, C, D), dtype)
+    soft = pick([False, False, True])
+    opts = dict(label_smoothing=pick([0.0, 0.1]), z_loss=pick([0.0, 1e-3]), softcap=pick([None, 30.0]))
+    if soft:
+        t = make_prob_target((N, C, D), dtype)
+    else:
+        t = make_class_target((N, D), C, ignore_index=-100)
+        if pick([False, True]):
+            opts["weight"] = make_weight(C, dtype)
+    _check_forward_with_grad(emu, x, t, pick(["mean", "sum"]), **opts)
