@@ -315,6 +315,8 @@ def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
 
 def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) -> None:
     """PyTorch's shape rules (and messages) for class-index targets."""
+    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
+        return  # the common (N, C) case, decided in a fraction of the general check's time
     if unbatched:
         if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
             raise ValueError("For 1D input, 1D target must have size 1, but got target size: "
