@@ -59,6 +59,14 @@ void scale_gradient_op(at::Tensor& grad, const at::Tensor& scale) {
   op.call(grad, scale);
 }
 
+at::Tensor reduce_loss_op(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
+                          at::ScalarType dtype) {
+  static const auto op =
+      find_operator<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, at::ScalarType)>("fused_ce::reduce_loss");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(loss, total_weight, reduction, dtype);
+}
+
 // ---------------------------------------------------------------------------
 // Shapes and the reduction, exactly as fused_ce/autograd.py does them.
 
@@ -75,22 +83,19 @@ CanonicalArgs canonical(const at::Tensor& input, const at::Tensor& target) {
           target.is_floating_point() ? target.reshape({n, c, d}) : target.reshape({n, d})};
 }
 
-// The per-element loss reduced (sum over total_weight for the mean), in the
-// input's dtype; the same tensor operations as the Python layer's, so the
-// same bits.
+// The per-element loss reduced (sum over total_weight for the mean) in the
+// input's dtype by the reduce_loss operator, as the Python Function does, so
+// both paths give the same bits; for reduction="none", shaped like the
+// target's batch.
 at::Tensor reduce(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
                   const at::Tensor& input) {
-  at::Tensor out = loss;
-  if (reduction == static_cast<int64_t>(Reduction::Mean)) {
-    out = loss.sum().div(total_weight);
-  } else if (reduction == static_cast<int64_t>(Reduction::Sum)) {
-    out = loss.sum();
-  } else {
-    // reduction="none": shaped like the target's batch, (N, d1, ..., dk).
-    std::vector<int64_t> shape = input.sizes().vec();
-    shape.erase(shape.begin() + 1);
-    out = loss.reshape(shape);
+  if (reduction != static_cast<int64_t>(Reduction::None)) {
+    return reduce_loss_op(loss, total_weight, reduction, input.scalar_type());
   }
+  // (N, d1, ..., dk).
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.erase(shape.begin() + 1);
+  const at::Tensor out = loss.reshape(shape);
   return out.scalar_type() == input.scalar_type() ? out : out.to(input.scalar_type());
 }
 

@@ -69,6 +69,20 @@ void check_scale_gradient(const at::Tensor& grad, const at::Tensor& scale) {
               " but grad is on ", grad.device());
 }
 
+void check_reduce_loss(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
+                       at::ScalarType dtype) {
+  TORCH_CHECK(reduction == static_cast<int64_t>(Reduction::Mean) || reduction == static_cast<int64_t>(Reduction::Sum),
+              "fused_ce: reduce_loss needs reduction 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(at::isFloatingType(dtype), "fused_ce: reduce_loss needs a floating point dtype, got ", dtype);
+  TORCH_CHECK(loss.scalar_type() == accumulate_type(dtype), "fused_ce: reduce_loss needs a ",
+              accumulate_type(dtype), " loss for dtype ", dtype, ", got ", loss.scalar_type());
+  TORCH_CHECK(total_weight.numel() == 1 && total_weight.scalar_type() == loss.scalar_type(),
+              "fused_ce: reduce_loss needs a one-element ", loss.scalar_type(), " total_weight, got ",
+              total_weight.scalar_type(), " of shape ", total_weight.sizes());
+  TORCH_CHECK(total_weight.device() == loss.device(), "fused_ce: total_weight is on ", total_weight.device(),
+              " but loss is on ", loss.device());
+}
+
 at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
                                      const at::Tensor& input) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();

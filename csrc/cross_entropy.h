@@ -48,6 +48,12 @@ void check_per_element(const at::Tensor& t, const char* name, const at::Tensor& 
 // point gradient and a one-element scale on the same device.
 void check_scale_gradient(const at::Tensor& grad, const at::Tensor& scale);
 
+// Checks reduce_loss's arguments: reduction 1 (mean) or 2 (sum), a loss in
+// the accumulate type of the floating point `dtype`, and a one-element
+// total_weight of the same type and device.
+void check_reduce_loss(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
+                       at::ScalarType dtype);
+
 // The class weights in the accumulate type, contiguous (undefined if none).
 at::Tensor weight_in_accumulate_type(const std::optional<at::Tensor>& weight,
                                      const at::Tensor& input);

@@ -6,9 +6,8 @@
 // input (N, C, D) with any strides (class axis 1), and either class-index
 // targets (N, D) int64 or probability targets shaped like the input.
 // Per-element results are in the accumulate type (float64 for float64
-// inputs, float32 otherwise); reductions happen in the autograd layer
-// (fused_ce/autograd.py, csrc/autograd.cpp), where they are cheap and
-// autograd-visible.
+// inputs, float32 otherwise); the autograd layers (fused_ce/autograd.py,
+// csrc/autograd.cpp) reduce them with reduce_loss, below.
 //
 // Options shared by every operator: ignore_index and label_smoothing as in
 // torch.nn.CrossEntropyLoss; z_loss (>= 0) adds z_loss * lse^2 per element,
@@ -66,6 +65,16 @@ TORCH_LIBRARY(fused_ce, m) {
   // loss.backward() costs no pass over the gradient and no host
   // synchronisation.
   m.def("scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
+
+  // A per-element loss (any shape, in the accumulate type of `dtype`)
+  // reduced to the loss itself, a 0-dim tensor of `dtype`: its sum
+  // (reduction 2), or its sum over total_weight (reduction 1, the mean).
+  // Summed in an order fixed by the number of elements alone, so the bits
+  // do not depend on threads or scheduling. One operator instead of ATen's
+  // sum, division and cast: on a GPU that is one or two small kernels
+  // instead of three, and much less host time per call.
+  m.def("reduce_loss(Tensor loss, Tensor total_weight, int reduction, ScalarType dtype) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // The operators have no derivatives of their own: the autograd layers above
@@ -76,6 +85,7 @@ TORCH_LIBRARY(fused_ce, m) {
 // derivative under torch.func transforms). The in-place operators only run
 // inside those layers' backward passes and without grad mode.
 TORCH_LIBRARY_IMPL(fused_ce, Autograd, m) {
-  for (const char* name : {"cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_backward"})
+  for (const char* name :
+       {"cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_backward", "reduce_loss"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

@@ -66,6 +66,11 @@ def _scale_gradient_fake(grad, scale):
     return None
 
 
+@torch.library.register_fake("fused_ce::reduce_loss")
+def _reduce_loss_fake(loss, total_weight, reduction, dtype):
+    return loss.new_empty((), dtype=dtype)
+
+
 def cpu_capability() -> str:
     """The instruction set the CPU kernels run with: ``"avx512_bf16"`` (AVX-512
     with its bfloat16 conversions, which only the bfloat16 kernel uses),

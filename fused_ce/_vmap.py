@@ -8,7 +8,8 @@ vmapped dimension into the operator's row dimension N, ``(B, N, C, D)`` ->
 per row, the forward's total weight (the mean's denominator), is computed
 per batch element here, in float64 as the operators do. Class weights that
 are themselves vmapped cannot be folded; those calls run one batch element
-at a time.
+at a time, and so do the reductions of ``reduce_loss`` (one loss per
+element, each over its own total weight).
 
 Importing this module registers the rules.
 """
@@ -106,3 +107,13 @@ def _backward_rule(info, in_dims, grad_loss, grad_lse, input, target, weight, ls
         _fold(grad_loss), _fold(grad_lse), _fold(input), _fold(target), weight, _fold(lse), *options)
     return (_unfold(grad_input, batch_size, rows) if input_grad else grad_input,
             _unfold(grad_target, batch_size, rows) if target_grad else grad_target), out_dims
+
+
+@torch.library.register_vmap("fused_ce::reduce_loss")
+def _reduce_loss_rule(info, in_dims, loss, total_weight, reduction, dtype):
+    batch_size = info.batch_size
+    loss = _batch_first(loss, in_dims[0], batch_size)
+    total_weight = _batch_first(total_weight, in_dims[1], batch_size)
+    if batch_size == 0:
+        return loss.new_empty((0,), dtype=dtype), 0
+    return torch.stack([ops.reduce_loss(loss[b], total_weight[b], reduction, dtype) for b in range(batch_size)]), 0

@@ -82,15 +82,13 @@ def _batch_shape(input):
 
 def _shape_outputs(loss, lse, total_weight, reduction, dtype, batch_shape):
     """The operator's per-element results as the Functions return them: the
-    loss reduced in ``dtype`` (shaped like the batch for reduction "none")
-    and the lse shaped like the batch."""
-    if reduction == REDUCTION_MEAN:
-        out = loss.sum() / total_weight
-    elif reduction == REDUCTION_SUM:
-        out = loss.sum()
-    else:
+    loss reduced in ``dtype`` by the ``reduce_loss`` operator, as the C++
+    node does, so that every path gives the same bits (shaped like the batch
+    for reduction "none"), and the lse shaped like the batch."""
+    if reduction == REDUCTION_NONE:
         out = loss.reshape(batch_shape)
-    return (out if out.dtype == dtype else out.to(dtype)), lse.reshape(batch_shape)
+        return (out if out.dtype == dtype else out.to(dtype)), lse.reshape(batch_shape)
+    return ops.reduce_loss(loss, total_weight, reduction, dtype), lse.reshape(batch_shape)
 
 
 def _carrying_graph(value, graph):

@@ -208,6 +208,15 @@ def make_weight(C, dtype=torch.float32, device="cpu"):
 # Reference and comparison drivers.
 
 
+def reduced_loss_reference(loss, total_weight, reduction, dtype):
+    """What the reduce_loss operator must give, to within rounding: the float64 sum of the
+    per-element losses (over the float64 total weight for the mean), in ``dtype``."""
+    total = loss.double().sum()
+    if reduction == "mean":
+        total = total / total_weight.double()
+    return total.to(dtype)
+
+
 def worst_dtype(*dtypes):
     """The least precise of the given floating dtypes (for picking a tolerance)."""
     return max(dtypes, key=lambda d: TOLS[d][0])

@@ -11,13 +11,15 @@ collectives over exited lanes, device-side assertions). What it cannot show
 tests/cuda_emulator/README.md.
 """
 
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_ref, dtype_id, make_class_target, make_logits, make_prob_target, make_weight, ref_llm
+from conftest import (assert_close_ref, dtype_id, make_class_target, make_logits, make_prob_target, make_weight,
+                      reduced_loss_reference, ref_llm)
 from cuda_emulator import build
 
 REDUCTION_CODE = {"mean": 1, "sum": 2}
@@ -270,6 +272,25 @@ def test_scale_gradient(emu, dtype, offset):
     before = grad.clone()
     emu.scale_gradient(grad, torch.tensor(1.0))
     assert torch.equal(grad, before)
+
+
+# One block up to 4096 elements; beyond, one partial per block of about 4096
+# (4097: two partials; 4096 * 1024 + 5: the cap of 1024 partials).
+@pytest.mark.parametrize("n", [0, 1, 4096, 4097, 50_001, 4096 * 1024 + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_reduce_loss(emu, dtype, n):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    loss = (torch.rand(n, dtype=torch.float64) * 5).to(acc)
+    total_weight = torch.tensor(0.75 * n + 0.5, dtype=acc)
+    for reduction in ("mean", "sum"):
+        got = emu.reduce_loss(loss, total_weight, REDUCTION_CODE[reduction], dtype)
+        want = reduced_loss_reference(loss, total_weight, reduction, dtype)
+        # float32 sums in a tree of partials: a few float32 ulps, whatever n
+        rtol = 1e-12 if dtype == torch.float64 else max(4e-6, 2 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    assert emu.take_launch_log() == ([(1, 256, 1)] * 2 if n <= 4096 else [(min(1024, -(-n // 4096)), 256, 1), (1, 256, 1)] * 2)
+    assert math.isnan(emu.reduce_loss(torch.zeros(n, dtype=acc), torch.tensor(0.0, dtype=acc), 1, dtype).item())
+    emu.take_launch_log()
 
 
 def test_results_match_the_cpu_operators(emu):

@@ -84,13 +84,14 @@ class _FusedOpCalls(TorchDispatchMode):
 
 @pytest.mark.parametrize("backwards", [1, 2])
 def test_strategy_is_taken(device, backwards):
-    # the gradient comes from forward_with_grad and is scaled by scale_gradient_; the
-    # backward operator is never called, and a second backward recomputes the gradient
+    # the gradient comes from forward_with_grad (whose losses reduce_loss reduces) and is
+    # scaled by scale_gradient_; the backward operator is never called, and a second
+    # backward recomputes the gradient
     x, t, _ = _case(device, torch.float32)
     with _FusedOpCalls() as spy:
         loss = fused_ce.cross_entropy(x, t)
         for _ in range(backwards):
             loss.backward(retain_graph=True)
-    expected = ["cross_entropy_forward_with_grad", "scale_gradient_"]
+    expected = ["cross_entropy_forward_with_grad", "reduce_loss", "scale_gradient_"]
     expected += ["cross_entropy_forward_with_grad", "scale_gradient_"] * (backwards - 1)
     assert spy.calls == expected

@@ -34,6 +34,12 @@ constexpr int kWorkspaceScaleSlot = kMaxWeightPartials;
 constexpr int kWorkspaceWeightSumSlot = kMaxWeightPartials + 1;
 constexpr int kWorkspaceElems = kMaxWeightPartials + 2;
 
+// reduce_loss (ce_reduce_loss.cuh) sums up to kLossElemsPerPartial
+// elements in one block; beyond, it needs scratch for one partial sum per
+// block, at most kMaxLossPartials of them.
+constexpr int64_t kLossElemsPerPartial = 4096;
+constexpr int kMaxLossPartials = 1024;
+
 template <typename T>
 struct CrossEntropyForwardParams {
   using Acc = acc_t<T>;
@@ -128,6 +134,14 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
 // once, on the device, when *scale == 1.  See ce_scale_gradient.cuh.
 template <typename T>
 cudaError_t launch_scale_gradient(T* grad, int64_t numel, const acc_t<T>* scale, cudaStream_t stream);
+
+// *out = sum of loss[0, n), divided by *total_weight for kReductionMean
+// (kReductionSum: the sum), in T; workspace holds kMaxLossPartials
+// elements (it may be null for n <= kLossElemsPerPartial).  See
+// ce_reduce_loss.cuh.
+template <typename T>
+cudaError_t launch_reduce_loss(const acc_t<T>* loss, int64_t n, const acc_t<T>* total_weight, int reduction,
+                               acc_t<T>* workspace, T* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_ce

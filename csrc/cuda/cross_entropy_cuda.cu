@@ -336,6 +336,27 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& scale) {
   });
 }
 
+// The loss from its per-element values (see ce_reduce_loss.cuh).
+at::Tensor reduce_loss_cuda(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
+                            at::ScalarType dtype) {
+  fused_ce::check_reduce_loss(loss, total_weight, reduction, dtype);
+  c10::cuda::CUDAGuard device_guard(loss.device());
+  const at::Tensor values = loss.contiguous();
+  at::Tensor out = at::empty({}, loss.options().dtype(dtype));
+  const at::Tensor workspace =
+      values.numel() > ce::kLossElemsPerPartial ? at::empty({ce::kMaxLossPartials}, loss.options()) : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_ce_reduce_loss_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = ce::acc_t<T>;
+    C10_CUDA_CHECK(ce::launch_reduce_loss<T>(values.const_data_ptr<Acc>(), values.numel(),
+                                          total_weight.const_data_ptr<Acc>(), static_cast<int>(reduction),
+                                          workspace.defined() ? workspace.mutable_data_ptr<Acc>() : nullptr,
+                                          kernel_mutable_ptr<scalar_t>(out), stream));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
@@ -344,4 +365,5 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_forward_with_grad_inplace", &cross_entropy_forward_with_grad_inplace_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
   m.impl("scale_gradient_", &scale_gradient_cuda);
+  m.impl("reduce_loss", &reduce_loss_cuda);
 }

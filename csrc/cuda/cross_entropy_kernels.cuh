@@ -48,6 +48,7 @@
 #include "ce_loss.cuh"
 #include "ce_memory.cuh"
 #include "ce_params.cuh"
+#include "ce_reduce_loss.cuh"
 #include "ce_resident_kernel.cuh"
 #include "ce_scale_gradient.cuh"
 #include "ce_stream_kernels.cuh"
@@ -504,7 +505,9 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
                                                                  cudaStream_t);                  \
   template cudaError_t launch_cross_entropy_backward<T>(const CrossEntropyBackwardParams<T>&,     \
                                                         cudaStream_t);                           \
-  template cudaError_t launch_scale_gradient<T>(T*, int64_t, const acc_t<T>*, cudaStream_t);
+  template cudaError_t launch_scale_gradient<T>(T*, int64_t, const acc_t<T>*, cudaStream_t);      \
+  template cudaError_t launch_reduce_loss<T>(const acc_t<T>*, int64_t, const acc_t<T>*, int, acc_t<T>*, T*, \
+                                             cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_ce

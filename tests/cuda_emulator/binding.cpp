@@ -152,6 +152,26 @@ void scale_gradient(at::Tensor& grad, const at::Tensor& scale) {
   });
 }
 
+// The reduced loss in `dtype` from per-element losses in its accumulate type.
+at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
+                       at::ScalarType dtype) {
+  TORCH_CHECK(loss.scalar_type() == acc_dtype(dtype) && total_weight.scalar_type() == loss.scalar_type(),
+              "loss and total_weight in the accumulate type of dtype");
+  const at::Tensor values = loss.contiguous();
+  at::Tensor out = at::empty({}, loss.options().dtype(dtype));
+  // Poisoned scratch: a partial the kernels forget to write shows up as NaN.
+  const at::Tensor workspace = at::full({ce::kMaxLossPartials}, NAN, loss.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulated_reduce_loss", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = ce::acc_t<T>;
+    check(ce::launch_reduce_loss<T>(values.data_ptr<Acc>(), values.numel(),
+                                    total_weight.contiguous().data_ptr<Acc>(), static_cast<int>(reduction),
+                                    workspace.data_ptr<Acc>(), kernel_ptr<scalar_t>(out), nullptr),
+          "reduce_loss");
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -159,6 +179,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("scale_gradient", &scale_gradient);
+  m.def("reduce_loss", &reduce_loss);
   m.def("set_schedule", [](const std::string& order, unsigned seed) {
     TORCH_CHECK(order == "forward" || order == "reverse" || order == "shuffled", "unknown schedule ", order);
     emu::set_schedule(order == "forward" ? emu::kForward : order == "reverse" ? emu::kReverse : emu::kShuffled, seed);

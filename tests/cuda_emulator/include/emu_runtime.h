@@ -181,3 +181,5 @@ inline int __double2hiint(double v) { return int(emu::bit_cast_to<uint64_t>(&v) 
 inline int __double2loint(double v) { return int(uint32_t(emu::bit_cast_to<uint64_t>(&v))); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
+// Correctly rounded, as on the device (the CPU's float division is too).
+inline float __fdiv_rn(float a, float b) { return a / b; }
