@@ -36,6 +36,12 @@ def emu():
     return module
 
 
+@pytest.fixture(autouse=True)
+def _empty_launch_log(emu):
+    """Each test reads the launches it made, not those left by the test before it."""
+    emu.take_launch_log()
+
+
 def _options(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
     return dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 softcap=softcap)
