@@ -22,6 +22,7 @@
 
 #include "cross_entropy_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -929,8 +930,10 @@ class TileKernel {
   static constexpr int64_t kLineGroup = 64 / (kLanes * int64_t(sizeof(T)));
 
   explicit TileKernel(const KernelArgs<T>& args) : a_(args) {
-    x_.resize(a_.C * kLineGroup);
-    if (a_.prob_target) t_.resize(a_.C);
+    // At least kLanes vectors: gather() writes a whole transposed square
+    // when there are fewer classes.
+    x_.resize(std::max<int64_t>(a_.C * kLineGroup, kLanes));
+    if (a_.prob_target) t_.resize(std::max<int64_t>(a_.C, kLanes));
     if (a_.grad_input || a_.grad_target) {
       // At least kLanes vectors, zeroed: scatter() transposes a whole
       // square even when there are fewer classes.
@@ -1292,7 +1295,10 @@ class TileKernel {
       Vec block[kLanes];
       for (int l = 0; l < kLanes; ++l) block[l] = load_partial<Vec>(src + base[l], a_.C, Acc(0));
       transpose_square(block);
-      for (int64_t c = 0; c < a_.C; ++c) dst[c] = block[c];
+      // All kLanes vectors (dst has room, see the constructor): a fixed
+      // count compiles to plain stores, where C of them was a call to
+      // memcpy that also spilled registers around it.
+      for (int c = 0; c < kLanes; ++c) dst[c] = block[c];
 #else
       // Rows shorter than a vector: read each lane's row in order.
       for (int l = 0; l < kLanes; ++l) {
