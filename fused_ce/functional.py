@@ -113,11 +113,12 @@ def cross_entropy(
     if input.dim() == 0:
         raise RuntimeError("cross_entropy(): input must have at least one dimension (the classes), "
                            "got a 0-d tensor")
-    if target.device != input.device:
+    device = input.device
+    if target.device != device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
-                           f"{input.device} and target on {target.device}")
+                           f"{device} and target on {target.device}")
 
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
         # cross_entropy is on autocast's float32 list: PyTorch computes it in
         # float32 under autocast, and so do we.
         input = input.float()
@@ -130,8 +131,8 @@ def cross_entropy(
     num_classes = input.shape[0] if unbatched else input.shape[1]
 
     # Like PyTorch, a target with the input's shape holds class probabilities;
-    # any other shape holds class indices.
-    probability_target = target.shape == input.shape
+    # any other shape holds class indices (the dims first: the cheaper test).
+    probability_target = target.dim() == input.dim() and target.shape == input.shape
     if probability_target:
         if not target.is_floating_point():
             raise RuntimeError("Expected floating point type for target with class probabilities, "
@@ -198,7 +199,7 @@ def cross_entropy(
     elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
         result = _C.cross_entropy_loss(input, target, weight, int(ignore_index), label_smoothing,
                                        z_loss, softcap, reduction_code,
-                                       input.device.type in DEVICE_SCALED_GRADIENT)
+                                       device.type in DEVICE_SCALED_GRADIENT)
     else:
         result = CrossEntropyFunction.apply(input, target, weight, int(ignore_index), label_smoothing,
                                             reduction_code, z_loss, softcap, bool(return_lse),
