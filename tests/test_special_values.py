@@ -177,6 +177,22 @@ def test_float16_near_max(device, C):
             _compare(x, t, device, f"fp16 near max {reduction} ls={ls}", reduction=reduction, label_smoothing=ls)
 
 
+@pytest.mark.parametrize("shape", [(60_000, 10), (70_000, 10), (1, 10, 70_000)], ids=str)
+def test_float16_mean_of_more_elements_than_float16_counts(device, shape):
+    # The float16 mean's sum (about 2.7 per element) and, past 65504 elements, its total weight
+    # overflow float16: eager PyTorch returns inf or NaN here. fused_ce sums and divides in
+    # float32 and rounds once, so its mean is the float64 mean rounded to float16; the sum
+    # itself (about 190000) is inf in float16 for both.
+    x = make_logits(shape, torch.float16)
+    t = torch.randint(0, 10, shape[:1] + shape[2:])
+    want = F.cross_entropy(x.double(), t)
+    got = fused_ce.cross_entropy(x.to(device), t.to(device))
+    assert got.dtype == torch.float16 and torch.isfinite(got)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=torch.finfo(torch.float16).eps, atol=0)
+    total = fused_ce.cross_entropy(x.to(device), t.to(device), reduction="sum")
+    assert F.cross_entropy(x.double(), t, reduction="sum") > 65504 and total.item() == INF
+
+
 @pytest.mark.parametrize("C", [3, 70])
 def test_bfloat16_huge(device, C):
     x = make_logits((4, C), torch.bfloat16)
