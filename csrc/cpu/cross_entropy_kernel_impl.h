@@ -961,6 +961,7 @@ class TileKernel {
         ++i;
       }
     }
+    finish_streaming();  // scatter()'s non-temporal stores (stream_rows)
   }
 
  private:
@@ -1344,6 +1345,10 @@ class TileKernel {
       for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
       transpose_square(block);
       const uint32_t row = first_lanes(a_.C);
+      if (valid == kLanes && stream_packed_rows(dst + base[0], s)) {
+        stream_rows(block, dst + base[0]);
+        return;
+      }
       for (int l = 0; l < valid; ++l) store_narrowed_masked(dst + base[l], block[l], row);
       return;
     }
@@ -1353,6 +1358,36 @@ class TileKernel {
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
     }
   }
+
+#if FUSED_CE_AVX512
+  // Whether a full tile of rows shorter than a vector, whose first row
+  // starts at `first`, can be written by stream_rows(): its kLanes rows
+  // are one contiguous run of kLanes * C elements ((N, C) rows back to
+  // back), which is C whole vectors of storage at a streaming-aligned start
+  // (every tile's, when the tensor's is). float32 accumulation only.
+  FUSED_CE_INLINE bool stream_packed_rows(const T* first, const Strides3& s) const {
+    if constexpr (!std::is_same<Acc, float>::value) {
+      return false;
+    } else {
+      return a_.D == 1 && s.n == a_.C && reinterpret_cast<uintptr_t>(first) % kStreamBytes<T> == 0;
+    }
+  }
+
+  // Writes the kLanes rows of `rows` (lanes [0, C) of each) to the
+  // contiguous run at dst with non-temporal stores of whole vectors: packed
+  // back to back in an L1-resident buffer first, then streamed. The masked
+  // row stores they replace read every destination line from memory before
+  // writing it (a third more traffic; the rows of a line are written by
+  // different stores). Fenced in run_range().
+  FUSED_CE_INLINE void stream_rows(const Vec* rows, T* dst) const {
+    if constexpr (std::is_same<Acc, float>::value) {
+      alignas(64) float packed[kLanes * kLanes];
+      const uint32_t row = first_lanes(a_.C);
+      for (int l = 0; l < kLanes; ++l) store_narrowed_masked(packed + l * a_.C, rows[l], row);
+      for (int64_t k = 0; k < a_.C; ++k) stream_vec(dst + k * kLanes, load_vec<VecF>(packed + k * kLanes));
+    }
+  }
+#endif
 
   const KernelArgs<T>& a_;
   bool line_groups_ = false;  // whether run_line_group() applies at all
