@@ -190,6 +190,24 @@ def test_many_rows_parallel(device):
     check_against_torch(fused_ce, x, t, None, reduction="mean")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 10, 15, 16, 21, 33, 63])
+@pytest.mark.parametrize("first_row", [0, 1], ids=["aligned", "offset"])
+def test_short_rows_in_whole_tiles(device, C, dtype, first_row):
+    # (N, C) rows of fewer than 64 classes go through the CPU's tile kernel, 16 (or 8) rows at a
+    # time; a whole tile's gradient (and soft-target gradient) is one contiguous run, written with
+    # streaming stores where it starts on a vector boundary (not after a C-element row offset for
+    # most C). 87 rows: whole tiles and a partial one.
+    x = make_logits((87 + first_row, C), dtype, device)[first_row:]
+    t = make_class_target((87,), C, device, ignore_index=-100, ignore_frac=0.1)
+    w = make_weight(C, dtype, device)
+    check_against_torch(fused_ce, x, t, w, reduction="mean", label_smoothing=0.1,
+                        what=f"{C} classes {dtype} from row {first_row}")
+    p = make_prob_target((87 + first_row, C), dtype, device)[first_row:]
+    check_against_torch(fused_ce, x, p, None, reduction="sum", target_grad=True,
+                        what=f"soft {C} classes {dtype} from row {first_row}")
+
+
 # --------------------------------------------------------------------------
 # 3. ignore_index variants.
 

@@ -1325,34 +1325,16 @@ class TileKernel {
     }
     int64_t base[kLanes];
     position_offsets(s, n, d, base);
-    if (s.c == 1 && a_.C >= kLanes) {
-      // The transpose of gather(); overlapping blocks write equal values.
-      for (int64_t c0 = 0; c0 < a_.C; c0 += kLanes) {
-        const int64_t start = c0 + kLanes <= a_.C ? c0 : a_.C - kLanes;
-        Vec block[kLanes];
-        for (int j = 0; j < kLanes; ++j) block[j] = tile[start + j];
-        transpose_square(block);
-        for (int l = 0; l < valid; ++l) store_narrowed(dst + base[l] + start, block[l]);
-      }
-      return;
-    }
+    if (s.c == 1 && (a_.C >= kLanes || kMaskedRowStores)) {
 #if FUSED_CE_AVX512
-    if (s.c == 1) {
-      // The transpose of gather()'s masked rows. The tile has kLanes
-      // vectors (see the constructor); those past C only fill lanes that
-      // the masked stores leave out.
-      Vec block[kLanes];
-      for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
-      transpose_square(block);
-      const uint32_t row = first_lanes(a_.C);
       if (valid == kLanes && stream_packed_rows(dst + base[0], s)) {
-        stream_rows(block, dst + base[0]);
+        stream_rows(tile, dst + base[0]);
         return;
       }
-      for (int l = 0; l < valid; ++l) store_narrowed_masked(dst + base[l], block[l], row);
+#endif
+      store_rows(tile, dst, base, valid);
       return;
     }
-#endif
     for (int l = 0; l < valid; ++l) {
       T* out = dst + base[l];
       for (int64_t c = 0; c < a_.C; ++c) out[c * s.c] = from_acc<T>(tile[c][l]);
@@ -1360,30 +1342,71 @@ class TileKernel {
   }
 
 #if FUSED_CE_AVX512
-  // Whether a full tile of rows shorter than a vector, whose first row
-  // starts at `first`, can be written by stream_rows(): its kLanes rows
-  // are one contiguous run of kLanes * C elements ((N, C) rows back to
-  // back), which is C whole vectors of storage at a streaming-aligned start
-  // (every tile's, when the tensor's is). float32 accumulation only.
+  static constexpr bool kMaskedRowStores = true;
+#else
+  static constexpr bool kMaskedRowStores = false;
+#endif
+
+  // The transpose of gather() for row-major (N, C) rows: lane l's C values
+  // of the (C, lanes) tile go to the contiguous row at out + offsets[l],
+  // for l < valid, through kLanes x kLanes transposes in registers. Rows of
+  // kLanes classes or more take whole squares (a last one that does not fit
+  // overlaps the one before, writing equal values); shorter rows (AVX-512
+  // only) one square and a masked store per row. The tile has at least
+  // kLanes vectors (see the constructor); those past C only fill lanes
+  // that the masked stores leave out.
+  template <typename Out>
+  FUSED_CE_INLINE void store_rows(const Vec* tile, Out* out, const int64_t* offsets, int valid) const {
+    if (a_.C >= kLanes) {
+      for (int64_t c0 = 0; c0 < a_.C; c0 += kLanes) {
+        const int64_t start = c0 + kLanes <= a_.C ? c0 : a_.C - kLanes;
+        Vec block[kLanes];
+        for (int j = 0; j < kLanes; ++j) block[j] = tile[start + j];
+        transpose_square(block);
+        for (int l = 0; l < valid; ++l) store_narrowed(out + offsets[l] + start, block[l]);
+      }
+      return;
+    }
+#if FUSED_CE_AVX512
+    Vec block[kLanes];
+    for (int c = 0; c < kLanes; ++c) block[c] = tile[c];
+    transpose_square(block);
+    const uint32_t row = first_lanes(a_.C);
+    for (int l = 0; l < valid; ++l) store_narrowed_masked(out + offsets[l], block[l], row);
+#endif
+  }
+
+#if FUSED_CE_AVX512
+  // Rows up to this long are streamed (stream_rows); its buffer is a
+  // kLanes-row tile of them. (N, C) rows of 64 classes and more take the
+  // row kernel, unless they have probability targets.
+  static constexpr int64_t kMaxStreamedClasses = kRowKernelMinClasses;
+
+  // Whether a full tile of (N, C) rows whose first row starts at `first`
+  // can be written by stream_rows(): its kLanes rows are one contiguous
+  // run of kLanes * C elements (rows back to back), which is C whole
+  // vectors of storage at a streaming-aligned start (every tile's, when
+  // the tensor's is). float32 accumulation only.
   FUSED_CE_INLINE bool stream_packed_rows(const T* first, const Strides3& s) const {
     if constexpr (!std::is_same<Acc, float>::value) {
       return false;
     } else {
-      return a_.D == 1 && s.n == a_.C && reinterpret_cast<uintptr_t>(first) % kStreamBytes<T> == 0;
+      return a_.D == 1 && s.n == a_.C && a_.C < kMaxStreamedClasses &&
+             reinterpret_cast<uintptr_t>(first) % kStreamBytes<T> == 0;
     }
   }
 
-  // Writes the kLanes rows of `rows` (lanes [0, C) of each) to the
-  // contiguous run at dst with non-temporal stores of whole vectors: packed
-  // back to back in an L1-resident buffer first, then streamed. The masked
-  // row stores they replace read every destination line from memory before
-  // writing it (a third more traffic; the rows of a line are written by
-  // different stores). Fenced in run_range().
-  FUSED_CE_INLINE void stream_rows(const Vec* rows, T* dst) const {
+  // Writes a full tile's rows (store_rows) to the contiguous run at dst
+  // with non-temporal stores of whole vectors: packed back to back in an
+  // L1-resident buffer first, then streamed. Row stores straight to dst
+  // share lines with their neighbours' and made the cache read every
+  // destination line from memory before writing it. Fenced in run_range().
+  FUSED_CE_INLINE void stream_rows(const Vec* tile, T* dst) const {
     if constexpr (std::is_same<Acc, float>::value) {
-      alignas(64) float packed[kLanes * kLanes];
-      const uint32_t row = first_lanes(a_.C);
-      for (int l = 0; l < kLanes; ++l) store_narrowed_masked(packed + l * a_.C, rows[l], row);
+      alignas(64) float packed[kLanes * kMaxStreamedClasses];
+      int64_t offsets[kLanes];
+      for (int l = 0; l < kLanes; ++l) offsets[l] = l * a_.C;
+      store_rows(tile, packed, offsets, kLanes);
       for (int64_t k = 0; k < a_.C; ++k) stream_vec(dst + k * kLanes, load_vec<VecF>(packed + k * kLanes));
     }
   }
