@@ -1326,12 +1326,10 @@ class TileKernel {
     int64_t base[kLanes];
     position_offsets(s, n, d, base);
     if (s.c == 1 && (a_.C >= kLanes || kMaskedRowStores)) {
-#if FUSED_CE_AVX512
       if (valid == kLanes && stream_packed_rows(dst + base[0], s)) {
         stream_rows(tile, dst + base[0]);
         return;
       }
-#endif
       store_rows(tile, dst, base, valid);
       return;
     }
@@ -1376,7 +1374,6 @@ class TileKernel {
 #endif
   }
 
-#if FUSED_CE_AVX512
   // Rows up to this long are streamed (stream_rows); its buffer is a
   // kLanes-row tile of them. (N, C) rows of 64 classes and more take the
   // row kernel, unless they have probability targets.
@@ -1384,15 +1381,20 @@ class TileKernel {
 
   // Whether a full tile of (N, C) rows whose first row starts at `first`
   // can be written by stream_rows(): its kLanes rows are one contiguous
-  // run of kLanes * C elements (rows back to back), which is C whole
-  // vectors of storage at a streaming-aligned start (every tile's, when
-  // the tensor's is). float32 accumulation only.
+  // run of kLanes * C elements (rows back to back) that covers whole cache
+  // lines (every tile's, when the tensor's first is line-aligned and a
+  // tile is a whole number of lines), and store_rows() can pack them (rows
+  // shorter than a vector need AVX-512's masked stores). Whole lines
+  // because a partly streamed line leaves the write-combining buffer on
+  // its own and is merged in memory with the rest of the line (bfloat16
+  // tiles of 8 x 10 classes under AVX2 are 2.5 lines; they keep the row
+  // stores). float32 accumulation only.
   FUSED_CE_INLINE bool stream_packed_rows(const T* first, const Strides3& s) const {
     if constexpr (!std::is_same<Acc, float>::value) {
       return false;
     } else {
-      return a_.D == 1 && s.n == a_.C && a_.C < kMaxStreamedClasses &&
-             reinterpret_cast<uintptr_t>(first) % kStreamBytes<T> == 0;
+      return a_.D == 1 && s.n == a_.C && a_.C < kMaxStreamedClasses && (a_.C >= kLanes || kMaskedRowStores) &&
+             (kLanes * a_.C * int64_t(sizeof(T))) % 64 == 0 && reinterpret_cast<uintptr_t>(first) % 64 == 0;
     }
   }
 
@@ -1403,6 +1405,7 @@ class TileKernel {
   // destination line from memory before writing it. Fenced in run_range().
   FUSED_CE_INLINE void stream_rows(const Vec* tile, T* dst) const {
     if constexpr (std::is_same<Acc, float>::value) {
+      static_assert(sizeof(VecF) == kLanes * sizeof(float), "one streamed vector per kLanes elements");
       alignas(64) float packed[kLanes * kMaxStreamedClasses];
       int64_t offsets[kLanes];
       for (int l = 0; l < kLanes; ++l) offsets[l] = l * a_.C;
@@ -1410,7 +1413,6 @@ class TileKernel {
       for (int64_t k = 0; k < a_.C; ++k) stream_vec(dst + k * kLanes, load_vec<VecF>(packed + k * kLanes));
     }
   }
-#endif
 
   const KernelArgs<T>& a_;
   bool line_groups_ = false;  // whether run_line_group() applies at all
