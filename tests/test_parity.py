@@ -195,9 +195,10 @@ def test_many_rows_parallel(device):
 @pytest.mark.parametrize("first_row", [0, 1], ids=["aligned", "offset"])
 def test_short_rows_in_whole_tiles(device, C, dtype, first_row):
     # (N, C) rows of fewer than 64 classes go through the CPU's tile kernel, 16 (or 8) rows at a
-    # time; a whole tile's gradient (and soft-target gradient) is one contiguous run, written with
-    # streaming stores where it starts on a vector boundary (not after a C-element row offset for
-    # most C). 87 rows: whole tiles and a partial one.
+    # time; a whole tile's gradient (and soft-target gradient) is one contiguous run, streamed
+    # where it covers whole cache lines (all C in float32; even C in the 16-bit types under
+    # AVX-512). 87 rows: whole tiles and a partial one; the row offset moves the logits off a
+    # line boundary (the gradients are fresh tensors).
     x = make_logits((87 + first_row, C), dtype, device)[first_row:]
     t = make_class_target((87,), C, device, ignore_index=-100, ignore_frac=0.1)
     w = make_weight(C, dtype, device)

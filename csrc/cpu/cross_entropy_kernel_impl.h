@@ -930,15 +930,13 @@ class TileKernel {
   static constexpr int64_t kLineGroup = 64 / (kLanes * int64_t(sizeof(T)));
 
   explicit TileKernel(const KernelArgs<T>& args) : a_(args) {
-    // At least kLanes vectors: gather() writes a whole transposed square
-    // when there are fewer classes.
-    x_.resize(std::max<int64_t>(a_.C * kLineGroup, kLanes));
+    // At least kLanes vectors each: with fewer classes, gather() writes and
+    // scatter() transposes a whole square (g_ zeroed for that).
+    const int64_t tile_vectors = std::max<int64_t>(a_.C * kLineGroup, kLanes);
+    x_.resize(tile_vectors);
     if (a_.prob_target) t_.resize(std::max<int64_t>(a_.C, kLanes));
     if (a_.grad_input || a_.grad_target) {
-      // At least kLanes vectors, zeroed: scatter() transposes a whole
-      // square even when there are fewer classes.
-      const int64_t count = a_.C * kLineGroup > kLanes ? a_.C * kLineGroup : kLanes;
-      g_.resize(count);
+      g_.resize(tile_vectors);
       g_.set_to_zero();
     }
     line_groups_ = kLineGroup > 1 && !a_.prob_target && a_.input_strides.d == 1 &&
@@ -1383,17 +1381,16 @@ class TileKernel {
   // can be written by stream_rows(): its kLanes rows are one contiguous
   // run of kLanes * C elements (rows back to back) that covers whole cache
   // lines (every tile's, when the tensor's first is line-aligned and a
-  // tile is a whole number of lines), and store_rows() can pack them (rows
-  // shorter than a vector need AVX-512's masked stores). Whole lines
-  // because a partly streamed line leaves the write-combining buffer on
-  // its own and is merged in memory with the rest of the line (bfloat16
-  // tiles of 8 x 10 classes under AVX2 are 2.5 lines; they keep the row
-  // stores). float32 accumulation only.
+  // tile is a whole number of lines). The caller has checked that
+  // store_rows() can pack them. Whole lines because a partly streamed line
+  // leaves the write-combining buffer on its own and is merged in memory
+  // with the rest of the line (bfloat16 tiles of 8 x 10 classes under AVX2
+  // are 2.5 lines; they keep the row stores). float32 accumulation only.
   FUSED_CE_INLINE bool stream_packed_rows(const T* first, const Strides3& s) const {
     if constexpr (!std::is_same<Acc, float>::value) {
       return false;
     } else {
-      return a_.D == 1 && s.n == a_.C && a_.C < kMaxStreamedClasses && (a_.C >= kLanes || kMaskedRowStores) &&
+      return a_.D == 1 && s.n == a_.C && a_.C < kMaxStreamedClasses &&
              (kLanes * a_.C * int64_t(sizeof(T))) % 64 == 0 && reinterpret_cast<uintptr_t>(first) % 64 == 0;
     }
   }
