@@ -1034,9 +1034,11 @@ class TileKernel {
     }
     if (a_.grad_input) {
       T* out = a_.grad_input + n[0][0] * a_.grad_input_strides.n + d[0][0];
+      // The group's tiles fill one whole line of every class plane.
+      const bool stream = streams_class_lines(out, a_.grad_input_strides);
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t t = 0; t < kLineGroup; ++t) {
-          store_narrowed(out + c * a_.grad_input_strides.c + t * kLanes, g_.data()[t * C + c]);
+          store_class_run(out + c * a_.grad_input_strides.c + t * kLanes, g_.data()[t * C + c], stream);
         }
       }
     }
@@ -1318,7 +1320,10 @@ class TileKernel {
                                const int64_t* d, int valid, bool consecutive) const {
     if (consecutive && s.d == 1) {
       T* first = dst + n[0] * s.n + d[0];
-      for (int64_t c = 0; c < a_.C; ++c) store_narrowed(first + c * s.c, tile[c]);
+      // Streamed only where each class's run is one whole line (float32
+      // under AVX-512); shorter runs are in line groups when aligned.
+      const bool stream = kLanes * sizeof(T) == 64 && streams_class_lines(first, s);
+      for (int64_t c = 0; c < a_.C; ++c) store_class_run(first + c * s.c, tile[c], stream);
       return;
     }
     int64_t base[kLanes];
@@ -1409,6 +1414,34 @@ class TileKernel {
       store_rows(tile, packed, offsets, kLanes);
       for (int64_t k = 0; k < a_.C; ++k) stream_vec(dst + k * kLanes, load_vec<VecF>(packed + k * kLanes));
     }
+  }
+
+  // Whether the class runs of an (N, C, d...) tile whose first class starts
+  // at `first` (class stride s.c) all start on a cache line, so that the
+  // caller, when its runs fill whole lines, can stream them past the cache
+  // as the row kernel and stream_rows() do: the gradient is written once,
+  // and ordinary stores made the cache read each of its lines first. 8 x
+  // 21 x 128 x 128 forward + gradient, in alternating runs: float32
+  // 1.13-1.23 -> 0.74-1.11 ms, bfloat16 0.89-1.17 -> 0.80-0.83 ms.
+  // float32 accumulation only.
+  FUSED_CE_INLINE bool streams_class_lines(const T* first, const Strides3& s) const {
+    if constexpr (!std::is_same<Acc, float>::value) {
+      return false;
+    } else {
+      return (s.c * int64_t(sizeof(T))) % 64 == 0 && reinterpret_cast<uintptr_t>(first) % 64 == 0;
+    }
+  }
+
+  // One class's run of kLanes positions, streamed (fenced in run_range())
+  // or stored.
+  FUSED_CE_INLINE void store_class_run(T* dst, Vec v, bool stream) const {
+    if constexpr (std::is_same<Acc, float>::value) {
+      if (stream) {
+        stream_vec(dst, v);
+        return;
+      }
+    }
+    store_narrowed(dst, v);
   }
 
   const KernelArgs<T>& a_;
