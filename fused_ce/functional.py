@@ -11,6 +11,7 @@ take the operators' canonical ``(N, C, D)`` view themselves.
 """
 
 import math
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -99,11 +100,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    reduction, ignore_index, label_smoothing = check_loss_options(weight, ignore_index, reduction, label_smoothing)
     z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("cross_entropy(): input and target must be tensors, got "
@@ -156,13 +153,19 @@ def cross_entropy(
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "
                                "to argument 'weight'. This input cannot have requires_grad True.")
+        # The shape first, as PyTorch checks it (a float target of the wrong
+        # shape is a shape error there, of the right one a dtype error).
+        _check_class_target_shape(input, target, unbatched)
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-        _check_class_target_shape(input, target, unbatched)
         if target.dtype != torch.int64:
             target = target.long()
         if validate:
             _check_targets_in_range(target, num_classes, ignore_index)
+
+    if num_classes == 0:
+        return _zero_class_loss(input, target, weight, ignore_index, reduction, label_smoothing,
+                                z_loss, softcap, return_lse)
 
     if unbatched:
         # A batch of one; CrossEntropyFunction takes the (N, C, D) view itself.
@@ -188,7 +191,7 @@ def cross_entropy(
     # memory elsewhere and is ignored here.
     in_transform = functorch_active()
     if in_transform or has_tangent(input, target, weight):
-        arguments = (input, target, weight, int(ignore_index), label_smoothing, reduction_code, z_loss, softcap)
+        arguments = (input, target, weight, ignore_index, label_smoothing, reduction_code, z_loss, softcap)
         if in_transform and not _functorch_needs_composite(input, target, weight):
             # A single reverse-mode transform (grad, vjp, jacrev; under vmap or
             # not) needs a Function with setup_context.
@@ -197,11 +200,11 @@ def cross_entropy(
             loss, lse = composite_cross_entropy(*arguments)
         result = (loss, lse) if return_lse else loss
     elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
-        result = _C.cross_entropy_loss(input, target, weight, int(ignore_index), label_smoothing,
+        result = _C.cross_entropy_loss(input, target, weight, ignore_index, label_smoothing,
                                        z_loss, softcap, reduction_code,
                                        device.type in DEVICE_SCALED_GRADIENT)
     else:
-        result = CrossEntropyFunction.apply(input, target, weight, int(ignore_index), label_smoothing,
+        result = CrossEntropyFunction.apply(input, target, weight, ignore_index, label_smoothing,
                                             reduction_code, z_loss, softcap, bool(return_lse),
                                             bool(inplace_backward))
     if not unbatched:
@@ -262,6 +265,62 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     return not has_torch_function(tensors)
 
 
+def check_loss_options(weight, ignore_index, reduction, label_smoothing) -> Tuple[str, int, float]:
+    """The options shared with ``nn.CrossEntropyLoss``, checked as PyTorch
+    does: argument types (a ``TypeError`` with the message of its argument
+    parser, which checks them for the ``aten::cross_entropy_loss`` call), the
+    reduction (``"elementwise_mean"`` is a deprecated "mean", with
+    PyTorch's warning) and label smoothing in [0, 1]. Returns the reduction,
+    ``ignore_index`` as an int and ``label_smoothing`` as a float."""
+    if reduction == "elementwise_mean":
+        _reduction.get_enum(reduction)  # the warning
+        reduction = "mean"
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    ignore_index = _int_argument(ignore_index, "ignore_index", 5)
+    label_smoothing = _float_argument(label_smoothing, "label_smoothing", 6)
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(_argument_type_message("weight", 3, "Tensor", weight))
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    return reduction, ignore_index, label_smoothing
+
+
+def _type_name(value) -> str:
+    """A type as PyTorch's argument errors name it: "float", "Tensor", "numpy.float64"."""
+    cls = type(value)
+    if cls.__module__ == "builtins" or cls.__module__.startswith("torch"):
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _argument_type_message(name: str, position: int, expected: str, value) -> str:
+    return f"cross_entropy_loss(): argument '{name}' (position {position}) must be {expected}, not {_type_name(value)}"
+
+
+def _int_argument(value, name: str, position: int) -> int:
+    """An int argument as PyTorch's argument parser takes it: anything with
+    ``__index__`` (Python and NumPy integers, one-element integer tensors)
+    but bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(_argument_type_message(name, position, "int", value))
+
+
+def _float_argument(value, name: str, position: int) -> float:
+    """A float argument as PyTorch's argument parser takes it: real numbers
+    (bool, NumPy scalars and one-element tensors included), not strings."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(_argument_type_message(name, position, "float", value))
+
+
 def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool,
                        reduction: str) -> Tuple[float, float]:
     """Validates the keyword-only options; returns z_loss and the kernel's
@@ -287,6 +346,21 @@ def _check_llm_options(z_loss, softcap, return_lse: bool, inplace_backward: bool
             raise ValueError("cross_entropy(): inplace_backward=True cannot be combined with "
                              "return_lse=True (the gradient would have to wait for the lse's)")
     return z_loss, softcap
+
+
+def _zero_class_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                     reduction: str, label_smoothing: float, z_loss: float, softcap: float,
+                     return_lse: bool) -> Tensor:
+    """An input with no classes: nothing for a kernel to compute. PyTorch
+    defines the results by its formulas (per element 0, or NaN with label
+    smoothing; a NaN mean; its IndexError for a target that is not
+    ignored), so its own operator gives them, exactly; the argument checks
+    above are done. The fused-only options have no value without a class."""
+    if z_loss != 0.0 or softcap != 0.0 or return_lse:
+        raise ValueError("cross_entropy(): z_loss, softcap and return_lse need at least one class, "
+                         f"got input of shape {list(input.shape)}")
+    return torch._C._nn.cross_entropy_loss(input, target, weight, _reduction.get_enum(reduction),
+                                           ignore_index, label_smoothing)
 
 
 def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import has_tangent, once_differentiable
-from .functional import _check_class_target_shape, _dtype_name, cross_entropy, functorch_active
+from .functional import _check_class_target_shape, _dtype_name, check_loss_options, cross_entropy, functorch_active
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -426,11 +426,9 @@ def linear_cross_entropy(
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
         raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
     _check_shapes(input, linear_weight, linear_bias)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    explicit_ignore_index = ignore_index is not None and ignore_index != -100
+    reduction, ignore_index, label_smoothing = check_loss_options(
+        weight, -100 if ignore_index is None else ignore_index, reduction, label_smoothing)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -438,10 +436,9 @@ def linear_cross_entropy(
     num_classes = linear_weight.shape[0]
     logits_shape = (*input.shape[:-1], num_classes, *linear_weight.shape[1:-1])
     probs = tuple(target.shape) == logits_shape
-    if probs and ignore_index is not None and ignore_index != -100:
+    if probs and explicit_ignore_index:
         # torch's message; -100 cannot be told apart from the default, and is ignored as by cross_entropy
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
-    ignore_index = -100 if ignore_index is None else int(ignore_index)
     if linear_weight.dim() == 2 and not probs:
         # input is (N, H) or (H): its batch dimension is the logits'
         _check_class_target_shape(input, target, unbatched=input.dim() == 1)
@@ -483,6 +480,7 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
     device, dtype = input.device, input.dtype
     supported = (
         linear_weight.dim() == 2
+        and linear_weight.shape[0] > 0  # no classes: PyTorch's results, from the reference
         and dtype.is_floating_point
         and all(t.dtype == dtype and t.device == device for t in tensors)
         and target.device == device

@@ -311,7 +311,7 @@ def _natural_grad_scale(x, target, weight, grad_out, reduction, ignore_index):
     if grad_out is None:
         return 1e-3
     up = float(grad_out.abs().max()) if grad_out.numel() else 0.0
-    wmax = 1.0 if weight is None else max(1.0, float(weight.detach().abs().max()))
+    wmax = 1.0 if weight is None or weight.numel() == 0 else max(1.0, float(weight.detach().abs().max()))
     if reduction == "mean":
         if target.dtype.is_floating_point:
             C = x.shape[0] if x.dim() == 1 else x.shape[1]
@@ -319,7 +319,7 @@ def _natural_grad_scale(x, target, weight, grad_out, reduction, ignore_index):
         else:
             target = target.long()
             valid = target != ignore_index
-            if weight is None:
+            if weight is None or weight.numel() == 0:
                 total = float(valid.sum())
             else:
                 w = weight.detach().cpu().double()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,12 +199,21 @@ def test_multi_target_2d(device):
     _check_same_error(device, make, [r"multi-target not supported"], RuntimeError)
 
 
-def test_float_target_wrong_shape(device):
-    # floating target whose shape differs from the input: torch takes the class-index path and rejects it
-    def make(dev):
-        return (make_logits((3, 5), device=dev), make_prob_target((3, 4), device=dev)), {}
+@pytest.mark.parametrize("shapes", [((3, 5), (3, 4)), ((6, 5), (5,)), ((6, 5, 2), (6, 5, 3)), ((6, 5, 2), (6, 3))],
+                         ids=lambda s: f"{s[0]}-{s[1]}")
+def test_float_target_wrong_shape(device, shapes):
+    # A floating target whose shape differs from the input's takes the
+    # class-index path, where PyTorch checks the shape before the dtype: its
+    # shape error (of whichever type), not the dtype's.
+    input_shape, target_shape = shapes
 
-    _check_same_error(device, make, [], RuntimeError)
+    def make(dev):
+        return (make_logits(input_shape, device=dev), make_prob_target(target_shape, device=dev)), {}
+
+    args, _ = make("cpu")
+    message = str(_capture(lambda: F.cross_entropy(*args))).splitlines()[0]
+    assert "dtype" not in message, "test premise broken: torch reports the dtype first"
+    _check_same_error(device, make, [re.escape(message)])
 
 
 @pytest.mark.parametrize("wshape", [(4,), (6,), (5, 1), (1, 5), ()])
@@ -259,6 +269,60 @@ def test_label_smoothing_negative_rejected(device, ls):
     with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
         fused_ce.CrossEntropyLoss(label_smoothing=ls)(x, t)
     _still_works(device)
+
+
+BAD_ARGUMENT_TYPES = [
+    ("ignore_index", -100.0, "int", "float"),
+    ("ignore_index", 2.5, "int", "float"),
+    ("ignore_index", True, "int", "bool"),
+    ("ignore_index", None, "int", "NoneType"),
+    ("ignore_index", np.float64(2.0), "int", "numpy.float64"),
+    ("label_smoothing", "0.1", "float", "str"),
+    ("label_smoothing", None, "float", "NoneType"),
+    ("label_smoothing", [0.1], "float", "list"),
+    ("weight", [1.0, 2.0, 3.0, 4.0, 5.0], "Tensor", "list"),
+    ("weight", (1.0, 2.0, 3.0, 4.0, 5.0), "Tensor", "tuple"),
+]
+
+
+@pytest.mark.parametrize("name,value,wanted,given", BAD_ARGUMENT_TYPES,
+                         ids=[f"{c[0]}-{c[3]}" for c in BAD_ARGUMENT_TYPES])
+def test_argument_of_the_wrong_type(device, name, value, wanted, given):
+    # PyTorch's argument parser rejects these with a TypeError (a float
+    # ignore_index is not rounded, a string is not parsed).
+    def make(dev):
+        return (make_logits((3, 5), device=dev), make_class_target((3,), 5, dev)), {name: value}
+
+    _check_same_error(device, make, [re.escape(f"argument '{name}' (position "), f"must be {wanted}, not {given}"],
+                      TypeError)
+
+
+ACCEPTED_ARGUMENT_FORMS = [
+    ("ignore_index", np.int64(2)),
+    ("ignore_index", torch.tensor(2)),
+    ("ignore_index", torch.tensor([2])),
+    ("label_smoothing", True),
+    ("label_smoothing", np.float32(0.25)),
+    ("label_smoothing", torch.tensor(0.25)),
+    ("reduction", "elementwise_mean"),
+]
+
+
+@pytest.mark.parametrize("name,value", ACCEPTED_ARGUMENT_FORMS,
+                         ids=[f"{c[0]}-{type(c[1]).__name__}" for c in ACCEPTED_ARGUMENT_FORMS])
+def test_argument_forms_that_pytorch_accepts(device, name, value):
+    # ...and takes these as the ints and floats they stand for ("elementwise_mean"
+    # is the deprecated name of "mean", with PyTorch's warning).
+    x = make_logits((6, 5), device=device)
+    t = torch.tensor([2, 0, 2, 1, 4, 2], device=device)
+    with warnings.catch_warnings(record=True) as torch_warnings:
+        warnings.simplefilter("always")
+        ref = F.cross_entropy(x.double().cpu(), t.cpu(), **{name: value})
+    with warnings.catch_warnings(record=True) as our_warnings:
+        warnings.simplefilter("always")
+        ours = fused_ce.cross_entropy(x, t, **{name: value})
+    assert_close_ref(ours, ref, torch.float32, what=f"{name}={value!r}")
+    assert [str(w.message) for w in our_warnings] == [str(w.message) for w in torch_warnings]
 
 
 @pytest.mark.parametrize("ignore_index", [0, 1, 4, 255])

@@ -286,6 +286,48 @@ def test_empty_batch_prob_targets(device, shape, reduction):
     check_against_torch(fused_ce, x, t, None, reduction=reduction, target_grad=True, what=f"empty soft {shape}")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0,)])
+def test_zero_classes(device, shape, reduction):
+    # No classes: PyTorch's formulas give 0 per element (NaN with label
+    # smoothing), a NaN mean and an empty gradient; fused_ce gives the same.
+    x = make_logits(shape, torch.float32, device)
+    t = torch.full(_target_shape(shape) if len(shape) > 1 else (), -100, dtype=torch.long, device=device)
+    w = torch.rand(0, device=device)
+    for smoothing in (0.0, 0.3):
+        check_against_torch(fused_ce, x, t, None, reduction=reduction, label_smoothing=smoothing,
+                            what=f"no classes {shape} ls {smoothing}")
+    check_against_torch(fused_ce, x, t, w, reduction=reduction, what=f"no classes {shape} weight")
+    check_against_torch(fused_ce, x, make_prob_target(shape, torch.float32, device), None, reduction=reduction,
+                        target_grad=True, what=f"no classes {shape} soft")
+
+
+def test_zero_classes_errors(device):
+    x = make_logits((3, 0), torch.float32, device)
+    ignored = torch.full((3,), -100, device=device)
+    if device == "cpu":  # on CUDA PyTorch's own kernel asserts on the device
+        with pytest.raises(IndexError, match="Target 0 is out of bounds"):
+            fused_ce.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device))
+    with pytest.raises(IndexError, match="Target 0 is out of bounds"):
+        fused_ce.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device), validate=True)
+    for options in ({"z_loss": 1e-4}, {"softcap": 30.0}, {"return_lse": True}):
+        with pytest.raises(ValueError, match="need at least one class"):
+            fused_ce.cross_entropy(x, ignored, **options)
+
+
+def test_zero_classes_linear_cross_entropy(device):
+    # An LM head with no vocabulary: PyTorch's F.linear + F.cross_entropy results.
+    h = make_logits((3, 4), torch.float32, device).requires_grad_()
+    w = torch.randn(0, 4, device=device, requires_grad=True)
+    t = torch.full((3,), -100, device=device)
+    for reduction in REDUCTIONS:
+        loss = fused_ce.linear_cross_entropy(h, w, t, reduction=reduction)
+        ref = F.cross_entropy(F.linear(h, w), t, reduction=reduction)
+        torch.testing.assert_close(loss, ref, equal_nan=True)
+        (grad_h,) = torch.autograd.grad(loss.sum(), h)
+        torch.testing.assert_close(grad_h, torch.zeros_like(h))
+
+
 # --------------------------------------------------------------------------
 # 5. Non-contiguous inputs.
 
