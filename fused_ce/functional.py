@@ -295,13 +295,17 @@ def _type_name(value) -> str:
 
 
 def _argument_type_message(name: str, position: int, expected: str, value) -> str:
-    return f"cross_entropy_loss(): argument '{name}' (position {position}) must be {expected}, not {_type_name(value)}"
+    # PyTorch's words: its parser checks the arguments of aten::cross_entropy_loss.
+    return (f"cross_entropy_loss(): argument '{name}' (position {position}) must be {expected}, "
+            f"not {_type_name(value)}")
 
 
 def _int_argument(value, name: str, position: int) -> int:
     """An int argument as PyTorch's argument parser takes it: anything with
     ``__index__`` (Python and NumPy integers, one-element integer tensors)
     but bool."""
+    if type(value) is int:  # the usual case, first
+        return value
     if not isinstance(value, bool):
         try:
             return operator.index(value)
@@ -313,6 +317,8 @@ def _int_argument(value, name: str, position: int) -> int:
 def _float_argument(value, name: str, position: int) -> float:
     """A float argument as PyTorch's argument parser takes it: real numbers
     (bool, NumPy scalars and one-element tensors included), not strings."""
+    if type(value) is float:  # the usual case, first
+        return value
     if not isinstance(value, (str, bytes)):
         try:
             return float(value)
