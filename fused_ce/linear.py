@@ -44,7 +44,7 @@ cannot differentiate.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,8 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import has_tangent, once_differentiable
-from .functional import _check_class_target_shape, _dtype_name, check_loss_options, cross_entropy, functorch_active
+from .functional import (_check_class_target_shape, _check_llm_options, _dtype_name, check_loss_options,
+                         cross_entropy, functorch_active)
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -119,19 +120,27 @@ def default_chunk_size(num_rows: int, num_classes: int, bytes_per_logit: int = 4
 # --------------------------------------------------------------------------- the operators
 
 
-def _chunk_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                label_smoothing: float) -> Tuple[Tensor, Tensor]:
+class _Options(NamedTuple):
+    """The loss options the kernels take (softcap 0.0 for none)."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+
+
+def _chunk_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], o: _Options) -> Tuple[Tensor, Tensor]:
     """Per-row losses (c, 1) and total weight of one (c, V, 1) chunk; the logits are only read."""
     loss, _lse, total_weight = ops.cross_entropy_forward(
-        logits, target, weight, ignore_index, label_smoothing, 0.0, 0.0)
+        logits, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap)
     return loss, total_weight
 
 
-def _chunk_loss_and_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                         label_smoothing: float) -> Tuple[Tensor, Tensor]:
+def _chunk_loss_and_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                         o: _Options) -> Tuple[Tensor, Tensor]:
     """Same, and the gradient of the sum of the chunk's losses overwrites ``logits``."""
     loss, _lse, total_weight = ops.cross_entropy_forward_with_grad_inplace(
-        logits, target, weight, ignore_index, label_smoothing, 0.0, 0.0, _SUM)
+        logits, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, _SUM)
     return loss, total_weight
 
 
@@ -157,7 +166,7 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
-                ignore_index: int, label_smoothing: float, chunk: int, *, need_x: bool = False,
+                options: _Options, chunk: int, *, need_x: bool = False,
                 need_w: bool = False, need_b: bool = False, per_row: bool = False,
                 row_grad: Optional[Tensor] = None):
     """The loop over row chunks of x (N, H), with w (V, H), b (V,), target (N,) int64 or (N, V).
@@ -203,9 +212,9 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
         t = t.unsqueeze(-1)  # (c, 1) class indices or (c, V, 1) probabilities
         logits3 = logits.view(c, v, 1)
         if not want_grad:
-            chunk_loss, chunk_weight = _chunk_loss(logits3, t, weight, ignore_index, label_smoothing)
+            chunk_loss, chunk_weight = _chunk_loss(logits3, t, weight, options)
         else:
-            chunk_loss, chunk_weight = _chunk_loss_and_grad(logits3, t, weight, ignore_index, label_smoothing)
+            chunk_loss, chunk_weight = _chunk_loss_and_grad(logits3, t, weight, options)
             grad = logits  # now d(sum of the chunk's losses) / d(logits)
             if staged:
                 grad = buf_mm[:c].copy_(logits)
@@ -292,20 +301,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, target, weight, ignore_index, label_smoothing, reduction, chunk, loss_dtype):
+    def forward(ctx, x, w, b, target, weight, options, reduction, chunk, loss_dtype):
         ctx.reduction = reduction
-        ctx.options = (ignore_index, label_smoothing, chunk)
+        ctx.options, ctx.chunk = options, chunk
         ctx.save_for_backward(x, w, b, target, weight)  # only read by a recomputation
         ctx.grads = None
         if reduction == _NONE:
-            loss, *_ = _run_chunks(x, w, b, target, weight, ignore_index, label_smoothing, chunk, per_row=True)
+            loss, *_ = _run_chunks(x, w, b, target, weight, options, chunk, per_row=True)
             return loss.to(loss_dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         loss, total_weight, gx, gw, gb = _run_chunks(
-            x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+            x, w, b, target, weight, options, chunk,
             need_x=need_x, need_w=need_w, need_b=need_b)
         out, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, reduction,
-                                  _valid_rows(target, ignore_index), x, w, b, loss_dtype)
+                                  _valid_rows(target, options.ignore_index), x, w, b, loss_dtype)
         ctx.grads = (gx, gw, gb)
         return out
 
@@ -313,7 +322,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable("fused_ce.linear_cross_entropy: the gradients have no second derivative "
                          "(double backward / create_graph=True); use cross_entropy(F.linear(...)) for that")
     def backward(ctx, grad_output):
-        nones = (None,) * 7
+        nones = (None,) * 6
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
             # Reading a CPU scalar is free; skip the multiplication for the usual upstream 1.
@@ -327,18 +336,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _recompute(ctx, grad_output):
     """The gradients of a backward that did not get them from the forward."""
     x, w, b, target, weight = ctx.saved_tensors
-    ignore_index, label_smoothing, chunk = ctx.options
+    options, chunk = ctx.options, ctx.chunk
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if ctx.reduction == _NONE:
         _, _, gx, gw, gb = _run_chunks(
-            x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+            x, w, b, target, weight, options, chunk,
             need_x=need_x, need_w=need_w, need_b=need_b, row_grad=grad_output.reshape(-1))
         return _cast(gx, x), _cast(gw, w), _cast(gb, b)
     loss, total_weight, gx, gw, gb = _run_chunks(
-        x, w, b, target, weight, ignore_index, label_smoothing, chunk,
+        x, w, b, target, weight, options, chunk,
         need_x=need_x, need_w=need_w, need_b=need_b)
     _, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, ctx.reduction,
-                            _valid_rows(target, ignore_index), x, w, b, grad_output.dtype)
+                            _valid_rows(target, options.ignore_index), x, w, b, grad_output.dtype)
     return tuple(_scale_by(g, grad_output, False) for g in (gx, gw, gb))
 
 
@@ -367,7 +376,7 @@ def _check_shapes(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Te
             f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
 
 
-def _reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing):
+def _reference(input, linear_weight, target, linear_bias, weight, reduction, options: _Options):
     """F.linear + fused_ce.cross_entropy, shaped like torch's reference path (K-dim weights included)."""
     num_classes = linear_weight.shape[0]
     out_features = tuple(linear_weight.shape[1:-1])
@@ -377,8 +386,9 @@ def _reference(input, linear_weight, target, linear_bias, weight, reduction, ign
             linear_bias = linear_bias.reshape(math.prod(out_features, start=num_classes))
     logits = F.linear(input, linear_weight, linear_bias)
     logits = logits.reshape((*input.shape[:-1], num_classes, *out_features))
-    return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
+    return cross_entropy(logits, target, weight=weight, ignore_index=options.ignore_index, reduction=reduction,
+                         label_smoothing=options.label_smoothing, z_loss=options.z_loss,
+                         softcap=options.softcap or None)
 
 
 def linear_cross_entropy(
@@ -391,6 +401,8 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
@@ -414,6 +426,9 @@ def linear_cross_entropy(
             means -100, as in torch. With probability targets any other value than -100 / None
             raises, as in torch.
         label_smoothing: in [0, 1].
+        z_loss, softcap: fused_ce's options for large vocabularies, as in
+            :func:`fused_ce.cross_entropy` (not in torch): PaLM's ``z_loss * lse**2`` per row
+            and Gemma 2's ``softcap * tanh(logits / softcap)`` on the head's logits.
         chunk_size: rows of the logits per chunk; None picks :func:`default_chunk_size`
             (1/16 of the logits, clamped to 32-64 MiB of chunk buffers).
 
@@ -429,6 +444,8 @@ def linear_cross_entropy(
     explicit_ignore_index = ignore_index is not None and ignore_index != -100
     reduction, ignore_index, label_smoothing = check_loss_options(
         weight, -100 if ignore_index is None else ignore_index, reduction, label_smoothing)
+    z_loss, softcap = _check_llm_options(z_loss, softcap, False, False, reduction)
+    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -449,7 +466,7 @@ def linear_cross_entropy(
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")
 
-    args = (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing)
+    args = (input, linear_weight, target, linear_bias, weight, reduction, options)
     device = input.device
     grad_mode = torch.is_grad_enabled()
     tensors = [t for t in (input, linear_weight, linear_bias) if t is not None]
@@ -468,15 +485,14 @@ def linear_cross_entropy(
         loss_dtype = torch.float32 if input.dtype in _HALF else input.dtype
         with torch.autocast(device.type, enabled=False):
             return _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction,
-                                         ignore_index, label_smoothing, chunk_size, probs, loss_dtype,
-                                         tensors, grad_mode)
-    return _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                                 label_smoothing, chunk_size, probs, loss_dtype, tensors, grad_mode)
+                                         options, chunk_size, probs, loss_dtype, tensors, grad_mode)
+    return _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, options,
+                                 chunk_size, probs, loss_dtype, tensors, grad_mode)
 
 
-def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                          label_smoothing, chunk_size, probs, loss_dtype, tensors, grad_mode):
-    args = (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing)
+def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, reduction, options,
+                          chunk_size, probs, loss_dtype, tensors, grad_mode):
+    args = (input, linear_weight, target, linear_bias, weight, reduction, options)
     device, dtype = input.device, input.dtype
     supported = (
         linear_weight.dim() == 2
@@ -514,13 +530,12 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
     red = _REDUCTIONS[reduction]
 
     if grad_mode and any(t_.requires_grad for t_ in tensors):
-        loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, ignore_index,
-                                         label_smoothing, red, chunk_size, loss_dtype)
+        loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, options, red, chunk_size,
+                                         loss_dtype)
     else:  # nothing to differentiate: the losses alone
         loss, total_weight, *_ = _run_chunks(x.detach(), linear_weight.detach(),
                                              None if linear_bias is None else linear_bias.detach(),
-                                             t, weight, ignore_index, label_smoothing, chunk_size,
-                                             per_row=red == _NONE)
+                                             t, weight, options, chunk_size, per_row=red == _NONE)
         loss, *_ = _finish(loss, total_weight, None, None, None, red, None, x, linear_weight, linear_bias,
                            loss_dtype)
     if unbatched and red == _NONE:

@@ -15,7 +15,7 @@ from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_ce.linear as linear_mod
-from conftest import assert_close_ref, make_prob_target, make_weight
+from conftest import assert_close_ref, make_prob_target, make_weight, ref_llm
 from fused_ce.linear import default_chunk_size, linear_cross_entropy
 
 N, H, V = 40, 16, 33  # N chosen so that chunk 7 does not divide it and chunk 8 does
@@ -57,7 +57,11 @@ def _reference(x, w, b, target, grad_out=None, weight=None, dtype=torch.float64,
     if t64.is_floating_point():
         t64 = t64.to(dtype)
     wt = None if weight is None else weight.detach().to("cpu", dtype)
-    loss = F.cross_entropy(F.linear(x64, w64, b64), t64, weight=wt, **kwargs)
+    logits = F.linear(x64, w64, b64)
+    if "z_loss" in kwargs or "softcap" in kwargs:  # fused_ce's options: the spec's formula in torch ops
+        loss, _ = ref_llm(logits, t64, wt, **kwargs)
+    else:
+        loss = F.cross_entropy(logits, t64, weight=wt, **kwargs)
     go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
     return loss.detach(), _grads(loss, [x64, w64, b64], go)
 
@@ -388,20 +392,67 @@ def test_default_chunk_size():
     assert default_chunk_size(1000, 32000, 4, "cuda") == 1000
 
 
+LLM_OPTIONS = [dict(z_loss=1e-2), dict(softcap=2.0), dict(z_loss=1e-2, softcap=2.0, label_smoothing=0.1)]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("options", LLM_OPTIONS, ids=lambda o: ",".join(o))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_and_softcap(device, reduction, options, chunk_size):
+    # PaLM's z-loss and Gemma 2's logit softcap on the LM head's logits, as
+    # fused_ce.cross_entropy defines them, with class weights and ignored rows.
+    x, w, b = _inputs(device=device)
+    t = _class_target(N, V, device=device, ignore_index=-100)
+    weight = make_weight(V, torch.float64, device)
+    check(x, w, b, t, weight=weight, reduction=reduction, chunk_size=chunk_size, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_z_loss_and_softcap_probability_targets_and_bfloat16(device, reduction):
+    x, w, b = _inputs(device=device)
+    t = make_prob_target((N, V), torch.float64, device)
+    check(x, w, b, t, reduction=reduction, chunk_size=7, z_loss=1e-2, softcap=2.0)
+    x, w, b = _inputs(device=device, dtype=torch.bfloat16)
+    t = _class_target(N, V, device=device, ignore_index=-100)
+    check(x, w, b, t, reduction=reduction, z_loss=1e-2, softcap=2.0)
+
+
+def test_z_loss_and_softcap_reference_path():
+    # A K-dimensional linear weight takes the materialising reference path: same options.
+    n, h, v, d = 6, 5, 4, 3
+    x, _, _ = _inputs(n=n, h=h, v=v)
+    w = torch.randn(v, d, h, dtype=torch.float64)
+    t = torch.randint(0, v, (n, d))
+    ours = linear_cross_entropy(x, w, t, z_loss=1e-2, softcap=2.0)
+    logits = F.linear(x, w.reshape(v * d, h)).reshape(n, v, d)
+    ref, _ = ref_llm(logits, t, z_loss=1e-2, softcap=2.0)
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("options", [dict(z_loss=-1.0), dict(z_loss=math.inf), dict(softcap=0.0),
+                                     dict(softcap=-1.0)], ids=lambda o: str(o))
+def test_bad_z_loss_and_softcap(options):
+    x, w, b = _inputs()
+    with pytest.raises(ValueError, match="z_loss|softcap"):
+        linear_cross_entropy(x, w, _class_target(N, V), **options)
+
+
 # --------------------------------------------------------------------------- gradcheck
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("kind", ["class", "prob"])
+@pytest.mark.parametrize("kind", ["class", "prob", "z_loss+softcap"])
 def test_gradcheck(reduction, kind):
     n, h, v = 5, 3, 4
     x, w, b = (u.requires_grad_() for u in _inputs(n=n, h=h, v=v))
-    if kind == "class":
-        t = torch.tensor([0, 3, -100, 1, 2])
-        kw = dict(weight=make_weight(v, torch.float64), label_smoothing=0.2)
-    else:
+    if kind == "prob":
         t = make_prob_target((n, v), torch.float64)
         kw = dict(label_smoothing=0.2)
+    else:
+        t = torch.tensor([0, 3, -100, 1, 2])
+        kw = dict(weight=make_weight(v, torch.float64), label_smoothing=0.2)
+        if kind == "z_loss+softcap":
+            kw.update(z_loss=1e-2, softcap=2.0)
 
     def fn(x_, w_, b_):
         return linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction=reduction, chunk_size=2, **kw)
