@@ -27,19 +27,23 @@ Protocol (per call; ``N`` rows, everything exchanged is ``O(N)``):
    which is PyTorch's ``(1 - eps) * nll + eps * mean_c(-log p_c)``.
    Ignored rows contribute 0 and "mean" divides by the number of
    non-ignored rows (0 / 0 = NaN when all are ignored, like PyTorch).
+   With ``z_loss`` each kept row adds ``z_loss * lse**2``; with ``softcap``
+   the logits are first capped, ``softcap * tanh(x / softcap)``, on each
+   rank (as by :func:`fused_ce.cross_entropy`).
 
 The loss is identical on every rank (it is built only from all-reduced
 statistics and the replicated targets). The backward needs no communication:
-``d loss_i / d x_ij = g_i * (p_ij - eps / V) - g_i * (1 - eps) * [j == t_i]``
-with ``p_ij = exp(x_ij - lse_i)``, and everything in it is available
-locally; each rank gets the gradient of its own slice. This assumes that the
-upstream gradient of the loss is the same on every rank, which holds when
-every rank computes the same objective from the replicated loss (the usual
-tensor-parallel setup).
+``d loss_i / d x_ij = g_i * (p_ij (1 + 2 z lse_i) - eps / V) - g_i * (1 - eps) * [j == t_i]``
+with ``p_ij = exp(x_ij - lse_i)`` (times ``1 - (y_ij / softcap)**2`` for
+capped logits ``y``), and everything in it is available locally; each rank
+gets the gradient of its own slice. This assumes that the upstream gradient
+of the loss is the same on every rank, which holds when every rank computes
+the same objective from the replicated loss (the usual tensor-parallel
+setup).
 
 Memory: the autograd graph keeps the logits (already alive in the model), the
-targets and ``lse`` (``N`` values); the softmax is recomputed in the backward.
-Half-precision logits are computed in float32 (float64 stays float64) and the
+targets and ``lse`` (``N`` values); the softmax (and the softcap) is
+recomputed in the backward. Half-precision logits are computed in float32 (float64 stays float64) and the
 loss is returned in the logits' dtype, like ``F.cross_entropy``.
 
 Works with any backend that supports all_reduce with MAX and SUM on the
@@ -56,6 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .autograd import once_differentiable
+from .functional import _check_llm_options
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -75,6 +80,8 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """Cross-entropy of vocabulary-parallel logits; same value on every rank.
 
@@ -87,6 +94,7 @@ def vocab_parallel_cross_entropy(
         group: the tensor-parallel process group (default: the world).
         ignore_index, reduction, label_smoothing: as in
             :func:`torch.nn.functional.cross_entropy`.
+        z_loss, softcap: as in :func:`fused_ce.cross_entropy`.
 
     Returns:
         The loss in ``logits.dtype``: a scalar for "mean"/"sum", shape
@@ -101,6 +109,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError(f"vocab_parallel_cross_entropy: label_smoothing must be in [0, 1], "
                          f"got {label_smoothing}")
     ignore_index = int(ignore_index)
+    z_loss, softcap = _check_llm_options(z_loss, softcap, False, False, reduction)
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError("vocab_parallel_cross_entropy: logits and target must be tensors, got "
                         f"{type(logits).__name__} and {type(target).__name__}")
@@ -127,10 +136,11 @@ def vocab_parallel_cross_entropy(
     x = logits.reshape(n, vocab_shard)  # a view whenever the layout allows it
     t = target.reshape(n).long()
 
-    _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing)
+    _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing,
+                           z_loss, softcap)
 
     loss = _VocabParallelCrossEntropy.apply(x, t, group, rank, world_size, ignore_index,
-                                            _REDUCTIONS[reduction], label_smoothing)
+                                            _REDUCTIONS[reduction], label_smoothing, z_loss, softcap)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return loss
@@ -156,7 +166,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing):
+def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing,
+                           z_loss, softcap):
     """One small all_reduce(MAX) that makes every rank agree the call is valid.
 
     Out-of-range targets would otherwise silently contribute nothing (no rank
@@ -182,6 +193,8 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
         "ignore_index": ignore_index,
         "reduction": _REDUCTIONS[reduction],
         "label_smoothing (x 2**40)": round(label_smoothing * 2 ** 40),
+        "z_loss (x 2**40)": round(z_loss * 2 ** 40),
+        "softcap (x 2**20)": round(softcap * 2 ** 20),
         "compute dtype (1 = float64)": int(_compute_dtype(x.dtype) == torch.float64),
         "targets (checksum)": 0,
     }
@@ -213,14 +226,15 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward with O(N) all-reduces; communication-free backward.
 
-    ``apply(x, t, group, rank, world_size, ignore_index, reduction, eps)`` on
-    ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the caller);
-    ``reduction`` 0 none, 1 mean, 2 sum.
+    ``apply(x, t, group, rank, world_size, ignore_index, reduction, eps, z_loss, softcap)``
+    on ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the caller);
+    ``reduction`` 0 none, 1 mean, 2 sum; ``softcap`` 0 for none.
     """
 
     @staticmethod
-    def forward(ctx, x, t, group, rank, world_size, ignore_index, reduction, eps):
-        cdtype = _compute_dtype(x.dtype)
+    def forward(ctx, x_in, t, group, rank, world_size, ignore_index, reduction, eps, z_loss, softcap):
+        cdtype = _compute_dtype(x_in.dtype)
+        x = _capped(x_in, softcap, cdtype)
         n, vocab_shard = x.shape
         num_classes = vocab_shard * world_size
         valid = t != ignore_index
@@ -252,6 +266,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # Skipped entirely for eps == 0 so that -inf logits (masked
             # vocabulary padding) do not turn 0 * inf into NaN.
             per_row = (1.0 - eps) * per_row + eps * (lse - stats[2] / num_classes)
+        if z_loss != 0:
+            per_row = per_row + z_loss * lse * lse
         per_row = torch.where(valid, per_row, 0.0)
 
         if reduction == 0:
@@ -261,17 +277,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:
             loss = per_row.sum() / valid.sum()  # all ignored: 0 / 0 = NaN, like PyTorch
 
-        ctx.save_for_backward(x, t, lse)
+        ctx.save_for_backward(x_in, t, lse)  # the capped logits are recomputed
         ctx.rank, ctx.world_size = rank, world_size
         ctx.ignore_index, ctx.reduction, ctx.eps = ignore_index, reduction, eps
-        return loss.to(x.dtype)
+        ctx.z_loss, ctx.softcap = z_loss, softcap
+        return loss.to(x_in.dtype)
 
     @staticmethod
     @once_differentiable("fused_ce.distributed.vocab_parallel_cross_entropy: the gradient has no second "
                          "derivative (double backward / create_graph=True)")
     def backward(ctx, grad_loss):
-        x, t, lse = ctx.saved_tensors
-        eps, reduction = ctx.eps, ctx.reduction
+        x_in, t, lse = ctx.saved_tensors
+        eps, reduction, softcap = ctx.eps, ctx.reduction, ctx.softcap
+        x = _capped(x_in, softcap, lse.dtype)
         n, vocab_shard = x.shape
         num_classes = vocab_shard * ctx.world_size
         g = grad_loss.to(lse.dtype)
@@ -291,6 +309,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # lse of an ignored row cannot leak in).
         lse_b = torch.where(valid, lse, math.inf)
         grad = torch.sub(x, lse_b.unsqueeze(1)).exp_()  # softmax, in the compute dtype
+        if ctx.z_loss != 0:  # d(z lse^2) = 2 z lse p
+            grad.mul_((1.0 + 2.0 * ctx.z_loss * torch.where(valid, lse, 0.0)).unsqueeze(1))
         if eps > 0:
             grad.sub_(eps / num_classes)
         grad.mul_(coef.unsqueeze(1))
@@ -300,4 +320,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         idx = torch.where(own, local_t, 0).unsqueeze(1)
         hit = torch.where(own, coef * -(1.0 - eps), 0.0)
         grad.scatter_add_(1, idx, hit.unsqueeze(1))
-        return grad.to(x.dtype), None, None, None, None, None, None, None
+        if softcap != 0:  # through y = softcap tanh(x / softcap): dy/dx = 1 - (y / softcap)^2
+            grad.mul_(1.0 - (x / softcap).square())
+        return (grad.to(x_in.dtype),) + (None,) * 9
+
+
+def _capped(x: Tensor, softcap: float, cdtype: torch.dtype) -> Tensor:
+    """The logits the loss sees: x itself, or softcap * tanh(x / softcap) in the compute dtype."""
+    if softcap == 0:
+        return x
+    return torch.tanh(x.to(cdtype) / softcap).mul_(softcap)

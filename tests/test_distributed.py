@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_ref, identical
+from conftest import assert_close_ref, identical, ref_llm
 
 WORLD_SIZES = [2, 4]
 SPAWN_TIMEOUT_S = 150
@@ -30,7 +30,7 @@ SPAWN_TIMEOUT_S = 150
 # Cases: name -> spec. V must be divisible by every world size.
 
 _BASE = dict(lead=(7,), V=40, dtype=torch.float32, reduction="mean", ignore_index=-100,
-             ignore="none", label_smoothing=0.0, scale=3.0, offset=0.0)
+             ignore="none", label_smoothing=0.0, scale=3.0, offset=0.0, z_loss=0.0, softcap=None)
 
 
 def _case(**kw):
@@ -71,6 +71,13 @@ CASES = {
     "unbatched_mean": _case(lead=()),
     "empty_mean": _case(lead=(0,)),  # NaN, like PyTorch
     "empty_none": _case(lead=(0,), reduction="none"),
+    # fused_ce's options for large vocabularies (the reference: conftest.ref_llm)
+    "z_loss_mean": _case(ignore="some", z_loss=1e-2),
+    "z_loss_smooth_none": _case(ignore="some", z_loss=1e-2, label_smoothing=0.1, reduction="none"),
+    "softcap_mean": _case(ignore="some", softcap=2.0),
+    "softcap_z_loss_smooth_sum": _case(reduction="sum", softcap=2.0, z_loss=1e-2, label_smoothing=0.1),
+    "softcap_bf16_none": _case(dtype=torch.bfloat16, lead=(16,), V=256, reduction="none", softcap=4.0,
+                               z_loss=1e-3),
 }
 
 
@@ -107,8 +114,12 @@ def _make_inputs(name, spec):
 
 
 def _kwargs(spec):
-    return dict(reduction=spec["reduction"], ignore_index=spec["ignore_index"],
-                label_smoothing=spec["label_smoothing"])
+    kwargs = dict(reduction=spec["reduction"], ignore_index=spec["ignore_index"],
+                  label_smoothing=spec["label_smoothing"])
+    for option in ("z_loss", "softcap"):  # only when set: the other cases call without them
+        if spec[option]:
+            kwargs[option] = spec[option]
+    return kwargs
 
 
 # --------------------------------------------------------------------------
@@ -268,7 +279,11 @@ def spawned(tmp_path_factory):
 
 def _reference(x, t, g, **kwargs):
     x64 = x.detach().double().requires_grad_()
-    loss = F.cross_entropy(x64.reshape(-1, x64.shape[-1]), t.reshape(-1), **kwargs)
+    rows, targets = x64.reshape(-1, x64.shape[-1]), t.reshape(-1)
+    if "z_loss" in kwargs or "softcap" in kwargs:
+        loss, _ = ref_llm(rows, targets, **kwargs)
+    else:
+        loss = F.cross_entropy(rows, targets, **kwargs)
     if kwargs["reduction"] == "none":
         loss = loss.reshape(t.shape)
     (grad,) = torch.autograd.grad(loss, x64, g.double())
@@ -354,7 +369,8 @@ def test_requires_initialized_process_group():
         vp(x, torch.randint(0, 8, (4,)))
 
 
-@pytest.mark.parametrize("bad", ["shape", "float_target", "int_logits", "reduction", "smoothing", "no_classes"])
+@pytest.mark.parametrize("bad", ["shape", "float_target", "int_logits", "reduction", "smoothing", "no_classes",
+                                 "z_loss", "softcap"])
 def test_local_argument_errors(bad):
     from fused_ce.distributed import vocab_parallel_cross_entropy as vp
 
@@ -366,7 +382,9 @@ def test_local_argument_errors(bad):
                 "int_logits": (TypeError, "floating point"),
                 "reduction": (ValueError, "reduction must be one of"),
                 "smoothing": (ValueError, "label_smoothing must be in"),
-                "no_classes": (ValueError, "Vs >= 1")}[bad]
+                "no_classes": (ValueError, "Vs >= 1"),
+                "z_loss": (ValueError, "z_loss must be a finite number"),
+                "softcap": (ValueError, "softcap must be None or a finite number")}[bad]
     if bad == "shape":
         t = torch.randint(0, 8, (5,))
     elif bad == "float_target":
@@ -379,5 +397,9 @@ def test_local_argument_errors(bad):
         kwargs["label_smoothing"] = 1.5
     elif bad == "no_classes":
         x = torch.randn(4, 0)
+    elif bad == "z_loss":
+        kwargs["z_loss"] = -1.0
+    elif bad == "softcap":
+        kwargs["softcap"] = 0.0
     with pytest.raises(expected[0], match=expected[1]):
         vp(x, t, **kwargs)
