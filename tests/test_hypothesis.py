@@ -4,7 +4,8 @@ Hypothesis draws shapes (unbatched, 2-D, K-dim, empty), class counts on both sid
 threshold, float32/float64, reductions, weights, label smoothing, class-index or probability targets
 (with target gradients), ignore_index sprinkled into the targets, and non-contiguous layouts
 (permuted buffers, stepped slices, expanded targets).  Every example is checked against torch in
-float64 (conftest.check_against_torch).  database=None: nothing is written outside tests/.
+float64 (conftest.check_against_torch).  The chunked ``linear_cross_entropy`` gets its own random
+configurations (chunk sizes, bias, z_loss, softcap).  database=None: nothing is written outside tests/.
 """
 
 import pytest
@@ -161,3 +162,47 @@ def test_random_configs_under_transforms(device, cfg):
     want = _transforms(torch.nn.functional.cross_entropy, x, t, w, kwargs, per_sample)
     for g, r in zip(got, want):
         torch.testing.assert_close(g.cpu(), r.cpu(), rtol=1e-7, atol=1e-9, equal_nan=True, msg=lambda m: f"{cfg}: {m}")
+
+
+@st.composite
+def linear_configs(draw):
+    return dict(
+        N=draw(st.one_of(st.just(None), st.integers(0, 23))),  # None: an unbatched (H,) input
+        H=draw(st.integers(1, 9)),
+        V=draw(st.one_of(st.integers(1, 12), st.sampled_from([63, 64, 65, 130]))),
+        bias=draw(st.booleans()),
+        chunk_size=draw(st.sampled_from([None, 1, 3, 8])),
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        soft=draw(st.booleans()),
+        use_weight=draw(st.booleans()),
+        label_smoothing=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-2])),
+        softcap=draw(st.sampled_from([None, None, 2.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@SETTINGS
+@given(cfg=linear_configs())
+def test_random_linear_cross_entropy_configs(cfg):
+    # The chunked LM head against F.linear + the loss in float64: chunk boundaries
+    # anywhere, ignored rows, weights, probability targets and the LLM options.
+    from test_linear_cross_entropy import check
+
+    torch.manual_seed(cfg["seed"])
+    n, h, v = cfg["N"], cfg["H"], cfg["V"]
+    x = torch.randn((h,) if n is None else (n, h), dtype=torch.float64)
+    w = torch.randn(v, h, dtype=torch.float64)
+    b = torch.randn(v, dtype=torch.float64) if cfg["bias"] else None
+    rows = () if n is None else (n,)
+    if cfg["soft"]:
+        t = torch.rand(rows + (v,), dtype=torch.float64).softmax(-1)
+        weight = None  # (class weights with probability targets: the reference path, tested elsewhere)
+    else:
+        t = torch.randint(0, v, rows)
+        t = torch.where(torch.rand(rows) < cfg["ignore_frac"], torch.full_like(t, -100), t)
+        weight = torch.rand(v, dtype=torch.float64) + 0.1 if cfg["use_weight"] else None
+    options = {k: cfg[k] for k in ("z_loss", "softcap") if cfg[k]}
+    check(x, w, b, t, weight=weight, reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"],
+          chunk_size=cfg["chunk_size"], what=str(cfg), **options)
