@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up fused_ce (scripts/setup.sh) and runs the benchmark: on the CPU by
 # default, quick mode unless arguments are given, e.g.
-#   bash scripts/bench.sh                 # quick CPU run (about 2 minutes)
+#   bash scripts/bench.sh                 # quick CPU run (about 20 s once set up)
 #   bash scripts/bench.sh --device cuda   # full run on the GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
