@@ -316,10 +316,11 @@ def _int_argument(value, name: str, position: int) -> int:
 
 def _float_argument(value, name: str, position: int) -> float:
     """A float argument as PyTorch's argument parser takes it: real numbers
-    (bool, NumPy scalars and one-element tensors included), not strings."""
+    (bool, NumPy scalars and one-element tensors included), not strings nor
+    a tensor that requires grad."""
     if type(value) is float:  # the usual case, first
         return value
-    if not isinstance(value, (str, bytes)):
+    if not isinstance(value, (str, bytes)) and not (isinstance(value, Tensor) and value.requires_grad):
         try:
             return float(value)
         except (TypeError, ValueError):

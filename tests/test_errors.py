@@ -280,6 +280,8 @@ BAD_ARGUMENT_TYPES = [
     ("label_smoothing", "0.1", "float", "str"),
     ("label_smoothing", None, "float", "NoneType"),
     ("label_smoothing", [0.1], "float", "list"),
+    ("label_smoothing", torch.tensor(0.1, requires_grad=True), "float", "Tensor"),
+    ("label_smoothing", torch.tensor([0.1, 0.2]), "float", "Tensor"),
     ("weight", [1.0, 2.0, 3.0, 4.0, 5.0], "Tensor", "list"),
     ("weight", (1.0, 2.0, 3.0, 4.0, 5.0), "Tensor", "tuple"),
 ]
