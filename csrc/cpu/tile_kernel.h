@@ -525,8 +525,9 @@ class TileKernel {
   // caller, when its runs fill whole lines, can stream them past the cache
   // as the row kernel and stream_rows() do: the gradient is written once,
   // and ordinary stores made the cache read each of its lines first. 8 x
-  // 21 x 128 x 128 forward + gradient, in alternating runs: float32
-  // 1.13-1.23 -> 0.74-1.11 ms, bfloat16 0.89-1.17 -> 0.80-0.83 ms.
+  // 21 x 128 x 128 forward + backward, in alternating runs: float32
+  // 0.92-1.11 -> 0.76-0.88 ms, bfloat16 0.96-1.02 -> 0.74-0.80 ms; 30%
+  // beyond the L3 (benchmarks/results/cpu-2026-11-27-seg-stream/).
   // float32 accumulation only.
   FUSED_CE_INLINE bool streams_class_lines(const T* first, const Strides3& s) const {
     if constexpr (!std::is_same<Acc, float>::value) {
