@@ -102,3 +102,22 @@ def test_parity_without_a_finite_reference():
     assert q.reference_finite and not q.ok and q.short().startswith("MISMATCH")
     r = parity.compare(parity.Outputs(torch.tensor(float("nan")), grad), eager_nan, torch.float16)
     assert r.reference_finite and r.ok  # both NaN: the same result
+
+
+def test_lm_head_with_softcap_and_z_loss_matches_eager():
+    # An LM-head workload with the large-vocabulary options: fused_ce.linear_cross_entropy
+    # gets them, eager and torch.compile apply them around F.cross_entropy, torch's own
+    # chunked head (which has neither) is marked n/a; parity is checked on every result.
+    from fused_ce.bench import impls, runner
+    from fused_ce.bench.workloads import Workload
+
+    head = Workload(name="head-softcap", family="linear", shape=(64, 100), dtype="fp32", hidden=16,
+                    z_loss=1e-3, softcap=5.0)
+    chosen = [i for i in impls.all_impls() if i.name in ("fused_ce", "eager", "torch_chunked")]
+    config = runner.Config(modes=("fwd+bwd",), warmup=1, repeat=3, max_time=0, memory=False)
+    with open(os.devnull, "w") as quiet:
+        results = runner.run([head], chosen, config, progress=runner.Progress(3, stream=quiet))
+    by_impl = {r.impl: r for r in results}
+    assert by_impl["fused_ce"].ok, by_impl["fused_ce"].status
+    assert by_impl["fused_ce"].parity is not None and by_impl["fused_ce"].parity["ok"], by_impl["fused_ce"].parity
+    assert not by_impl["torch_chunked"].ok and "softcap" in by_impl["torch_chunked"].status

@@ -128,7 +128,7 @@ class FusedCE(Impl):
     def build_linear(self, workload, weight, linear_weight):
         from fused_ce.linear import linear_cross_entropy
 
-        kwargs = workload.loss_kwargs(weight)
+        kwargs = dict(workload.loss_kwargs(weight), z_loss=workload.z_loss, softcap=workload.softcap)
         return lambda x, t: linear_cross_entropy(x, linear_weight, t, **kwargs)
 
 
@@ -167,8 +167,8 @@ class Eager(Impl):
         return _torch_loss(workload, weight)
 
     def build_linear(self, workload, weight, linear_weight):
-        kwargs = workload.loss_kwargs(weight)
-        return lambda x, t: F.cross_entropy(F.linear(x, linear_weight), t, **kwargs)
+        loss = _torch_loss(workload, weight)
+        return lambda x, t: loss(F.linear(x, linear_weight), t)
 
 
 class Compiled(Impl):
@@ -188,10 +188,10 @@ class Compiled(Impl):
 
     def build_linear(self, workload, weight, linear_weight):
         torch._dynamo.reset()
-        kwargs = workload.loss_kwargs(weight)
+        head_loss = _torch_loss(workload, weight)
 
         def loss(x, t):
-            return F.cross_entropy(F.linear(x, linear_weight), t, **kwargs)
+            return head_loss(F.linear(x, linear_weight), t)
 
         return torch.compile(loss, dynamic=False)
 
@@ -215,6 +215,8 @@ class TorchChunked(Impl):
             return "n/a (LM-head workloads only)"
         if workload.label_smoothing:
             return "n/a (no label_smoothing: torch falls back to its reference path)"
+        if workload.z_loss or workload.softcap:
+            return "n/a (no z_loss or softcap in torch's F.linear_cross_entropy)"
         return None
 
     def build_linear(self, workload, weight, linear_weight):

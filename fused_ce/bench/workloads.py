@@ -267,6 +267,8 @@ def cuda_suite() -> List[Workload]:
                  ignore_index=255, ignore_fraction=0.1),
         _linear("32k", 8192, 32000, 256, "fp32"),
         _linear("128k", 8192, 128256, 4096, "bf16"),  # a Llama-3-8B head: logits 2.1 GB
+        # A Gemma-2-2B head with its final-logit softcap: logits 2.1 GB
+        Workload("linear-256k-bf16-softcap", "linear", (4096, 256000), "bf16", hidden=2304, softcap=30.0),
     ]
 
 
