@@ -105,6 +105,17 @@ def _example_args():
     return []
 
 
+def test_train_lm_head_example_runs():
+    # The LM-head example: fused_ce.linear_cross_entropy with a softcap against the
+    # written-out head in a short AdamW run; it exits 1 if the loss curves diverge.
+    example = REPO / "examples" / "train_lm_head.py"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(example), "--steps", "8", "--vocab", "1000"], capture_output=True,
+                          text=True, timeout=180, cwd=str(REPO), env=env)
+    assert proc.returncode == 0, f"example failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "OK: the two runs agree" in proc.stdout
+
+
 def test_train_classifier_example_runs():
     if not EXAMPLE.exists():
         pytest.xfail(f"{EXAMPLE.relative_to(REPO)} does not exist yet (owned by another team member)")
