@@ -158,6 +158,8 @@ def cross_entropy(
         _check_class_target_shape(input, target, unbatched)
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+        if unbatched:
+            _check_unbatched_target_size(target)
         if target.dtype != torch.int64:
             target = target.long()
         if validate:
@@ -395,14 +397,20 @@ def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
     return weight.contiguous()
 
 
+def _check_unbatched_target_size(target: Tensor) -> None:
+    """PyTorch's last check of the class target of a (C,) input: 0-d, or 1-d of size 1."""
+    if target.dim() == 1 and target.shape[0] != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+
+
 def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) -> None:
     """PyTorch's shape rules (and messages) for class-index targets."""
     if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
         return  # the common (N, C) case, decided in a fraction of the general check's time
     if unbatched:
-        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
-            raise ValueError("For 1D input, 1D target must have size 1, but got target size: "
-                             f"{target.shape[0] if target.dim() == 1 else list(target.shape)}")
+        # (The size of a 1-D target PyTorch checks after the dtype: _check_unbatched_target_size.)
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
         return
     batch = target.shape[0] if target.dim() > 0 else 0
     if batch != input.shape[0]:

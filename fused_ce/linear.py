@@ -52,8 +52,8 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import has_tangent, once_differentiable
-from .functional import (_check_class_target_shape, _check_llm_options, _dtype_name, check_loss_options,
-                         cross_entropy, functorch_active)
+from .functional import (_check_class_target_shape, _check_llm_options, _check_unbatched_target_size, _dtype_name,
+                         check_loss_options, cross_entropy, functorch_active)
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -462,6 +462,8 @@ def linear_cross_entropy(
         if target.dtype not in (torch.int64, torch.uint8):
             raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
                                f"{_dtype_name(target.dtype)}")
+        if input.dim() == 1:
+            _check_unbatched_target_size(target)
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")

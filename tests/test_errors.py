@@ -382,6 +382,30 @@ def test_unbatched_target_with_batch_dim_of_two(device):
     _still_works(device)
 
 
+UNBATCHED_TARGETS = {
+    "float (3,)": lambda dev: torch.rand(3, device=dev),
+    "int64 (3,)": lambda dev: torch.tensor([0, 1, 2], device=dev),
+    "int64 (0,)": lambda dev: torch.zeros(0, dtype=torch.long, device=dev),
+    "float (2, 5)": lambda dev: torch.rand(2, 5, device=dev),
+    "int64 (2, 3)": lambda dev: torch.zeros(2, 3, dtype=torch.long, device=dev),
+    "int64 (1, 1)": lambda dev: torch.zeros(1, 1, dtype=torch.long, device=dev),
+    "int32 (3,)": lambda dev: torch.zeros(3, dtype=torch.int32, device=dev),
+}
+
+
+@pytest.mark.parametrize("target", list(UNBATCHED_TARGETS))
+def test_unbatched_target_errors_in_pytorch_order(device, target):
+    # A (C,) input: a target of more than one dimension is a shape error, then
+    # the dtype is checked, then the size of a 1-D target (PyTorch's order,
+    # which decides which of its messages a wrong target gets).
+    def make(dev):
+        return (make_logits((5,), device=dev), UNBATCHED_TARGETS[target](dev)), {}
+
+    args, _ = make("cpu")
+    message = str(_capture(lambda: F.cross_entropy(*args))).splitlines()[0]
+    _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
+
+
 def test_class_target_with_requires_grad_weight(device):
     # torch: "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'."
     def make(dev):

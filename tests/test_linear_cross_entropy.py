@@ -549,6 +549,8 @@ def _error_cases():
         "bool ignore_index": ((x, w, t), dict(ignore_index=True)),
         "str label_smoothing": ((x, w, t), dict(label_smoothing="0.1")),
         "list weight": ((x, w, t), dict(weight=[1.0] * V)),
+        "unbatched 2-d target": ((x[0], w, torch.zeros(2, 3, dtype=torch.long)), {}),
+        "unbatched float target": ((x[0], w, torch.rand(3)), {}),
     }
 
 
