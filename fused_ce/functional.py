@@ -149,6 +149,11 @@ def cross_entropy(
             weight = weight.to(common)
         input, target = input.to(common), target.to(common)
     else:
+        if (weight is not None and weight.dim() != 1 and input.dim() >= 3 and label_smoothing == 0.0
+                and weight.numel() == num_classes):
+            # PyTorch's K-dimensional path (nll_loss2d) checks only the weight's
+            # element count: a (1, C) weight works there, so it works here.
+            weight = weight.reshape(num_classes)
         weight = _check_weight(weight, input, num_classes, check_dtype=True)
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "

@@ -406,6 +406,23 @@ def test_unbatched_target_errors_in_pytorch_order(device, target):
     _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
 
 
+@pytest.mark.parametrize("weight_shape", [(1, 5), (5, 1)])
+@pytest.mark.parametrize("input_shape", [(3, 5, 4), (2, 5, 3, 3)], ids=["3d", "4d"])
+def test_k_dimensional_input_takes_a_weight_of_c_elements_in_any_shape(device, input_shape, weight_shape):
+    # PyTorch's K-dimensional path checks the weight's element count only; with
+    # label smoothing (another path) both refuse it.
+    x = make_logits(input_shape, device=device)
+    t = make_class_target((input_shape[0],) + input_shape[2:], 5, device, ignore_index=-100)
+    w = torch.rand(weight_shape, device=device) + 0.1
+    for reduction in ("mean", "sum"):
+        ref = F.cross_entropy(x.double().cpu(), t.cpu(), weight=w.double().cpu(), reduction=reduction)
+        ours = fused_ce.cross_entropy(x, t, weight=w, reduction=reduction)
+        assert_close_ref(ours, ref, torch.float32, what=f"weight {weight_shape}, {reduction}")
+    assert _capture(lambda: F.cross_entropy(x.cpu(), t.cpu(), weight=w.cpu(), label_smoothing=0.1)) is not None
+    with pytest.raises(RuntimeError, match="weight tensor should be defined"):
+        fused_ce.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+
+
 def test_class_target_with_requires_grad_weight(device):
     # torch: "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'."
     def make(dev):
