@@ -399,7 +399,7 @@ def linear_cross_entropy(
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
-    ignore_index: Optional[int] = -100,
+    ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
@@ -422,9 +422,9 @@ def linear_cross_entropy(
         linear_bias: ``(V,)`` (``(V, d1, ..., dK)`` for a K-dimensional weight).
         weight: per-class rescaling weight ``(V,)``.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-        ignore_index: class index whose targets are ignored (class-index targets only); ``None``
-            means -100, as in torch. With probability targets any other value than -100 / None
-            raises, as in torch.
+        ignore_index: class index whose targets are ignored (class-index targets only); the
+            default ``None`` means -100, as in torch. With probability targets any value given
+            (-100 included) raises, as in torch.
         label_smoothing: in [0, 1].
         z_loss, softcap: fused_ce's options for large vocabularies, as in
             :func:`fused_ce.cross_entropy` (not in torch): PaLM's ``z_loss * lse**2`` per row
@@ -441,7 +441,7 @@ def linear_cross_entropy(
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
         raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
     _check_shapes(input, linear_weight, linear_bias)
-    explicit_ignore_index = ignore_index is not None and ignore_index != -100
+    explicit_ignore_index = ignore_index is not None  # the default None means -100, as in torch
     reduction, ignore_index, label_smoothing = check_loss_options(
         weight, -100 if ignore_index is None else ignore_index, reduction, label_smoothing)
     z_loss, softcap = _check_llm_options(z_loss, softcap, False, False, reduction)
@@ -453,8 +453,7 @@ def linear_cross_entropy(
     num_classes = linear_weight.shape[0]
     logits_shape = (*input.shape[:-1], num_classes, *linear_weight.shape[1:-1])
     probs = tuple(target.shape) == logits_shape
-    if probs and explicit_ignore_index:
-        # torch's message; -100 cannot be told apart from the default, and is ignored as by cross_entropy
+    if probs and explicit_ignore_index:  # torch's message
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     if linear_weight.dim() == 2 and not probs:
         # input is (N, H) or (H): its batch dimension is the logits'

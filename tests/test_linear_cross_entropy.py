@@ -545,6 +545,7 @@ def _error_cases():
         "K-dim unbatched": ((x[0], torch.randn(V, 2, H), t), {}),
         "target out of range": ((x, w, torch.full((N,), V)), {}),
         "ignore_index with probabilities": ((x, w, torch.rand(N, V)), dict(ignore_index=3)),
+        "ignore_index -100 with probabilities": ((x, w, torch.rand(N, V)), dict(ignore_index=-100)),
         "float ignore_index": ((x, w, t), dict(ignore_index=2.0)),
         "bool ignore_index": ((x, w, t), dict(ignore_index=True)),
         "str label_smoothing": ((x, w, t), dict(label_smoothing="0.1")),
