@@ -43,8 +43,9 @@ setup).
 
 Memory: the autograd graph keeps the logits (already alive in the model), the
 targets and ``lse`` (``N`` values); the softmax (and the softcap) is
-recomputed in the backward. Half-precision logits are computed in float32 (float64 stays float64) and the
-loss is returned in the logits' dtype, like ``F.cross_entropy``.
+recomputed in the backward. Half-precision logits are computed in float32
+(float64 stays float64) and the loss is returned in the logits' dtype, like
+``F.cross_entropy``.
 
 Works with any backend that supports all_reduce with MAX and SUM on the
 logits' device (gloo on the CPU, NCCL on CUDA).

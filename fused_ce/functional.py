@@ -158,13 +158,7 @@ def cross_entropy(
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "
                                "to argument 'weight'. This input cannot have requires_grad True.")
-        # The shape first, as PyTorch checks it (a float target of the wrong
-        # shape is a shape error there, of the right one a dtype error).
-        _check_class_target_shape(input, target, unbatched)
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-        if unbatched:
-            _check_unbatched_target_size(target)
+        _check_class_target(input, target, unbatched)
         if target.dtype != torch.int64:
             target = target.long()
         if validate:
@@ -402,9 +396,15 @@ def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
     return weight.contiguous()
 
 
-def _check_unbatched_target_size(target: Tensor) -> None:
-    """PyTorch's last check of the class target of a (C,) input: 0-d, or 1-d of size 1."""
-    if target.dim() == 1 and target.shape[0] != 1:
+def _check_class_target(input: Tensor, target: Tensor, unbatched: bool) -> None:
+    """A class-index target checked in PyTorch's order, which decides which of
+    its messages a wrong target gets: the shape (a float target of the wrong
+    shape is a shape error), then the dtype, then the size of the 1-D target
+    of a (C,) input."""
+    _check_class_target_shape(input, target, unbatched)
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+    if unbatched and target.dim() == 1 and target.shape[0] != 1:
         raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
 
 
@@ -413,7 +413,7 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
     if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
         return  # the common (N, C) case, decided in a fraction of the general check's time
     if unbatched:
-        # (The size of a 1-D target PyTorch checks after the dtype: _check_unbatched_target_size.)
+        # (The size of a 1-D target PyTorch checks after the dtype: _check_class_target.)
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
         return

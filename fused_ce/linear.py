@@ -52,8 +52,8 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import has_tangent, once_differentiable
-from .functional import (_check_class_target_shape, _check_llm_options, _check_unbatched_target_size, _dtype_name,
-                         check_loss_options, cross_entropy, functorch_active)
+from .functional import (_check_class_target, _check_llm_options, check_loss_options, cross_entropy,
+                         functorch_active)
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -457,12 +457,7 @@ def linear_cross_entropy(
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     if linear_weight.dim() == 2 and not probs:
         # input is (N, H) or (H): its batch dimension is the logits'
-        _check_class_target_shape(input, target, unbatched=input.dim() == 1)
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got "
-                               f"{_dtype_name(target.dtype)}")
-        if input.dim() == 1:
-            _check_unbatched_target_size(target)
+        _check_class_target(input, target, unbatched=input.dim() == 1)
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")
