@@ -105,24 +105,26 @@ def _example_args():
     return []
 
 
+def _run_example(path, args):
+    """Runs an example script from the repository with this checkout on its path;
+    asserts that it exits 0 and returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=180,
+                          cwd=str(REPO), env=env)
+    assert proc.returncode == 0, f"example failed (args {args}):\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
 def test_train_lm_head_example_runs():
     # The LM-head example: fused_ce.linear_cross_entropy with a softcap against the
     # written-out head in a short AdamW run; it exits 1 if the loss curves diverge.
-    example = REPO / "examples" / "train_lm_head.py"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(example), "--steps", "8", "--vocab", "1000"], capture_output=True,
-                          text=True, timeout=180, cwd=str(REPO), env=env)
-    assert proc.returncode == 0, f"example failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "OK: the two runs agree" in proc.stdout
+    stdout = _run_example(REPO / "examples" / "train_lm_head.py", ["--steps", "8", "--vocab", "1000"])
+    assert "OK: the two runs agree" in stdout
 
 
 def test_train_classifier_example_runs():
     if not EXAMPLE.exists():
         pytest.xfail(f"{EXAMPLE.relative_to(REPO)} does not exist yet (owned by another team member)")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    args = _example_args()
-    proc = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=180,
-                          cwd=str(REPO), env=env)
-    assert proc.returncode == 0, f"example failed (args {args}):\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr
+    _run_example(EXAMPLE, _example_args())
