@@ -63,8 +63,11 @@ void check_scale_gradient(const at::Tensor& grad, const at::Tensor& scale) {
               "fused_ce: scale_gradient_ needs a floating point gradient, got ", grad.scalar_type());
   TORCH_CHECK(grad.is_non_overlapping_and_dense(),
               "fused_ce: scale_gradient_ needs a dense, non-overlapping gradient");
-  TORCH_CHECK(scale.numel() == 1, "fused_ce: scale_gradient_ needs a one-element scale, got shape ",
-              scale.sizes());
+  // (Element counts, not shapes, in these two messages: on an H100 the CUDA
+  // kernels' calls with a shape in the message crashed the process, and
+  // scripts/repro_scale_gradient_crash.py tells the suspects apart.)
+  TORCH_CHECK(scale.numel() == 1, "fused_ce: scale_gradient_ needs a one-element scale, got ", scale.numel(),
+              " elements");
   TORCH_CHECK(scale.device() == grad.device(), "fused_ce: scale is on ", scale.device(),
               " but grad is on ", grad.device());
 }
@@ -78,7 +81,7 @@ void check_reduce_loss(const at::Tensor& loss, const at::Tensor& total_weight, i
               accumulate_type(dtype), " loss for dtype ", dtype, ", got ", loss.scalar_type());
   TORCH_CHECK(total_weight.numel() == 1 && total_weight.scalar_type() == loss.scalar_type(),
               "fused_ce: reduce_loss needs a one-element ", loss.scalar_type(), " total_weight, got ",
-              total_weight.scalar_type(), " of shape ", total_weight.sizes());
+              total_weight.numel(), " elements of ", total_weight.scalar_type());
   TORCH_CHECK(total_weight.device() == loss.device(), "fused_ce: total_weight is on ", total_weight.device(),
               " but loss is on ", loss.device());
 }

@@ -62,7 +62,7 @@ if want repro; then
   # from the given index on): after a crash, go on from the case after it.
   stage "repro: scale_gradient_ crash" | tee -a "$LOG"
   first=0
-  while [ "$first" -lt 5 ]; do
+  while [ "$first" -lt 10 ]; do
     output=$(timeout 60 "$PY" scripts/repro_scale_gradient_crash.py "$first" 2>&1)
     status=$?
     echo "$output" | head -n 40 | tee -a "$LOG"

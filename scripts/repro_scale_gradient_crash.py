@@ -1,9 +1,9 @@
-"""Open bug (2026-11-26, H100): a direct call of torch.ops.fused_ce.scale_gradient_ on CUDA with
+"""Open bug (2026-11-26, H100; again 2026-11-27): a direct call of torch.ops.fused_ce.scale_gradient_ on CUDA with
 bad arguments (the two-element scale of tests/test_scale_gradient.py::test_rejects_bad_arguments)
 crashed its process with a segmentation fault instead of raising RuntimeError. Each case below is
 one call; run it from a given index on so that a crash does not hide the later ones:
 
-    for i in 0 1 2 3 4; do python3 scripts/repro_scale_gradient_crash.py $i; done
+    python3 scripts/repro_scale_gradient_crash.py 0   (scripts/gpu_check.sh's repro stage goes on after a crash)
 """
 import faulthandler
 import os
@@ -21,6 +21,13 @@ cases = [
     ("cuda grad, cpu scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor(2.0))),
     ("cpu grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8), torch.tensor(2.0, device="cuda"))),
     ("fwd op, cuda input, cpu weight", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.ones(5), -100, 0.0, 0.0, 0.0)),
+    # Session 25: the crashing messages were the two that streamed a tensor's shape
+    # (now element counts). These stream a shape or a dtype from the CUDA binding itself.
+    ("fwd op, weight of 4 for 5 classes (shape in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.ones(4, device="cuda"), -100, 0.0, 0.0, 0.0)),
+    ("fwd op, target of shape (3, 1) (shape in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(3, 1, dtype=torch.long, device="cuda"), None, -100, 0.0, 0.0, 0.0)),
+    ("fwd op, int32 target (dtype in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.int32, device="cuda"), None, -100, 0.0, 0.0, 0.0)),
+    ("reduce_loss, two-element total_weight", lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.ones(2, device="cuda"), 1, torch.float32)),
+    ("reduce_loss, int64 dtype (dtype in the message)", lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.tensor(4.0, device="cuda"), 1, torch.int64)),
 ]
 for name, fn in cases[int(sys.argv[1]):]:
     print("calling:", name, flush=True)

@@ -166,7 +166,10 @@ def test_compiled_module(device):
     loss_c, grad_c = _loss_and_grad(compiled, x, t)
     loss_e, grad_e = _loss_and_grad(m, x, t)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-7)
+    # A few ulp: the traced graph and eager mode need not take the same CUDA
+    # kernel for the gradient (2.4e-7 apart in one element on an H100); the
+    # float64 reference below holds both to float32 accuracy.
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-6)
     ref_loss, ref_grad = _torch_ref(x, t, m.weight, "sum", 0.05, ignore_index=3)
     assert_close_ref(loss_c, ref_loss, torch.float32, what="compiled module")
     assert_close_ref(grad_c, ref_grad, torch.float32, what="compiled module grad")

@@ -85,7 +85,9 @@ def _check_forward_with_grad(emu, x3, t, reduction="mean", mode="with_grad", **o
 
 # (C, dtype) -> the row kernel's launch for 3 rows: (blocks, threads per
 # block, blocks per cluster). Register capacity: 8 slots of 16 bytes per
-# thread; clusters (the smallest that holds the row) past one block.
+# thread; for 32- and 64-bit rows, clusters (the smallest that holds the row)
+# past one block; for 16-bit rows, clusters of 2 blocks before one block and
+# none past one block (cluster_plan in csrc/cuda/cross_entropy_kernels.cuh).
 CONFIGURATIONS = [
     (10, torch.float32, (1, 256, 1)),         # 40-byte rows: one thread each (streamed)
     (50, torch.float32, (1, 256, 1)),         # 8 threads per row
@@ -99,11 +101,11 @@ CONFIGURATIONS = [
     (131072, torch.float32, (24, 512, 8)),    # the longest cluster rows
     (140000, torch.float32, (3, 256, 1)),     # too long: streamed by a block
     (1000, torch.bfloat16, (1, 256, 1)),
+    (20000, torch.bfloat16, (6, 256, 2)),     # clusters of 2 blocks rather than one of 512
     (50257, torch.bfloat16, (3, 896, 1)),     # GPT-2: the 896-thread block, odd C
-    (60001, torch.bfloat16, (12, 256, 4)),    # clusters of 4
-    (128256, torch.bfloat16, (24, 256, 8)),   # Llama 3
-    (256000, torch.bfloat16, (24, 512, 8)),   # Gemma
-    (300001, torch.bfloat16, (3, 256, 1)),    # streamed
+    (60001, torch.bfloat16, (3, 256, 1)),     # past one block: streamed
+    (128256, torch.bfloat16, (3, 256, 1)),    # Llama 3
+    (300001, torch.bfloat16, (3, 256, 1)),
     (777, torch.float16, (1, 256, 1)),
     (57344, torch.float16, (3, 896, 1)),
     (3000, torch.float64, (3, 256, 1)),
@@ -125,7 +127,7 @@ def test_forward_with_grad_every_configuration(emu, C, dtype, launch):
 # One configuration of each kind of kernel and collective: a warp slice, a
 # block, a cluster, the streamed row; probabilities (the streamed kernels'
 # other flavour) and the backward further down use the default order.
-SCHEDULED = [(200, torch.float32), (2000, torch.bfloat16), (60001, torch.bfloat16), (140000, torch.float32)]
+SCHEDULED = [(200, torch.float32), (2000, torch.bfloat16), (20000, torch.bfloat16), (140000, torch.float32)]
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
@@ -390,7 +392,7 @@ from cuda_emulator import build
 from conftest import make_logits, make_class_target
 from test_cuda_emulated import _check_forward_with_grad
 emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
-for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (40000, torch.float32)):
+for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.bfloat16), (40000, torch.float32)):
     x = make_logits((3, C, 1), dtype)
     t = make_class_target((3, 1), C, ignore_index=-100)
     print(C, _check_forward_with_grad(emu, x, t, label_smoothing=0.1)[-1])
@@ -398,21 +400,78 @@ for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (40000, torch
 
 
 @pytest.mark.parametrize("mode, expected", [
-    ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)"]),  # clusters from 16k 16-bit classes on
-    ("0", ["(3, 512, 1)", "(3, 896, 1)", "(3, 256, 1)"]),      # none: the 40000-class row streamed
-])
+    # unset: 16-bit rows in clusters of 2 before one block, none past one block; 32-bit rows in clusters past it
+    (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 256, 1)", "(24, 256, 8)"]),
+    ("1", ["(3, 512, 1)", "(3, 896, 1)", "(24, 256, 8)", "(24, 256, 8)"]),  # clusters past one block
+    ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)", "(24, 256, 8)"]),  # also from 16k 16-bit classes
+    ("0", ["(3, 512, 1)", "(3, 896, 1)", "(3, 256, 1)", "(3, 256, 1)"]),  # none: rows past one block streamed
+], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
     """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a subprocess)."""
     import subprocess
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, FUSED_CE_CUDA_CLUSTERS=mode)
+    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_CLUSTERS"}
+    if mode is not None:
+        env["FUSED_CE_CUDA_CLUSTERS"] = mode
     out = subprocess.run([sys.executable, "-c", _CLUSTER_MODE_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     launches = [line.split(" ", 1)[1] for line in out.stdout.strip().splitlines()]
     assert launches == expected
+
+
+_REAL_RUNTIME_SCRIPT = """
+import ctypes, os, sys, torch
+ctypes.CDLL({runtime!r}, mode=ctypes.RTLD_GLOBAL)  # as torch's CUDA build puts it in the global scope
+sys.path.insert(0, {tests!r})
+from cuda_emulator import build
+from conftest import make_logits, make_class_target
+from test_cuda_emulated import _check_forward_with_grad, _run_forward
+emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
+x = make_logits((3, 40000, 1), torch.float32)
+print("launch", _check_forward_with_grad(emu, x, make_class_target((3, 1), 40000, ignore_index=-100))[-1])
+try:
+    _run_forward(emu, x, torch.tensor([[0], [40000], [1]]), "with_grad")
+except RuntimeError as error:
+    print("raised", error)
+"""
+
+
+def _cuda_runtime_library():
+    root = build.cuda_include_dir().parent
+    found = sorted(root.glob("lib64/libcudart.so*")) + sorted(root.glob("targets/*/lib/libcudart.so*"))
+    assert found, f"no libcudart.so under {root}, whose include folder the emulator compiles against"
+    return str(found[0])
+
+
+def test_emulator_ignores_a_real_cuda_runtime_in_the_process(emu):
+    """On a GPU machine the real CUDA runtime is loaded in the global symbol
+    scope, and fused_ce._C holds the real kernels. The emulator must still
+    call its own runtime (the real one made every cluster check fail and
+    every device assertion vanish there) and its own kernels' statics."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = _REAL_RUNTIME_SCRIPT.format(runtime=_cuda_runtime_library(), tests=tests)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "launch (24, 256, 8)", out.stdout
+    assert lines[1].startswith("raised") and "device-side assertion" in lines[1], out.stdout
+
+
+def test_emulated_kernels_live_in_their_own_namespace(emu):
+    """No symbol of the emulated build is named like one of fused_ce._C's
+    (see build.load): the statics of inline functions would be shared."""
+    import subprocess
+
+    symbols = subprocess.run(["nm", "-C", "--defined-only", emu.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"{build.EMULATED_NAMESPACE}::cuda::detail::cluster_use()" in symbols
+    assert " fused_ce::" not in symbols
 
 
 @pytest.mark.parametrize("seed", range(24))

@@ -233,21 +233,51 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
 }
 
 // Which rows the cluster kernels take, from FUSED_CE_CUDA_CLUSTERS (read
-// once per process), for comparisons: "0" none (rows past one block are
-// streamed twice); unset or "1" the rows too long for one block; "all" also
-// the rows one block of 512 or more threads would hold (one such block per
-// SM, so a row's reductions and writes do not overlap other rows' loads,
-// where 2 to 3 blocks of 256 threads per SM would).
-enum class ClusterUse { kNone, kLongRows, kAll };
+// once per process): "0" none (rows past one block are streamed twice); "1"
+// the rows too long for one block; "all" also the rows one block of 512 or
+// more threads would hold (one such block per SM, so a row's reductions and
+// writes do not overlap other rows' loads, where 2 to 3 blocks of 256
+// threads per SM would); unset, the measured choice of cluster_plan.
+enum class ClusterUse { kMeasured, kNone, kLongRows, kAll };
 
 inline ClusterUse cluster_use() {
   static const ClusterUse use = [] {
     const char* v = std::getenv("FUSED_CE_CUDA_CLUSTERS");
-    if (v != nullptr && std::strcmp(v, "0") == 0) return ClusterUse::kNone;
-    if (v != nullptr && std::strcmp(v, "all") == 0) return ClusterUse::kAll;
+    if (v == nullptr) return ClusterUse::kMeasured;
+    if (std::strcmp(v, "0") == 0) return ClusterUse::kNone;
+    if (std::strcmp(v, "all") == 0) return ClusterUse::kAll;
     return ClusterUse::kLongRows;
   }();
   return use;
+}
+
+// Where forward_with_grad tries the cluster kernels: before one block per
+// row, with clusters of at most `first_up_to` blocks (0: not there), for
+// rows past a 256-thread block; and after it (`after`), for rows too long
+// for one block.
+struct ClusterPlan {
+  int first_up_to;
+  bool after;
+};
+
+// By default, what one H100 measured (benchmarks/results/gpu-2026-11-27-h100,
+// forward + backward against a copy of the logits in the same run): float32
+// rows past one block are faster in clusters (4096 x 128256: 1.39x the copy,
+// streamed twice 1.56x); 16-bit rows are not in clusters of 8 (16384 x 128256
+// bf16: 1.90x against 1.62x streamed, 8192 x 256000: 2.69x against 1.64x) but
+// are in clusters of 2 rather than one 896-thread block (16384 x 32000 bf16:
+// 1.66x against 1.90x). Clusters of 4 (rows of 32k-57k 16-bit classes) were
+// not measured: those rows keep the one block.
+template <typename T>
+ClusterPlan cluster_plan() {
+  switch (cluster_use()) {
+    case ClusterUse::kNone: return {0, false};
+    case ClusterUse::kLongRows: return {0, true};
+    case ClusterUse::kAll: return {8, true};
+    case ClusterUse::kMeasured: break;
+  }
+  if (sizeof(T) == 2) return {2, false};
+  return {0, true};
 }
 
 // Whether `kernel`, a kernel split over thread-block clusters, can run on
@@ -288,16 +318,17 @@ bool clusters_usable(Kernel kernel) {
 // softcap) leave room for two or three blocks per SM, so one row's
 // reductions overlap other rows' loads; the 512-thread configuration is
 // there for the longest rows (256k bf16).  Clusters of 2 blocks hold no more
-// than one 1024-thread block: only FUSED_CE_CUDA_CLUSTERS=all uses them.
-// *launched is false when the row is too long, the device or the loaded
+// than one 1024-thread block: they are tried before one block per row
+// (cluster_plan). *launched is false when the row is too long or needs a
+// cluster of more than max_cluster blocks, the device or the loaded
 // code has no clusters, or the device cannot schedule such a cluster now
 // (cudaOccupancyMaxActiveClusters, a host-side query, so nothing that would
 // fail is enqueued, also during graph capture: e.g. 8 blocks that each need
 // a whole SM, under MPS or green-context limits); the row then takes the
 // streaming kernel instead of failing the call. Otherwise the launch's error.
 template <bool CAP, typename T>
-cudaError_t launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
-                                    bool* launched) {
+cudaError_t launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, int max_cluster,
+                                    cudaStream_t stream, bool* launched) {
   constexpr int V = vector_width<T>();
   const int64_t rows = p.N;
   const auto math = loss_math<CAP>(p);
@@ -329,6 +360,7 @@ cudaError_t launch_cluster_resident(const CrossEntropyForwardParams<T>& p, int64
   };
 #define FUSED_CE_CLUSTER_RESIDENT(CLUSTER, BLOCK, CH)                                                 \
   if (slots <= int64_t(CLUSTER) * (BLOCK) * (CH)) {                                                  \
+    if ((CLUSTER) > max_cluster) return cudaSuccess;                                                \
     const auto kernel = ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP, CLUSTER>;        \
     return clusters_usable(kernel) ? launch(kernel, CLUSTER, BLOCK) : cudaSuccess;                  \
   }
@@ -388,20 +420,20 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     // held separately).
     const int64_t slots = p.C / vector_width<T>();
     bool launched = false;
-    auto try_clusters = [&] {
-      return capped ? launch_cluster_resident<true>(p, slots, stream, &launched)
-                    : launch_cluster_resident<false>(p, slots, stream, &launched);
+    auto try_clusters = [&](int max_cluster) {
+      return capped ? launch_cluster_resident<true>(p, slots, max_cluster, stream, &launched)
+                    : launch_cluster_resident<false>(p, slots, max_cluster, stream, &launched);
     };
-    const ClusterUse use = cluster_use();
-    if (use == ClusterUse::kAll && slots > kSlotsOf256ThreadBlock) {
-      const cudaError_t err = try_clusters();
+    const ClusterPlan clusters = cluster_plan<T>();
+    if (clusters.first_up_to > 0 && slots > kSlotsOf256ThreadBlock) {
+      const cudaError_t err = try_clusters(clusters.first_up_to);
       if (launched) return err;
     }
     const cudaError_t err = capped ? launch_resident<true>(p, slots, stream, &launched)
                                    : launch_resident<false>(p, slots, stream, &launched);
     if (launched) return err;
-    if (use != ClusterUse::kNone) {
-      const cudaError_t cluster_err = try_clusters();
+    if (clusters.after) {
+      const cudaError_t cluster_err = try_clusters(8);
       if (launched) return cluster_err;
     }
   }

@@ -28,6 +28,9 @@ REPO = HERE.parents[1]
 KERNELS = REPO / "csrc" / "cuda"
 STORAGE_TYPES = {"float": "float", "double": "double", "half": "__half", "bfloat16": "__nv_bfloat16"}
 
+# What the namespace fused_ce is called in the emulated build (see load).
+EMULATED_NAMESPACE = "fused_ce_emulated"
+
 _LAUNCH = re.compile(r"<<<(.*?)>>>", re.S)
 
 
@@ -126,8 +129,19 @@ def load(build_dir: Optional[Path] = None, verbose: bool = False, extra_cflags: 
     build_dir = Path(build_dir or REPO / "build" / "cuda_emulator" / _inputs_digest(extra_cflags))
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = prepare_sources(build_dir)
-    flags = ["-std=c++20", "-O1", "-DFUSED_CE_CUDA_EMULATION", "-Wno-unknown-pragmas",
+    # On a GPU machine the real CUDA runtime is in the process's global
+    # symbol scope (torch loads it so) and fused_ce._C holds the real
+    # kernels. -Bsymbolic binds the emulator's calls of cudaGetLastError,
+    # cudaGetDevice, ... to its own definitions, which the dynamic linker
+    # would otherwise resolve to the real runtime's; and the kernels'
+    # namespace is renamed because the static variables of inline and
+    # template functions (cluster_use, clusters_usable) are GNU unique
+    # symbols, one per name in the whole process, that the emulator would
+    # share with fused_ce._C.
+    flags = ["-std=c++20", "-O1", "-DFUSED_CE_CUDA_EMULATION", f"-Dfused_ce={EMULATED_NAMESPACE}",
+             "-Wno-unknown-pragmas",
              f"-I{HERE / 'include'}", f"-I{build_dir / 'kernels'}", f"-I{include}"] + list(extra_cflags or [])
     return load_extension(name="fused_ce_cuda_emulated", sources=sources, extra_cflags=flags,
-                          extra_ldflags=list(extra_cflags or []), build_directory=str(build_dir),
+                          extra_ldflags=["-Wl,-Bsymbolic"] + list(extra_cflags or []),
+                          build_directory=str(build_dir),
                           verbose=verbose)
