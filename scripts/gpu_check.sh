@@ -88,20 +88,21 @@ if want tests; then
 fi
 
 if want clusters; then
-  # Rows split over thread-block clusters (new, not yet run on a GPU): their
-  # tests alone first; then LM shapes with FUSED_CE_CUDA_CLUSTERS=1 (the
-  # default: clusters for rows too long for one block), 0 (none: those rows
-  # streamed twice) and all (clusters also for rows of 16k-57k 16-bit classes,
-  # instead of one big block per SM), each next to a copy of the logits; then
-  # memcheck and racecheck over the cluster tests.
+  # Rows split over thread-block clusters: their tests alone first; then LM
+  # shapes with FUSED_CE_CUDA_CLUSTERS unset (the measured choice of
+  # cluster_plan), 1 (every row past one block), 0 (none: those rows streamed
+  # twice) and all (also rows one block of 512 or more threads would hold),
+  # each next to a copy of the logits (tables only: $OUT brings back 8 files);
+  # then memcheck and racecheck over the cluster tests.
   stage "cluster rows" | tee -a "$LOG"
   timeout 150 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda -rfE 2>&1 \
       | tail -n 25 | cut -c1-300 | tee -a "$LOG"
-  for clusters in 1 0 all; do
+  for clusters in unset 1 0 all; do
     echo "FUSED_CE_CUDA_CLUSTERS=$clusters" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=$clusters timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
+    ( [ "$clusters" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$clusters
+      timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
         --shapes 16384x32000:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
-        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "$OUT/clusters-$clusters" 2>&1 \
+        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/clusters-$clusters" 2>&1 ) \
         | grep -v "^\[" | grep -E "logits|fused_ce |copy " | tee -a "$LOG"
   done
   for tool in memcheck racecheck; do

@@ -15,19 +15,36 @@ import torch  # noqa: E402
 
 import fused_ce  # noqa: E402,F401
 ops = torch.ops.fused_ce
+
+
+def cuda(*values, **kwargs):
+    return torch.tensor(*values, device="cuda", **kwargs)
+
+
+def forward(target, weight):
+    """The CUDA forward operator on 4 rows of 5 classes."""
+    return ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), target, weight, -100, 0.0, 0.0, 0.0)
+
+
+class_target = torch.zeros(4, 1, dtype=torch.long, device="cuda")
 cases = [
-    ("cuda grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor(2.0, device="cuda"))),
-    ("cuda grad, two-element scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor([2.0, 3.0], device="cuda"))),
+    ("cuda grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), cuda(2.0))),
+    ("cuda grad, two-element scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), cuda([2.0, 3.0]))),
     ("cuda grad, cpu scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), torch.tensor(2.0))),
-    ("cpu grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8), torch.tensor(2.0, device="cuda"))),
-    ("fwd op, cuda input, cpu weight", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.ones(5), -100, 0.0, 0.0, 0.0)),
-    # Session 25: the crashing messages were the two that streamed a tensor's shape
-    # (now element counts). These stream a shape or a dtype from the CUDA binding itself.
-    ("fwd op, weight of 4 for 5 classes (shape in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.long, device="cuda"), torch.ones(4, device="cuda"), -100, 0.0, 0.0, 0.0)),
-    ("fwd op, target of shape (3, 1) (shape in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(3, 1, dtype=torch.long, device="cuda"), None, -100, 0.0, 0.0, 0.0)),
-    ("fwd op, int32 target (dtype in the message)", lambda: ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), torch.zeros(4, 1, dtype=torch.int32, device="cuda"), None, -100, 0.0, 0.0, 0.0)),
-    ("reduce_loss, two-element total_weight", lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.ones(2, device="cuda"), 1, torch.float32)),
-    ("reduce_loss, int64 dtype (dtype in the message)", lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.tensor(4.0, device="cuda"), 1, torch.int64)),
+    ("cpu grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8), cuda(2.0))),
+    ("fwd op, cuda input, cpu weight", lambda: forward(class_target, torch.ones(5))),
+    # Session 25: the crashing messages were the two that streamed a tensor's
+    # shape (now element counts). These stream a shape or a dtype from the
+    # CUDA binding itself.
+    ("fwd op, weight of 4 for 5 classes (shape in the message)",
+     lambda: forward(class_target, torch.ones(4, device="cuda"))),
+    ("fwd op, target of shape (3, 1) (shape in the message)",
+     lambda: forward(torch.zeros(3, 1, dtype=torch.long, device="cuda"), None)),
+    ("fwd op, int32 target (dtype in the message)", lambda: forward(class_target.int(), None)),
+    ("reduce_loss, two-element total_weight",
+     lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.ones(2, device="cuda"), 1, torch.float32)),
+    ("reduce_loss, int64 dtype (dtype in the message)",
+     lambda: ops.reduce_loss(torch.rand(10, device="cuda"), cuda(4.0), 1, torch.int64)),
 ]
 for name, fn in cases[int(sys.argv[1]):]:
     print("calling:", name, flush=True)

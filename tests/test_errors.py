@@ -406,6 +406,25 @@ def test_unbatched_target_errors_in_pytorch_order(device, target):
     _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
 
 
+def test_unbatched_target_order_of_older_torch(monkeypatch):
+    # torch 2.11 reports the size of an unbatched input's 1-D target before its
+    # dtype, 2.13 the dtype first; fused_ce asks the installed torch which
+    # (test_unbatched_target_errors_in_pytorch_order compares with it). Both
+    # orders, whichever torch runs this:
+    import fused_ce.functional as functional
+
+    x, t = make_logits((5,)), torch.rand(3)
+    assert functional._torch_checks_target_dtype_first() == ("dtype" in str(_capture(lambda: F.cross_entropy(x, t))))
+    monkeypatch.setattr(functional, "_target_dtype_first", False)
+    with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
+        fused_ce.cross_entropy(x, t)
+    monkeypatch.setattr(functional, "_target_dtype_first", True)
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Float"):
+        fused_ce.cross_entropy(x, t)
+    with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
+        fused_ce.cross_entropy(x, torch.tensor([0, 1, 2]))
+
+
 @pytest.mark.parametrize("weight_shape", [(1, 5), (5, 1)])
 @pytest.mark.parametrize("input_shape", [(3, 5, 4), (2, 5, 3, 3)], ids=["3d", "4d"])
 def test_k_dimensional_input_takes_a_weight_of_c_elements_in_any_shape(device, input_shape, weight_shape):

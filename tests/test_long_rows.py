@@ -98,7 +98,7 @@ def test_cuda_cluster_rows_are_reproducible(name):
 _KERNELS_OF_ONE_STEP = """
 import torch, fused_ce
 from torch.profiler import profile, ProfilerActivity
-x = torch.randn(4, 128256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+x = torch.randn(4, 128256, device="cuda", dtype=torch.{dtype}, requires_grad=True)
 t = torch.randint(0, 128256, (4,), device="cuda")
 fused_ce.cross_entropy(x, t).backward()  # warm-up: module loading
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -110,11 +110,13 @@ for event in prof.events():
 """
 
 
-def _kernel_names(clusters_env):
-    env = dict(os.environ, FUSED_CE_CUDA_CLUSTERS=clusters_env)
+def _kernel_names(clusters_env, dtype="bfloat16"):
+    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_CLUSTERS"}
+    if clusters_env is not None:
+        env["FUSED_CE_CUDA_CLUSTERS"] = clusters_env
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _KERNELS_OF_ONE_STEP], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _KERNELS_OF_ONE_STEP.format(dtype=dtype)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
@@ -130,3 +132,9 @@ def test_cuda_128k_rows_take_the_cluster_kernel():
     assert "resident" in on, f"no register-resident kernel in the step:\n{on}"
     off = _kernel_names("0")
     assert "resident" not in off and "stream" in off, f"FUSED_CE_CUDA_CLUSTERS=0 ran:\n{off}"
+    # Unset, the measured choice (cluster_plan): float32 rows in clusters,
+    # 16-bit rows past one block streamed.
+    default_fp32 = _kernel_names(None, "float32")
+    assert "resident" in default_fp32, f"float32 rows ran:\n{default_fp32}"
+    default_bf16 = _kernel_names(None)
+    assert "resident" not in default_bf16 and "stream" in default_bf16, f"bfloat16 rows ran:\n{default_bf16}"
