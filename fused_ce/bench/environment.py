@@ -70,6 +70,8 @@ def _fused_ce() -> dict:
             if fn is not None:
                 info[name] = fn()
         info["path"] = os.path.dirname(getattr(fused_ce, "__file__", None) or "")
+        if info["version"] == "not installed":  # imported from a source tree on the path (PYTHONPATH)
+            info["version"] = f"{getattr(fused_ce, '__version__', '?')} (not pip-installed)"
     except Exception as exc:
         info["error"] = f"{type(exc).__name__}: {exc}"
     return info
@@ -128,7 +130,9 @@ def describe(meta: dict) -> str:
     m = meta["machine"]
     fused = meta["fused_ce"]
     fused_text = fused.get("error") or (
-        f"fused_ce {fused['version']}, cpu_capability={fused.get('cpu_capability', '?')}")
+        f"fused_ce {fused['version']}"
+        + (f" at {meta['git_commit']}" if meta.get("git_commit") else "")
+        + f", cpu_capability={fused.get('cpu_capability', '?')}")
     line = (f"{meta['date']}  {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads, "
             f"{m['platform']})  torch {meta['torch']}  {fused_text}")
     if "cuda" in meta:
