@@ -8,13 +8,18 @@
 #   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,percall,bench,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
-# calls of at most 10 minutes each, e.g.
+# calls of at most 10 minutes each on one warm machine (it goes back after 30 s
+# idle: issue the second call at once), e.g.
 #   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
-#   bash scripts/gpu_check.sh build,clusters,percall,bench
-# (the second build is incremental while the machine is still warm).
+#   BENCH_TIMEOUT=300 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,clusters,bench
+# (the second build is incremental while the machine is still warm; the
+# benchmark there is the full CUDA suite in all three modes).
 # Before spending device time, `CUDA=1 scripts/test_with_torch.sh <the GPU
 # machine's torch wheel>` builds and tests the same sources against that torch
 # on the CPU machine.
+#
+# With wheels in .whl/ (scripts/peer_wheels.sh, and carry=[".whl"] in the
+# device call) the benchmark also times Liger-Kernel and Cut Cross-Entropy.
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
@@ -28,6 +33,12 @@ STAGES="${1:-build,smoke,repro,tests,clusters,percall,bench,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
+
+# Peer libraries for the benchmark, carried as wheels (scripts/peer_wheels.sh).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peer_site \
+      .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/peer_site"
+fi
 
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }

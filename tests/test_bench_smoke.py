@@ -121,3 +121,81 @@ def test_lm_head_with_softcap_and_z_loss_matches_eager():
     assert by_impl["fused_ce"].ok, by_impl["fused_ce"].status
     assert by_impl["fused_ce"].parity is not None and by_impl["fused_ce"].parity["ok"], by_impl["fused_ce"].parity
     assert not by_impl["torch_chunked"].ok and "softcap" in by_impl["torch_chunked"].status
+
+
+def _fake_peer_modules(monkeypatch, calls):
+    """Stand-ins for Liger-Kernel and Cut Cross-Entropy (GPU-only Triton packages, not installed
+    here) with their signatures, computing in torch: they record what the benchmark passes."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    def capped(x, softcap):
+        return x if not softcap else softcap * torch.tanh(x / softcap)
+
+    def liger_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, softcap=None):
+        calls.append(("liger_cross_entropy", dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                                  label_smoothing=label_smoothing, softcap=softcap)))
+        return F.cross_entropy(capped(input, softcap), target, weight=weight, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing)
+
+    def liger_fused_linear_cross_entropy(input, weight, target, bias=None, ce_weight=None, ignore_index=-100,
+                                         label_smoothing=0.0, reduction="mean", softcap=None):
+        calls.append(("liger_fused_linear_cross_entropy", dict(softcap=softcap, ce_weight=ce_weight)))
+        return F.cross_entropy(capped(F.linear(input, weight, bias), softcap), target, weight=ce_weight,
+                               ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+    def linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False,
+                             filter_eps="high"):
+        calls.append(("cut_cross_entropy", dict(softcap=softcap, ignore_index=ignore_index)))
+        return F.cross_entropy(capped(F.linear(e, c), softcap), targets, ignore_index=ignore_index,
+                               reduction=reduction)
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_cross_entropy = liger_cross_entropy
+    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
+    cce = types.ModuleType("cut_cross_entropy")
+    cce.linear_cross_entropy = linear_cross_entropy
+    for name, module in (("liger_kernel", types.ModuleType("liger_kernel")),
+                         ("liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")),
+                         ("liger_kernel.transformers.functional", functional), ("cut_cross_entropy", cce)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_peer_libraries_get_the_workloads_options(monkeypatch):
+    # The peers are GPU-only and absent here: their stand-ins check that each gets the
+    # workload's options (and the LM head's weight) and that its loss is eager's.
+    import torch
+
+    from fused_ce.bench import impls
+    from fused_ce.bench.workloads import Workload, make_inputs
+
+    calls = []
+    _fake_peer_modules(monkeypatch, calls)
+    liger, cce, eager = impls.Liger(), impls.CutCrossEntropy(), impls.Eager()
+    assert liger.unavailable("cpu") == "n/a (GPU only)" and liger.unavailable("cuda") is None
+    assert cce.unavailable("cuda") is None
+    cases = [
+        (liger, Workload(name="w", family="lm", shape=(8, 50), dtype="fp32", weighted=True, label_smoothing=0.1,
+                         softcap=4.0, ignore_fraction=0.25), "liger_cross_entropy"),
+        (liger, Workload(name="seg", family="segmentation", shape=(2, 5, 3, 3), dtype="fp32"), "liger_cross_entropy"),
+        (liger, Workload(name="head", family="linear", shape=(8, 50), dtype="fp32", hidden=6, weighted=True,
+                         softcap=3.0), "liger_fused_linear_cross_entropy"),
+        (cce, Workload(name="head", family="linear", shape=(8, 50), dtype="fp32", hidden=6, softcap=3.0,
+                       ignore_fraction=0.25), "cut_cross_entropy"),
+    ]
+    for impl, workload, called in cases:
+        assert impl.unsupported(workload) is None, (impl.name, workload.name)
+        inputs = make_inputs(workload, "cpu", buffers=1)
+        x, t = inputs.logits[0], inputs.targets[0]
+        calls.clear()
+        ours = impl.build_for(workload, inputs)(x, t)
+        assert [name for name, _ in calls] == [called]
+        if workload.softcap:
+            assert calls[0][1]["softcap"] == workload.softcap
+        torch.testing.assert_close(ours, eager.build_for(workload, inputs)(x, t), rtol=1e-5, atol=1e-6)
+    z_loss = Workload(name="z", family="linear", shape=(8, 50), dtype="fp32", hidden=6, z_loss=1e-4)
+    assert "n/a" in liger.unsupported(z_loss) and "n/a" in cce.unsupported(z_loss)
+    assert "not logits" in cce.unsupported(Workload(name="l", family="lm", shape=(8, 50), dtype="fp32"))

@@ -233,11 +233,23 @@ class Copy(Impl):
         raise TypeError("the copy roofline is timed by the runner, not built as a loss")
 
 
+def _peer_unavailable(module: str, device: str) -> Optional[str]:
+    if _import_error(module) is not None:
+        return "not installed"
+    if device != "cuda":
+        return "n/a (GPU only)"
+    return None
+
+
 class Liger(Impl):
-    """Liger-Kernel's Triton cross-entropy (GPU only). 2-D only: K-dim logits are moved to (N*D, C) first."""
+    """Liger-Kernel's Triton cross-entropy (GPU only) on logits, and its fused linear cross-entropy on
+    LM-head workloads. 2-D only: K-dim logits are moved to (N*D, C) first."""
+
+    linear = True
 
     def __init__(self):
-        super().__init__(LIGER, "liger_kernel liger_cross_entropy (Triton, GPU only)")
+        super().__init__(LIGER, "liger_kernel liger_cross_entropy; liger_fused_linear_cross_entropy on "
+                                "LM-head workloads (Triton, GPU only)")
         self._fn = None
 
     def _load(self):
@@ -253,11 +265,7 @@ class Liger(Impl):
         return self._fn
 
     def unavailable(self, device):
-        if _import_error("liger_kernel") is not None:
-            return "not installed"
-        if device != "cuda":
-            return "n/a (GPU only)"
-        return None
+        return _peer_unavailable("liger_kernel", device)
 
     def _accepts(self, name: str) -> bool:
         try:
@@ -267,23 +275,29 @@ class Liger(Impl):
         return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
     def unsupported(self, workload):
-        if workload.hidden:
-            return _LOGITS_ONLY
-        if workload.weighted and not self._accepts("weight"):
-            return "n/a (no weight in this version)"
-        if workload.label_smoothing and not self._accepts("label_smoothing"):
-            return "n/a (no label_smoothing in this version)"
-        if workload.has_llm_options:
-            # Liger has a softcap and a z-loss too, but not with this exact semantics
-            # (e.g. weighting and reduction of the z-loss): a time would not compare like for like.
-            return "n/a (z_loss/softcap/in-place options not benchmarked)"
+        if not workload.hidden:
+            if workload.weighted and not self._accepts("weight"):
+                return "n/a (no weight in this version)"
+            if workload.label_smoothing and not self._accepts("label_smoothing"):
+                return "n/a (no label_smoothing in this version)"
+        if workload.z_loss or workload.inplace_backward:
+            # Liger's z-loss (lse_square_scale) is not weighted and reduced as fused_ce's, and it has
+            # no in-place gradient: a time would not compare like for like. Its softcap is the same
+            # formula, which the parity check confirms.
+            return "n/a (z_loss and in-place options not benchmarked)"
         return None
 
-    def build(self, workload, weight):
-        fn = self._load()
+    def _options(self, workload):
         kwargs = dict(ignore_index=workload.ignore_index, reduction=workload.reduction)
         if workload.label_smoothing:
             kwargs["label_smoothing"] = workload.label_smoothing
+        if workload.softcap:
+            kwargs["softcap"] = workload.softcap
+        return kwargs
+
+    def build(self, workload, weight):
+        fn = self._load()
+        kwargs = self._options(workload)
         if weight is not None:
             kwargs["weight"] = weight
 
@@ -295,19 +309,44 @@ class Liger(Impl):
 
         return loss
 
+    def build_linear(self, workload, weight, linear_weight):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        kwargs = dict(self._options(workload), ce_weight=weight)
+
+        def loss(x, t):
+            out = liger_fused_linear_cross_entropy(x, linear_weight, t, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        return loss
+
 
 class CutCrossEntropy(Impl):
-    """Apple's Cut Cross-Entropy fuses the LM-head matmul: it takes embeddings and a classifier, not logits."""
+    """Apple's Cut Cross-Entropy fuses the LM-head matmul: it takes embeddings and a classifier, not
+    logits, so it runs the LM-head workloads only, with its defaults (gradient filtering included,
+    which the parity column shows)."""
+
+    linear = True
 
     def __init__(self):
-        super().__init__(CCE, "cut_cross_entropy.linear_cross_entropy (Triton, GPU only)")
+        super().__init__(CCE, "cut_cross_entropy.linear_cross_entropy (Triton, GPU only; LM-head workloads)")
 
     def unavailable(self, device):
-        if _import_error("cut_cross_entropy") is not None:
-            return "not installed"
-        if device != "cuda":
-            return "n/a (GPU only)"
-        return "n/a (takes embeddings + classifier, not logits)"
+        return _peer_unavailable("cut_cross_entropy", device)
+
+    def unsupported(self, workload):
+        if not workload.hidden:
+            return "n/a (takes embeddings + classifier, not logits)"
+        if workload.weighted or workload.label_smoothing or workload.z_loss:
+            return "n/a (no class weights, label smoothing or z_loss)"
+        return None
+
+    def build_linear(self, workload, weight, linear_weight):
+        from cut_cross_entropy import linear_cross_entropy
+
+        softcap = workload.softcap or None
+        return lambda x, t: linear_cross_entropy(x, linear_weight, t, ignore_index=workload.ignore_index,
+                                                 softcap=softcap, reduction=workload.reduction)
 
 
 def all_impls() -> List[Impl]:
