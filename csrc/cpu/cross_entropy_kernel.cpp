@@ -1,5 +1,5 @@
-// The CPU kernels' entry points for the baseline instruction set and AVX2
-// (32-byte vectors; AVX-512's, with 64-byte vectors, are in
+// The CPU kernels' entry point for the baseline instruction set (32-byte
+// vectors; the other instruction sets' are in cross_entropy_kernel_avx2.cpp,
 // cross_entropy_kernel_avx512.cpp and cross_entropy_kernel_avx512_bf16.cpp),
 // and run_kernel(), which picks one per the CPU or FUSED_CE_CPU_CAPABILITY.
 #define FUSED_CE_VECTOR_BYTES 32
@@ -19,14 +19,6 @@ void run_kernel_default(const KernelArgs<T>& args, int64_t begin, int64_t end) {
   run_kernel_impl(args, begin, end);
 }
 FUSED_CE_INSTANTIATE_ENTRY_POINT(run_kernel_default);
-
-#if FUSED_CE_X86_TARGETS
-template <typename T>
-FUSED_CE_TARGET_AVX2 void run_kernel_avx2(const KernelArgs<T>& args, int64_t begin, int64_t end) {
-  run_kernel_impl(args, begin, end);
-}
-FUSED_CE_INSTANTIATE_ENTRY_POINT(run_kernel_avx2);
-#endif
 
 namespace {
 

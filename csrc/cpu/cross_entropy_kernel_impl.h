@@ -17,12 +17,13 @@
 // Both read and write memory through kernel_memory.h and take their exp
 // from kernel_exp.h. This header picks the kernel for a call.
 //
-// Included by one translation unit per vector width (simd.h's
-// kVectorBytes): cross_entropy_kernel.cpp (32 bytes: the baseline and AVX2
-// entry points) and cross_entropy_kernel_avx512.cpp (64 bytes). Everything
-// here has internal linkage, so the widths never meet, and is inlined into
-// those entry points (kernel_entry_points.h), which carry the instruction
-// set as a target attribute.
+// Included by one translation unit per instruction set, at its vector
+// width (simd.h's kVectorBytes): cross_entropy_kernel.cpp (the baseline)
+// and cross_entropy_kernel_avx2.cpp (32 bytes), cross_entropy_kernel_avx512.cpp
+// and cross_entropy_kernel_avx512_bf16.cpp (64 bytes). Everything here has
+// internal linkage, so the widths never meet, and is inlined into those
+// entry points (kernel_entry_points.h), which carry the instruction set as
+// a target attribute.
 #pragma once
 
 #include "cross_entropy_kernel.h"

@@ -32,7 +32,7 @@ template <typename T>
 void run_kernel_default(const KernelArgs<T>& args, int64_t begin, int64_t end);
 
 #if FUSED_CE_X86_TARGETS
-// 32-byte vectors, in cross_entropy_kernel.cpp.
+// 32-byte vectors, in cross_entropy_kernel_avx2.cpp.
 template <typename T>
 FUSED_CE_TARGET_AVX2 void run_kernel_avx2(const KernelArgs<T>& args, int64_t begin, int64_t end);
 
