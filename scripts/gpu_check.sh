@@ -102,8 +102,10 @@ if want clusters; then
   # Rows split over thread-block clusters: their tests alone first; then LM
   # shapes with FUSED_CE_CUDA_CLUSTERS unset (the measured choice of
   # cluster_plan), 1 (every row past one block), 0 (none: those rows streamed
-  # twice) and all (also rows one block of 512 or more threads would hold),
-  # each next to a copy of the logits (tables only: $OUT brings back 8 files);
+  # twice) and all (also rows one block of 512 or more threads would hold:
+  # 50257 bf16 classes in clusters of 4 rather than one 896-thread block, not
+  # yet measured), each next to a copy of the logits (tables only: $OUT
+  # brings back 8 files);
   # then memcheck and racecheck over the cluster tests.
   stage "cluster rows" | tee -a "$LOG"
   timeout 150 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda -rfE 2>&1 \
@@ -112,7 +114,7 @@ if want clusters; then
     echo "FUSED_CE_CUDA_CLUSTERS=$clusters" | tee -a "$LOG"
     ( [ "$clusters" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$clusters
       timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
-        --shapes 16384x32000:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
+        --shapes 16384x32000:bf16,16384x50257:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
         --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/clusters-$clusters" 2>&1 ) \
         | grep -v "^\[" | grep -E "logits|fused_ce |copy " | tee -a "$LOG"
   done
