@@ -155,14 +155,36 @@ def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None
         torch.addmm(b, x, w.t(), out=out)
 
 
+# The forms of "float32 acc += 16-bit a @ b" that failed, per (device type, dtype of a).
+_REFUSED_ACCUMULATIONS: set = set()
+_aten_addmm = torch.ops.aten.addmm
+
+
 def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """acc + a @ b with acc wider than a and b (16-bit GEMM, float32 accumulator); returns the sum."""
+    """acc + a @ b with acc wider than a and b (16-bit GEMM, float32 accumulator); returns the sum.
+
+    On CUDA, in place where the installed torch allows (aten::addmm.dtype_out with out=acc:
+    newer versions take a float32 ``self`` for 16-bit matrices); else a GEMM that returns the
+    float32 sum as a new tensor (aten::addmm.dtype: a second accumulator, the size of the
+    weight in float32, for the time of the call); else a 16-bit product rounded before the sum.
+    """
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    try:  # CUDA: a 16-bit GEMM with a float32 result (aten::addmm.dtype)
-        return torch.ops.aten.addmm.dtype(acc, a, b, acc.dtype)
-    except (RuntimeError, NotImplementedError):
-        return acc.add_(torch.mm(a, b))
+    forms = (
+        ("in place", lambda: _aten_addmm.dtype_out(acc, a, b, acc.dtype, out=acc)),
+        ("new tensor", lambda: _aten_addmm.dtype(acc, a, b, acc.dtype)),
+    )
+    for name, form in forms:
+        key = (acc.device.type, a.dtype, name)
+        if key in _REFUSED_ACCUMULATIONS:
+            continue
+        try:
+            return form()
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError):  # refused before computing: acc unchanged
+            _REFUSED_ACCUMULATIONS.add(key)
+    return acc.add_(torch.mm(a, b))
 
 
 def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],

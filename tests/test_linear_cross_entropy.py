@@ -574,3 +574,45 @@ def test_bad_chunk_size(chunk_size):
     x, w, _ = _inputs()
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(x, w, _class_target(N, V), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("supported", ["in place", "new tensor", "neither"])
+def test_weight_gradient_accumulates_in_float32_in_place_where_torch_can(monkeypatch, supported):
+    # The CUDA forms of "float32 grad_W += 16-bit grad^T @ x" differ between torch versions
+    # (aten::addmm.dtype_out takes a float32 accumulator in newer ones): each chunk takes the
+    # first form torch accepts, in place when it can, and a refused form is not asked again.
+    # Stand-ins for the two dtype variants, which have no CPU kernels:
+    calls = []
+
+    class FakeAddmm:
+        @staticmethod
+        def dtype_out(acc, a, b, out_dtype, out):
+            calls.append("in place")
+            if supported != "in place":
+                raise RuntimeError("self and mat2 must have the same dtype")
+            return out.add_(a.to(out_dtype) @ b.to(out_dtype))
+
+        @staticmethod
+        def dtype(acc, a, b, out_dtype):
+            calls.append("new tensor")
+            if supported != "new tensor":
+                raise NotImplementedError("no kernel")
+            return acc + a.to(out_dtype) @ b.to(out_dtype)
+
+    monkeypatch.setattr(linear_mod, "_REFUSED_ACCUMULATIONS", set())
+    monkeypatch.setattr(linear_mod, "_aten_addmm", FakeAddmm)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 4, generator=g).bfloat16(), torch.randn(4, 3, generator=g).bfloat16()
+    exact = a.double() @ b.double()
+    acc = torch.zeros(6, 3)
+    for _ in range(3):
+        result = linear_mod._add_matmul(acc, a, b)
+        assert (result.data_ptr() == acc.data_ptr()) == (supported != "new tensor")
+        acc = result
+    tolerance = 1e-5 if supported != "neither" else 3e-2  # the last form rounds each product to bfloat16
+    torch.testing.assert_close(acc.double(), 3 * exact, rtol=tolerance, atol=tolerance)
+    first = {"in place": ["in place"], "new tensor": ["in place", "new tensor"],
+             "neither": ["in place", "new tensor"]}[supported]
+    assert calls[:len(first)] == first
+    # Later chunks go straight to the accepted form.
+    assert calls[len(first):] == ([] if supported == "neither" else first[-1:] * 2)
