@@ -180,7 +180,7 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
             continue
         try:
             return form()
-        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5; torch>=2.4 here)
+        except torch.cuda.OutOfMemoryError:  # (also defined in CPU-only builds)
             raise
         except (RuntimeError, NotImplementedError):  # refused before computing: acc unchanged
             _REFUSED_ACCUMULATIONS.add(key)
