@@ -406,8 +406,10 @@ def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
 def _check_class_target(input: Tensor, target: Tensor, unbatched: bool) -> None:
     """A class-index target checked in PyTorch's order, which decides which of
     its messages a wrong target gets: the shape (a float target of the wrong
-    shape is a shape error), then the dtype and the size of the 1-D target of
-    a (C,) input, in the order of the installed torch."""
+    shape is a shape error; of an (N, C, H, W) input's target only the batch
+    and the dimensions), then the dtype and the size of the 1-D target of a
+    (C,) input, in the order of the installed torch, then the spatial size
+    of an (N, C, H, W) input's target."""
     _check_class_target_shape(input, target, unbatched)
     wrong_size = unbatched and target.dim() == 1 and target.shape[0] != 1
     if wrong_size and not _torch_checks_target_dtype_first():
@@ -416,6 +418,9 @@ def _check_class_target(input: Tensor, target: Tensor, unbatched: bool) -> None:
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
     if wrong_size:
         _raise_unbatched_target_size(target)
+    if input.dim() == 4 and target.shape[1:] != input.shape[2:]:
+        # (N, C, H, W): PyTorch's nll_loss2d checks the spatial size after the dtype, in its words.
+        raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
 
 
 def _raise_unbatched_target_size(target: Tensor) -> None:
@@ -454,6 +459,11 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    if input.dim() == 4:  # nll_loss2d: the target's dimensions here, its size after the dtype
+        if target.dim() != 3:
+            raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets of "
+                               f"dimension: {target.dim()}")
+        return
     expected = (input.shape[0],) + tuple(input.shape[2:])
     if tuple(target.shape) != expected:
         raise RuntimeError(f"Expected target size {list(expected)}, got {list(target.shape)}")

@@ -406,6 +406,32 @@ def test_unbatched_target_errors_in_pytorch_order(device, target):
     _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
 
 
+SPATIAL_TARGETS = {
+    "long (2, 2, 3)": lambda dev: torch.zeros(2, 2, 3, dtype=torch.long, device=dev),
+    "long (2, 3, 3)": lambda dev: torch.zeros(2, 3, 3, dtype=torch.long, device=dev),
+    "long (2, 2)": lambda dev: torch.zeros(2, 2, dtype=torch.long, device=dev),
+    "long (2, 2, 2, 1)": lambda dev: torch.zeros(2, 2, 2, 1, dtype=torch.long, device=dev),
+    "float (2, 2, 3)": lambda dev: torch.rand(2, 2, 3, device=dev),
+    "float (2, 2)": lambda dev: torch.rand(2, 2, device=dev),
+    "int32 (2, 3, 3)": lambda dev: torch.zeros(2, 3, 3, dtype=torch.int32, device=dev),
+    "long (3, 2, 2)": lambda dev: torch.zeros(3, 2, 2, dtype=torch.long, device=dev),
+}
+
+
+@pytest.mark.parametrize("target", list(SPATIAL_TARGETS))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_spatial_target_errors_in_pytorch_order(device, target, label_smoothing):
+    # An (N, C, H, W) input takes PyTorch's nll_loss2d path, with its own order
+    # (batch, dimensions, dtype, spatial size) and words.
+    def make(dev):
+        return (make_logits((2, 5, 2, 2), device=dev), SPATIAL_TARGETS[target](dev)), \
+            {"label_smoothing": label_smoothing}
+
+    args, kwargs = make("cpu")
+    message = str(_capture(lambda: F.cross_entropy(*args, **kwargs))).splitlines()[0]
+    _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
+
+
 def test_unbatched_target_order_of_older_torch(monkeypatch):
     # torch 2.11 reports the size of an unbatched input's 1-D target before its
     # dtype, 2.13 the dtype first; fused_ce asks the installed torch which
