@@ -180,9 +180,10 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
             continue
         try:
             return form()
-        except torch.cuda.OutOfMemoryError:  # (also defined in CPU-only builds)
+        except torch.cuda.OutOfMemoryError:  # (defined in CPU-only builds too)
             raise
-        except (RuntimeError, NotImplementedError):  # refused before computing: acc unchanged
+        except (RuntimeError, NotImplementedError, AttributeError):
+            # Refused before computing (acc unchanged), or an older torch without the overload.
             _REFUSED_ACCUMULATIONS.add(key)
     return acc.add_(torch.mm(a, b))
 

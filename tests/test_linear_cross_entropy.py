@@ -595,6 +595,8 @@ def test_weight_gradient_accumulates_in_float32_in_place_where_torch_can(monkeyp
         @staticmethod
         def dtype(acc, a, b, out_dtype):
             calls.append("new tensor")
+            if supported == "neither":  # as an older torch without the overload
+                raise AttributeError("'_OpNamespace' 'aten.addmm' object has no attribute 'dtype'")
             if supported != "new tensor":
                 raise NotImplementedError("no kernel")
             return acc + a.to(out_dtype) @ b.to(out_dtype)
