@@ -408,33 +408,38 @@ def _check_class_target(input: Tensor, target: Tensor, unbatched: bool) -> None:
     its messages a wrong target gets: the shape (a float target of the wrong
     shape is a shape error; of an (N, C, H, W) input's target only the batch
     and the dimensions), then the dtype and the size of the 1-D target of a
-    (C,) input, in the order of the installed torch, then the spatial size
-    of an (N, C, H, W) input's target."""
+    (C,) input or the spatial size of an (N, C, H, W) input's target, in the
+    order of the installed torch."""
     _check_class_target_shape(input, target, unbatched)
     wrong_size = unbatched and target.dim() == 1 and target.shape[0] != 1
-    if wrong_size and not _torch_checks_target_dtype_first():
-        _raise_unbatched_target_size(target)
+    wrong_spatial_size = input.dim() == 4 and target.shape[1:] != input.shape[2:]
+    if (wrong_size or wrong_spatial_size) and not _torch_checks_target_dtype_first():
+        _raise_target_size(input, target, wrong_size)
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-    if wrong_size:
-        _raise_unbatched_target_size(target)
-    if input.dim() == 4 and target.shape[1:] != input.shape[2:]:
-        # (N, C, H, W): PyTorch's nll_loss2d checks the spatial size after the dtype, in its words.
-        raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
+    if wrong_size or wrong_spatial_size:
+        _raise_target_size(input, target, wrong_size)
 
 
-def _raise_unbatched_target_size(target: Tensor) -> None:
-    raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+def _raise_target_size(input: Tensor, target: Tensor, unbatched_size: bool) -> None:
+    """The size error of an unbatched input's 1-D target, or of an (N, C, H, W)
+    input's (N, H', W') target (PyTorch's nll_loss2d, in its words)."""
+    if unbatched_size:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+    raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
 
 
 _target_dtype_first: Optional[bool] = None
 
 
 def _torch_checks_target_dtype_first() -> bool:
-    """Whether the installed torch reports a wrong target dtype before the
-    wrong size of an unbatched input's 1-D target (torch 2.13 does, 2.11 the
-    other way round). Asked of torch itself, once, and only on this error
-    path: a float (2,) target for a (3,) input has both faults."""
+    """Whether the installed torch reports a wrong target dtype before a
+    wrong target size (of an unbatched input's 1-D target, or of an (N, C,
+    H, W) input's target): torch 2.13 checks the dtype first; torch 2.11
+    only finds it in the kernel, after every size check (and words it
+    "expected scalar type Long but found Int"). Asked of torch itself, once,
+    and only on these error paths: a float (2,) target for a (3,) input has
+    both faults."""
     global _target_dtype_first
     if _target_dtype_first is None:
         try:

@@ -422,7 +422,8 @@ SPATIAL_TARGETS = {
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_spatial_target_errors_in_pytorch_order(device, target, label_smoothing):
     # An (N, C, H, W) input takes PyTorch's nll_loss2d path, with its own order
-    # (batch, dimensions, dtype, spatial size) and words.
+    # (batch, dimensions, then dtype and spatial size in the installed torch's
+    # order: test_target_size_and_dtype_order_of_older_torch) and words.
     def make(dev):
         return (make_logits((2, 5, 2, 2), device=dev), SPATIAL_TARGETS[target](dev)), \
             {"label_smoothing": label_smoothing}
@@ -432,23 +433,32 @@ def test_spatial_target_errors_in_pytorch_order(device, target, label_smoothing)
     _check_same_error(device, make, [re.escape(message)], torch_device="cpu")
 
 
-def test_unbatched_target_order_of_older_torch(monkeypatch):
-    # torch 2.11 reports the size of an unbatched input's 1-D target before its
-    # dtype, 2.13 the dtype first; fused_ce asks the installed torch which
-    # (test_unbatched_target_errors_in_pytorch_order compares with it). Both
-    # orders, whichever torch runs this:
+def test_target_size_and_dtype_order_of_older_torch(monkeypatch):
+    # torch 2.11 reports the size of an unbatched input's 1-D target, or of an
+    # (N, C, H, W) input's target, before its dtype; 2.13 the dtype first.
+    # fused_ce asks the installed torch which (the two tests above compare
+    # with it). Both orders, whichever torch runs this:
     import fused_ce.functional as functional
 
     x, t = make_logits((5,)), torch.rand(3)
     assert functional._torch_checks_target_dtype_first() == ("dtype" in str(_capture(lambda: F.cross_entropy(x, t))))
+    x4, t4 = make_logits((2, 5, 2, 2)), torch.zeros(2, 3, 3, dtype=torch.int32)
+    size_4d = re.escape("size mismatch (got input: [2, 5, 2, 2] , target: [2, 3, 3]")
     monkeypatch.setattr(functional, "_target_dtype_first", False)
     with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
         fused_ce.cross_entropy(x, t)
+    with pytest.raises(RuntimeError, match=size_4d):
+        fused_ce.cross_entropy(x4, t4)
     monkeypatch.setattr(functional, "_target_dtype_first", True)
     with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Float"):
         fused_ce.cross_entropy(x, t)
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Int"):
+        fused_ce.cross_entropy(x4, t4)
+    # A size fault alone is one whatever the order.
     with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
         fused_ce.cross_entropy(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match=size_4d):
+        fused_ce.cross_entropy(x4, t4.long())
 
 
 @pytest.mark.parametrize("weight_shape", [(1, 5), (5, 1)])
