@@ -367,8 +367,8 @@ def _zero_class_loss(input: Tensor, target: Tensor, weight: Optional[Tensor], ig
     their mean is not the formula's NaN (which every fused_ce kernel gives
     for an all-ignored mean), and they report a bad target as a device-side
     assertion. Nothing is computed, so the copies are of empty tensors and
-    the target (one synchronisation, in a call with no classes only). The fused-only
-    options have no value without a class."""
+    of the target (one synchronisation, in a call with no classes only).
+    The fused-only options have no value without a class."""
     if z_loss != 0.0 or softcap != 0.0 or return_lse:
         raise ValueError("cross_entropy(): z_loss, softcap and return_lse need at least one class, "
                          f"got input of shape {list(input.shape)}")
@@ -446,7 +446,7 @@ def _torch_checks_target_dtype_first() -> bool:
             torch._C._nn.cross_entropy_loss(torch.zeros(3), torch.zeros(2), None, 1, -100, 0.0)
             _target_dtype_first = True  # (accepted: unreachable; keep the newer order)
         except Exception as error:  # noqa: BLE001 - any of torch's messages answers the question
-            _target_dtype_first = "dtype" in str(error)
+            _target_dtype_first = "must have size 1" not in str(error)
     return _target_dtype_first
 
 
@@ -464,7 +464,7 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-    if input.dim() == 4:  # nll_loss2d: the target's dimensions here, its size after the dtype
+    if input.dim() == 4:  # nll_loss2d: the target's dimensions here, its size in _check_class_target
         if target.dim() != 3:
             raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets of "
                                f"dimension: {target.dim()}")
