@@ -100,6 +100,29 @@ CASES = [
 ]
 
 
+def run_linear_case() -> bool:
+    """linear_cross_entropy in bfloat16 over several chunks against F.linear + the loss in float64,
+    and which form of the float32 weight-gradient accumulation the installed torch accepted."""
+    from fused_ce.linear import _REFUSED_ACCUMULATIONS, linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(7)
+    h_cpu = torch.randn(96, 64, generator=gen, dtype=torch.float64).bfloat16()
+    w_cpu = (torch.randn(3000, 64, generator=gen, dtype=torch.float64) / 8).bfloat16()
+    t_cpu = torch.randint(0, 3000, (96,), generator=gen)
+    h64, w64 = h_cpu.double().requires_grad_(), w_cpu.double().requires_grad_()
+    ref = F.cross_entropy(F.linear(h64, w64), t_cpu)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h64, w64))
+    h, w = h_cpu.to(DEVICE).requires_grad_(), w_cpu.to(DEVICE).requires_grad_()
+    loss = linear_cross_entropy(h, w, t_cpu.to(DEVICE), chunk_size=32)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    errors = [relative_error(loss, ref), relative_error(gh, ref_gh), relative_error(gw, ref_gw)]
+    ok = max(errors) <= TOL[torch.bfloat16]
+    refused = sorted(name for device, _, name in _REFUSED_ACCUMULATIONS if device == DEVICE) or "none"
+    print(f"{'ok  ' if ok else 'FAIL'} {'linear_cross_entropy bf16, 3 chunks':<34} loss err {errors[0]:.2e}  "
+          f"grad err {max(errors[1:]):.2e}  (accumulation forms refused: {refused})")
+    return ok
+
+
 def main() -> int:
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {where}, fused_ce built with CUDA: {fused_ce.built_with_cuda()}")
@@ -114,7 +137,13 @@ def main() -> int:
                 traceback.print_exc()
                 print("asynchronous CUDA error: later cases cannot run in this process")
                 return 1
-    print(f"{len(CASES) - failures}/{len(CASES)} smoke cases ok")
+    try:
+        failures += not run_linear_case()
+    except Exception as exc:  # noqa: BLE001 - report
+        failures += 1
+        print(f"FAIL linear_cross_entropy: {type(exc).__name__}: {str(exc)[:300]}")
+    total = len(CASES) + 1
+    print(f"{total - failures}/{total} smoke cases ok")
     return 1 if failures else 0
 
 
