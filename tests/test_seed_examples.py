@@ -1,4 +1,5 @@
-"""Hand-checked examples (values computed independently) and a smoke run of the training example."""
+"""Hand-checked examples (values computed independently), smoke runs of the example scripts and of
+the GPU smoke script on the CPU."""
 
 import math
 import os
@@ -105,10 +106,10 @@ def _example_args():
     return []
 
 
-def _run_example(path, args):
-    """Runs an example script from the repository with this checkout on its path;
-    asserts that it exits 0 and returns its stdout."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run_example(path, args, **environment):
+    """Runs an example script from the repository with this checkout on its path (and
+    ``environment`` added to its variables); asserts that it exits 0 and returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **environment)
     env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=180,
                           cwd=str(REPO), env=env)
@@ -122,6 +123,13 @@ def test_train_lm_head_example_runs():
     # written-out head in a short AdamW run; it exits 1 if the loss curves diverge.
     stdout = _run_example(REPO / "examples" / "train_lm_head.py", ["--steps", "8", "--vocab", "1000"])
     assert "OK: the two runs agree" in stdout
+
+
+def test_gpu_smoke_script_runs_on_the_cpu():
+    # scripts/gpu_smoke.py is the first thing a GPU session runs: on the CPU kernels
+    # (SMOKE_DEVICE=cpu) every case must pass, so that it only fails on a GPU for a GPU reason.
+    stdout = _run_example(REPO / "scripts" / "gpu_smoke.py", [], SMOKE_DEVICE="cpu")
+    assert re.search(r"^(\d+)/\1 smoke cases ok$", stdout, re.M), stdout[-2000:]
 
 
 def test_train_classifier_example_runs():
