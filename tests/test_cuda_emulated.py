@@ -385,13 +385,30 @@ def test_special_values(emu, C, case, label_smoothing):
     _assert_like_torch(grad_input[..., 0], grad32, grad64, f"{case}: backward")
 
 
-_CLUSTER_MODE_SCRIPT = """
-import os, sys, torch
-sys.path.insert(0, {tests!r})
-from cuda_emulator import build
-from conftest import make_logits, make_class_target
-from test_cuda_emulated import _check_forward_with_grad
-emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
+def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:
+    """Runs ``body`` in a new Python process, with the emulator loaded as ``emu`` (after the
+    ``setup`` lines) and this module's helpers imported; returns its lines of output.
+    For what is decided once per process (the environment, the symbols loaded)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = "\n".join([
+        "import os, sys, torch",
+        setup,
+        f"sys.path.insert(0, {tests!r})",
+        "from cuda_emulator import build",
+        "from conftest import make_logits, make_class_target",
+        "from test_cuda_emulated import _check_forward_with_grad, _run_forward",
+        'emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())',
+        body,
+    ])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
+_CLUSTER_MODE_LAUNCHES = """
 for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.bfloat16), (40000, torch.float32)):
     x = make_logits((3, C, 1), dtype)
     t = make_class_target((3, 1), C, ignore_index=-100)
@@ -407,29 +424,15 @@ for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torc
     ("0", ["(3, 512, 1)", "(3, 896, 1)", "(3, 256, 1)", "(3, 256, 1)"]),  # none: rows past one block streamed
 ], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
-    """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a subprocess)."""
-    import subprocess
-    import sys
-
-    tests = os.path.dirname(os.path.abspath(__file__))
+    """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a new process)."""
     env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_CLUSTERS"}
     if mode is not None:
         env["FUSED_CE_CUDA_CLUSTERS"] = mode
-    out = subprocess.run([sys.executable, "-c", _CLUSTER_MODE_SCRIPT.format(tests=tests)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    launches = [line.split(" ", 1)[1] for line in out.stdout.strip().splitlines()]
+    launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_CLUSTER_MODE_LAUNCHES, env=env)]
     assert launches == expected
 
 
-_REAL_RUNTIME_SCRIPT = """
-import ctypes, os, sys, torch
-ctypes.CDLL({runtime!r}, mode=ctypes.RTLD_GLOBAL)  # as torch's CUDA build puts it in the global scope
-sys.path.insert(0, {tests!r})
-from cuda_emulator import build
-from conftest import make_logits, make_class_target
-from test_cuda_emulated import _check_forward_with_grad, _run_forward
-emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())
+_LAUNCH_AND_ASSERTION = """
 x = make_logits((3, 40000, 1), torch.float32)
 print("launch", _check_forward_with_grad(emu, x, make_class_target((3, 1), 40000, ignore_index=-100))[-1])
 try:
@@ -451,16 +454,11 @@ def test_emulator_ignores_a_real_cuda_runtime_in_the_process(emu):
     scope, and fused_ce._C holds the real kernels. The emulator must still
     call its own runtime (the real one made every cluster check fail and
     every device assertion vanish there) and its own kernels' statics."""
-    import subprocess
-    import sys
-
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = _REAL_RUNTIME_SCRIPT.format(runtime=_cuda_runtime_library(), tests=tests)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    assert lines[0] == "launch (24, 256, 8)", out.stdout
-    assert lines[1].startswith("raised") and "device-side assertion" in lines[1], out.stdout
+    # As torch's CUDA build puts the runtime in the global scope:
+    setup = f"import ctypes; ctypes.CDLL({_cuda_runtime_library()!r}, mode=ctypes.RTLD_GLOBAL)"
+    lines = _run_in_a_new_process(_LAUNCH_AND_ASSERTION, setup=setup)
+    assert lines[0] == "launch (24, 256, 8)", lines
+    assert lines[1].startswith("raised") and "device-side assertion" in lines[1], lines
 
 
 def test_emulated_kernels_live_in_their_own_namespace(emu):
