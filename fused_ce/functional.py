@@ -455,7 +455,7 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
     if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
         return  # the common (N, C) case, decided in a fraction of the general check's time
     if unbatched:
-        # (The size of a 1-D target PyTorch checks after the dtype: _check_class_target.)
+        # (The size of a 1-D target: _check_class_target, in the installed torch's order.)
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
         return

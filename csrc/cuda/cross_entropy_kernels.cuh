@@ -273,7 +273,7 @@ ClusterPlan cluster_plan() {
   switch (cluster_use()) {
     case ClusterUse::kNone: return {0, false};
     case ClusterUse::kLongRows: return {0, true};
-    case ClusterUse::kAll: return {8, true};
+    case ClusterUse::kAll: return {kMaxClusterBlocks, true};
     case ClusterUse::kMeasured: break;
   }
   if (sizeof(T) == 2) return {2, false};
@@ -433,7 +433,7 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
                                    : launch_resident<false>(p, slots, stream, &launched);
     if (launched) return err;
     if (clusters.after) {
-      const cudaError_t cluster_err = try_clusters(8);
+      const cudaError_t cluster_err = try_clusters(kMaxClusterBlocks);
       if (launched) return cluster_err;
     }
   }
