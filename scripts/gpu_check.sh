@@ -5,17 +5,16 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,percall,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,percall,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
 # idle: issue the second call at once), e.g.
 #   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
-#   BENCH_TIMEOUT=300 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,clusters,bench
+#   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
 # (the second build is incremental while the machine is still warm; the
-# benchmark there is the full CUDA suite in all three modes), and with what
-# time is left, at once again, `bash scripts/gpu_check.sh build,profile`
-# (about 2 minutes).
+# benchmark there is the full CUDA suite in all three modes; $OUT brings back
+# at most 8 files, so drop build.log after a good build).
 # Before spending device time, `CUDA=1 scripts/test_with_torch.sh <the GPU
 # machine's torch wheel>` builds and tests the same sources against that torch
 # on the CPU machine.
@@ -31,7 +30,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,clusters,percall,bench,profile,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,reuse,percall,bench,profile,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -129,6 +128,25 @@ if want clusters; then
   done
 fi
 
+if want reuse; then
+  # The streamed long rows of forward_with_grad (read, reduced, read again):
+  # how much of a row its second read finds in L2 under
+  # FUSED_CE_CUDA_STREAM_REUSE (none / keep: first read evict_last / reverse:
+  # second pass last step first / both) and FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM
+  # (rows in flight), each next to a copy of the logits; clusters off, so
+  # the float32 rows stream too (tables only).
+  stage "stream reuse" | tee -a "$LOG"
+  for setting in none,0 keep,0 reverse,0 both,0 both,2 both,1 none,2; do
+    reuse=${setting%,*} per_sm=${setting#*,}
+    echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM=$per_sm" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM=$per_sm \
+      timeout 60 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
+        --shapes 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
+        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/reuse-$reuse-$per_sm" 2>&1 \
+        | grep -v "^\[" | grep -E "^[0-9]+x|fused_ce " | tee -a "$LOG"
+  done
+fi
+
 if want percall; then
   # What each step costs the host (the 10-class rows are bound by it).
   stage "per-call cost" | tee -a "$LOG"
@@ -148,22 +166,25 @@ fi
 
 if want profile; then
   # Nsight Compute on the row kernels whose speed is not understood
-  # (csrc/cuda/README.md, "Known limits"): bf16 rows in clusters of 8 and in
-  # one 512-thread block, against float32 rows in clusters, which run near
-  # the copy. One step each, the forward kernel only (-k regex:resident).
+  # (csrc/cuda/README.md, "Known limits"): one 512-thread block per bf16 row
+  # of 32000 classes (1.90x the copy) against one 1024-thread block per fp32
+  # row of 32000 (1.29x), and the streamed bf16 rows of 128256 classes. One
+  # launch each of the forward_with_grad kernel (-k regex).
   stage "profile (ncu)" | tee -a "$LOG"
-  for case in "1 bfloat16 128256" "1 bfloat16 32000" "1 float32 128256"; do
+  for case in "1 bfloat16 32000 resident" "1 float32 32000 resident" "0 bfloat16 128256 forward_stream"; do
     set -- $case
-    echo "FUSED_CE_CUDA_CLUSTERS=$1 $2 x $3 classes" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=$1 timeout 120 ncu -k regex:resident --launch-count 1 \
+    echo "FUSED_CE_CUDA_CLUSTERS=$1 $2 x $3 classes, kernel $4" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=$1 timeout 120 ncu -k "regex:$4" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         "$PY" -c "import torch, fused_ce
 x = torch.randn(4096, $3, device='cuda', dtype=torch.$2, requires_grad=True)
 t = torch.randint(0, $3, (4096,), device='cuda')
-fused_ce.cross_entropy(x, t).backward(); torch.cuda.synchronize()" >"$OUT/profile-$2-$3.txt" 2>&1
+fused_ce.cross_entropy(x, t).backward(); torch.cuda.synchronize()" >/tmp/profile.txt 2>&1
     echo "ncu exit status $?" | tee -a "$LOG"
-    grep -E "Duration|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Registers|Cluster Size|Warp Cycles Per Issued|Stall" \
-        "$OUT/profile-$2-$3.txt" | head -n 20 | tee -a "$LOG"
+    { echo "=== FUSED_CE_CUDA_CLUSTERS=$1 $2 x $3 classes, kernel $4"; cat /tmp/profile.txt; } >>"$OUT/profile.txt"
+    grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall" \
+        /tmp/profile.txt | head -n 30 | tee -a "$LOG"
   done
 fi
 

@@ -55,15 +55,62 @@ struct RawBits<16> {
 // (ld.global.nc) requires data that stays unchanged for the whole kernel.
 // kStream: evict-first (last read of data, or writes that must not push the
 // logits out of L2); coherent.
-enum class CachePolicy { kKeep, kCoherent, kStream };
+// kHinted: the coherent path with the L2 eviction priority of a policy made
+// at run time (l2_policy below), for the first of two reads of a row whose
+// second read should find it in L2.
+enum class CachePolicy { kKeep, kCoherent, kStream, kHinted };
 
+// An L2 cache policy for kHinted loads: evict_last keeps the lines past
+// ordinary traffic (the row read again soon), evict_normal is what an
+// unhinted load gets.  createpolicy needs sm_80; older GPUs and the CPU
+// emulator ignore the hint.
+__device__ __forceinline__ uint64_t l2_policy(bool keep) {
+  uint64_t policy = 0;
+#if !defined(FUSED_CE_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (keep) {
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  }
+#else
+  (void)keep;
+#endif
+  return policy;
+}
+
+// ld.global with an L2 cache policy (same caching otherwise as __ldca).
+template <typename Raw>
+__device__ __forceinline__ Raw load_with_l2_policy(const Raw* ptr, uint64_t policy) {
+#if !defined(FUSED_CE_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  Raw raw;
+  if constexpr (sizeof(Raw) == 16) {
+    asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(ptr), "l"(policy));
+  } else if constexpr (sizeof(Raw) == 8) {
+    asm volatile("ld.global.L2::cache_hint.b64 %0, [%1], %2;" : "=l"(raw) : "l"(ptr), "l"(policy));
+  } else if constexpr (sizeof(Raw) == 4) {
+    asm volatile("ld.global.L2::cache_hint.b32 %0, [%1], %2;" : "=r"(raw) : "l"(ptr), "l"(policy));
+  } else {
+    asm volatile("ld.global.L2::cache_hint.b16 %0, [%1], %2;" : "=h"(raw) : "l"(ptr), "l"(policy));
+  }
+  return raw;
+#else
+  (void)policy;
+  return __ldca(ptr);
+#endif
+}
+
+// `l2` is the policy of kHinted loads (ignored by the others).
 template <CachePolicy P, typename V>
-__device__ __forceinline__ V load_global(const V* ptr) {
+__device__ __forceinline__ V load_global(const V* ptr, uint64_t l2 = 0) {
   using Raw = typename RawBits<sizeof(V)>::type;
   static_assert(sizeof(Raw) == sizeof(V), "unsupported access size");
   const Raw* raw_ptr = reinterpret_cast<const Raw*>(ptr);
   Raw raw;
-  if (P == CachePolicy::kStream) {
+  if (P == CachePolicy::kHinted) {
+    raw = load_with_l2_policy(raw_ptr, l2);
+  } else if (P == CachePolicy::kStream) {
     raw = __ldcs(raw_ptr);
   } else if (P == CachePolicy::kCoherent) {
     raw = __ldca(raw_ptr);
@@ -156,14 +203,14 @@ constexpr int kEdges = 2;
 // `stride` is the class stride, only used when VEC == 1.
 template <CachePolicy P, int VEC, typename T>
 __device__ __forceinline__ void load_slot(const T* row, int64_t stride, const RowSplit<VEC>& rs, int slot,
-                                          T fill, T (&out)[VEC]) {
+                                          T fill, T (&out)[VEC], uint64_t l2 = 0) {
   if (slot >= rs.body_slots) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = fill;
   } else if (VEC == 1) {
-    out[0] = load_global<P>(row + static_cast<int64_t>(slot) * stride);
+    out[0] = load_global<P>(row + static_cast<int64_t>(slot) * stride, l2);
   } else {
-    const Pack<T, VEC> p = load_global<P>(reinterpret_cast<const Pack<T, VEC>*>(row + rs.slot_class(slot)));
+    const Pack<T, VEC> p = load_global<P>(reinterpret_cast<const Pack<T, VEC>*>(row + rs.slot_class(slot)), l2);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = p.v[j];
   }
@@ -191,9 +238,9 @@ __device__ __forceinline__ void store_slot(T* row, int64_t stride, const RowSpli
 // keeps enough bytes in flight.
 template <CachePolicy P, int U, int TPR, int VEC, typename T>
 __device__ __forceinline__ void load_step(const T* row, int64_t stride, const RowSplit<VEC>& rs,
-                                          int first, T fill, T (&out)[U][VEC]) {
+                                          int first, T fill, T (&out)[U][VEC], uint64_t l2 = 0) {
 #pragma unroll
-  for (int u = 0; u < U; ++u) load_slot<P>(row, stride, rs, first + u * TPR, fill, out[u]);
+  for (int u = 0; u < U; ++u) load_slot<P>(row, stride, rs, first + u * TPR, fill, out[u], l2);
 }
 
 template <CachePolicy P, int U, int TPR, int VEC, typename T>

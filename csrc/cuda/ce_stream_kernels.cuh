@@ -25,7 +25,7 @@
 // just read, (2) the only elements read by other threads (the target logit
 // y_t, or y_0 for probabilities) are read before the group reduction, which
 // is also a memory barrier of the group (group_allreduce), and (3) the
-// logits are read through the coherent path (CachePolicy::kCoherent /
+// logits are read through the coherent path (CachePolicy::kCoherent, kHinted,
 // kStream), never the read-only one.  Rows never share elements.
 //
 // The formulas are in ce_loss.cuh.
@@ -60,11 +60,29 @@ constexpr int stream_min_blocks() {
   return (PROB || sizeof(T) == 8) ? 1 : (3 * 256 + BLOCK - 1) / BLOCK;
 }
 
+// How forward_with_grad's second read of a row may find it in L2 (the
+// launcher's choice, run-time flags so one kernel serves every choice).  A
+// long row is read, reduced, then read again; between the two reads every
+// other resident row streams through the L2 too, and with rows of 128k+
+// classes (256 KB+) those rows alone outgrow it.
+//   keep_first_read   the first read gives the row's lines evict_last
+//                     priority, so the gradient writes and the second
+//                     (evict-first) reads of other rows do not push them out
+//   reverse_second    the second pass walks the row's steps last to first:
+//                     the most recently read slots, the likeliest still in
+//                     L2, come first (each thread still reads and writes only
+//                     its own slots, which in place needs)
+struct StreamReuse {
+  bool keep_first_read = false;
+  bool reverse_second = false;
+};
+
 // Forward (and forward_with_grad).  PROB selects probability targets, CAP
 // the softcap.
 template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP>
 __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
-    ce_forward_stream_kernel(const CrossEntropyForwardParams<T> p, const LossMath<acc_t<T>, CAP> math) {
+    ce_forward_stream_kernel(const CrossEntropyForwardParams<T> p, const LossMath<acc_t<T>, CAP> math,
+                             const StreamReuse reuse) {
   static_assert(VEC == 1 || TPR >= VEC, "each lane owns at most one head and one tail element");
   using Acc = acc_t<T>;
   using Sched = RowSchedule<TPR, BLOCK>;
@@ -81,6 +99,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
   const Acc grad_scale = with_grad ? p.workspace[kWorkspaceScaleSlot] : Acc(0);
   const T neg_inf = storage_neg_inf<T>();
   const T zero = from_acc<T>(Acc(0));
+  const uint64_t first_read_l2 = l2_policy(with_grad && reuse.keep_first_read);
 
   for (int64_t base = Sched::first_base(); base < rows; base += Sched::base_step()) {
     const int64_t row = base + Sched::group();
@@ -144,7 +163,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     for (int first = lane; first < rs.body_slots; first += kStep) {
       T xv[U][VEC];
       T tv[U][VEC];
-      load_step<CachePolicy::kCoherent, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
+      load_step<CachePolicy::kHinted, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv, first_read_l2);
       if constexpr (PROB) load_step<CachePolicy::kKeep, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
       // The loaded step is folded into the running log-sum-exp kFold slots
       // at a time: all of it at once without the cap (one rescale per
@@ -229,7 +248,9 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       }
       store_edges<CachePolicy::kStream>(gx, rs, lane, xe);
     }
-    for (int first = lane; first < rs.body_slots; first += kStep) {
+    const int steps = lane < rs.body_slots ? (rs.body_slots - lane + kStep - 1) / kStep : 0;
+    for (int k = 0; k < steps; ++k) {
+      const int first = lane + (reuse.reverse_second ? steps - 1 - k : k) * kStep;
       T xv[U][VEC];
       T tv[U][VEC];
       if (grad.zero) {

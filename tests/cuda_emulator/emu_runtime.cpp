@@ -376,8 +376,16 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
+// A device of kMultiProcessors SMs that launches clusters; every other
+// attribute reads 0.
+constexpr int kMultiProcessors = 2;
+
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrClusterLaunch ? 1 : 0;
+  switch (attribute) {
+    case cudaDevAttrClusterLaunch: *value = 1; break;
+    case cudaDevAttrMultiProcessorCount: *value = kMultiProcessors; break;
+    default: *value = 0;
+  }
   return cudaSuccess;
 }
 
