@@ -54,7 +54,9 @@ struct RowStats {
 template <typename Acc>
 struct RowGradient {
   Acc a = Acc(0), b = Acc(0), e = Acc(0);
-  int64_t target = -1;
+  // A class index (< 2^30, kMaxClasses) or -1: compared with every element's
+  // class as a 32-bit int, which a 64-bit compare per element would double.
+  int target = -1;
   // e u_c is part of the gradient; otherwise u_c (a weight read) is skipped.
   bool has_mass = false;
   // Every element is exactly 0 (an ignored row without an lse gradient and
@@ -181,7 +183,7 @@ struct LossMath {
     r.a = g * coef + g_lse;
     r.b = g * one_minus_eps * w_target;
     r.e = g * eps_per_class;
-    r.target = target;
+    r.target = static_cast<int>(target);
     r.has_mass = smoothing;
     return r;
   }
