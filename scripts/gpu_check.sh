@@ -74,7 +74,7 @@ if want repro; then
   # from the given index on): after a crash, go on from the case after it.
   stage "repro: scale_gradient_ crash" | tee -a "$LOG"
   first=0
-  while [ "$first" -lt 10 ]; do
+  while [ "$first" -lt 12 ]; do
     output=$(timeout 60 "$PY" scripts/repro_scale_gradient_crash.py "$first" 2>&1)
     status=$?
     echo "$output" | head -n 40 | tee -a "$LOG"
@@ -83,10 +83,24 @@ if want repro; then
     started=$(echo "$output" | grep -c "^calling:")
     first=$((first + (started > 0 ? started : 1)))
   done
+  # Where the extension's (and libc10's) iostream calls for integers bind.
+  rm -f /tmp/ld-bindings.*
+  LD_DEBUG=bindings LD_DEBUG_OUTPUT=/tmp/ld-bindings timeout 60 "$PY" scripts/repro_scale_gradient_crash.py 2 \
+      >/dev/null 2>&1
+  cat /tmp/ld-bindings.* 2>/dev/null | grep -E "(fused_ce/_C|libc10\.so).*(_ZNSolsE|_ZNSo9_M_insert|num_put|_ZNSt6locale)" \
+      | sed 's/^ *[0-9]*: *binding file //' | sort -u | head -n 20 | tee -a "$LOG"
 fi
 
 if want tests; then
   stage "tests (CUDA cases)" | tee -a "$LOG"
+  # The CPU emulator of the CUDA kernels (tests/test_cuda_emulated.py) is
+  # built once here, outside pytest: built by the first xdist worker under
+  # the per-test time limit, while 13 others load the GPU, it overran that
+  # limit and left its lock behind (264 setup errors on 2026-11-27).
+  emulator_start=$SECONDS
+  timeout "${EMULATOR_TIMEOUT:-300}" "$PY" -c "import sys; sys.path.insert(0, 'tests')
+from cuda_emulator import build; build.load()" >/tmp/emulator-build.log 2>&1
+  echo "emulator build exit status $? in $((SECONDS - emulator_start)) s" | tee -a "$LOG"
   # -k cuda keeps the CUDA parametrisations and the CUDA-only tests.  -v
   # logs every result as it comes, and the time limit sends SIGINT, on which
   # pytest still prints its summary: a run cut short keeps its failures' names.
@@ -129,20 +143,18 @@ if want clusters; then
 fi
 
 if want reuse; then
-  # The streamed long rows of forward_with_grad (read, reduced, read again):
-  # how much of a row its second read finds in L2 under
-  # FUSED_CE_CUDA_STREAM_REUSE (none / keep: first read evict_last / reverse:
-  # second pass last step first / both) and FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM
-  # (rows in flight), each next to a copy of the logits; clusters off, so
-  # the float32 rows stream too (tables only).
+  # The streamed long rows of forward_with_grad (read, reduced, read again)
+  # under each FUSED_CE_CUDA_STREAM_REUSE (none / keep: first read
+  # evict_last / reverse: second pass last step first / both, the default),
+  # next to a copy of the logits; clusters off, so the float32 rows stream
+  # too (tables only).
   stage "stream reuse" | tee -a "$LOG"
-  for setting in none,0 keep,0 reverse,0 both,0 both,2 both,1 none,2; do
-    reuse=${setting%,*} per_sm=${setting#*,}
-    echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM=$per_sm" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM=$per_sm \
+  for reuse in none keep reverse both; do
+    echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse \
       timeout 60 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
         --shapes 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
-        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/reuse-$reuse-$per_sm" 2>&1 \
+        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/reuse-$reuse" 2>&1 \
         | grep -v "^\[" | grep -E "^[0-9]+x|fused_ce " | tee -a "$LOG"
   done
 fi

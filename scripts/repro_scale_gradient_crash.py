@@ -26,6 +26,15 @@ def forward(target, weight):
     return ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), target, weight, -100, 0.0, 0.0, 0.0)
 
 
+# Session 26 (2026-11-27): every crashing call's message streams an integer
+# (an element count, a size), every one that raised streams only devices,
+# dtypes and text. The suspect: the extension's iostream calls bind to a
+# second libstdc++ in the process's global symbol scope. These cases show
+# whether CPU tensors crash too; the stage in scripts/gpu_check.sh also
+# records (LD_DEBUG=bindings) where the extension's `ostream << long` binds.
+maps = open("/proc/self/maps").read().splitlines()
+print("libstdc++ copies mapped:", sorted({line.split()[-1] for line in maps if "libstdc++" in line}), flush=True)
+
 class_target = torch.zeros(4, 1, dtype=torch.long, device="cuda")
 cases = [
     ("cuda grad, cuda scale", lambda: ops.scale_gradient_(torch.randn(8, device="cuda"), cuda(2.0))),
@@ -45,6 +54,10 @@ cases = [
      lambda: ops.reduce_loss(torch.rand(10, device="cuda"), torch.ones(2, device="cuda"), 1, torch.float32)),
     ("reduce_loss, int64 dtype (dtype in the message)",
      lambda: ops.reduce_loss(torch.rand(10, device="cuda"), cuda(4.0), 1, torch.int64)),
+    ("cpu grad, two-element cpu scale (an integer in the message, no CUDA tensor)",
+     lambda: ops.scale_gradient_(torch.randn(8), torch.tensor([2.0, 3.0]))),
+    ("reduce_loss on the cpu, reduction 7 (an integer in the message)",
+     lambda: ops.reduce_loss(torch.rand(10), torch.tensor(4.0), 7, torch.float32)),
 ]
 for name, fn in cases[int(sys.argv[1]):]:
     print("calling:", name, flush=True)

@@ -442,19 +442,14 @@ for C, dtype, mode in ((128256, torch.bfloat16, "with_grad"), (128256, torch.bfl
 
 
 @pytest.mark.parametrize("reuse", [None, "none", "keep", "reverse", "both"])
-@pytest.mark.parametrize("blocks_per_sm, blocks", [(None, 5), ("1", 2), ("3", 5)])
-def test_stream_reuse_modes(emu, reuse, blocks_per_sm, blocks):
-    """FUSED_CE_CUDA_STREAM_REUSE and FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM (read once per process):
-    the streamed rows of forward_with_grad, new gradient and in place, are right whichever order
-    the second pass walks a row in, and the grid is capped at the given blocks per SM (the
-    emulated device has 2 SMs; 5 rows of one block each)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("FUSED_CE_CUDA_STREAM_")}
+def test_stream_reuse_modes(emu, reuse):
+    """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
+    new gradient and in place, are right whichever order the second pass walks a row in."""
+    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_STREAM_REUSE"}
     if reuse is not None:
         env["FUSED_CE_CUDA_STREAM_REUSE"] = reuse
-    if blocks_per_sm is not None:
-        env["FUSED_CE_CUDA_STREAM_BLOCKS_PER_SM"] = blocks_per_sm
     launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_STREAM_REUSE_LAUNCHES, env=env)]
-    assert launches == [f"({blocks}, 256, 1)"] * 3
+    assert launches == ["(5, 256, 1)"] * 3
 
 
 _LAUNCH_AND_ASSERTION = """

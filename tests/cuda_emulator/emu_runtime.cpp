@@ -376,16 +376,8 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
-// A device of kMultiProcessors SMs that launches clusters; every other
-// attribute reads 0.
-constexpr int kMultiProcessors = 2;
-
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  switch (attribute) {
-    case cudaDevAttrClusterLaunch: *value = 1; break;
-    case cudaDevAttrMultiProcessorCount: *value = kMultiProcessors; break;
-    default: *value = 0;
-  }
+  *value = attribute == cudaDevAttrClusterLaunch ? 1 : 0;
   return cudaSuccess;
 }
 
