@@ -12,6 +12,9 @@
 # idle: issue the second call at once), e.g.
 #   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
+# (session 26's two calls, 12.3 minutes; a session after a kernel change
+# rather runs `build,clusters,profile` second, which compares the row
+# configurations in one process each).
 # (the second build is incremental while the machine is still warm; the
 # benchmark there is the full CUDA suite in all three modes; $OUT brings back
 # at most 8 files, so drop build.log after a good build).

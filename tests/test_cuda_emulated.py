@@ -419,9 +419,9 @@ for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torc
 @pytest.mark.parametrize("mode, expected", [
     # unset: 16-bit rows in clusters of 2 before one block, none past one block; 32-bit rows in clusters past it
     (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 256, 1)", "(24, 256, 8)"]),
-    ("1", ["(3, 512, 1)", "(3, 896, 1)", "(24, 256, 8)", "(24, 256, 8)"]),  # clusters past one block
+    ("1", ["(3, 1024, 1)", "(3, 896, 1)", "(24, 256, 8)", "(24, 256, 8)"]),  # clusters past one block
     ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)", "(24, 256, 8)"]),  # also from 16k 16-bit classes
-    ("0", ["(3, 512, 1)", "(3, 896, 1)", "(3, 256, 1)", "(3, 256, 1)"]),  # none: rows past one block streamed
+    ("0", ["(3, 1024, 1)", "(3, 896, 1)", "(3, 256, 1)", "(3, 256, 1)"]),  # none: rows past one block streamed
 ], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
     """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a new process)."""

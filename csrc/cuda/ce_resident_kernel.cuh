@@ -80,7 +80,6 @@ struct WordCodec<double> {
     w[2 * j] = static_cast<uint32_t>(__double2loint(v));
     w[2 * j + 1] = static_cast<uint32_t>(__double2hiint(v));
   }
-
   // -inf = 0xfff00000'00000000: high word odd, low word even.
   __device__ __forceinline__ static uint32_t neg_inf_word(int i) { return (i % 2) ? 0xfff00000u : 0u; }
 };

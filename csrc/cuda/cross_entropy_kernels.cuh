@@ -195,7 +195,10 @@ bool gradient_layout(const CrossEntropyForwardParams<T>& p) {
 // Register-resident configurations, smallest first: (threads per row,
 // block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
 // Rows of more than kSlotsOf256ThreadBlock slots take one block of 512 or
-// more threads: one block per SM.
+// more threads: one block per SM.  16-bit rows up to 4096 slots take 1024
+// threads of 4 slots (64 registers: 32 warps per SM) rather than 512 of 8
+// (98 registers, 16 warps: 24% occupancy and DRAM at 40% of its peak on an
+// H100, benchmarks/results/gpu-2026-11-27-h100-b/profile.txt).
 constexpr int64_t kSlotsOf256ThreadBlock = 256 * 8;
 template <bool CAP, typename T>
 cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots, cudaStream_t stream,
@@ -215,7 +218,11 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
   FUSED_CE_RESIDENT(32, 256, 4)
   FUSED_CE_RESIDENT(128, 128, 4)
   FUSED_CE_RESIDENT(256, 256, 8)
-  FUSED_CE_RESIDENT(512, 512, 8)
+  if constexpr (sizeof(T) == 2) {
+    FUSED_CE_RESIDENT(1024, 1024, 4)
+  } else {
+    FUSED_CE_RESIDENT(512, 512, 8)
+  }
   // The largest row that still compiles without spilling: 896 threads for
   // 16-bit types (57344 classes, enough for GPT-2's 50257), 1024 for float32
   // (32768 classes); float64 stops at 512 threads (8192 classes).  With the
