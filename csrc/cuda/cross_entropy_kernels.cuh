@@ -290,8 +290,8 @@ ClusterPlan cluster_plan() {
 // How the streaming forward_with_grad lets a row's second read find it in L2
 // (StreamReuse), from FUSED_CE_CUDA_STREAM_REUSE (read once per process):
 // "none", "keep" (the first read's lines get evict_last priority), "reverse"
-// (the second pass walks the row last step first) or "both", the default.
-// One H100 (benchmarks/results/gpu-2026-11-27-h100-b), forward + backward
+// (the second pass walks the row last step first) or "both", the default
+// (any other value: none).  One H100 (benchmarks/results/gpu-2026-11-27-h100-b), forward + backward
 // over a copy of the logits, none -> both: 16384 x 128256 bf16 1.67x -> 1.60x,
 // 8192 x 256000 bf16 1.68x -> 1.67x, 4096 x 128256 fp32 1.58x -> 1.57x.
 // Fewer rows in flight to keep more of each in L2 lost far more than it
