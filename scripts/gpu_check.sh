@@ -12,9 +12,10 @@
 # idle: issue the second call at once), e.g.
 #   TESTS_TIMEOUT=240 TEST_WORKERS=14 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
-# (session 26's two calls, 12.3 minutes; a session after a kernel change
-# rather runs `build,clusters,profile` second, which compares the row
-# configurations in one process each).
+# (session 26's two calls, 12.3 minutes). After kernel changes the second
+# call is rather `bash scripts/gpu_check.sh build,clusters,reuse,profile,sanitize`
+# (about 6 minutes in session 25/26 timings: the row configurations compared
+# in one process each, Nsight Compute on four kernels, compute-sanitizer).
 # (the second build is incremental while the machine is still warm; the
 # benchmark there is the full CUDA suite in all three modes; $OUT brings back
 # at most 8 files, so drop build.log after a good build).
