@@ -87,7 +87,15 @@ if want repro; then
     started=$(echo "$output" | grep -c "^calling:")
     first=$((first + (started > 0 ? started : 1)))
   done
-  # Where the extension's (and libc10's) iostream calls for integers bind.
+  # The toolchain the extension was linked with (the GPU machine's link line
+  # had Ubuntu Python's -Wl,-Bsymbolic-functions and /opt/gcc/bin/g++), the
+  # C++ runtime it loads, and where its (and libc10's) iostream calls for
+  # integers bind.
+  { "$PY" -c 'import sysconfig; print("LDSHARED:", sysconfig.get_config_var("LDSHARED"))'
+    for cxx in /opt/gcc/bin/g++ g++; do command -v "$cxx" >/dev/null && echo "$cxx: $("$cxx" --version | head -n 1)"; done
+    ldd fused_ce/_C*.so | grep -E "stdc\+\+|libgcc_s|libgomp"
+    nm -D --defined-only fused_ce/_C*.so | c++filt | grep -E " [TWV] (std::basic_ostream|std::basic_ios|std::locale|std::num_put|std::__ostream_insert|std::__cxx11::basic_ostringstream|std::__cxx11::basic_stringbuf|std::basic_streambuf)" | head -n 5 | sed 's/^/iostream symbol the extension defines: /'
+  } 2>&1 | tee -a "$LOG"
   rm -f /tmp/ld-bindings.*
   LD_DEBUG=bindings LD_DEBUG_OUTPUT=/tmp/ld-bindings timeout 60 "$PY" scripts/repro_scale_gradient_crash.py 2 \
       >/dev/null 2>&1
