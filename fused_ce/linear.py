@@ -155,7 +155,7 @@ def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None
         torch.addmm(b, x, w.t(), out=out)
 
 
-# The forms of "float32 acc += 16-bit a @ b" that failed, per (device type, dtype of a).
+# The forms of "float32 acc += 16-bit a @ b" that failed: (device type, dtype of a, form).
 _REFUSED_ACCUMULATIONS: set = set()
 _aten_addmm = torch.ops.aten.addmm
 

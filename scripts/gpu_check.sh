@@ -48,6 +48,16 @@ fi
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
 
+# fused_ce's forward + backward on the given shapes next to a copy of the
+# logits, in a process of its own under the caller's environment (the
+# FUSED_CE_CUDA_* settings are read once per process); the tables' rows only
+# ($OUT brings back 8 files).   time_rows SHAPES NAME
+time_rows() {
+  timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd --shapes "$1" \
+      --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/rows-$2" 2>&1 \
+      | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy)  " | tee -a "$LOG"
+}
+
 {
   stage environment
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -131,8 +141,7 @@ if want clusters; then
   # cluster_plan), 1 (every row past one block), 0 (none: those rows streamed
   # twice) and all (also rows one block of 512 or more threads would hold:
   # 50257 bf16 classes in clusters of 4 rather than one 896-thread block, not
-  # yet measured), each next to a copy of the logits (tables only: $OUT
-  # brings back 8 files);
+  # yet measured), each next to a copy of the logits (time_rows);
   # then memcheck and racecheck over the cluster tests.
   stage "cluster rows" | tee -a "$LOG"
   timeout 150 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda -rfE 2>&1 \
@@ -140,10 +149,8 @@ if want clusters; then
   for clusters in unset 1 0 all; do
     echo "FUSED_CE_CUDA_CLUSTERS=$clusters" | tee -a "$LOG"
     ( [ "$clusters" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$clusters
-      timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
-        --shapes 16384x32000:bf16,16384x50257:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
-        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/clusters-$clusters" 2>&1 ) \
-        | grep -v "^\[" | grep -E "logits|fused_ce |copy " | tee -a "$LOG"
+      time_rows 16384x32000:bf16,16384x50257:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
+          "clusters-$clusters" )
   done
   for tool in memcheck racecheck; do
     timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest tests/test_long_rows.py \
@@ -158,16 +165,13 @@ if want reuse; then
   # The streamed long rows of forward_with_grad (read, reduced, read again)
   # under each FUSED_CE_CUDA_STREAM_REUSE (none / keep: first read
   # evict_last / reverse: second pass last step first / both, the default),
-  # next to a copy of the logits; clusters off, so the float32 rows stream
-  # too (tables only).
+  # next to a copy of the logits (time_rows); clusters off, so the float32
+  # rows stream too.
   stage "stream reuse" | tee -a "$LOG"
   for reuse in none keep reverse both; do
     echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse" | tee -a "$LOG"
     FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse \
-      timeout 60 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd \
-        --shapes 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
-        --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/reuse-$reuse" 2>&1 \
-        | grep -v "^\[" | grep -E "^[0-9]+x|fused_ce " | tee -a "$LOG"
+        time_rows 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 "reuse-$reuse"
   done
 fi
 

@@ -59,11 +59,14 @@ namespace cuda {
 //    with a differently spelled instruction (get_again).
 constexpr int kWordsPerSlot = kVectorBytes / 4;
 
+// Each codec also says whether it stores the gradient two elements at a
+// time (kPutsPairs, with put_pair) or one (put).
 template <typename T>
 struct WordCodec;
 
 template <>
 struct WordCodec<float> {
+  static constexpr bool kPutsPairs = false;
   __device__ __forceinline__ static float get(const uint32_t* w, int j) { return __uint_as_float(w[j]); }
   __device__ __forceinline__ static float get_again(const uint32_t* w, int j) { return get(w, j); }
   __device__ __forceinline__ static void put(uint32_t* w, int j, float v) { w[j] = __float_as_uint(v); }
@@ -72,6 +75,7 @@ struct WordCodec<float> {
 
 template <>
 struct WordCodec<double> {
+  static constexpr bool kPutsPairs = false;
   __device__ __forceinline__ static double get(const uint32_t* w, int j) {
     return __hiloint2double(static_cast<int>(w[2 * j + 1]), static_cast<int>(w[2 * j]));
   }
@@ -88,6 +92,7 @@ struct WordCodec<double> {
 // Impl provides encode(float) -> 16 bits.
 template <typename Impl>
 struct HalfWordCodec {
+  static constexpr bool kPutsPairs = false;  // bf16 hides it with true
   __device__ __forceinline__ static uint32_t bits(const uint32_t* w, int j) {
     return (j % 2) ? (w[j / 2] >> 16) : (w[j / 2] & 0xffffu);
   }
@@ -178,16 +183,6 @@ template <CachePolicy P, int VEC, typename T>
 __device__ __forceinline__ void store_slot_words(T* row, const RowSplit<VEC>& rs, int slot,
                                                  const uint32_t (&w)[kWordsPerSlot]) {
   store_global<P>(reinterpret_cast<uint4*>(row + rs.slot_class(slot)), make_uint4(w[0], w[1], w[2], w[3]));
-}
-
-// Whether a codec stores the gradient two elements at a time (put_pair).
-template <typename Codec, typename = void>
-struct PutsPairs : std::false_type {};
-template <typename Codec>
-struct PutsPairs<Codec, std::void_t<decltype(Codec::kPutsPairs)>> : std::bool_constant<Codec::kPutsPairs> {};
-template <typename Codec>
-constexpr bool puts_pairs() {
-  return PutsPairs<Codec>::value;
 }
 
 // The fence takes the pass's reduced result as an input so it cannot be
@@ -330,7 +325,7 @@ __global__ void __launch_bounds__(BLOCK)
     for (int ch = 0; ch < CH; ++ch) {
       if (ch * TPR + lane >= mine.count) continue;
       const int slot = mine.first + ch * TPR + lane;
-      if constexpr (puts_pairs<Codec>()) {
+      if constexpr (Codec::kPutsPairs) {
 #pragma unroll
         for (int j = 0; j < VEC; j += 2) {
           const int c = rs.slot_class(slot) + j;

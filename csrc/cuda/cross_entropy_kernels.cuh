@@ -272,8 +272,8 @@ struct ClusterPlan {
 // rows past one block are faster in clusters (4096 x 128256: 1.39x the copy,
 // streamed twice 1.56x); 16-bit rows are not in clusters of 8 (16384 x 128256
 // bf16: 1.90x against 1.62x streamed, 8192 x 256000: 2.69x against 1.64x) but
-// are in clusters of 2 rather than one 896-thread block (16384 x 32000 bf16:
-// 1.66x against 1.90x). Clusters of 4 (rows of 32k-57k 16-bit classes) were
+// are in clusters of 2 rather than one 512-thread block (16384 x 32000 bf16:
+// 1.66x against 1.90x; such rows now take 1024 threads, not yet compared). Clusters of 4 (rows of 32k-57k 16-bit classes) were
 // not measured: those rows keep the one block.
 template <typename T>
 ClusterPlan cluster_plan() {
@@ -291,9 +291,10 @@ ClusterPlan cluster_plan() {
 // (StreamReuse), from FUSED_CE_CUDA_STREAM_REUSE (read once per process):
 // "none", "keep" (the first read's lines get evict_last priority), "reverse"
 // (the second pass walks the row last step first) or "both", the default
-// (any other value: none).  One H100 (benchmarks/results/gpu-2026-11-27-h100-b), forward + backward
-// over a copy of the logits, none -> both: 16384 x 128256 bf16 1.67x -> 1.60x,
-// 8192 x 256000 bf16 1.68x -> 1.67x, 4096 x 128256 fp32 1.58x -> 1.57x.
+// (any other value: none).  One H100 (benchmarks/results/gpu-2026-11-27-h100-b),
+// forward + backward over a copy of the logits, none -> both: 16384 x 128256
+// bf16 1.67x -> 1.60x, 8192 x 256000 bf16 1.68x -> 1.67x, 4096 x 128256 fp32
+// 1.58x -> 1.57x.
 // Fewer rows in flight to keep more of each in L2 lost far more than it
 // saved (at most 2 blocks per SM: 1.91x, 1.98x, 1.69x), so every block
 // that fits runs.
