@@ -16,6 +16,7 @@
 
 #include "cross_entropy.h"
 #include "double_backward.h"
+#include "error_message.h"
 
 namespace fused_ce {
 namespace {
@@ -298,21 +299,21 @@ at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
                               double label_smoothing, double z_loss, double softcap,
                               int64_t reduction, bool device_scaled) {
-  TORCH_CHECK(input.dim() >= 2, "fused_ce: cross_entropy_loss expects batched input (N, C, ...), got ",
-              input.dim(), " dimension(s)");
-  TORCH_CHECK(reduction == static_cast<int64_t>(Reduction::None) || is_reduced(reduction),
-              "fused_ce: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  FUSED_CE_CHECK(input.dim() >= 2, "fused_ce: cross_entropy_loss expects batched input (N, C, ...), got ",
+                 input.dim(), " dimension(s)");
+  FUSED_CE_CHECK(reduction == static_cast<int64_t>(Reduction::None) || is_reduced(reduction),
+                 "fused_ce: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   const bool grad_mode = at::GradMode::is_enabled();
   if (grad_mode && input.requires_grad()) {
-    TORCH_CHECK(is_reduced(reduction) && !target.requires_grad(),
-                "fused_ce: cross_entropy_loss computes gradients of a reduced loss with respect to the "
-                "input only; use fused_ce.CrossEntropyFunction for reduction='none' or a target gradient");
+    FUSED_CE_CHECK(is_reduced(reduction) && !target.requires_grad(),
+                   "fused_ce: cross_entropy_loss computes gradients of a reduced loss with respect to the "
+                   "input only; use fused_ce.CrossEntropyFunction for reduction='none' or a target gradient");
     return CrossEntropyLossFunction::apply(input, target, weight, ignore_index, label_smoothing, z_loss,
                                            softcap, reduction, device_scaled);
   }
-  TORCH_CHECK(!(grad_mode && target.requires_grad()),
-              "fused_ce: cross_entropy_loss gives no gradient for the target; use "
-              "fused_ce.CrossEntropyFunction");
+  FUSED_CE_CHECK(!(grad_mode && target.requires_grad()),
+                 "fused_ce: cross_entropy_loss gives no gradient for the target; use "
+                 "fused_ce.CrossEntropyFunction");
   // No graph to build: the forward alone.
   const CanonicalArgs args = canonical(input, target);
   auto [loss, lse, total_weight] =

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "error_message.h"
+
 namespace fused_ce {
 namespace {
 
@@ -131,9 +133,9 @@ class CrossEntropyGradientBackward : public Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);  // as autograd's own nodes: a graph may be shared by threads
-    TORCH_CHECK(saved_.gradient.defined(),
-                "fused_ce.cross_entropy: trying to differentiate the loss's gradient a second time, but "
-                "its saved tensors have been freed; use retain_graph=True the first time");
+    FUSED_CE_CHECK(saved_.gradient.defined(),
+                   "fused_ce.cross_entropy: trying to differentiate the loss's gradient a second time, but "
+                   "its saved tensors have been freed; use retain_graph=True the first time");
     variable_list out(2);
     const at::Tensor& v = grads[0];
     if (!v.defined()) return out;
@@ -205,10 +207,10 @@ at::Tensor refuse_differentiation(const at::Tensor& value, const char* message,
 
 void check_unmodified(const SavedGradient& saved) {
   const bool weight_same = !saved.weight.defined() || saved.weight._version() == saved.weight_version;
-  TORCH_CHECK(saved.target._version() == saved.target_version && weight_same,
-              "fused_ce.cross_entropy: one of the variables needed for the second derivative of the "
-              "loss (its ", weight_same ? "target" : "weight", ") has been modified by an inplace "
-              "operation since the forward");
+  FUSED_CE_CHECK(saved.target._version() == saved.target_version && weight_same,
+                 "fused_ce.cross_entropy: one of the variables needed for the second derivative of the "
+                 "loss (its ", weight_same ? "target" : "weight", ") has been modified by an inplace "
+                 "operation since the forward");
 }
 
 }  // namespace fused_ce

@@ -106,6 +106,9 @@ if want repro; then
     ldd fused_ce/_C*.so | grep -E "stdc\+\+|libgcc_s|libgomp"
     nm -D --defined-only fused_ce/_C*.so | c++filt | grep -E " [TWV] (std::basic_ostream|std::basic_ios|std::locale|std::num_put|std::__ostream_insert|std::__cxx11::basic_ostringstream|std::__cxx11::basic_stringbuf|std::basic_streambuf)" | head -n 5 | sed 's/^/iostream symbol the extension defines: /'
   } 2>&1 | tee -a "$LOG"
+  # The same integer formatting in a torch-free library built here with each
+  # compiler, loaded beside torch: does the crash need the extension at all?
+  timeout 240 "$PY" scripts/ostream_probe.py 2>&1 | tee -a "$LOG"
   rm -f /tmp/ld-bindings.*
   LD_DEBUG=bindings LD_DEBUG_OUTPUT=/tmp/ld-bindings timeout 60 "$PY" scripts/repro_scale_gradient_crash.py 2 \
       >/dev/null 2>&1

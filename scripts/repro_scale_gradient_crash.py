@@ -26,7 +26,9 @@ def forward(target, weight):
     return ops.cross_entropy_forward(torch.randn(4, 5, 1, device="cuda"), target, weight, -100, 0.0, 0.0, 0.0)
 
 
-# Session 26 (2026-11-27): every crashing call's message streams an integer
+# Session 27 (2026-11-27): the extension now formats the numbers of its messages
+# itself (csrc/error_message.h); every case below should raise, none crash.
+# Session 26 (2026-11-27): every crashing call's message streamed an integer
 # (an element count, a size), every one that raised streams only devices,
 # dtypes and text. The suspect: the extension's iostream calls bind to a
 # second libstdc++ in the process's global symbol scope. These cases show

@@ -635,3 +635,82 @@ def test_validate_check_itself(device):
         bad[1, 1] = value
         with pytest.raises(IndexError, match=rf"^Target {value} is out of bounds\.$"):
             _check_targets_in_range(bad, 5, ignore_index)
+
+
+def _rows_4x5(device):
+    """The canonical (N, C, D) = (4, 5, 1) arguments of a direct operator call."""
+    return make_logits((4, 5, 1), torch.float32, device), make_class_target((4, 1), 5, device)
+
+
+# Direct calls of the operators with one bad argument each, and the whole first line of the error.
+# The messages carry integers, shapes and floating point numbers, which the extension formats
+# itself (csrc/error_message.h): on the GPU machine every message that std::ostream had to format
+# a number for crashed the process instead of raising. Each expectation is what c10's stream would
+# print; the CPU and CUDA bindings word some checks differently.
+_OPERATOR_ERRORS = {
+    "weight of 4 for 5 classes": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t, torch.ones(4, device=x.device),
+                                                              -100, 0.0, 0.0, 0.0),
+        {"cpu": "fused_ce: weight must have shape (5), got [4]",
+         "cuda": "weight tensor should be defined either for all 5 classes or no classes but got weight tensor "
+                 "of shape: [4]"}),
+    "target of shape (3, 1)": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t[:3], None, -100, 0.0, 0.0, 0.0),
+        {"cpu": "fused_ce: class-index target must have shape (4, 1), got [3, 1]",
+         "cuda": "fused_ce::cross_entropy_forward: expected a class-index target of shape [4, 1], got [3, 1]"}),
+    "label_smoothing 1.5": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 1.5, 0.0, 0.0),
+        {"cpu": "fused_ce: label_smoothing must be in [0, 1], got 1.5",
+         "cuda": "label_smoothing must be between 0.0 and 1.0. Got: 1.5"}),
+    "z_loss -0.25": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 0.0, -0.25, 0.0),
+        "fused_ce: z_loss must be finite and >= 0, got -0.25"),
+    "softcap -1e-7 (%g's exponent form)": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 0.0, 0.0, -1e-7),
+        "fused_ce: softcap must be finite and > 0 (or 0 for none), got -1e-07"),
+    "softcap inf": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward(x, t, None, -100, 0.0, 0.0, float("inf")),
+        "fused_ce: softcap must be finite and > 0 (or 0 for none), got inf"),
+    "forward_with_grad, reduction 0": (
+        lambda x, t: torch.ops.fused_ce.cross_entropy_forward_with_grad(x, t, None, -100, 0.0, 0.0, 0.0, 0),
+        {"cpu": "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got 0",
+         "cuda": "fused_ce::cross_entropy_forward_with_grad: reduction must be 1 (mean) or 2 (sum), got 0"}),
+    "scale_gradient_, two-element scale": (
+        lambda x, t: torch.ops.fused_ce.scale_gradient_(x, torch.tensor([2.0, 3.0], device=x.device)),
+        "fused_ce: scale_gradient_ needs a one-element scale, got 2 elements"),
+    "reduce_loss, reduction -7": (
+        lambda x, t: torch.ops.fused_ce.reduce_loss(x.flatten(), torch.tensor(4.0, device=x.device), -7,
+                                                    torch.float32),
+        "fused_ce: reduce_loss needs reduction 1 (mean) or 2 (sum), got -7"),
+    "reduce_loss, total_weight of 3 elements": (
+        lambda x, t: torch.ops.fused_ce.reduce_loss(x.flatten(), torch.ones(3, device=x.device), 1,
+                                                    torch.float32),
+        "fused_ce: reduce_loss needs a one-element Float total_weight, got 3 elements of Float"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_OPERATOR_ERRORS))
+def test_operator_errors_spell_numbers_and_shapes_like_c10(device, case):
+    call, expected = _OPERATOR_ERRORS[case]
+    if isinstance(expected, dict):
+        expected = expected[device]
+    error = _capture(lambda: call(*_rows_4x5(device)))
+    assert isinstance(error, RuntimeError), f"{case}: expected a RuntimeError, got {error!r}"
+    assert str(error).splitlines()[0] == expected
+    _still_works(device)
+
+
+def test_extension_sources_raise_through_fused_ce_check():
+    # The guard behind the test above: a plain TORCH_CHECK in the extension would hand its numbers
+    # to std::ostream again (csrc/error_message.h says why that crashed).
+    csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
+    offenders = []
+    for folder, _, files in os.walk(csrc):
+        for name in files:
+            if name == "error_message.h" or not name.endswith((".cpp", ".h", ".cu", ".cuh")):
+                continue
+            with open(os.path.join(folder, name)) as source:
+                for number, line in enumerate(source, 1):
+                    if re.search(r"\b(TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*)\s*\(", line):
+                        offenders.append(f"{os.path.relpath(os.path.join(folder, name), csrc)}:{number}")
+    assert not offenders, "use FUSED_CE_CHECK (csrc/error_message.h) at " + ", ".join(offenders)

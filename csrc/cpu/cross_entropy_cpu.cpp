@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../cross_entropy.h"
+#include "../error_message.h"
 #include "cross_entropy_kernel.h"
 #include "gradient_cache.h"
 
@@ -139,8 +140,8 @@ double validate_targets_and_total_weight(const at::Tensor& target, const at::Ten
       }
       if (out_of_bounds) {
         for_each_target(y, sn, sd, D, begin, end, [&](int64_t, int64_t t) {
-          TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "Target ", t,
-                            " is out of bounds.");
+          FUSED_CE_CHECK_INDEX(t == ignore_index || (t >= 0 && t < C), "Target ", t,
+                               " is out of bounds.");
         });
       }
     }
@@ -210,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 }
 
 Reduction checked_reduction(int64_t reduction) {
-  TORCH_CHECK(reduction == int64_t(Reduction::Mean) || reduction == int64_t(Reduction::Sum),
-              "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got ", reduction);
+  FUSED_CE_CHECK(reduction == int64_t(Reduction::Mean) || reduction == int64_t(Reduction::Sum),
+                 "fused_ce: forward_with_grad needs reduction 1 (mean) or 2 (sum), got ", reduction);
   return Reduction(reduction);
 }
 
@@ -235,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_inplace_cpu(
   const Reduction checked = checked_reduction(reduction);
   // Overlapping elements (an expanded input) would receive several
   // gradients; the contract asks for a contiguous input.
-  TORCH_CHECK(input.is_contiguous(),
-              "fused_ce: the in-place forward_with_grad needs a contiguous input");
+  FUSED_CE_CHECK(input.is_contiguous(),
+                 "fused_ce: the in-place forward_with_grad needs a contiguous input");
   return forward_impl(input, target, weight, {ignore_index, label_smoothing, z_loss, softcap},
                       checked, input);
 }
@@ -254,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
   // lse is part of the operator's contract (the CUDA backward uses it), but
   // the CPU kernels recompute the row statistics: see KernelArgs.
   check_per_element(lse, "lse", input, shape);
-  TORCH_CHECK(!target_grad || shape.probability_target,
-              "fused_ce: target_grad needs probability targets");
+  FUSED_CE_CHECK(!target_grad || shape.probability_target,
+                 "fused_ce: target_grad needs probability targets");
   const at::Tensor weight_acc = weight_in_accumulate_type(weight, input);
   validate_targets_and_total_weight(target, weight_acc, shape, ignore_index);
   at::Tensor grad_input =

@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "../cross_entropy.h"
+#include "../error_message.h"
 // Declarations only: the launchers are compiled in launchers_<dtype>.cu.
 #include "ce_params.cuh"
 
@@ -74,45 +75,45 @@ struct Inputs {
 
 Inputs check_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight, const fused_ce::LossOptions& options) {
-  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got one on ", input.device());
-  TORCH_CHECK(input.dim() == 3, op, ": expected the canonical (N, C, D) input, got ", input.dim(),
-              " dimensions");
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
-              " but input is on ", input.device());
-  TORCH_CHECK(options.label_smoothing >= 0.0 && options.label_smoothing <= 1.0,
-              "label_smoothing must be between 0.0 and 1.0. Got: ", options.label_smoothing);
+  FUSED_CE_CHECK(input.is_cuda(), op, ": expected a CUDA input, got one on ", input.device());
+  FUSED_CE_CHECK(input.dim() == 3, op, ": expected the canonical (N, C, D) input, got ", input.dim(),
+                 " dimensions");
+  FUSED_CE_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+                 " but input is on ", input.device());
+  FUSED_CE_CHECK(options.label_smoothing >= 0.0 && options.label_smoothing <= 1.0,
+                 "label_smoothing must be between 0.0 and 1.0. Got: ", options.label_smoothing);
   fused_ce::check_loss_options(options.z_loss, options.softcap);
 
   Inputs in;
   in.N = input.size(0);
   in.C = input.size(1);
   in.D = input.size(2);
-  TORCH_CHECK(in.C > 0 || in.N * in.D == 0, op, ": the class dimension is empty");
+  FUSED_CE_CHECK(in.C > 0 || in.N * in.D == 0, op, ": the class dimension is empty");
 
   in.prob = at::isFloatingType(target.scalar_type());
   if (in.prob) {
-    TORCH_CHECK(target.sizes() == input.sizes(), op, ": probability target of shape ", target.sizes(),
-                " does not match input of shape ", input.sizes());
-    TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": expected target dtype ",
-                input.scalar_type(), " but got ", target.scalar_type());
+    FUSED_CE_CHECK(target.sizes() == input.sizes(), op, ": probability target of shape ", target.sizes(),
+                   " does not match input of shape ", input.sizes());
+    FUSED_CE_CHECK(target.scalar_type() == input.scalar_type(), op, ": expected target dtype ",
+                   input.scalar_type(), " but got ", target.scalar_type());
     in.target = target;
   } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
-                "expected target dtype to be Long or Byte, but got ", target.scalar_type());
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == in.N && target.size(1) == in.D, op,
-                ": expected a class-index target of shape [", in.N, ", ", in.D, "], got ",
-                target.sizes());
+    FUSED_CE_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+                   "expected target dtype to be Long or Byte, but got ", target.scalar_type());
+    FUSED_CE_CHECK(target.dim() == 2 && target.size(0) == in.N && target.size(1) == in.D, op,
+                   ": expected a class-index target of shape [", in.N, ", ", in.D, "], got ",
+                   target.sizes());
     in.target = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
   }
 
   if (weight.has_value() && weight->defined()) {
     const at::Tensor& w = *weight;
-    TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(), " but input is on ",
-                input.device());
-    TORCH_CHECK(w.scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
-                " but found ", w.scalar_type());
-    TORCH_CHECK(w.dim() == 1 && w.numel() == in.C, "weight tensor should be defined either for all ",
-                in.C, " classes or no classes but got weight tensor of shape: ", w.sizes());
+    FUSED_CE_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(), " but input is on ",
+                   input.device());
+    FUSED_CE_CHECK(w.scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
+                   " but found ", w.scalar_type());
+    FUSED_CE_CHECK(w.dim() == 1 && w.numel() == in.C, "weight tensor should be defined either for all ",
+                   in.C, " classes or no classes but got weight tensor of shape: ", w.sizes());
     in.weight = w.contiguous();
   }
   return in;
@@ -150,10 +151,10 @@ void fill_common(Params& p, const at::Tensor& input, const Inputs& in, const fus
 // defensively; a no-op for what the forward produced).
 at::Tensor per_element(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
                        const Inputs& in) {
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == in.N && t.size(1) == in.D, op, ": ", name,
-              " must have shape [", in.N, ", ", in.D, "], got ", t.sizes());
+  FUSED_CE_CHECK(t.device() == input.device(), op, ": expected ", name, " on ", input.device(), ", got ",
+                 t.device());
+  FUSED_CE_CHECK(t.dim() == 2 && t.size(0) == in.N && t.size(1) == in.D, op, ": ", name,
+                 " must have shape [", in.N, ", ", in.D, "], got ", t.sizes());
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   return t.scalar_type() == acc ? t : t.to(acc);
 }
@@ -185,8 +186,8 @@ at::Tensor finished_or_empty(std::optional<GradientOutput>& gradient, const at::
 }
 
 void check_reduction(const char* op, int64_t reduction) {
-  TORCH_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum, op,
-              ": reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  FUSED_CE_CHECK(reduction == ce::kReductionMean || reduction == ce::kReductionSum, op,
+                 ": reduction must be 1 (mean) or 2 (sum), got ", reduction);
 }
 
 // The three forward operators.  grad_input is undefined for kNone and is
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     // The kernels rely on the gradient of element (n, c, d) landing exactly
     // on that element (see ce_stream_kernels.cuh), and on nothing else they
     // read being overwritten.
-    TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous (the gradient overwrites it)");
+    FUSED_CE_CHECK(input.is_contiguous(), op, ": input must be contiguous (the gradient overwrites it)");
     at::assert_no_overlap(input, in.target);
     if (in.weight.defined()) at::assert_no_overlap(input, in.weight);
   }
@@ -277,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
   const char* op = "fused_ce::cross_entropy_backward";
   const fused_ce::LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
   const Inputs in = check_inputs(op, input, target, weight, options);
-  TORCH_CHECK(!target_grad || in.prob, op, ": a target gradient exists only for probability targets");
+  FUSED_CE_CHECK(!target_grad || in.prob, op, ": a target gradient exists only for probability targets");
   const at::Tensor grad_loss_acc = per_element(op, "grad_loss", grad_loss, input, in);
   const at::Tensor lse_acc = per_element(op, "lse", lse, input, in);
   const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
