@@ -14,8 +14,9 @@
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
 # (session 26's two calls, 12.3 minutes). After kernel changes the second
 # call is rather `bash scripts/gpu_check.sh build,clusters,reuse,profile,sanitize`
-# (about 6 minutes in session 25/26 timings: the row configurations compared
-# in one process each, Nsight Compute on four kernels, compute-sanitizer).
+# (about 7 minutes by session 25/26 timings: the row configurations and the
+# streamed rows' settings compared in one process each, Nsight Compute on
+# five kernels, compute-sanitizer).
 # (the second build is incremental while the machine is still warm; the
 # benchmark there is the full CUDA suite in all three modes; $OUT brings back
 # at most 8 files, so drop build.log after a good build).
@@ -165,16 +166,25 @@ if want clusters; then
 fi
 
 if want reuse; then
-  # The streamed long rows of forward_with_grad (read, reduced, read again)
-  # under each FUSED_CE_CUDA_STREAM_REUSE (none / keep: first read
-  # evict_last / reverse: second pass last step first / both, the default),
-  # next to a copy of the logits (time_rows); clusters off, so the float32
-  # rows stream too.
-  stage "stream reuse" | tee -a "$LOG"
-  for reuse in none keep reverse both; do
+  # The streamed long rows of forward_with_grad (read, reduced, read again),
+  # next to a copy of the logits (time_rows), clusters off so that the
+  # float32 rows stream too: FUSED_CE_CUDA_STREAM_REUSE none against both
+  # (the default; keep and reverse alone were measured in session 26), then
+  # one block of 384 or 768 threads a row instead of 256
+  # (FUSED_CE_CUDA_STREAM_BLOCK: as many warps per SM, fewer rows between
+  # their two reads), each after the long-row tests under that setting.
+  stage "streamed rows: L2 reuse and block width" | tee -a "$LOG"
+  for reuse in none both; do
     echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse" | tee -a "$LOG"
     FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse \
         time_rows 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 "reuse-$reuse"
+  done
+  for threads in 384 768; do
+    echo "FUSED_CE_CUDA_STREAM_BLOCK=$threads" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_BLOCK=$threads timeout 120 "$PY" -m pytest tests/test_long_rows.py \
+        -q -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_BLOCK=$threads \
+        time_rows 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 "block-$threads"
   done
 fi
 
@@ -201,13 +211,15 @@ if want profile; then
   # classes (1024 threads x 4 slots since session 26; 512 x 8 was at 24%
   # occupancy) against one 1024-thread block per fp32 row of 32000 (1.29x the
   # copy), bf16 rows of 128256 classes in clusters of 8 (1.90x) and streamed
-  # (1.60x). One launch each of the forward_with_grad kernel (-k regex).
+  # (1.60x), and streamed in 768-thread blocks (FUSED_CE_CUDA_STREAM_BLOCK:
+  # what share of the second read does the L2 serve now?). One launch each of
+  # the forward_with_grad kernel (-k regex).
   stage "profile (ncu)" | tee -a "$LOG"
-  for case in "0 bfloat16 32000 resident" "1 float32 32000 resident" "1 bfloat16 128256 resident" \
-      "0 bfloat16 128256 forward_stream"; do
+  for case in "0 bfloat16 32000 resident 256" "1 float32 32000 resident 256" "1 bfloat16 128256 resident 256" \
+      "0 bfloat16 128256 forward_stream 256" "0 bfloat16 128256 forward_stream 768"; do
     set -- $case
-    echo "FUSED_CE_CUDA_CLUSTERS=$1 $2 x $3 classes, kernel $4" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=$1 timeout 120 ncu -k "regex:$4" --launch-count 1 \
+    echo "FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 $2 x $3 classes, kernel $4" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 timeout 120 ncu -k "regex:$4" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         "$PY" -c "import torch, fused_ce
@@ -215,7 +227,7 @@ x = torch.randn(4096, $3, device='cuda', dtype=torch.$2, requires_grad=True)
 t = torch.randint(0, $3, (4096,), device='cuda')
 fused_ce.cross_entropy(x, t).backward(); torch.cuda.synchronize()" >/tmp/profile.txt 2>&1
     echo "ncu exit status $?" | tee -a "$LOG"
-    { echo "=== FUSED_CE_CUDA_CLUSTERS=$1 $2 x $3 classes, kernel $4"; cat /tmp/profile.txt; } >>"$OUT/profile.txt"
+    { echo "=== FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 $2 x $3 classes, kernel $4"; cat /tmp/profile.txt; } >>"$OUT/profile.txt"
     grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall" \
         /tmp/profile.txt | head -n 30 | tee -a "$LOG"
   done

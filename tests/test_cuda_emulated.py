@@ -13,6 +13,7 @@ tests/cuda_emulator/README.md.
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -408,6 +409,16 @@ def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:
     return out.stdout.strip().splitlines()
 
 
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(emu):
+    """torch's extension builder waits for as long as the file "lock" exists in the build folder,
+    and a process killed while it builds leaves it there (an xdist worker past pytest's time
+    limit, on the GPU machine): build.load() clears it under its own lock, an flock."""
+    stale = Path(emu.__file__).parent / "lock"
+    stale.write_text("")
+    assert _run_in_a_new_process("print('loaded')") == ["loaded"]
+    assert not stale.exists()
+
+
 _CLUSTER_MODE_LAUNCHES = """
 for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.bfloat16), (40000, torch.float32)):
     x = make_logits((3, C, 1), dtype)
@@ -450,6 +461,27 @@ def test_stream_reuse_modes(emu, reuse):
         env["FUSED_CE_CUDA_STREAM_REUSE"] = reuse
     launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_STREAM_REUSE_LAUNCHES, env=env)]
     assert launches == ["(5, 256, 1)"] * 3
+
+
+_STREAM_BLOCK_LAUNCHES = """
+for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
+                                (200000, torch.float32, "inplace", None), (140000, torch.float64, "with_grad", None)):
+    x = make_logits((5, C, 1), dtype)
+    t = make_class_target((5, 1), C, ignore_index=-100)
+    print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1, softcap=softcap)[-1])
+"""
+
+
+@pytest.mark.parametrize("threads, block", [(None, 256), ("256", 256), ("384", 384), ("768", 768), ("512", 256)])
+def test_stream_block_widths(emu, threads, block):
+    """FUSED_CE_CUDA_STREAM_BLOCK (read once per process): the streamed class-target rows of
+    forward_with_grad, new gradient and in place, softcapped or not, are right in blocks of 256,
+    384 or 768 threads a row; any other value, and float64 rows, keep 256."""
+    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_STREAM_BLOCK"}
+    if threads is not None:
+        env["FUSED_CE_CUDA_STREAM_BLOCK"] = threads
+    launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_STREAM_BLOCK_LAUNCHES, env=env)]
+    assert launches == [f"(5, {block}, 1)"] * 3 + ["(5, 256, 1)"]
 
 
 _LAUNCH_AND_ASSERTION = """

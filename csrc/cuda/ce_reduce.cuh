@@ -150,7 +150,12 @@ __device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op o
       if (threadIdx.x % kWarpSize == 0) partial[warp] = x;
       __syncthreads();
       Fields<Acc, K> r = partial[0];
-#pragma unroll
+      // Blocks of more than 16 warps fold 8 at a time: fully unrolled, the
+      // compiler loads every warp's fields at once, which spilled the
+      // registers of 768-thread streaming blocks (and of some 896- and
+      // 1024-thread resident ones). The order of the fold is the same.
+      constexpr int kFoldUnroll = (kWarps & (kWarps - 1)) == 0 && kWarps <= 16 ? kWarps : 4;
+#pragma unroll(kFoldUnroll)
       for (int w = 1; w < kWarps; ++w) r = op(r, partial[w]);
       // `partial` is reused by the next reduction of the same kind.
       __syncthreads();

@@ -309,6 +309,41 @@ inline StreamReuse stream_reuse() {
   return reuse;
 }
 
+// Threads per streamed long row of forward_with_grad (class targets, vector
+// access, 16-bit and float32 rows), from FUSED_CE_CUDA_STREAM_BLOCK (read
+// once per process): 256, the default, 384 or 768 (any other value: 256).
+// At their 80 registers every width keeps 24 warps per SM (3 blocks of 256,
+// 2 of 384, 1 of 768), but the wider the block, the fewer rows are between
+// their two reads at once: 132 SMs x 3 rows of 128256 bf16 classes are 101
+// MB, twice an H100's 50 MB L2, x 1 row 34 MB, which the L2 can keep for
+// the second read. What it costs: every warp of the SM waits at the same
+// block-wide reduction. Not timed yet.
+inline int stream_row_block() {
+  static const int threads = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_STREAM_BLOCK");
+    if (v != nullptr && std::strcmp(v, "384") == 0) return 384;
+    if (v != nullptr && std::strcmp(v, "768") == 0) return 768;
+    return kStreamBlock;
+  }();
+  return threads;
+}
+
+// forward_with_grad's class-target rows streamed by one block of BLOCK
+// threads each (stream_row_block).
+template <typename T, int BLOCK>
+void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped, StreamReuse reuse,
+                             cudaStream_t stream) {
+  constexpr int VEC = vector_width<T>();
+  const unsigned int grid = grid_for(p.N * p.D, 1);
+  if (capped) {
+    ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, true><<<grid, BLOCK, 0, stream>>>(
+        p, loss_math<true>(p), reuse);
+  } else {
+    ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, false><<<grid, BLOCK, 0, stream>>>(
+        p, loss_math<false>(p), reuse);
+  }
+}
+
 // Whether `kernel`, a kernel split over thread-block clusters, can run on
 // the current device: the device launches clusters, and the code loaded for
 // it was compiled from sm_90 or newer source. An sm_80 build holds the
@@ -468,12 +503,19 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   }
 
   const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
+  const StreamReuse reuse = with_grad ? stream_reuse() : StreamReuse{};
+  if constexpr (sizeof(T) <= 4) {
+    if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock && stream_row_block() != kStreamBlock) {
+      stream_row_block() == 384 ? launch_wide_stream_rows<T, 384>(p, capped, reuse, stream)
+                                : launch_wide_stream_rows<T, 768>(p, capped, reuse, stream);
+      return cudaGetLastError();
+    }
+  }
   return dispatch_row_plan<T>(plan, [&](auto tpr_tag, auto vec_tag) {
     constexpr int TPR = decltype(tpr_tag)::value;
     constexpr int VEC = decltype(vec_tag)::value;
     constexpr int BLOCK = TPR > kStreamBlock ? TPR : kStreamBlock;
     const unsigned int grid = grid_for(rows, BLOCK / TPR);
-    const StreamReuse reuse = with_grad ? stream_reuse() : StreamReuse{};
     dispatch_flags(prob, capped, [&](auto prob_tag, auto cap_tag) {
       constexpr bool CAP = decltype(cap_tag)::value;
       ce_forward_stream_kernel<T, TPR, BLOCK, VEC, decltype(prob_tag)::value, CAP>

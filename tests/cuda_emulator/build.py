@@ -16,6 +16,7 @@ nvcc run): found through ``CUDA_HOME``, ``nvcc`` on the path or
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -121,13 +122,27 @@ def load(build_dir: Optional[Path] = None, verbose: bool = False, extra_cflags: 
     """Builds (or reuses) the emulated extension and returns the module. The
     default build folder, under build/cuda_emulator/, is named after a digest
     of the sources."""
-    from torch.utils.cpp_extension import load as load_extension
-
     include = cuda_include_dir()
     if include is None:
         raise RuntimeError("the CUDA toolkit's headers (cuda_fp16.h) were not found")
     build_dir = Path(build_dir or REPO / "build" / "cuda_emulator" / _inputs_digest(extra_cflags))
     build_dir.mkdir(parents=True, exist_ok=True)
+    # One process at a time prepares and builds a folder (pytest -n starts
+    # a build in every worker). An flock, which the system releases when its
+    # holder dies: torch's own lock, the file "lock" in the build folder, is
+    # left behind by a process killed while it builds (a worker past
+    # pytest's time limit, on the GPU machine on 2026-11-27), and every later
+    # build waits on it for good. Whoever holds the flock knows that no
+    # other load() is building there, so such a file is stale.
+    with open(build_dir / "load.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return _build_and_load(build_dir, include, verbose, extra_cflags)
+
+
+def _build_and_load(build_dir: Path, include: Path, verbose: bool, extra_cflags: Optional[list]):
+    from torch.utils.cpp_extension import load as load_extension
+
     sources = prepare_sources(build_dir)
     # On a GPU machine the real CUDA runtime is in the process's global
     # symbol scope (torch loads it so) and fused_ce._C holds the real
