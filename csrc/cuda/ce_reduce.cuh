@@ -150,10 +150,12 @@ __device__ __forceinline__ Fields<Acc, K> group_allreduce(Fields<Acc, K> x, Op o
       if (threadIdx.x % kWarpSize == 0) partial[warp] = x;
       __syncthreads();
       Fields<Acc, K> r = partial[0];
-      // Blocks of more than 16 warps fold 8 at a time: fully unrolled, the
-      // compiler loads every warp's fields at once, which spilled the
-      // registers of 768-thread streaming blocks (and of some 896- and
-      // 1024-thread resident ones). The order of the fold is the same.
+      // Fully unrolled, the compiler loads every warp's fields at once,
+      // which spilled the registers of the 384- and 768-thread streaming
+      // blocks and of the 896- and 1024-thread resident ones: those fold 4
+      // warps at a time, blocks of 2, 4, 8 or 16 warps all at once (ptxas
+      // -v in .ci/nvcc_check.sh). The order of the fold, hence every bit,
+      // is the same.
       constexpr int kFoldUnroll = (kWarps & (kWarps - 1)) == 0 && kWarps <= 16 ? kWarps : 4;
 #pragma unroll(kFoldUnroll)
       for (int w = 1; w < kWarps; ++w) r = op(r, partial[w]);
