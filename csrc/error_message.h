@@ -39,7 +39,13 @@ inline void append(std::string& out, c10::ScalarType type) { out.append(c10::toS
 // Device::str() is libc10's own formatting ("cuda:0").
 inline void append(std::string& out, const c10::Device& device) { out.append(device.str()); }
 
-template <typename Number, std::enable_if_t<std::is_arithmetic_v<Number> && !std::is_same_v<Number, bool>, int> = 0>
+// Numbers (and bools, 1 or 0 like the stream's). Not chars: the stream
+// prints the character, std::to_string its code, so they do not compile here.
+template <typename Number>
+constexpr bool kIsNumber = std::is_arithmetic_v<Number> && !std::is_same_v<Number, char> &&
+                           !std::is_same_v<Number, signed char> && !std::is_same_v<Number, unsigned char>;
+
+template <typename Number, std::enable_if_t<kIsNumber<Number>, int> = 0>
 void append(std::string& out, Number value) {
   if constexpr (std::is_integral_v<Number>) {
     out.append(std::to_string(value));
