@@ -1,18 +1,18 @@
 // FUSED_CE_CHECK: TORCH_CHECK with the numbers in its message formatted here,
 // not by std::ostream.
 //
-// Why: on the GPU machine (H100, torch 2.11, the extension linked there by
-// another g++ than torch's), every check of this extension whose message
-// streamed an integer crashed the process with a segmentation fault, while
-// every check whose message held only text, dtypes and devices raised its
-// RuntimeError (2026-11-26 and -27, scripts/repro_scale_gradient_crash.py).
-// TORCH_CHECK streams its arguments into a std::ostringstream, and only
-// numbers go through the stream's locale (its num_put facet); text, and the
-// dtype and device names that libc10 formats, do not.  So the messages here are
-// assembled as text: integers by std::to_string, floating point numbers by
-// snprintf's %g and shapes by hand, each spelled exactly as the stream would
-// have spelled it (the tests compare messages with PyTorch's), and TORCH_CHECK
-// receives one ready string, which c10::str passes through untouched.
+// Why: on the GPU machine (H100, torch 2.11, the extension built there),
+// every check of this extension whose message streamed an integer crashed
+// the process with a segmentation fault, while every check whose message
+// held only text, dtypes and devices raised its RuntimeError (2026-11-26 and
+// -27, scripts/repro_scale_gradient_crash.py). TORCH_CHECK streams its
+// arguments into a std::ostringstream, and only numbers go through the
+// stream's locale (its num_put facet); text, and the dtype and device names
+// that libc10 formats, do not. So the messages here are assembled as text:
+// integers by std::to_string, floating point numbers by snprintf's %g and
+// shapes by hand, each spelled exactly as the stream would have spelled it
+// (tests/test_errors.py compares whole messages), and TORCH_CHECK receives
+// one ready string, which c10::str passes through untouched.
 //
 // FUSED_CE_CHECK(cond, parts...) and FUSED_CE_CHECK_INDEX(cond, parts...)
 // raise what TORCH_CHECK and TORCH_CHECK_INDEX raise (RuntimeError,
@@ -50,8 +50,9 @@ void append(std::string& out, Number value) {
   if constexpr (std::is_integral_v<Number>) {
     out.append(std::to_string(value));
   } else {
-    // std::ostream's default for floating point: 6 significant digits in the
-    // shorter of fixed and scientific notation, which is printf's %g.
+    // std::ostream's default for floating point is printf's %g: 6
+    // significant digits, scientific notation for exponents below -4 or
+    // from 6 on, no trailing zeros (1.5, -1e-07, inf).
     char text[32];
     std::snprintf(text, sizeof(text), "%g", static_cast<double>(value));
     out.append(text);

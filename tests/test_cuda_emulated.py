@@ -409,6 +409,16 @@ def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:
     return out.stdout.strip().splitlines()
 
 
+def _launches_with(variable, value, body):
+    """The launch (blocks, threads, cluster) that each line of ``body`` prints after a label, run in
+    a new process (the FUSED_CE_CUDA_* settings are read once per process) whose environment sets
+    ``variable`` to ``value`` (None: unset)."""
+    env = {key: val for key, val in os.environ.items() if key != variable}
+    if value is not None:
+        env[variable] = value
+    return [line.split(" ", 1)[1] for line in _run_in_a_new_process(body, env=env)]
+
+
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(emu):
     """torch's extension builder waits for as long as the file "lock" exists in the build folder,
     and a process killed while it builds leaves it there (an xdist worker past pytest's time
@@ -436,11 +446,7 @@ for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torc
 ], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
     """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a new process)."""
-    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_CLUSTERS"}
-    if mode is not None:
-        env["FUSED_CE_CUDA_CLUSTERS"] = mode
-    launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_CLUSTER_MODE_LAUNCHES, env=env)]
-    assert launches == expected
+    assert _launches_with("FUSED_CE_CUDA_CLUSTERS", mode, _CLUSTER_MODE_LAUNCHES) == expected
 
 
 _STREAM_REUSE_LAUNCHES = """
@@ -456,11 +462,7 @@ for C, dtype, mode in ((128256, torch.bfloat16, "with_grad"), (128256, torch.bfl
 def test_stream_reuse_modes(emu, reuse):
     """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
     new gradient and in place, are right whichever order the second pass walks a row in."""
-    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_STREAM_REUSE"}
-    if reuse is not None:
-        env["FUSED_CE_CUDA_STREAM_REUSE"] = reuse
-    launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_STREAM_REUSE_LAUNCHES, env=env)]
-    assert launches == ["(5, 256, 1)"] * 3
+    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAM_REUSE_LAUNCHES) == ["(5, 256, 1)"] * 3
 
 
 _STREAM_BLOCK_LAUNCHES = """
@@ -477,10 +479,7 @@ def test_stream_block_widths(emu, threads, block):
     """FUSED_CE_CUDA_STREAM_BLOCK (read once per process): the streamed class-target rows of
     forward_with_grad, new gradient and in place, softcapped or not, are right in blocks of 256,
     384 or 768 threads a row; any other value, and float64 rows, keep 256."""
-    env = {key: value for key, value in os.environ.items() if key != "FUSED_CE_CUDA_STREAM_BLOCK"}
-    if threads is not None:
-        env["FUSED_CE_CUDA_STREAM_BLOCK"] = threads
-    launches = [line.split(" ", 1)[1] for line in _run_in_a_new_process(_STREAM_BLOCK_LAUNCHES, env=env)]
+    launches = _launches_with("FUSED_CE_CUDA_STREAM_BLOCK", threads, _STREAM_BLOCK_LAUNCHES)
     assert launches == [f"(5, {block}, 1)"] * 3 + ["(5, 256, 1)"]
 
 
