@@ -100,11 +100,9 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    reduction, ignore_index, label_smoothing = check_loss_options(weight, ignore_index, reduction, label_smoothing)
+    reduction, ignore_index, label_smoothing = check_loss_options(
+        weight, ignore_index, reduction, label_smoothing, tensors=(("input", input), ("target", target)))
     z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("cross_entropy(): input and target must be tensors, got "
-                        f"{type(input).__name__} and {type(target).__name__}")
     if not input.is_floating_point():
         raise NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
     if input.dim() == 0:
@@ -266,22 +264,29 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     return not has_torch_function(tensors)
 
 
-def check_loss_options(weight, ignore_index, reduction, label_smoothing) -> Tuple[str, int, float]:
+def check_loss_options(weight, ignore_index, reduction, label_smoothing,
+                       tensors: Tuple[Tuple[str, object], ...] = ()) -> Tuple[str, int, float]:
     """The options shared with ``nn.CrossEntropyLoss``, checked as PyTorch
-    does: argument types (a ``TypeError`` with the message of its argument
-    parser, which checks them for the ``aten::cross_entropy_loss`` call), the
-    reduction (``"elementwise_mean"`` is a deprecated "mean", with
-    PyTorch's warning) and label smoothing in [0, 1]. Returns the reduction,
+    does and in its order: the reduction first (``"elementwise_mean"`` is a
+    deprecated "mean", with PyTorch's warning; F.cross_entropy converts it
+    before the call), then the argument types in the order of the
+    ``aten::cross_entropy_loss`` arguments (a ``TypeError`` with the message
+    of its argument parser): ``tensors`` (the (name, value) pairs of its
+    leading tensor arguments, input and target), weight, ignore_index,
+    label_smoothing; then label smoothing in [0, 1]. Returns the reduction,
     ``ignore_index`` as an int and ``label_smoothing`` as a float."""
     if reduction == "elementwise_mean":
         _reduction.get_enum(reduction)  # the warning
         reduction = "mean"
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    ignore_index = _int_argument(ignore_index, "ignore_index", 5)
-    label_smoothing = _float_argument(label_smoothing, "label_smoothing", 6)
+    for position, (name, value) in enumerate(tensors, 1):
+        if not isinstance(value, Tensor):
+            raise TypeError(_argument_type_message(name, position, "Tensor", value))
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(_argument_type_message("weight", 3, "Tensor", weight))
+    ignore_index = _int_argument(ignore_index, "ignore_index", 5)
+    label_smoothing = _float_argument(label_smoothing, "label_smoothing", 6)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     return reduction, ignore_index, label_smoothing

@@ -160,6 +160,17 @@ def test_float_class_index_target(device):
     _check_same_error(device, make, _TARGET_DTYPE_MESSAGE("Float"), torch_device="cpu")
 
 
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_target_with_the_input_shape(device, tdtype):
+    # a target with the input's shape holds class probabilities, so it must be floating point
+    def make(dev):
+        return (make_logits((3, 5), device=dev), torch.randint(0, 2, (3, 5), device=dev).to(tdtype)), {}
+
+    name = {torch.int64: "Long", torch.uint8: "Byte", torch.bool: "Bool"}[tdtype]
+    _check_same_error(device, make, [f"^Expected floating point type for target with class probabilities, got {name}$"],
+                      RuntimeError)
+
+
 @pytest.mark.parametrize("red", ["foo", "avg", "Mean", ""])
 def test_bad_reduction(device, red):
     def make(dev):
@@ -297,6 +308,28 @@ def test_argument_of_the_wrong_type(device, name, value, wanted, given):
 
     _check_same_error(device, make, [re.escape(f"argument '{name}' (position "), f"must be {wanted}, not {given}"],
                       TypeError)
+
+
+# Two bad arguments at once: PyTorch reports the reduction first (F.cross_entropy converts it before
+# the call), then the first bad argument in the order of aten::cross_entropy_loss's parameters.
+TWO_BAD_ARGUMENTS = {
+    "input and ignore_index": (lambda x, t: (([1.0, 2.0], t), {"ignore_index": "i"})),
+    "target and weight": (lambda x, t: ((x, [0, 1, 2]), {"weight": "w"})),
+    "weight and ignore_index": (lambda x, t: ((x, t), {"weight": "w", "ignore_index": "i"})),
+    "ignore_index and label_smoothing": (lambda x, t: ((x, t), {"ignore_index": 1.5, "label_smoothing": "s"})),
+    "weight and label_smoothing's range": (lambda x, t: ((x, t), {"weight": "w", "label_smoothing": 2.0})),
+    "input and reduction": (lambda x, t: ((x.tolist(), t), {"reduction": "bogus"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWO_BAD_ARGUMENTS))
+def test_the_first_of_two_bad_arguments_is_reported(device, case):
+    def make(dev):
+        return TWO_BAD_ARGUMENTS[case](make_logits((3, 5), device=dev), make_class_target((3,), 5, dev))
+
+    args, kwargs = make("cpu")
+    torch_message = str(_capture(lambda: F.cross_entropy(*args, **kwargs)))
+    _check_same_error(device, make, ["^" + re.escape(torch_message) + "$"])
 
 
 ACCEPTED_ARGUMENT_FORMS = [

@@ -613,6 +613,30 @@ def test_autocast(device, reduction, use_weight):
     torch.testing.assert_close(g_out, g_ref, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_probability_target(device, reduction):
+    # Under autocast the class probabilities go to float32 with the logits (cross_entropy is on
+    # autocast's fp32 list), whatever their dtype, and so does the loss.
+    lp_dtype = _autocast_case(device)
+    torch.manual_seed(4)
+    C = 33
+    lin = torch.nn.Linear(16, C).to(device)
+    data = torch.randn(10, 16, device=device)
+    target = make_prob_target((10, C), lp_dtype, device)
+    with torch.autocast(device_type=device, dtype=lp_dtype):
+        logits = lin(data)
+        ref = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+        out = fused_ce.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+    assert out.dtype == ref.dtype == torch.float32
+    ref64 = F.cross_entropy(logits.detach().double().cpu(), target.double().cpu(), reduction=reduction,
+                            label_smoothing=0.1)
+    assert_close_ref(out, ref64, torch.float32, what="autocast loss, probability target")
+    go = torch.rand(ref.shape, device=device, dtype=ref.dtype)
+    g_ref = torch.autograd.grad(ref, lin.weight, go, retain_graph=True)[0]
+    g_out = torch.autograd.grad(out, lin.weight, go)[0]
+    torch.testing.assert_close(g_out, g_ref, rtol=2e-2, atol=2e-3)
+
+
 def test_autocast_module_with_weight_buffer(device):
     lp_dtype = _autocast_case(device)
     C = 8
