@@ -103,11 +103,19 @@ def cross_entropy(
     reduction, ignore_index, label_smoothing = check_loss_options(
         weight, ignore_index, reduction, label_smoothing, tensors=(("input", input), ("target", target)))
     z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
+    # PyTorch finds integer logits in its log_softmax: after the checks of the
+    # class probabilities' path (below), before those of the class indices'.
+    if not input.is_floating_point() and not (target.is_floating_point() and target.shape == input.shape):
+        raise _logits_not_implemented(input)
     if input.dim() == 0:
-        raise RuntimeError("cross_entropy(): input must have at least one dimension (the classes), "
-                           "got a 0-d tensor")
+        # PyTorch's exception types: a 0-d integer target is taken for class
+        # probabilities and refused as such; anything else fails when the
+        # class dimension is looked up.
+        if target.dim() == 0 and not target.is_floating_point():
+            raise RuntimeError("Expected floating point type for target with class probabilities, "
+                               f"got {_dtype_name(target.dtype)}")
+        raise IndexError("cross_entropy(): input must have at least one dimension (the classes), "
+                         "got a 0-d tensor")
     device = input.device
     if target.device != device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
@@ -141,6 +149,8 @@ def cross_entropy(
         # PyTorch's soft-target formula promotes logits, probabilities and
         # weight to a common dtype (float32 logits + float64 targets -> float64).
         weight = _check_weight(weight, input, num_classes, check_dtype=False)
+        if not input.is_floating_point():
+            raise _logits_not_implemented(input)
         common = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
             common = torch.promote_types(common, weight.dtype)
@@ -152,11 +162,11 @@ def cross_entropy(
             # PyTorch's K-dimensional path (nll_loss2d) checks only the weight's
             # element count: a (1, C) weight works there, so it works here.
             weight = weight.reshape(num_classes)
+        _check_class_target(input, target, unbatched)
         weight = _check_weight(weight, input, num_classes, check_dtype=True)
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "
                                "to argument 'weight'. This input cannot have requires_grad True.")
-        _check_class_target(input, target, unbatched)
         if target.dtype != torch.int64:
             target = target.long()
         if validate:
@@ -213,6 +223,11 @@ def cross_entropy(
         loss, lse = result
         return (loss.squeeze(0) if reduction == "none" else loss), lse.squeeze(0)
     return result.squeeze(0) if reduction == "none" else result
+
+
+def _logits_not_implemented(input: Tensor) -> NotImplementedError:
+    """PyTorch's error for logits that are not floating point."""
+    return NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
 
 
 def functorch_active() -> bool:
@@ -394,12 +409,16 @@ def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int)
 
 def _check_weight(weight: Optional[Tensor], input: Tensor, num_classes: int,
                   check_dtype: bool) -> Optional[Tensor]:
+    """The class weights checked as PyTorch does: C of them, on the input's
+    device; with ``check_dtype`` (class-index targets) of the input's dtype,
+    else (class probabilities, where PyTorch multiplies and promotes) of any
+    real dtype, integers and bool included."""
     if weight is None:
         return None
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")
-    if not weight.is_floating_point() or (check_dtype and weight.dtype != input.dtype):
+    if weight.is_complex() or (check_dtype and weight.dtype != input.dtype):
         raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found "
                            f"{_dtype_name(weight.dtype)}")
     if weight.device != input.device:
@@ -467,6 +486,9 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
     batch = target.shape[0] if target.dim() > 0 else 0
     if batch != input.shape[0]:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+    if input.dim() == 2 and target.dim() == 0:
+        # (Only with a batch of 0, which the size check above lets through.)
+        raise IndexError("Dimension specified as 0 but tensor has no dimensions")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     if input.dim() == 4:  # nll_loss2d: the target's dimensions here, its size in _check_class_target

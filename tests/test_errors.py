@@ -5,6 +5,7 @@ torch, not hard-coded) and then fused_ce.cross_entropy; after every error the li
 produce correct results.
 """
 
+import itertools
 import os
 import re
 import subprocess
@@ -747,3 +748,72 @@ def test_extension_sources_raise_through_fused_ce_check():
                     if re.search(r"\b(TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*)\s*\(", line):
                         offenders.append(f"{os.path.relpath(os.path.join(folder, name), csrc)}:{number}")
     assert not offenders, "use FUSED_CE_CHECK (csrc/error_message.h) at " + ", ".join(offenders)
+
+
+def _sweep_inputs():
+    g = torch.Generator().manual_seed(5)
+    inputs = {
+        "(C)": torch.randn(5, generator=g), "(N, C)": torch.randn(3, 5, generator=g),
+        "(N, C, H)": torch.randn(3, 5, 4, generator=g), "(N, C, H, W)": torch.randn(3, 5, 2, 2, generator=g),
+        "(0, C)": torch.randn(0, 5, generator=g), "(N, 0)": torch.randn(3, 0, generator=g), "0-d": torch.tensor(1.0),
+        "(N, C) float64": torch.randn(3, 5, generator=g, dtype=torch.float64),
+        "(N, C) bfloat16": torch.randn(3, 5, generator=g).bfloat16(), "(N, C) int64": torch.randint(0, 5, (3, 5)),
+    }
+    targets = {
+        "0-d": torch.tensor(2), "(1)": torch.tensor([2]), "(3)": torch.tensor([0, 1, 4]),
+        "(3) >= C": torch.tensor([0, 7, 1]), "(3) negative": torch.tensor([0, -1, 1]),
+        "(3) float": torch.tensor([0.0, 1.0, 2.0]), "(3) int32": torch.tensor([0, 1, 2], dtype=torch.int32),
+        "(3) uint8": torch.tensor([0, 1, 2], dtype=torch.uint8), "(2)": torch.tensor([0, 1]),
+        "(3, 4)": torch.randint(0, 5, (3, 4)), "(3, 2, 2)": torch.randint(0, 5, (3, 2, 2)), "(3, 1)": torch.zeros(3, 1).long(),
+        "(0)": torch.zeros(0).long(), "(3, 5) probabilities": torch.rand(3, 5, generator=g).softmax(1),
+        "(3, 5) float64 probabilities": torch.rand(3, 5, generator=g, dtype=torch.float64).softmax(1),
+        "(3, 5) bfloat16 probabilities": torch.rand(3, 5, generator=g).softmax(1).bfloat16(),
+        "(5) probabilities": torch.rand(5, generator=g).softmax(0), "(3, 5, 4) probabilities": torch.rand(3, 5, 4, generator=g),
+    }
+    weights = {
+        "no weight": None, "(5)": torch.rand(5, generator=g) + 0.5, "(4)": torch.rand(4, generator=g),
+        "(5) float64": torch.rand(5, generator=g, dtype=torch.float64), "(1, 5)": torch.rand(1, 5, generator=g),
+        "(5) int64": torch.ones(5, dtype=torch.long),
+    }
+    options = [{}, {"ignore_index": 1}, {"label_smoothing": 0.2}, {"reduction": "none"},
+               {"reduction": "sum", "ignore_index": -1}]
+    return inputs, targets, weights, options
+
+
+def _outcome(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
+def test_error_types_and_results_match_pytorch_over_a_sweep():
+    """Every combination of 10 inputs, 18 targets, 6 weights and 5 option sets (5400 calls, most of
+    them bad in one or several ways): fused_ce raises the exception type PyTorch raises (for several
+    faults, the type of the one PyTorch reports first), and where both compute, the same values.
+    PyTorch's own failures on valid arguments are the exceptions, where fused_ce computes what
+    PyTorch gives for the equivalent arguments."""
+    inputs, targets, weights, options = _sweep_inputs()
+    mismatches = []
+    for (xn, x), (tn, t), (wn, w), opts in itertools.product(inputs.items(), targets.items(), weights.items(),
+                                                             options):
+        theirs = _outcome(F.cross_entropy, x, t, weight=w, **opts)
+        ours = _outcome(fused_ce.cross_entropy, x, t, weight=w, **opts)
+        case = f"input {xn}, target {tn}, weight {wn}, {opts}"
+        if isinstance(theirs, Exception) and not isinstance(ours, Exception):
+            # PyTorch bugs: an unbatched input's (1,) target with label smoothing (a broadcast
+            # error), and uint8 targets with label smoothing (its gather wants int64).
+            equivalent = t.reshape(()) if t.shape == (1,) and x.dim() == 1 else t.long()
+            if opts.get("label_smoothing") and t.dtype in (torch.int64, torch.uint8):
+                ours_ref = F.cross_entropy(x, equivalent, weight=w, **opts)
+                if not torch.allclose(ours.double(), ours_ref.double(), rtol=1e-2, atol=1e-3):
+                    mismatches.append(f"{case}: {ours} where torch gives {ours_ref} for the equivalent target")
+                continue
+        if isinstance(theirs, Exception) or isinstance(ours, Exception):
+            if type(ours) is not type(theirs):
+                mismatches.append(f"{case}: torch {type(theirs).__name__}({theirs}), fused_ce "
+                                  f"{type(ours).__name__}({ours})")
+        elif ours.shape != theirs.shape or not torch.allclose(ours.double(), theirs.double(), rtol=1e-2,
+                                                               atol=1e-3, equal_nan=True):
+            mismatches.append(f"{case}: torch {theirs}, fused_ce {ours}")
+    assert not mismatches, f"{len(mismatches)} of 5400 differ, e.g.\n" + "\n".join(mismatches[:10])
