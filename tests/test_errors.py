@@ -787,33 +787,46 @@ def _outcome(fn, *args, **kwargs):
         return error
 
 
+def _loss_and_gradient(fn, x, t, w, opts):
+    """fn's loss (or exception) and the gradient of the loss (or the backward's exception) for
+    logits that require grad (floating point ones)."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())
+    loss = _outcome(fn, x, t, weight=w, **opts)
+    if isinstance(loss, Exception) or not x.requires_grad:
+        return loss, None
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    return loss, _outcome(lambda: torch.autograd.grad(loss, x, upstream)[0])
+
+
+def _same(a, b):
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=2e-2, atol=1e-3, equal_nan=True)
+
+
 def test_error_types_and_results_match_pytorch_over_a_sweep():
     """Every combination of 10 inputs, 18 targets, 6 weights and 5 option sets (5400 calls, most of
     them bad in one or several ways): fused_ce raises the exception type PyTorch raises (for several
-    faults, the type of the one PyTorch reports first), and where both compute, the same values.
-    PyTorch's own failures on valid arguments are the exceptions, where fused_ce computes what
-    PyTorch gives for the equivalent arguments."""
+    faults, the type of the one PyTorch reports first), and where both compute, the same losses and
+    gradients. Where PyTorch fails on valid arguments, fused_ce must compute what PyTorch gives for
+    the equivalent arguments: an unbatched input's (1,) target (PyTorch's backward, and its label
+    smoothing, break on it; a 0-d target is the same thing), uint8 targets with label smoothing
+    (PyTorch's gather wants int64)."""
     inputs, targets, weights, options = _sweep_inputs()
     mismatches = []
     for (xn, x), (tn, t), (wn, w), opts in itertools.product(inputs.items(), targets.items(), weights.items(),
                                                              options):
-        theirs = _outcome(F.cross_entropy, x, t, weight=w, **opts)
-        ours = _outcome(fused_ce.cross_entropy, x, t, weight=w, **opts)
         case = f"input {xn}, target {tn}, weight {wn}, {opts}"
-        if isinstance(theirs, Exception) and not isinstance(ours, Exception):
-            # PyTorch bugs: an unbatched input's (1,) target with label smoothing (a broadcast
-            # error), and uint8 targets with label smoothing (its gather wants int64).
-            equivalent = t.reshape(()) if t.shape == (1,) and x.dim() == 1 else t.long()
-            if opts.get("label_smoothing") and t.dtype in (torch.int64, torch.uint8):
-                ours_ref = F.cross_entropy(x, equivalent, weight=w, **opts)
-                if not torch.allclose(ours.double(), ours_ref.double(), rtol=1e-2, atol=1e-3):
-                    mismatches.append(f"{case}: {ours} where torch gives {ours_ref} for the equivalent target")
-                continue
-        if isinstance(theirs, Exception) or isinstance(ours, Exception):
-            if type(ours) is not type(theirs):
-                mismatches.append(f"{case}: torch {type(theirs).__name__}({theirs}), fused_ce "
-                                  f"{type(ours).__name__}({ours})")
-        elif ours.shape != theirs.shape or not torch.allclose(ours.double(), theirs.double(), rtol=1e-2,
-                                                               atol=1e-3, equal_nan=True):
-            mismatches.append(f"{case}: torch {theirs}, fused_ce {ours}")
+        theirs, their_grad = _loss_and_gradient(F.cross_entropy, x, t, w, opts)
+        ours, our_grad = _loss_and_gradient(fused_ce.cross_entropy, x, t, w, opts)
+        if x.dim() == 1 and t.shape == (1,) and not isinstance(ours, Exception):
+            theirs, their_grad = _loss_and_gradient(F.cross_entropy, x, t.reshape(()), w, opts)
+        elif t.dtype == torch.uint8 and opts.get("label_smoothing") and not isinstance(ours, Exception):
+            theirs, their_grad = _loss_and_gradient(F.cross_entropy, x, t.long(), w, opts)
+        for what, a, b in (("loss", theirs, ours), ("gradient", their_grad, our_grad)):
+            if isinstance(a, Exception) or isinstance(b, Exception):
+                if type(a) is not type(b):
+                    mismatches.append(f"{case}, {what}: torch {type(a).__name__}({a}), fused_ce "
+                                      f"{type(b).__name__}({b})")
+                break
+            if (a is None) != (b is None) or (a is not None and not _same(a, b)):
+                mismatches.append(f"{case}, {what}: torch {a}, fused_ce {b}")
     assert not mismatches, f"{len(mismatches)} of 5400 differ, e.g.\n" + "\n".join(mismatches[:10])
