@@ -33,10 +33,11 @@ Without anything to differentiate (``torch.no_grad()``, or no tensor that
 requires grad) no gradient work is done at all. Forms the chunked path does
 not handle (K-dimensional ``linear_weight``, gradients for the class weight
 or for probability targets, probability targets of another dtype than the
-input, mixed dtypes or devices, autocast with class weights or probability
-targets, torch.compile tracing) take the reference path
+input, devices other than the input's, autocast with class weights or
+probability targets, torch.compile tracing) take the reference path
 ``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
-and gives PyTorch's results and errors. So do calls under torch.func
+and gives PyTorch's results and errors. Mixed dtypes of input, weight and
+bias outside autocast raise F.linear's error first, as PyTorch does. So do calls under torch.func
 transforms or with forward-mode AD tangents, which the chunks' Function
 cannot differentiate.
 """
@@ -475,12 +476,22 @@ def linear_cross_entropy(
 
     num_classes = linear_weight.shape[0]
     logits_shape = (*input.shape[:-1], num_classes, *linear_weight.shape[1:-1])
+    if len({t.dtype for t in (input, linear_weight, linear_bias) if t is not None}) > 1 and \
+            not torch.is_autocast_enabled(input.device.type):
+        # PyTorch computes the logits first, so a dtype mismatch in their
+        # product is its first error: the same product over no rows raises it,
+        # in F.linear's words.
+        F.linear(input[:0] if input.dim() == 2 else input, linear_weight.reshape(-1, linear_weight.shape[-1]),
+                 None if linear_bias is None else linear_bias.reshape(-1))
     probs = tuple(target.shape) == logits_shape
     if probs and explicit_ignore_index:  # torch's message
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
-    if linear_weight.dim() == 2 and not probs:
-        # input is (N, H) or (H): its batch dimension is the logits'
-        _check_class_target(input, target, unbatched=input.dim() == 1)
+    if not probs:
+        # The target against the logits' shape, before the class weight: for
+        # (N, H) or (H) input the input's batch is the logits' (no tensor made);
+        # K-dimensional logits are described by a meta tensor (no memory).
+        logits_like = input if linear_weight.dim() == 2 else torch.empty(logits_shape, device="meta")
+        _check_class_target(logits_like, target, unbatched=input.dim() == 1)
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
         raise RuntimeError(f"weight tensor should be defined either for all {num_classes} classes "
                            f"or no classes but got weight tensor of shape: {list(weight.shape)}")

@@ -6,6 +6,7 @@ linear weight and the bias are compared. The memory test watches every tensor th
 (a TorchDispatchMode) and checks that none has N x V elements, while the reference path does.
 """
 
+import itertools
 import math
 
 import pytest
@@ -567,6 +568,58 @@ def test_errors_like_torch(case):
     expected = _error_of(F.linear_cross_entropy, *args, **kwargs)
     assert expected is not None, "torch accepts this case; the test is wrong"
     assert ours == expected
+
+
+def _outcome(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        return exc
+
+
+def test_errors_and_results_match_torch_over_a_sweep():
+    """8 inputs x 5 linear weights x 4 biases x 8 targets x 3 class weights x 4 option sets (15360
+    calls, most with one or several faults): the exception type PyTorch raises (for several faults,
+    that of the one it reports first: the logits' dtype mismatch, then the target, then the class
+    weight), or the same loss. Against F.linear_cross_entropy (torch 2.13 on), or before it against
+    F.linear + F.cross_entropy where both take the arguments (1-D and 2-D inputs and weights)."""
+    g = torch.Generator().manual_seed(7)
+    h, c = 8, 5
+    inputs = {"(N, H)": torch.randn(3, h, generator=g), "(H)": torch.randn(h, generator=g),
+              "(N, H) float64": torch.randn(3, h, generator=g, dtype=torch.float64),
+              "(N, H + 1)": torch.randn(3, h + 1, generator=g), "(0, H)": torch.randn(0, h),
+              "(N, H) int64": torch.ones(3, h, dtype=torch.long), "(B, N, H)": torch.randn(2, 3, h, generator=g),
+              "0-d": torch.tensor(1.0)}
+    linear_weights = {"(C, H)": torch.randn(c, h, generator=g), "(C, H + 1)": torch.randn(c, h + 1, generator=g),
+                      "(C)": torch.randn(c, generator=g), "(C, H) float64": torch.randn(c, h, generator=g, dtype=torch.float64),
+                      "(C, 2, H)": torch.randn(c, 2, h, generator=g)}
+    biases = {"none": None, "(C)": torch.randn(c, generator=g), "(C + 1)": torch.randn(c + 1, generator=g),
+              "(C, 2)": torch.randn(c, 2, generator=g)}
+    targets = {"(3)": torch.tensor([0, 1, 4]), "(3) >= C": torch.tensor([0, 9, 1]), "(2)": torch.tensor([0, 1]),
+               "0-d": torch.tensor(1), "(3, C) probabilities": torch.rand(3, c, generator=g).softmax(1),
+               "(3) int32": torch.tensor([0, 1, 2], dtype=torch.int32), "(3, 2)": torch.randint(0, c, (3, 2), generator=g),
+               "(C) probabilities": torch.rand(c, generator=g).softmax(0)}
+    class_weights = {"none": None, "(C)": torch.rand(c, generator=g) + 0.5, "(C - 1)": torch.rand(c - 1, generator=g)}
+    options = [{}, {"label_smoothing": 0.1}, {"reduction": "none"}, {"ignore_index": 1}]
+    native = getattr(F, "linear_cross_entropy", None)
+    mismatches = []
+    for (xn, x), (wn, w), (bn, b), (tn, t), (cn, cw), opts in itertools.product(
+            inputs.items(), linear_weights.items(), biases.items(), targets.items(), class_weights.items(), options):
+        if native is not None:
+            theirs = _outcome(native, x, w, t, linear_bias=b, weight=cw, **opts)
+        elif x.dim() <= 2 and w.dim() == 2:
+            theirs = _outcome(lambda: F.cross_entropy(F.linear(x, w, b), t, weight=cw, **opts))
+        else:
+            continue
+        ours = _outcome(linear_cross_entropy, x, w, t, linear_bias=b, weight=cw, **opts)
+        case = f"input {xn}, linear weight {wn}, bias {bn}, target {tn}, weight {cn}, {opts}"
+        if isinstance(theirs, Exception) or isinstance(ours, Exception):
+            if type(ours) is not type(theirs):
+                mismatches.append(f"{case}: torch {theirs!r}, fused_ce {ours!r}")
+        elif ours.shape != theirs.shape or not torch.allclose(ours.double(), theirs.double(), rtol=1e-2, atol=1e-3,
+                                                               equal_nan=True):
+            mismatches.append(f"{case}: torch {theirs}, fused_ce {ours}")
+    assert not mismatches, f"{len(mismatches)} differ, e.g.\n" + "\n".join(mismatches[:10])
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
