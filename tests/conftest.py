@@ -238,6 +238,14 @@ NATIVE_NODE = "torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 
+def outcome(fn, *args, **kwargs):
+    """What a call gives: its result, or the exception it raised (for comparing failures)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
 def grad_fn_name(t):
     """t.grad_fn.name(), or None for a tensor without one."""
     return t.grad_fn.name() if t.grad_fn is not None else None

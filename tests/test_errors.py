@@ -26,6 +26,7 @@ from conftest import (
     make_prob_target,
     make_target_in_walk_layout,
     make_weight,
+    outcome,
 )
 
 
@@ -780,22 +781,15 @@ def _sweep_inputs():
     return inputs, targets, weights, options
 
 
-def _outcome(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001
-        return error
-
-
 def _loss_and_gradient(fn, x, t, w, opts):
     """fn's loss (or exception) and the gradient of the loss (or the backward's exception) for
     logits that require grad (floating point ones)."""
     x = x.detach().clone().requires_grad_(x.is_floating_point())
-    loss = _outcome(fn, x, t, weight=w, **opts)
+    loss = outcome(fn, x, t, weight=w, **opts)
     if isinstance(loss, Exception) or not x.requires_grad:
         return loss, None
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    return loss, _outcome(lambda: torch.autograd.grad(loss, x, upstream)[0])
+    return loss, outcome(lambda: torch.autograd.grad(loss, x, upstream)[0])
 
 
 def _same(a, b):

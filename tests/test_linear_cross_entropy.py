@@ -16,7 +16,7 @@ from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_ce.linear as linear_mod
-from conftest import assert_close_ref, make_prob_target, make_weight, ref_llm
+from conftest import assert_close_ref, make_prob_target, make_weight, outcome, ref_llm
 from fused_ce.linear import default_chunk_size, linear_cross_entropy
 
 N, H, V = 40, 16, 33  # N chosen so that chunk 7 does not divide it and chunk 8 does
@@ -570,13 +570,6 @@ def test_errors_like_torch(case):
     assert ours == expected
 
 
-def _outcome(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        return exc
-
-
 def test_errors_and_results_match_torch_over_a_sweep():
     """8 inputs x 5 linear weights x 4 biases x 8 targets x 3 class weights x 4 option sets (15360
     calls, most with one or several faults): the exception type PyTorch raises (for several faults,
@@ -606,12 +599,12 @@ def test_errors_and_results_match_torch_over_a_sweep():
     for (xn, x), (wn, w), (bn, b), (tn, t), (cn, cw), opts in itertools.product(
             inputs.items(), linear_weights.items(), biases.items(), targets.items(), class_weights.items(), options):
         if native is not None:
-            theirs = _outcome(native, x, w, t, linear_bias=b, weight=cw, **opts)
+            theirs = outcome(native, x, w, t, linear_bias=b, weight=cw, **opts)
         elif x.dim() <= 2 and w.dim() == 2:
-            theirs = _outcome(lambda: F.cross_entropy(F.linear(x, w, b), t, weight=cw, **opts))
+            theirs = outcome(lambda: F.cross_entropy(F.linear(x, w, b), t, weight=cw, **opts))
         else:
             continue
-        ours = _outcome(linear_cross_entropy, x, w, t, linear_bias=b, weight=cw, **opts)
+        ours = outcome(linear_cross_entropy, x, w, t, linear_bias=b, weight=cw, **opts)
         case = f"input {xn}, linear weight {wn}, bias {bn}, target {tn}, weight {cn}, {opts}"
         if isinstance(theirs, Exception) or isinstance(ours, Exception):
             if type(ours) is not type(theirs):
