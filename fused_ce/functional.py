@@ -103,17 +103,19 @@ def cross_entropy(
     reduction, ignore_index, label_smoothing = check_loss_options(
         weight, ignore_index, reduction, label_smoothing, tensors=(("input", input), ("target", target)))
     z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
+    # Like PyTorch, a target with the input's shape holds class probabilities;
+    # any other shape holds class indices (the dims first: the cheaper test).
+    probability_target = target.dim() == input.dim() and target.shape == input.shape
     # PyTorch finds integer logits in its log_softmax: after the checks of the
     # class probabilities' path (below), before those of the class indices'.
-    if not input.is_floating_point() and not (target.is_floating_point() and target.shape == input.shape):
+    if not input.is_floating_point() and not (probability_target and target.is_floating_point()):
         raise _logits_not_implemented(input)
     if input.dim() == 0:
         # PyTorch's exception types: a 0-d integer target is taken for class
         # probabilities and refused as such; anything else fails when the
         # class dimension is looked up.
-        if target.dim() == 0 and not target.is_floating_point():
-            raise RuntimeError("Expected floating point type for target with class probabilities, "
-                               f"got {_dtype_name(target.dtype)}")
+        if probability_target and not target.is_floating_point():
+            raise _target_not_probabilities(target)
         raise IndexError("cross_entropy(): input must have at least one dimension (the classes), "
                          "got a 0-d tensor")
     device = input.device
@@ -133,13 +135,9 @@ def cross_entropy(
     unbatched = input.dim() == 1
     num_classes = input.shape[0] if unbatched else input.shape[1]
 
-    # Like PyTorch, a target with the input's shape holds class probabilities;
-    # any other shape holds class indices (the dims first: the cheaper test).
-    probability_target = target.dim() == input.dim() and target.shape == input.shape
     if probability_target:
         if not target.is_floating_point():
-            raise RuntimeError("Expected floating point type for target with class probabilities, "
-                               f"got {_dtype_name(target.dtype)}")
+            raise _target_not_probabilities(target)
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -228,6 +226,13 @@ def cross_entropy(
 def _logits_not_implemented(input: Tensor) -> NotImplementedError:
     """PyTorch's error for logits that are not floating point."""
     return NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
+
+
+def _target_not_probabilities(target: Tensor) -> RuntimeError:
+    """PyTorch's error for a target of the input's shape (class probabilities) that is not
+    floating point."""
+    return RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                        f"{_dtype_name(target.dtype)}")
 
 
 def functorch_active() -> bool:

@@ -36,10 +36,10 @@ or for probability targets, probability targets of another dtype than the
 input, devices other than the input's, autocast with class weights or
 probability targets, torch.compile tracing) take the reference path
 ``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
-and gives PyTorch's results and errors. Mixed dtypes of input, weight and
-bias outside autocast raise F.linear's error first, as PyTorch does. So do calls under torch.func
+and gives PyTorch's results and errors. So do calls under torch.func
 transforms or with forward-mode AD tangents, which the chunks' Function
-cannot differentiate.
+cannot differentiate. Mixed dtypes of input, weight and bias outside
+autocast raise F.linear's error first, as PyTorch does.
 """
 
 from __future__ import annotations

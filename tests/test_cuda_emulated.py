@@ -449,23 +449,8 @@ def test_cluster_modes(emu, mode, expected):
     assert _launches_with("FUSED_CE_CUDA_CLUSTERS", mode, _CLUSTER_MODE_LAUNCHES) == expected
 
 
-_STREAM_REUSE_LAUNCHES = """
-for C, dtype, mode in ((128256, torch.bfloat16, "with_grad"), (128256, torch.bfloat16, "inplace"),
-                       (200000, torch.float32, "inplace")):
-    x = make_logits((5, C, 1), dtype)
-    t = make_class_target((5, 1), C, ignore_index=-100)
-    print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1)[-1])
-"""
-
-
-@pytest.mark.parametrize("reuse", [None, "none", "keep", "reverse", "both"])
-def test_stream_reuse_modes(emu, reuse):
-    """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
-    new gradient and in place, are right whichever order the second pass walks a row in."""
-    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAM_REUSE_LAUNCHES) == ["(5, 256, 1)"] * 3
-
-
-_STREAM_BLOCK_LAUNCHES = """
+# Streamed rows of forward_with_grad: bf16 new and in place (softcapped), float32 in place, float64.
+_STREAMED_ROW_LAUNCHES = """
 for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
                                 (200000, torch.float32, "inplace", None), (140000, torch.float64, "with_grad", None)):
     x = make_logits((5, C, 1), dtype)
@@ -474,12 +459,19 @@ for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (12
 """
 
 
+@pytest.mark.parametrize("reuse", [None, "none", "keep", "reverse", "both"])
+def test_stream_reuse_modes(emu, reuse):
+    """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
+    new gradient and in place, are right whichever order the second pass walks a row in."""
+    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAMED_ROW_LAUNCHES) == ["(5, 256, 1)"] * 4
+
+
 @pytest.mark.parametrize("threads, block", [(None, 256), ("256", 256), ("384", 384), ("768", 768), ("512", 256)])
 def test_stream_block_widths(emu, threads, block):
     """FUSED_CE_CUDA_STREAM_BLOCK (read once per process): the streamed class-target rows of
     forward_with_grad, new gradient and in place, softcapped or not, are right in blocks of 256,
     384 or 768 threads a row; any other value, and float64 rows, keep 256."""
-    launches = _launches_with("FUSED_CE_CUDA_STREAM_BLOCK", threads, _STREAM_BLOCK_LAUNCHES)
+    launches = _launches_with("FUSED_CE_CUDA_STREAM_BLOCK", threads, _STREAMED_ROW_LAUNCHES)
     assert launches == [f"(5, {block}, 1)"] * 3 + ["(5, 256, 1)"]
 
 

@@ -273,8 +273,9 @@ struct ClusterPlan {
 // streamed twice 1.56x); 16-bit rows are not in clusters of 8 (16384 x 128256
 // bf16: 1.90x against 1.62x streamed, 8192 x 256000: 2.69x against 1.64x) but
 // are in clusters of 2 rather than one 512-thread block (16384 x 32000 bf16:
-// 1.66x against 1.90x; such rows now take 1024 threads, not yet compared). Clusters of 4 (rows of 32k-57k 16-bit classes) were
-// not measured: those rows keep the one block.
+// 1.66x against 1.90x; such rows now take 1024 threads, not yet compared).
+// Clusters of 4 (rows of 32k-57k 16-bit classes) were not measured: those
+// rows keep the one block.
 template <typename T>
 ClusterPlan cluster_plan() {
   switch (cluster_use()) {
