@@ -100,13 +100,13 @@ CONFIGURATIONS = [
     (40000, torch.float32, (24, 256, 8)),     # clusters of 8 blocks of 256
     (80005, torch.float32, (24, 512, 8)),     # body slots not a multiple of the cluster
     (131072, torch.float32, (24, 512, 8)),    # the longest cluster rows
-    (140000, torch.float32, (3, 256, 1)),     # too long: streamed by a block
+    (140000, torch.float32, (3, 768, 1)),     # too long: streamed by a block of 768
     (1000, torch.bfloat16, (1, 256, 1)),
     (20000, torch.bfloat16, (6, 256, 2)),     # clusters of 2 blocks rather than one of 512
     (50257, torch.bfloat16, (3, 896, 1)),     # GPT-2: the 896-thread block, odd C
-    (60001, torch.bfloat16, (3, 256, 1)),     # past one block: streamed
-    (128256, torch.bfloat16, (3, 256, 1)),    # Llama 3
-    (300001, torch.bfloat16, (3, 256, 1)),
+    (60001, torch.bfloat16, (3, 384, 1)),     # past one block: streamed by a block of 384
+    (128256, torch.bfloat16, (3, 384, 1)),    # Llama 3
+    (300001, torch.bfloat16, (3, 384, 1)),
     (777, torch.float16, (1, 256, 1)),
     (57344, torch.float16, (3, 896, 1)),
     (3000, torch.float64, (3, 256, 1)),
@@ -439,10 +439,10 @@ for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torc
 
 @pytest.mark.parametrize("mode, expected", [
     # unset: 16-bit rows in clusters of 2 before one block, none past one block; 32-bit rows in clusters past it
-    (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 256, 1)", "(24, 256, 8)"]),
+    (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 384, 1)", "(24, 256, 8)"]),
     ("1", ["(3, 1024, 1)", "(3, 896, 1)", "(24, 256, 8)", "(24, 256, 8)"]),  # clusters past one block
     ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)", "(24, 256, 8)"]),  # also from 16k 16-bit classes
-    ("0", ["(3, 1024, 1)", "(3, 896, 1)", "(3, 256, 1)", "(3, 256, 1)"]),  # none: rows past one block streamed
+    ("0", ["(3, 1024, 1)", "(3, 896, 1)", "(3, 384, 1)", "(3, 768, 1)"]),  # none: rows past one block streamed
 ], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
     """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a new process)."""
@@ -459,20 +459,29 @@ for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (12
 """
 
 
+# The streamed rows' launches at the default widths: 16-bit rows in blocks of
+# 384 threads, float32 rows 768, float64 rows 256 (stream_row_block).
+_DEFAULT_STREAMED_ROW_WIDTHS = ["(5, 384, 1)", "(5, 384, 1)", "(5, 768, 1)", "(5, 256, 1)"]
+
+
 @pytest.mark.parametrize("reuse", [None, "none", "keep", "reverse", "both"])
 def test_stream_reuse_modes(emu, reuse):
     """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
     new gradient and in place, are right whichever order the second pass walks a row in."""
-    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAMED_ROW_LAUNCHES) == ["(5, 256, 1)"] * 4
+    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAMED_ROW_LAUNCHES) == _DEFAULT_STREAMED_ROW_WIDTHS
 
 
-@pytest.mark.parametrize("threads, block", [(None, 256), ("256", 256), ("384", 384), ("768", 768), ("512", 256)])
-def test_stream_block_widths(emu, threads, block):
+@pytest.mark.parametrize("threads", [None, "256", "384", "768", "512"])
+def test_stream_block_widths(emu, threads):
     """FUSED_CE_CUDA_STREAM_BLOCK (read once per process): the streamed class-target rows of
     forward_with_grad, new gradient and in place, softcapped or not, are right in blocks of 256,
-    384 or 768 threads a row; any other value, and float64 rows, keep 256."""
+    384 or 768 threads a row; unset or any other value gives the default widths, and float64
+    rows keep 256."""
     launches = _launches_with("FUSED_CE_CUDA_STREAM_BLOCK", threads, _STREAMED_ROW_LAUNCHES)
-    assert launches == [f"(5, {block}, 1)"] * 3 + ["(5, 256, 1)"]
+    if threads in ("256", "384", "768"):
+        assert launches == [f"(5, {threads}, 1)"] * 3 + ["(5, 256, 1)"]
+    else:
+        assert launches == _DEFAULT_STREAMED_ROW_WIDTHS
 
 
 _LAUNCH_AND_ASSERTION = """

@@ -74,9 +74,11 @@ def _check_same_error(device, make_args, keywords, exc_type=None, torch_raises=T
     _still_works(device)
 
 
-def _cpu_only(device, why="out-of-range targets are detected on the host only on the CPU (CUDA asserts)"):
-    if device != "cpu":
-        pytest.skip(why)
+# Out-of-range targets are detected on the host only on the CPU; on CUDA the
+# kernels assert on the device (test_cuda_out_of_range_target_asserts_on_the_device)
+# or validate=True checks first. These tests take the CPU in place of the
+# device fixture's two devices.
+on_the_cpu_only = pytest.mark.parametrize("device", ["cpu"])
 
 
 # --------------------------------------------------------------------------
@@ -84,8 +86,8 @@ def _cpu_only(device, why="out-of-range targets are detected on the host only on
 
 @pytest.mark.parametrize("bad", ["C", "C+2", -1, -101])
 @pytest.mark.parametrize("kind", ["2d", "kdim", "rowkernel", "reduction_none", "smoothing", "weight", "unbatched"])
+@on_the_cpu_only
 def test_target_out_of_bounds(device, kind, bad):
-    _cpu_only(device)
     C = 70 if kind == "rowkernel" else 5
     value = {"C": C, "C+2": C + 2}.get(bad, bad)
 
@@ -107,8 +109,8 @@ def test_target_out_of_bounds(device, kind, bad):
     _check_same_error(device, make, [rf"Target {value} is out of bounds"], IndexError)
 
 
+@on_the_cpu_only
 def test_target_out_of_bounds_with_grad(device):
-    _cpu_only(device)
     x = make_logits((4, 5), device=device).requires_grad_()
     t = torch.tensor([0, 1, 9, 2], device=device)
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
@@ -121,8 +123,8 @@ def test_target_out_of_bounds_with_grad(device):
 @pytest.mark.parametrize("with_weight", [False, True])
 @pytest.mark.parametrize("position", ["first", "middle_block", "last"])
 @pytest.mark.parametrize("layout", TARGET_WALK_LAYOUTS)
+@on_the_cpu_only
 def test_target_out_of_bounds_in_every_walk(device, layout, position, with_weight):
-    _cpu_only(device)
     C = 6
 
     def make(dev):

@@ -11,6 +11,7 @@ so the head and tail elements held by the cluster's first block change from
 row to row). On the CPU the same cases exercise the row kernel's long rows.
 """
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -128,13 +129,14 @@ def _kernel_names(clusters_env, dtype="bfloat16"):
 def test_cuda_128k_rows_take_the_cluster_kernel():
     # the cluster path must really run where it can (a failed capability check would silently
     # stream every long row twice), and FUSED_CE_CUDA_CLUSTERS=0 must turn it off
-    on = _kernel_names("1")
+    # Four processes (the setting is read once per process), run side by side: one after
+    # another they took 119 s of the 120 s test limit under 16 pytest workers.
+    configurations = [("1", "bfloat16"), ("0", "bfloat16"), (None, "float32"), (None, "bfloat16")]
+    with concurrent.futures.ThreadPoolExecutor(len(configurations)) as pool:
+        on, off, default_fp32, default_bf16 = pool.map(lambda c: _kernel_names(*c), configurations)
     assert "resident" in on, f"no register-resident kernel in the step:\n{on}"
-    off = _kernel_names("0")
     assert "resident" not in off and "stream" in off, f"FUSED_CE_CUDA_CLUSTERS=0 ran:\n{off}"
     # Unset, the measured choice (cluster_plan): float32 rows in clusters,
     # 16-bit rows past one block streamed.
-    default_fp32 = _kernel_names(None, "float32")
     assert "resident" in default_fp32, f"float32 rows ran:\n{default_fp32}"
-    default_bf16 = _kernel_names(None)
     assert "resident" not in default_bf16 and "stream" in default_bf16, f"bfloat16 rows ran:\n{default_bf16}"

@@ -130,11 +130,8 @@ def test_patched_function_keeps_torch_signature():
     assert [p.kind for p in patched.values()] == [p.kind for p in original.values()]
 
 
-def test_exported_from_package_when_available():
-    exported = getattr(fused_ce, "patch_torch", None)
-    if exported is None:
-        pytest.skip("fused_ce.patch_torch is not exported (yet)")
-    assert exported is patch_torch
+def test_exported_from_the_package():
+    assert fused_ce.patch_torch is patch_torch
 
 
 def test_context_manager_patches_and_restores():

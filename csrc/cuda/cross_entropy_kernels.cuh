@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "ce_common.cuh"
 #include "ce_loss.cuh"
@@ -311,22 +312,33 @@ inline StreamReuse stream_reuse() {
 }
 
 // Threads per streamed long row of forward_with_grad (class targets, vector
-// access, 16-bit and float32 rows), from FUSED_CE_CUDA_STREAM_BLOCK (read
-// once per process): 256, the default, 384 or 768 (any other value: 256).
-// At their 80 registers every width keeps 24 warps per SM (3 blocks of 256,
-// 2 of 384, 1 of 768), but the wider the block, the fewer rows are between
-// their two reads at once: 132 SMs x 3 rows of 128256 bf16 classes are 101
-// MB, twice an H100's 50 MB L2, x 1 row 34 MB, which the L2 can keep for
-// the second read. What it costs: every warp of the SM waits at the same
-// block-wide reduction. Not timed yet.
-inline int stream_row_block() {
+// access, 16-bit and float32 rows): 384 for 16-bit rows, 768 for float32
+// ones, or what FUSED_CE_CUDA_STREAM_BLOCK (read once per process) forces:
+// 256, 384 or 768 (any other value: the default). At their 80 registers
+// every width keeps 24 warps per SM (3 blocks of 256, 2 of 384, 1 of 768);
+// the wider the block, the fewer rows lie between their two reads at once
+// (132 SMs x 3 rows of 128256 bf16 classes are 101 MB, twice an H100's 50 MB
+// L2; x 2 rows 67 MB; x 1 row 34 MB), but the more warps wait at the same
+// block-wide reduction. One H100 (benchmarks/results/gpu-2026-11-27-h100-c),
+// forward + backward over a copy of the logits, 256 / 384 / 768 threads:
+// 16384 x 128256 bf16 1.60x / 1.54x / 1.62x, 8192 x 256000 bf16 1.67x /
+// 1.64x / 1.63x, 4096 x 128256 fp32 (clusters off) 1.56x / 1.52x / 1.41x.
+inline int forced_stream_row_block() {
   static const int threads = [] {
     const char* v = std::getenv("FUSED_CE_CUDA_STREAM_BLOCK");
-    if (v != nullptr && std::strcmp(v, "384") == 0) return 384;
-    if (v != nullptr && std::strcmp(v, "768") == 0) return 768;
-    return kStreamBlock;
+    if (v == nullptr) return 0;
+    for (const char* width : {"256", "384", "768"})
+      if (std::strcmp(v, width) == 0) return std::atoi(width);
+    return 0;
   }();
   return threads;
+}
+
+template <typename T>
+int stream_row_block() {
+  const int forced = forced_stream_row_block();
+  if (forced != 0) return forced;
+  return sizeof(T) == 4 ? 768 : 384;
 }
 
 // forward_with_grad's class-target rows streamed by one block of BLOCK
@@ -506,9 +518,10 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   const RowPlan plan = plan_rows<T>(p.C, row_layout, vector_ok);
   const StreamReuse reuse = with_grad ? stream_reuse() : StreamReuse{};
   if constexpr (sizeof(T) <= 4) {
-    if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock && stream_row_block() != kStreamBlock) {
-      stream_row_block() == 384 ? launch_wide_stream_rows<T, 384>(p, capped, reuse, stream)
-                                : launch_wide_stream_rows<T, 768>(p, capped, reuse, stream);
+    const int width = stream_row_block<T>();
+    if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock && width != kStreamBlock) {
+      width == 384 ? launch_wide_stream_rows<T, 384>(p, capped, reuse, stream)
+                   : launch_wide_stream_rows<T, 768>(p, capped, reuse, stream);
       return cudaGetLastError();
     }
   }
