@@ -5,8 +5,8 @@
   class-strided (N, C, d) inputs), in float32 and bfloat16;
 * concurrency: several Python threads running forward + backward at once give exactly the
   single-threaded results;
-* leaks: resident memory stays flat over thousands of forward + backward steps (the full
-  10 000-step version is marked ``slow`` and only runs with FUSED_CE_TEST_SLOW=1);
+* leaks: resident memory stays flat over 10 000 forward + backward steps (about 2 s), and on
+  CUDA the caching allocator ends 10 000 steps where it started;
 * errors: the library keeps working (correct results) after each kind of rejected input,
   including errors raised from inside the C++ operators;
 * a bounded differential fuzz (hypothesis) against F.cross_entropy over shapes, C in 1..300,
@@ -21,7 +21,6 @@ also checked on CUDA.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
 import pytest
@@ -237,7 +236,7 @@ def _leak_check(steps, warmup=300, slack_mb=20.0):
 
 
 def test_no_leak_rss():
-    _leak_check(steps=5000)
+    _leak_check(steps=10_000, warmup=500)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
@@ -269,12 +268,6 @@ def test_no_leak_cuda_memory():
         step(i)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FUSED_CE_TEST_SLOW") != "1", reason="set FUSED_CE_TEST_SLOW=1 for the 10 000-step leak test")
-def test_no_leak_rss_10k_steps():
-    _leak_check(steps=10_000, warmup=500)
 
 
 # --------------------------------------------------------------------------
