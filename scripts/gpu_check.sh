@@ -177,23 +177,24 @@ fi
 if want reuse; then
   # The streamed long rows of forward_with_grad (read, reduced, read again),
   # next to a copy of the logits (time_rows), clusters off so that the
-  # float32 rows stream too: FUSED_CE_CUDA_STREAM_REUSE none against both
-  # (the default; keep and reverse alone were measured in session 26), then
-  # one block of 384 or 768 threads a row instead of 256
-  # (FUSED_CE_CUDA_STREAM_BLOCK: as many warps per SM, fewer rows between
-  # their two reads), each after the long-row tests under that setting.
-  stage "streamed rows: L2 reuse and block width" | tee -a "$LOG"
-  for reuse in none both; do
-    echo "FUSED_CE_CUDA_STREAM_REUSE=$reuse" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_REUSE=$reuse \
-        time_rows 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 "reuse-$reuse"
-  done
-  for threads in 384 768; do
+  # float32 rows stream too: one block of 256, 384 or 768 threads a row
+  # (FUSED_CE_CUDA_STREAM_BLOCK; by default 384 for 16-bit rows, 768 for
+  # float32, measured in session 28), then the rows read through a ring of 3
+  # steps in shared memory (FUSED_CE_CUDA_STREAM_STAGES=3, cp.async: more
+  # bytes in flight per thread) at the default widths and at 768, each after
+  # the long-row tests under that setting.
+  stage "streamed rows: block width and shared-memory stages" | tee -a "$LOG"
+  rows=16384x128256:bf16,8192x256000:bf16,4096x128256:fp32
+  for threads in 256 384 768; do
     echo "FUSED_CE_CUDA_STREAM_BLOCK=$threads" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_BLOCK=$threads timeout 120 "$PY" -m pytest tests/test_long_rows.py \
-        -q -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_BLOCK=$threads \
-        time_rows 16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 "block-$threads"
+    FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_BLOCK=$threads time_rows "$rows" "block-$threads"
+  done
+  for threads in default 768; do
+    echo "FUSED_CE_CUDA_STREAM_STAGES=3 FUSED_CE_CUDA_STREAM_BLOCK=$threads" | tee -a "$LOG"
+    ( export FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_STAGES=3
+      [ "$threads" = default ] || export FUSED_CE_CUDA_STREAM_BLOCK=$threads
+      timeout 120 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
+      time_rows "$rows" "stages-$threads" )
   done
 fi
 
@@ -220,15 +221,16 @@ if want profile; then
   # classes (1024 threads x 4 slots since session 26; 512 x 8 was at 24%
   # occupancy) against one 1024-thread block per fp32 row of 32000 (1.29x the
   # copy), bf16 rows of 128256 classes in clusters of 8 (1.90x) and streamed
-  # (1.60x), and streamed in 768-thread blocks (FUSED_CE_CUDA_STREAM_BLOCK:
-  # what share of the second read does the L2 serve now?). One launch each of
-  # the forward_with_grad kernel (-k regex).
+  # in 384-thread blocks (1.54x), loading into registers and through the
+  # shared-memory ring (FUSED_CE_CUDA_STREAM_STAGES=3: do the loads still
+  # stall the warps?). One launch each of the forward_with_grad kernel (-k
+  # regex).
   stage "profile (ncu)" | tee -a "$LOG"
   for case in "0 bfloat16 32000 resident 256" "1 float32 32000 resident 256" "1 bfloat16 128256 resident 256" \
-      "0 bfloat16 128256 forward_stream 256" "0 bfloat16 128256 forward_stream 768"; do
+      "0 bfloat16 128256 forward_stream 384 0" "0 bfloat16 128256 forward_stream 384 3"; do
     set -- $case
-    echo "FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 $2 x $3 classes, kernel $4" | tee -a "$LOG"
-    FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 timeout 120 ncu -k "regex:$4" --launch-count 1 \
+    echo "FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 FUSED_CE_CUDA_STREAM_STAGES=${6:-0} $2 x $3 classes, kernel $4" | tee -a "$LOG"
+    FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 FUSED_CE_CUDA_STREAM_STAGES=${6:-0} timeout 120 ncu -k "regex:$4" --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         "$PY" -c "import torch, fused_ce
@@ -236,7 +238,7 @@ x = torch.randn(4096, $3, device='cuda', dtype=torch.$2, requires_grad=True)
 t = torch.randint(0, $3, (4096,), device='cuda')
 fused_ce.cross_entropy(x, t).backward(); torch.cuda.synchronize()" >/tmp/profile.txt 2>&1
     echo "ncu exit status $?" | tee -a "$LOG"
-    { echo "=== FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 $2 x $3 classes, kernel $4"; cat /tmp/profile.txt; } >>"$OUT/profile.txt"
+    { echo "=== FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_STREAM_BLOCK=$5 FUSED_CE_CUDA_STREAM_STAGES=${6:-0} $2 x $3 classes, kernel $4"; cat /tmp/profile.txt; } >>"$OUT/profile.txt"
     grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Executed Ipc|Issue Slots Busy|Warp Cycles Per Issued|Stall" \
         /tmp/profile.txt | head -n 30 | tee -a "$LOG"
   done

@@ -409,13 +409,13 @@ def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:
     return out.stdout.strip().splitlines()
 
 
-def _launches_with(variable, value, body):
+def _launches_with(variable, value, body, **more_variables):
     """The launch (blocks, threads, cluster) that each line of ``body`` prints after a label, run in
     a new process (the FUSED_CE_CUDA_* settings are read once per process) whose environment sets
-    ``variable`` to ``value`` (None: unset)."""
-    env = {key: val for key, val in os.environ.items() if key != variable}
-    if value is not None:
-        env[variable] = value
+    ``variable`` to ``value`` (None: unset), and so each of ``more_variables``."""
+    settings = {variable: value, **more_variables}
+    env = {key: val for key, val in os.environ.items() if key not in settings}
+    env.update({key: val for key, val in settings.items() if val is not None})
     return [line.split(" ", 1)[1] for line in _run_in_a_new_process(body, env=env)]
 
 
@@ -482,6 +482,19 @@ def test_stream_block_widths(emu, threads):
         assert launches == [f"(5, {threads}, 1)"] * 3 + ["(5, 256, 1)"]
     else:
         assert launches == _DEFAULT_STREAMED_ROW_WIDTHS
+
+
+@pytest.mark.parametrize("threads", [None, "256", "768"])
+def test_stream_stages(emu, threads):
+    """FUSED_CE_CUDA_STREAM_STAGES=3: the streamed class-target rows of forward_with_grad read their
+    body through a ring of three steps in dynamic shared memory (cp.async; the emulator performs a
+    group's copies only when it is waited for), new gradient and in place, softcapped or not, in
+    every block width; float64 rows keep their registers. The launches carry the ring's bytes:
+    3 stages x 4 slots x 16 bytes a thread."""
+    launches = _launches_with("FUSED_CE_CUDA_STREAM_STAGES", "3", _STREAMED_ROW_LAUNCHES,
+                              FUSED_CE_CUDA_STREAM_BLOCK=threads)
+    widths = [int(threads)] * 3 if threads else [384, 384, 768]
+    assert launches == [f"(5, {w}, 1, {3 * 4 * w * 16})" for w in widths] + ["(5, 256, 1)"]
 
 
 _LAUNCH_AND_ASSERTION = """

@@ -36,6 +36,15 @@
 #define FUSED_CE_KERNEL_ASSERT(cond) assert(cond)
 #endif
 
+// The block's dynamic shared memory (the launch's third configuration
+// argument), 16-byte aligned.  The CPU emulator hands each block a buffer of
+// the launch's size.
+#ifdef FUSED_CE_CUDA_EMULATION
+#define FUSED_CE_DYNAMIC_SHARED(name) unsigned char* const name = static_cast<unsigned char*>(::emu::dynamic_shared_memory())
+#else
+#define FUSED_CE_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // libdevice's tanhf (about 2 ulp).  Declared here to be called by name: see
 // accurate_tanh.
 extern "C" __device__ float __nv_tanhf(float);

@@ -258,6 +258,123 @@ __device__ __forceinline__ void fill_step(T (&out)[U][VEC], T value) {
     for (int j = 0; j < VEC; ++j) out[u][j] = value;
 }
 
+// Asynchronous copies of 16 bytes from global to shared memory (cp.async,
+// sm_80+), for the streamed rows' pipelined passes (StepRing below): unlike
+// a load into registers, a copy in flight holds no register, so a thread can
+// keep several steps of a row in flight at the registers of one.  Copies go
+// through L2 only (.cg), with an L2 policy (l2_policy, l2_evict_first).
+// async_commit closes a group of copies; async_wait<N> waits until at most
+// the N newest groups are still in flight.  Before sm_80 the copy is an
+// ordinary load and store; the CPU emulator runs each group's copies when
+// it is waited for, as late as the hardware may.
+__device__ __forceinline__ void async_copy_16(void* shared, const void* global, uint64_t l2) {
+#if defined(FUSED_CE_CUDA_EMULATION)
+  (void)l2;
+  ::emu::async_copy(shared, global, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(address), "l"(global), "l"(l2)
+               : "memory");
+#else
+  (void)l2;
+  *static_cast<uint4*>(shared) = *static_cast<const uint4*>(global);
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(FUSED_CE_CUDA_EMULATION)
+  ::emu::async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(FUSED_CE_CUDA_EMULATION)
+  ::emu::async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// The L2 policy of the last read of data (what kStream loads get).
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy = 0;
+#if !defined(FUSED_CE_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#endif
+  return policy;
+}
+
+// One thread's ring of STAGES steps of U body slots in the block's dynamic
+// shared memory, laid out [stage][u][thread] so that a warp's copies of one
+// slot are 512 consecutive bytes.  A thread reads back only what it copied
+// itself, so the ring needs no barrier, only the copies' own waits.  Each
+// block of BLOCK threads needs shared_bytes() of dynamic shared memory.
+template <typename T, int U, int BLOCK, int VEC, int STAGES>
+struct StepRing {
+  static constexpr int shared_bytes() { return STAGES * U * BLOCK * kVectorBytes; }
+
+  Pack<T, VEC>* slots;
+  int thread;
+
+  __device__ __forceinline__ Pack<T, VEC>& at(int stage, int u) const { return slots[(stage * U + u) * BLOCK + thread]; }
+
+  // Starts the copies of the step whose first slot is `first` into `stage`
+  // and closes their group (an empty group past the row's last slot).
+  __device__ __forceinline__ void issue(const T* row, const RowSplit<VEC>& rs, int first, int stage,
+                                        uint64_t l2) const {
+    static_assert(VEC * sizeof(T) == kVectorBytes, "the ring holds whole 16-byte slots");
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int slot = first + u * BLOCK;
+      if (slot < rs.body_slots) async_copy_16(&at(stage, u), row + rs.slot_class(slot), l2);
+    }
+    async_commit();
+  }
+
+  // The step of `stage` (its copies waited for), `fill` past the body.
+  __device__ __forceinline__ void read(const RowSplit<VEC>& rs, int first, int stage, T fill,
+                                       T (&out)[U][VEC]) const {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool real = first + u * BLOCK < rs.body_slots;
+      const Pack<T, VEC> p = at(stage, u);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[u][j] = real ? p.v[j] : fill;
+    }
+  }
+
+  // body(first, step) for the thread's `steps` steps in the order
+  // first_slot(0), first_slot(1), ..., with the copies of the next
+  // STAGES - 1 steps in flight while one is processed.  Every copy has
+  // arrived when it returns.
+  template <typename FirstSlot, typename Body>
+  __device__ __forceinline__ void for_each_step(const T* row, const RowSplit<VEC>& rs, int steps,
+                                                FirstSlot first_slot, uint64_t l2, T fill, Body body) const {
+    // One group per step, empty past the last one, so that the wait below
+    // counts right: before step k's wait, groups 0 .. k + STAGES - 1 exist.
+    auto start = [&](int k) {
+      if (k < steps) {
+        issue(row, rs, first_slot(k), k % STAGES, l2);
+      } else {
+        async_commit();
+      }
+    };
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) start(k);
+    for (int k = 0; k < steps; ++k) {
+      start(k + STAGES - 1);  // into the stage read (and used) at step k - 1
+      async_wait<STAGES - 1>();
+      T step[U][VEC];  // the body may overwrite it
+      const int first = first_slot(k);
+      read(rs, first, k % STAGES, fill, step);
+      body(first, step);
+    }
+  }
+};
+
 // The lane's edge elements (class -1: none, value `fill`).  Edges only exist
 // with VEC > 1, where the class stride is 1.
 template <CachePolicy P, int VEC, typename T>

@@ -78,16 +78,24 @@ struct StreamReuse {
 };
 
 // Forward (and forward_with_grad).  PROB selects probability targets, CAP
-// the softcap.
-template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP>
+// the softcap.  STAGES > 0 (class targets, vector access, a block per row)
+// reads the row's body through a StepRing of that many steps in the block's
+// dynamic shared memory (StepRing::shared_bytes()) rather than into
+// registers, with STAGES - 1 steps in flight: an experiment for the long
+// rows, whose profile shows warps waiting on their loads.
+template <typename T, int TPR, int BLOCK, int VEC, bool PROB, bool CAP, int STAGES = 0>
 __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     ce_forward_stream_kernel(const CrossEntropyForwardParams<T> p, const LossMath<acc_t<T>, CAP> math,
                              const StreamReuse reuse) {
   static_assert(VEC == 1 || TPR >= VEC, "each lane owns at most one head and one tail element");
+  static_assert(STAGES == 0 || (!PROB && VEC > 1 && TPR == BLOCK), "the ring serves class-target block rows");
   using Acc = acc_t<T>;
   using Sched = RowSchedule<TPR, BLOCK>;
   constexpr int U = stream_unroll<VEC, PROB>();
   constexpr int kStep = U * TPR;
+  FUSED_CE_DYNAMIC_SHARED(ring_memory);
+  [[maybe_unused]] const StepRing<T, U, BLOCK, VEC, STAGES == 0 ? 1 : STAGES> ring{
+      reinterpret_cast<Pack<T, VEC>*>(ring_memory), Sched::lane()};
 
   const int lane = Sched::lane();
   const int64_t rows = p.N * p.D;
@@ -160,11 +168,8 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
         }
       }
     }
-    for (int first = lane; first < rs.body_slots; first += kStep) {
-      T xv[U][VEC];
-      T tv[U][VEC];
-      load_step<CachePolicy::kHinted, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv, first_read_l2);
-      if constexpr (PROB) load_step<CachePolicy::kKeep, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
+    // Folds one loaded step (xv, and tv for probabilities) into st.
+    auto fold_step = [&](int first, const T (&xv)[U][VEC], const T (&tv)[U][VEC]) {
       // The loaded step is folded into the running log-sum-exp kFold slots
       // at a time: all of it at once without the cap (one rescale per
       // step), 8 elements at a time with it, since capped logits are too
@@ -192,6 +197,20 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
               add_extras(yv[k][j], rs.slot_class(slot) + j, PROB ? tv[u0 + k][j] : zero);
           }
         }
+      }
+    };
+    // A thread's steps of the body: step k starts at slot lane + k * kStep.
+    const int steps = lane < rs.body_slots ? (rs.body_slots - lane + kStep - 1) / kStep : 0;
+    if constexpr (STAGES > 0) {
+      ring.for_each_step(x, rs, steps, [&](int k) { return lane + k * kStep; }, first_read_l2, neg_inf,
+                         [&](int first, T (&xv)[U][VEC]) { fold_step(first, xv, xv); });
+    } else {
+      for (int first = lane; first < rs.body_slots; first += kStep) {
+        T xv[U][VEC];
+        T tv[U][VEC];
+        load_step<CachePolicy::kHinted, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv, first_read_l2);
+        if constexpr (PROB) load_step<CachePolicy::kKeep, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
+        fold_step(first, xv, tv);
       }
     }
     // Also the barrier between this row's reads and its in-place writes.
@@ -248,17 +267,10 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       }
       store_edges<CachePolicy::kStream>(gx, rs, lane, xe);
     }
-    const int steps = lane < rs.body_slots ? (rs.body_slots - lane + kStep - 1) / kStep : 0;
-    for (int k = 0; k < steps; ++k) {
-      const int first = lane + (reuse.reverse_second ? steps - 1 - k : k) * kStep;
-      T xv[U][VEC];
-      T tv[U][VEC];
-      if (grad.zero) {
-        fill_step(xv, zero);
-      } else {
-        load_step<CachePolicy::kStream, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
-        if constexpr (PROB) load_step<CachePolicy::kStream, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
-      }
+    // The second pass may walk the steps last to first (StreamReuse).
+    auto step_first = [&](int k) { return lane + (reuse.reverse_second ? steps - 1 - k : k) * kStep; };
+    // Writes the gradient of one loaded step over it and stores it.
+    auto write_step = [&](int first, T (&xv)[U][VEC], const T (&tv)[U][VEC]) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int slot = first + u * TPR;
@@ -268,6 +280,25 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
           xv[u][j] = grad_at(xv[u][j], rs.slot_class(slot) + j, PROB ? tv[u][j] : zero);
       }
       store_step<CachePolicy::kStream, U, TPR>(gx, gx_stride, rs, first, xv);
+    };
+    if constexpr (STAGES > 0) {
+      if (!grad.zero) {
+        ring.for_each_step(x, rs, steps, step_first, l2_evict_first(), neg_inf,
+                           [&](int first, T (&xv)[U][VEC]) { write_step(first, xv, xv); });
+        continue;
+      }
+    }
+    for (int k = 0; k < steps; ++k) {
+      const int first = step_first(k);
+      T xv[U][VEC];
+      T tv[U][VEC];
+      if (grad.zero) {
+        fill_step(xv, zero);
+      } else {
+        load_step<CachePolicy::kStream, U, TPR>(x, p.input_stride_c, rs, first, neg_inf, xv);
+        if constexpr (PROB) load_step<CachePolicy::kStream, U, TPR>(t, p.prob_stride_c, rs, first, zero, tv);
+      }
+      write_step(first, xv, tv);
     }
   }
 }

@@ -341,19 +341,53 @@ int stream_row_block() {
   return sizeof(T) == 4 ? 768 : 384;
 }
 
+// Steps of a streamed long row in flight through shared memory (StepRing),
+// from FUSED_CE_CUDA_STREAM_STAGES (read once per process): 3, or 0 (the
+// default, and any other value) for loads into registers.  An experiment
+// for the rows of stream_row_block: Nsight Compute puts their largest stall
+// on global loads (24 warps per SM with 4 x 16 bytes each in flight); with 3
+// stages each thread has two more steps in flight, in 72 KB (384 threads) or
+// 144 KB (768) of shared memory per block.  Not timed yet.
+inline int stream_stages() {
+  static const int stages = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_STREAM_STAGES");
+    return v != nullptr && std::strcmp(v, "3") == 0 ? 3 : 0;
+  }();
+  return stages;
+}
+
+// One launch of forward_with_grad's stream kernel over rows of BLOCK threads,
+// with the dynamic shared memory of its StepRing, which past 48 KB the
+// kernel must be allowed first.  Returns false (launching nothing) where the
+// device cannot give it.
+template <typename T, int BLOCK, bool CAP, int STAGES>
+bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse, cudaStream_t stream) {
+  constexpr int VEC = vector_width<T>();
+  const auto kernel = ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, CAP, STAGES>;
+  int shared_bytes = 0;
+  if constexpr (STAGES > 0) {
+    shared_bytes = StepRing<T, stream_unroll<VEC, false>(), BLOCK, VEC, STAGES>::shared_bytes();
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky; the caller launches the register version
+      return false;
+    }
+  }
+  kernel<<<grid_for(p.N * p.D, 1), BLOCK, shared_bytes, stream>>>(p, loss_math<CAP>(p), reuse);
+  return true;
+}
+
 // forward_with_grad's class-target rows streamed by one block of BLOCK
-// threads each (stream_row_block).
+// threads each (stream_row_block), through shared memory where
+// stream_stages() asks for it and the device allows it.
 template <typename T, int BLOCK>
 void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped, StreamReuse reuse,
                              cudaStream_t stream) {
-  constexpr int VEC = vector_width<T>();
-  const unsigned int grid = grid_for(p.N * p.D, 1);
   if (capped) {
-    ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, true><<<grid, BLOCK, 0, stream>>>(
-        p, loss_math<true>(p), reuse);
+    if (stream_stages() == 0 || !launch_stream_rows<T, BLOCK, true, 3>(p, reuse, stream))
+      launch_stream_rows<T, BLOCK, true, 0>(p, reuse, stream);
   } else {
-    ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, false><<<grid, BLOCK, 0, stream>>>(
-        p, loss_math<false>(p), reuse);
+    if (stream_stages() == 0 || !launch_stream_rows<T, BLOCK, false, 3>(p, reuse, stream))
+      launch_stream_rows<T, BLOCK, false, 0>(p, reuse, stream);
   }
 }
 
@@ -519,9 +553,15 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   const StreamReuse reuse = with_grad ? stream_reuse() : StreamReuse{};
   if constexpr (sizeof(T) <= 4) {
     const int width = stream_row_block<T>();
-    if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock && width != kStreamBlock) {
-      width == 384 ? launch_wide_stream_rows<T, 384>(p, capped, reuse, stream)
-                   : launch_wide_stream_rows<T, 768>(p, capped, reuse, stream);
+    if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock &&
+        (width != kStreamBlock || stream_stages() > 0)) {
+      if (width == 384) {
+        launch_wide_stream_rows<T, 384>(p, capped, reuse, stream);
+      } else if (width == 768) {
+        launch_wide_stream_rows<T, 768>(p, capped, reuse, stream);
+      } else {
+        launch_wide_stream_rows<T, kStreamBlock>(p, capped, reuse, stream);
+      }
       return cudaGetLastError();
     }
   }

@@ -186,8 +186,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "the order of a block's threads between collectives: forward, reverse or shuffled (seeded)",
         pybind11::arg("order"), pybind11::arg("seed") = 1);
   m.def("take_launch_log", [] {
-    std::vector<std::tuple<unsigned, unsigned, unsigned>> out;
-    for (const emu::LaunchRecord& r : emu::take_launch_log()) out.emplace_back(r.blocks, r.threads_per_block, r.cluster);
+    pybind11::list out;
+    for (const emu::LaunchRecord& r : emu::take_launch_log()) {
+      if (r.dynamic_shared_bytes == 0) {
+        out.append(pybind11::make_tuple(r.blocks, r.threads_per_block, r.cluster));
+      } else {
+        out.append(pybind11::make_tuple(r.blocks, r.threads_per_block, r.cluster, r.dynamic_shared_bytes));
+      }
+    }
     return out;
-  }, "(blocks, threads per block, blocks per cluster) of each launch since the last call");
+  }, "(blocks, threads per block, blocks per cluster[, dynamic shared memory bytes if any]) of each launch since "
+     "the last call");
 }

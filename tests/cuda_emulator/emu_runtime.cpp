@@ -9,6 +9,9 @@
 #include <atomic>
 #include <barrier>
 #include <cstdio>
+#include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -41,6 +44,13 @@ const char* wait_name(Wait w) {
   return "?";
 }
 
+// A cp.async copy not yet performed.
+struct PendingCopy {
+  void* shared;
+  const void* global;
+  size_t bytes;
+};
+
 struct Fiber {
   ucontext_t context;
   uint3 thread_idx;
@@ -48,6 +58,8 @@ struct Fiber {
   uint64_t value = 0;  // what the thread brings to the collective
   int lane_mask = 0;   // shuffles
   uint64_t result = 0; // what it takes away
+  std::vector<PendingCopy> open_copies;                // since the last commit
+  std::deque<std::vector<PendingCopy>> copy_groups;    // committed, oldest first
 };
 
 // Shared by the blocks of one cluster (one OS thread each).
@@ -88,6 +100,13 @@ thread_local unsigned rank_in_cluster = 0;
 // it is the same in every thread (one TLS image per module), which is how a
 // block finds its peers' shared memory.
 thread_local char shared_anchor;
+// The running block's dynamic shared memory, and the launch's size of it.
+thread_local std::vector<unsigned char> dynamic_shared;
+size_t launch_dynamic_shared_bytes = 0;
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
+std::mutex allowance_mutex;
+std::map<const void*, int> dynamic_shared_allowance;
+constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;
 
 void fiber_entry() {
   (*body)();
@@ -179,6 +198,7 @@ bool run_block(dim3 grid, dim3 block, unsigned block_x) {
   gridDim = grid;
   blockDim = block;
   blockIdx = uint3{block_x, 0, 0};
+  dynamic_shared.assign(launch_dynamic_shared_bytes, 0xA5);
   const size_t threads = size_t(block.x) * block.y * block.z;
   fibers.assign(threads, Fiber{});
   while (stacks.size() < threads) stacks.emplace_back(new char[kStackBytes]);
@@ -306,8 +326,22 @@ void trap() {
 
 std::vector<LaunchRecord> launch_log;
 
-void run_grid(dim3 grid, dim3 block, unsigned cluster_size, const std::function<void()>& thread_body) {
-  launch_log.push_back(LaunchRecord{grid.x, block.x * block.y * block.z, cluster_size});
+void run_grid(dim3 grid, dim3 block, unsigned cluster_size, size_t dynamic_shared_bytes, const void* kernel,
+              const std::function<void()>& thread_body) {
+  launch_log.push_back(LaunchRecord{grid.x, block.x * block.y * block.z, cluster_size, dynamic_shared_bytes});
+  size_t allowed = kDefaultDynamicSharedLimit;
+  {
+    std::lock_guard<std::mutex> lock(allowance_mutex);
+    const auto it = dynamic_shared_allowance.find(kernel);
+    if (it != dynamic_shared_allowance.end()) allowed = std::max<size_t>(allowed, it->second);
+  }
+  if (dynamic_shared_bytes > allowed) {
+    record_error(cudaErrorInvalidValue, "invalid launch: " + std::to_string(dynamic_shared_bytes) +
+                                            " bytes of dynamic shared memory, the kernel is allowed " +
+                                            std::to_string(allowed));
+    return;
+  }
+  launch_dynamic_shared_bytes = dynamic_shared_bytes;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y != 1 || grid.z != 1 || threads == 0 || threads > 1024 || cluster_size == 0 ||
       cluster_size > 8 || grid.x % cluster_size != 0) {
@@ -331,6 +365,30 @@ void run_grid(dim3 grid, dim3 block, unsigned cluster_size, const std::function<
       workers.emplace_back(run_cluster_block, grid, block, &c, r, first + r, &thread_body);
     for (std::thread& w : workers) w.join();
     if (c.failed.load()) return;
+  }
+}
+
+void* dynamic_shared_memory() { return dynamic_shared.data(); }
+
+void set_max_dynamic_shared_bytes(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(allowance_mutex);
+  dynamic_shared_allowance[kernel] = bytes;
+}
+
+void async_copy(void* shared, const void* global, size_t bytes) {
+  current->open_copies.push_back(PendingCopy{shared, global, bytes});
+}
+
+void async_commit() {
+  current->copy_groups.push_back(std::move(current->open_copies));
+  current->open_copies.clear();
+}
+
+void async_wait(int newest_left_in_flight) {
+  auto& groups = current->copy_groups;
+  while (groups.size() > static_cast<size_t>(newest_left_in_flight)) {
+    for (const PendingCopy& c : groups.front()) std::memcpy(c.shared, c.global, c.bytes);
+    groups.pop_front();
   }
 }
 

@@ -59,16 +59,31 @@ void* cluster_peer_address(const void* own_shared, unsigned rank);
 void device_assert_failed(const char* condition, const char* file, int line);
 [[noreturn]] void trap();
 
-// One launch: grid and block shape, blocks per cluster (1: no clusters), and
-// the body every thread runs. Returns the launch's error (invalid
-// configuration, a divergent collective, a deadlock); sticky like CUDA's
-// until cudaGetLastError reads it.
-void run_grid(dim3 grid, dim3 block, unsigned cluster, const std::function<void()>& thread_body);
+// One launch: grid and block shape, blocks per cluster (1: no clusters), the
+// block's dynamic shared memory and the kernel (whose allowance past 48 KB
+// cudaFuncSetAttribute sets), and the body every thread runs. Returns the
+// launch's error (invalid configuration, a divergent collective, a
+// deadlock); sticky like CUDA's until cudaGetLastError reads it.
+void run_grid(dim3 grid, dim3 block, unsigned cluster, size_t dynamic_shared_bytes, const void* kernel,
+              const std::function<void()>& thread_body);
+
+// The running block's dynamic shared memory (FUSED_CE_DYNAMIC_SHARED):
+// filled with a pattern at the block's start, as uninitialised memory.
+void* dynamic_shared_memory();
+void set_max_dynamic_shared_bytes(const void* kernel, int bytes);
+
+// cp.async for the running thread: async_copy queues a copy in the thread's
+// open group, async_commit closes it, async_wait(n) performs the copies of
+// all groups but the n newest (as late as the hardware may complete them).
+void async_copy(void* shared, const void* global, size_t bytes);
+void async_commit();
+void async_wait(int newest_left_in_flight);
 
 // Every launch's shape, in order, since the last take_launch_log(): which
 // kernel configuration a launcher chose (tests assert it).
 struct LaunchRecord {
   unsigned blocks, threads_per_block, cluster;
+  size_t dynamic_shared_bytes;
 };
 std::vector<LaunchRecord> take_launch_log();
 std::string take_error_message();  // of the last failed launch
@@ -85,19 +100,22 @@ struct Launch {
   void (*kernel)(Params...);
   dim3 grid, block;
   unsigned cluster;
+  size_t dynamic_shared_bytes = 0;
 
   template <typename... Args>
   void operator()(Args&&... args) const {
     // The kernel's parameters by value, converted once as the launch would.
     std::tuple<std::decay_t<Params>...> values(std::forward<Args>(args)...);
     auto* k = kernel;
-    run_grid(grid, block, cluster, [&values, k] { std::apply(k, values); });
+    run_grid(grid, block, cluster, dynamic_shared_bytes, reinterpret_cast<const void*>(k),
+             [&values, k] { std::apply(k, values); });
   }
 };
 
 template <typename... Params>
-Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
-  return Launch<Params...>{kernel, grid, block, 1};
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes = 0,
+                         cudaStream_t = nullptr) {
+  return Launch<Params...>{kernel, grid, block, 1, shared_bytes};
 }
 
 // cudaLaunchKernelEx with a cluster dimension attribute (rewritten too).
@@ -106,7 +124,8 @@ cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, void (*kernel)(Pa
   unsigned cluster = 1;
   for (unsigned i = 0; i < config->numAttrs; ++i)
     if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) cluster = config->attrs[i].val.clusterDim.x;
-  Launch<Params...>{kernel, config->gridDim, config->blockDim, cluster}(std::forward<Args>(args)...);
+  Launch<Params...>{kernel, config->gridDim, config->blockDim, cluster, config->dynamicSmemBytes}(
+      std::forward<Args>(args)...);
   return cudaGetLastError();
 }
 
@@ -136,6 +155,16 @@ using std::isnan;
 template <typename Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel) {
   return cudaFuncGetAttributes(attributes, reinterpret_cast<const void*>(kernel));
+}
+
+// Only the dynamic shared memory allowance is emulated (at most an sm_90
+// block's 227 KB).
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+  ::emu::set_max_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
 }
 
 #define FUSED_CE_KERNEL_ASSERT(cond)                                  \
