@@ -151,22 +151,27 @@ fi
 if want clusters; then
   # Rows split over thread-block clusters: their tests alone first; then LM
   # shapes with FUSED_CE_CUDA_CLUSTERS unset (the measured choice of
-  # cluster_plan), 1 (every row past one block), 0 (none: those rows streamed
-  # twice) and all (also rows one block of 512 or more threads would hold:
-  # 50257 bf16 classes in clusters of 4 rather than one 896-thread block, not
-  # yet measured), each next to a copy of the logits (time_rows);
-  # then memcheck and racecheck over the cluster tests.
+  # cluster_plan: float32 rows past one block in clusters, 16-bit ones
+  # streamed), 1 (every row past one block in clusters) and all (also
+  # 16-bit rows of 16k-57k classes), the 16-bit clusters in blocks of
+  # 1024 threads x 4 slots (FUSED_CE_CUDA_CLUSTER_BLOCK=1024, an experiment:
+  # the 256 x 8 blocks ran one per SM) and, for comparison, 1 with the
+  # default blocks; each next to a copy of the logits (time_rows); then
+  # memcheck and racecheck over the cluster tests in 1024-thread blocks.
   stage "cluster rows" | tee -a "$LOG"
-  timeout 150 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda -rfE 2>&1 \
-      | tail -n 25 | cut -c1-300 | tee -a "$LOG"
-  for clusters in unset 1 0 all; do
-    echo "FUSED_CE_CUDA_CLUSTERS=$clusters" | tee -a "$LOG"
-    ( [ "$clusters" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$clusters
-      time_rows 16384x32000:bf16,16384x50257:bf16,8192x32000:fp32,16384x128256:bf16,8192x256000:bf16,4096x128256:fp32 \
-          "clusters-$clusters" )
+  FUSED_CE_CUDA_CLUSTERS=1 FUSED_CE_CUDA_CLUSTER_BLOCK=1024 timeout 150 "$PY" -m pytest tests/test_long_rows.py -q \
+      -p no:cacheprovider -k cuda \
+      -rfE 2>&1 | tail -n 25 | cut -c1-300 | tee -a "$LOG"
+  for setting in "unset -" "1 1024" "all 1024" "1 -"; do
+    set -- $setting
+    echo "FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_CLUSTER_BLOCK=$2" | tee -a "$LOG"
+    ( [ "$1" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$1
+      [ "$2" = - ] || export FUSED_CE_CUDA_CLUSTER_BLOCK=$2
+      time_rows 16384x32000:bf16,16384x50257:bf16,16384x128256:bf16,8192x256000:bf16 "clusters-$1-$2" )
   done
   for tool in memcheck racecheck; do
-    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest tests/test_long_rows.py \
+    FUSED_CE_CUDA_CLUSTERS=1 FUSED_CE_CUDA_CLUSTER_BLOCK=1024 timeout 120 compute-sanitizer --tool "$tool" \
+        --error-exitcode 9 "$PY" -m pytest tests/test_long_rows.py \
         -q -p no:cacheprovider -k "cuda and (128256 or 60001)" >"$OUT/clusters-$tool.log" 2>&1
     echo "$tool exit status $?" | tee -a "$LOG"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|Invalid|passed|failed" "$OUT/clusters-$tool.log" | head -n 10 \

@@ -449,6 +449,28 @@ def test_cluster_modes(emu, mode, expected):
     assert _launches_with("FUSED_CE_CUDA_CLUSTERS", mode, _CLUSTER_MODE_LAUNCHES) == expected
 
 
+# 16-bit rows past one block in clusters (FUSED_CE_CUDA_CLUSTERS=1): fp16 and bf16, new and in
+# place, softcapped; the last one too long for any cluster (streamed).
+_CLUSTER_BLOCK_LAUNCHES = """
+for C, dtype, mode, softcap in ((60001, torch.float16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
+                                (256000, torch.bfloat16, "with_grad", None), (300001, torch.bfloat16, "with_grad", None)):
+    x = make_logits((3, C, 1), dtype)
+    t = make_class_target((3, 1), C, ignore_index=-100)
+    print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1, softcap=softcap)[-1])
+"""
+
+
+@pytest.mark.parametrize("block, expected", [
+    (None, ["(12, 256, 4)", "(24, 256, 8)", "(24, 512, 8)", "(3, 384, 1)"]),  # 256 x 8 slots (512 x 8 past them)
+    ("1024", ["(6, 1024, 2)", "(12, 1024, 4)", "(24, 1024, 8)", "(3, 384, 1)"]),  # 1024 x 4 slots
+], ids=["default", "1024"])
+def test_cluster_block(emu, block, expected):
+    """FUSED_CE_CUDA_CLUSTER_BLOCK (read once per process): 16-bit rows split over clusters take
+    blocks of 1024 threads holding 4 slots each, in clusters of 2, 4 or 8, and are right."""
+    assert _launches_with("FUSED_CE_CUDA_CLUSTER_BLOCK", block, _CLUSTER_BLOCK_LAUNCHES,
+                          FUSED_CE_CUDA_CLUSTERS="1") == expected
+
+
 # Streamed rows of forward_with_grad: bf16 new and in place (softcapped), float32 in place, float64.
 _STREAMED_ROW_LAUNCHES = """
 for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
