@@ -200,9 +200,11 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       }
     };
     // A thread's steps of the body: step k starts at slot lane + k * kStep.
-    const int steps = lane < rs.body_slots ? (rs.body_slots - lane + kStep - 1) / kStep : 0;
+    // (Computed again for the second pass rather than kept live across the
+    // reduction: the kernels without a register cap grew by it.)
+    auto thread_steps = [&] { return lane < rs.body_slots ? (rs.body_slots - lane + kStep - 1) / kStep : 0; };
     if constexpr (STAGES > 0) {
-      ring.for_each_step(x, rs, steps, [&](int k) { return lane + k * kStep; }, first_read_l2, neg_inf,
+      ring.for_each_step(x, rs, thread_steps(), [&](int k) { return lane + k * kStep; }, first_read_l2, neg_inf,
                          [&](int first, T (&xv)[U][VEC]) { fold_step(first, xv, xv); });
     } else {
       for (int first = lane; first < rs.body_slots; first += kStep) {
@@ -267,6 +269,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       }
       store_edges<CachePolicy::kStream>(gx, rs, lane, xe);
     }
+    const int steps = thread_steps();
     // The second pass may walk the steps last to first (StreamReuse).
     auto step_first = [&](int k) { return lane + (reuse.reverse_second ? steps - 1 - k : k) * kStep; };
     // Writes the gradient of one loaded step over it and stores it.
