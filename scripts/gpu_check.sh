@@ -205,6 +205,14 @@ if want reuse; then
       timeout 120 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
       time_rows "$rows" "stages-$threads" )
   done
+  # Each thread reads back only its own ring slots, so no barrier guards
+  # them; the CPU emulator runs a thread's whole pass at once and cannot see
+  # two threads sharing a slot. racecheck can.
+  FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_STAGES=3 timeout 120 compute-sanitizer --tool racecheck \
+      --error-exitcode 9 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k "cuda and (128256 or 270000)" \
+      >/tmp/stages-racecheck.log 2>&1
+  echo "racecheck (stages) exit status $?" | tee -a "$LOG"
+  grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/stages-racecheck.log | head -n 5 | tee -a "$LOG"
 fi
 
 if want percall; then
