@@ -311,6 +311,17 @@ inline StreamReuse stream_reuse() {
   return reuse;
 }
 
+// The value of the environment variable `name` when it is spelled exactly as
+// one of `choices` (decimal numbers), else 0: the experiments' switches,
+// read once per process by their callers.
+inline int env_number(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return 0;
+  for (const char* choice : choices)
+    if (std::strcmp(v, choice) == 0) return std::atoi(choice);
+  return 0;
+}
+
 // Threads per streamed long row of forward_with_grad (class targets, vector
 // access, 16-bit and float32 rows): 384 for 16-bit rows, 768 for float32
 // ones, or what FUSED_CE_CUDA_STREAM_BLOCK (read once per process) forces:
@@ -324,13 +335,7 @@ inline StreamReuse stream_reuse() {
 // 16384 x 128256 bf16 1.60x / 1.54x / 1.62x, 8192 x 256000 bf16 1.67x /
 // 1.64x / 1.63x, 4096 x 128256 fp32 (clusters off) 1.56x / 1.52x / 1.41x.
 inline int forced_stream_row_block() {
-  static const int threads = [] {
-    const char* v = std::getenv("FUSED_CE_CUDA_STREAM_BLOCK");
-    if (v == nullptr) return 0;
-    for (const char* width : {"256", "384", "768"})
-      if (std::strcmp(v, width) == 0) return std::atoi(width);
-    return 0;
-  }();
+  static const int threads = env_number("FUSED_CE_CUDA_STREAM_BLOCK", {"256", "384", "768"});
   return threads;
 }
 
@@ -341,19 +346,19 @@ int stream_row_block() {
   return sizeof(T) == 4 ? 768 : 384;
 }
 
-// Steps of a streamed long row in flight through shared memory (StepRing),
-// from FUSED_CE_CUDA_STREAM_STAGES (read once per process): 3, or 0 (the
-// default, and any other value) for loads into registers.  An experiment
-// for the rows of stream_row_block: Nsight Compute puts their largest stall
-// on global loads (24 warps per SM with 4 x 16 bytes each in flight); with 3
-// stages each thread has two more steps in flight, in 72 KB (384 threads) or
-// 144 KB (768) of shared memory per block.  Not timed yet.
-inline int stream_stages() {
-  static const int stages = [] {
-    const char* v = std::getenv("FUSED_CE_CUDA_STREAM_STAGES");
-    return v != nullptr && std::strcmp(v, "3") == 0 ? 3 : 0;
-  }();
-  return stages;
+// Whether the rows of stream_row_block are read through a StepRing of
+// kStreamRingStages steps in shared memory, from FUSED_CE_CUDA_STREAM_STAGES
+// (read once per process): "3" (the stage count, spelled as the variable
+// takes it), or any other value and unset for loads into registers.  An
+// experiment: Nsight Compute puts these rows' largest stall on global loads
+// (24 warps per SM with 4 x 16 bytes each in flight); with 3 stages each
+// thread has two more steps in flight, in 72 KB (384 threads) or 144 KB
+// (768) of shared memory per block.  Not timed yet.
+constexpr int kStreamRingStages = 3;
+
+inline bool stream_ring() {
+  static const bool on = env_number("FUSED_CE_CUDA_STREAM_STAGES", {"3"}) == kStreamRingStages;
+  return on;
 }
 
 // One launch of forward_with_grad's stream kernel over rows of BLOCK threads,
@@ -378,17 +383,16 @@ bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse
 
 // forward_with_grad's class-target rows streamed by one block of BLOCK
 // threads each (stream_row_block), through shared memory where
-// stream_stages() asks for it and the device allows it.
+// stream_ring() asks for it and the device allows it.
 template <typename T, int BLOCK>
 void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped, StreamReuse reuse,
                              cudaStream_t stream) {
-  if (capped) {
-    if (stream_stages() == 0 || !launch_stream_rows<T, BLOCK, true, 3>(p, reuse, stream))
-      launch_stream_rows<T, BLOCK, true, 0>(p, reuse, stream);
-  } else {
-    if (stream_stages() == 0 || !launch_stream_rows<T, BLOCK, false, 3>(p, reuse, stream))
-      launch_stream_rows<T, BLOCK, false, 0>(p, reuse, stream);
-  }
+  auto launch = [&](auto cap_tag) {
+    constexpr bool CAP = decltype(cap_tag)::value;
+    if (!stream_ring() || !launch_stream_rows<T, BLOCK, CAP, kStreamRingStages>(p, reuse, stream))
+      launch_stream_rows<T, BLOCK, CAP, 0>(p, reuse, stream);
+  };
+  capped ? launch(BoolTag<true>{}) : launch(BoolTag<false>{});
 }
 
 // Whether `kernel`, a kernel split over thread-block clusters, can run on
@@ -433,10 +437,7 @@ bool clusters_usable(Kernel kernel) {
 // 128256 bf16 in clusters of 8 at 1.90x the copy, where float32 rows reach
 // 1.39x. Not timed yet.
 inline int cluster_block() {
-  static const int threads = [] {
-    const char* v = std::getenv("FUSED_CE_CUDA_CLUSTER_BLOCK");
-    return v != nullptr && std::strcmp(v, "1024") == 0 ? 1024 : 0;
-  }();
+  static const int threads = env_number("FUSED_CE_CUDA_CLUSTER_BLOCK", {"1024"});
   return threads;
 }
 
@@ -580,7 +581,7 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   if constexpr (sizeof(T) <= 4) {
     const int width = stream_row_block<T>();
     if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock &&
-        (width != kStreamBlock || stream_stages() > 0)) {
+        (width != kStreamBlock || stream_ring())) {
       if (width == 384) {
         launch_wide_stream_rows<T, 384>(p, capped, reuse, stream);
       } else if (width == 768) {
