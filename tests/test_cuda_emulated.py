@@ -400,13 +400,23 @@ def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:
         f"sys.path.insert(0, {tests!r})",
         "from cuda_emulator import build",
         "from conftest import make_logits, make_class_target",
-        "from test_cuda_emulated import _check_forward_with_grad, _run_forward",
+        "from test_cuda_emulated import _check_forward_with_grad, _print_launches, _run_forward",
         'emu = build.load(extra_cflags=os.environ.get("FUSED_CE_EMULATOR_CFLAGS", "").split())',
         body,
     ])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()
+
+
+def _print_launches(emu, rows, cases):
+    """For the scripts of _launches_with: forward_with_grad (label smoothing 0.1) over ``rows``
+    rows of each (C, dtype, mode, softcap) case, checked against the reference; prints C and the
+    row kernel's launch."""
+    for C, dtype, mode, softcap in cases:
+        x = make_logits((rows, C, 1), dtype)
+        t = make_class_target((rows, 1), C, ignore_index=-100)
+        print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1, softcap=softcap)[-1])
 
 
 def _launches_with(variable, value, body, **more_variables):
@@ -429,12 +439,9 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(emu):
     assert not stale.exists()
 
 
-_CLUSTER_MODE_LAUNCHES = """
-for C, dtype in ((20000, torch.bfloat16), (50257, torch.bfloat16), (128256, torch.bfloat16), (40000, torch.float32)):
-    x = make_logits((3, C, 1), dtype)
-    t = make_class_target((3, 1), C, ignore_index=-100)
-    print(C, _check_forward_with_grad(emu, x, t, label_smoothing=0.1)[-1])
-"""
+_CLUSTER_MODE_LAUNCHES = """_print_launches(emu, 3, [
+    (20000, torch.bfloat16, "with_grad", None), (50257, torch.bfloat16, "with_grad", None),
+    (128256, torch.bfloat16, "with_grad", None), (40000, torch.float32, "with_grad", None)])"""
 
 
 @pytest.mark.parametrize("mode, expected", [
@@ -451,13 +458,9 @@ def test_cluster_modes(emu, mode, expected):
 
 # 16-bit rows past one block in clusters (FUSED_CE_CUDA_CLUSTERS=1): fp16 and bf16, new and in
 # place, softcapped; the last one too long for any cluster (streamed).
-_CLUSTER_BLOCK_LAUNCHES = """
-for C, dtype, mode, softcap in ((60001, torch.float16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
-                                (256000, torch.bfloat16, "with_grad", None), (300001, torch.bfloat16, "with_grad", None)):
-    x = make_logits((3, C, 1), dtype)
-    t = make_class_target((3, 1), C, ignore_index=-100)
-    print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1, softcap=softcap)[-1])
-"""
+_CLUSTER_BLOCK_LAUNCHES = """_print_launches(emu, 3, [
+    (60001, torch.float16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
+    (256000, torch.bfloat16, "with_grad", None), (300001, torch.bfloat16, "with_grad", None)])"""
 
 
 @pytest.mark.parametrize("block, expected", [
@@ -472,13 +475,9 @@ def test_cluster_block(emu, block, expected):
 
 
 # Streamed rows of forward_with_grad: bf16 new and in place (softcapped), float32 in place, float64.
-_STREAMED_ROW_LAUNCHES = """
-for C, dtype, mode, softcap in ((128256, torch.bfloat16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
-                                (200000, torch.float32, "inplace", None), (140000, torch.float64, "with_grad", None)):
-    x = make_logits((5, C, 1), dtype)
-    t = make_class_target((5, 1), C, ignore_index=-100)
-    print(C, _check_forward_with_grad(emu, x, t, mode=mode, label_smoothing=0.1, softcap=softcap)[-1])
-"""
+_STREAMED_ROW_LAUNCHES = """_print_launches(emu, 5, [
+    (128256, torch.bfloat16, "with_grad", None), (128256, torch.bfloat16, "inplace", 30.0),
+    (200000, torch.float32, "inplace", None), (140000, torch.float64, "with_grad", None)])"""
 
 
 # The streamed rows' launches at the default widths: 16-bit rows in blocks of
