@@ -19,6 +19,7 @@ examples:
   python -m fused_ce.bench                             # full CPU suite
   python -m fused_ce.bench --device cuda               # full GPU suite (real LM sizes)
   python -m fused_ce.bench --filter lm-32k --modes fwd+bwd
+  python -m fused_ce.bench --device cuda --filter cls --modes fwd+bwd,graphed  # kernels without the host
   python -m fused_ce.bench --filter linear --no-compile  # LM head: fused_ce.linear_cross_entropy vs
                                                        # F.linear + F.cross_entropy vs torch's chunked one
   python -m fused_ce.bench --shapes 4096x32000:bf16,8x21x128x128 --label-smoothing 0.1
@@ -52,8 +53,10 @@ def parser() -> argparse.ArgumentParser:
                         "e.g. 4096x32000:bf16,8x21x128x128")
     g.add_argument("--dtype", default="fp32", choices=sorted(workloads.DTYPES),
                    help="dtype of --shapes items without one (default: fp32)")
-    g.add_argument("--modes", default=",".join(steps.MODES), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(steps.MODES)} (default: all)")
+    g.add_argument("--modes", default=",".join(steps.DEFAULT_MODES), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(steps.MODES)} (default: "
+                        f"{','.join(steps.DEFAULT_MODES)}; {','.join(steps.CUDA_ONLY_MODES)}: the "
+                        "fwd+bwd step replayed from a CUDA graph, CUDA only)")
     g.add_argument("--impls", metavar="LIST",
                    help="comma-separated implementations to run (default: all of "
                         f"{','.join(i.name for i in all_impls())})")
@@ -132,11 +135,14 @@ def select_impls(args, use_compile: bool) -> List[Impl]:
     return [i for i in impls if use_compile or i.name != COMPILE]
 
 
-def select_modes(args) -> List[str]:
+def select_modes(args, device: str) -> List[str]:
     requested = _split([args.modes])
     unknown = [m for m in requested if m not in steps.MODES]
     if unknown or not requested:
         parser().error(f"unknown mode(s) {unknown}; choose from {','.join(steps.MODES)}")
+    cuda_only = [m for m in requested if m in steps.CUDA_ONLY_MODES]
+    if cuda_only and device != "cuda":
+        parser().error(f"mode(s) {','.join(cuda_only)} need --device cuda (CUDA graphs)")
     return [m for m in steps.MODES if m in requested]
 
 
@@ -211,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{w.name:28s} {w.shape_str:>18s} {w.dtype:5s} {w.logits_bytes / 1e6:9.1f} MB  {w.options_str}")
         return 0
 
-    modes = select_modes(args)
+    modes = select_modes(args, device)
     use_compile = args.compile if args.compile is not None else not args.quick
     impls = select_impls(args, use_compile)
     config = build_config(args, device, modes)

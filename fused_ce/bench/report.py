@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .environment import describe
 from .impls import COMPILE, COPY, EAGER, FUSED
 from .runner import Result
-from .steps import BACKWARD, FWD_BWD
+from .steps import BACKWARD, FWD_BWD, GRAPHED
 
 COLUMNS = ("mode", "impl", "median ms", "p10-p90 ms", "GB/s", "x copy", "vs eager", "peak MB", "x logits",
            "parity (loss/grad diff)")
@@ -130,24 +130,31 @@ def _geomean(values: List[float]) -> Optional[float]:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
+def _headline(results: Sequence[Result], mode: str, title: str) -> List[str]:
+    """fused_ce's geometric means in ``mode`` against the copy, eager and torch.compile."""
+    head = [r for r in results if r.impl == FUSED and r.mode == mode and r.ok]
+    if not head:
+        return []
+    compiled = {r.workload.name: r for r in results if r.impl == COMPILE and r.mode == mode and r.ok}
+    vs_compile = [compiled[r.workload.name].median_ms / r.median_ms for r in head if r.workload.name in compiled]
+    gm_copy = _geomean([r.ratio_to_copy for r in head])
+    gm_eager = _geomean([r.speedup_vs_eager for r in head])
+    gm_compile = _geomean(vs_compile)
+    worst = max(head, key=lambda r: r.ratio_to_copy or 0)
+    return [f"{title}, fused_ce over all workloads:",
+            f"  geometric mean: {_fmt(gm_copy, '.2f')}x the time of the copy roofline, "
+            f"speedup {_fmt(gm_eager, '.2f')}x over eager"
+            + (f", {_fmt(gm_compile, '.2f')}x over torch.compile" if gm_compile else ""),
+            f"  furthest from the roofline: {worst.workload.name} at {_fmt(worst.ratio_to_copy, '.2f')}x copy"]
+
+
 def summary(results: Sequence[Result]) -> str:
-    """The headline: fused_ce in fwd+bwd against the copy and the alternatives, and any parity problem."""
-    lines = []
-    head = [r for r in results if r.impl == FUSED and r.mode == FWD_BWD and r.ok]
-    if head:
-        compiled = {r.workload.name: r for r in results if r.impl == COMPILE and r.mode == FWD_BWD and r.ok}
-        vs_compile = [compiled[r.workload.name].median_ms / r.median_ms for r in head if r.workload.name in compiled]
-        lines.append("Headline (fwd+bwd, reduction=mean), fused_ce over all workloads:")
-        gm_copy = _geomean([r.ratio_to_copy for r in head])
-        gm_eager = _geomean([r.speedup_vs_eager for r in head])
-        gm_compile = _geomean(vs_compile)
-        lines.append(f"  geometric mean: {_fmt(gm_copy, '.2f')}x the time of the copy roofline, "
-                     f"speedup {_fmt(gm_eager, '.2f')}x over eager"
-                     + (f", {_fmt(gm_compile, '.2f')}x over torch.compile" if gm_compile else ""))
-        worst = max(head, key=lambda r: r.ratio_to_copy or 0)
-        lines.append(f"  furthest from the roofline: {worst.workload.name} at {_fmt(worst.ratio_to_copy, '.2f')}x copy")
-    else:
-        lines.append("No fused_ce fwd+bwd result (not importable, failed, or not selected).")
+    """The headline: fused_ce in fwd+bwd (and replayed from CUDA graphs, where that was run)
+    against the copy and the alternatives, and any parity problem."""
+    lines = (_headline(results, FWD_BWD, "Headline (fwd+bwd, reduction=mean)")
+             or ["No fused_ce fwd+bwd result (not importable, failed, or not selected)."])
+    lines += _headline(results, GRAPHED, "The same step replayed from CUDA graphs (graphed: the kernels "
+                                         "without the host's launch costs)")
 
     problems = []
     seen = set()

@@ -24,7 +24,7 @@ from .workloads import Workload, buffer_count, make_inputs
 @dataclass
 class Config:
     device: str = "cpu"
-    modes: Sequence[str] = steps.MODES
+    modes: Sequence[str] = steps.DEFAULT_MODES
     warmup: int = 3
     repeat: int = 20
     max_time: float = 5.0  # seconds per measurement; 0 = always `repeat` repetitions
@@ -178,7 +178,7 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
             except Exception as exc:
                 build_error = f"failed: {_short_error(exc)}"
 
-        measured = None
+        measured = {}  # the copy's measurement, launched and captured (see below)
         for mode in config.modes:
             result = Result(workload, mode, impl.name, buffers=n_buffers,
                             parity=check.as_dict() if check else None)
@@ -187,14 +187,18 @@ def run_workload(workload: Workload, impls: Sequence[Impl], config: Config,
                 result.status = build_error
                 progress.step(f"{workload.name} {mode} {impl.name}: {build_error}")
                 continue
-            if impl.roofline and measured is not None:
-                # The copy does the same work in every mode: one measurement serves them all.
-                result.status, result.timing, result.memory = measured.status, measured.timing, measured.memory
+            graphed = mode == steps.GRAPHED
+            if impl.roofline and graphed in measured:
+                # The copy does the same work in every mode: one measurement serves them all,
+                # one launched and one replayed from CUDA graphs.
+                same = measured[graphed]
+                result.status, result.timing, result.memory = same.status, same.timing, same.memory
             else:
                 _time_one(result, impl, fn, inputs, config, copy_alongside=copy_alongside)
-                if result.ok and config.memory:
+                # A captured step's memory is its graph's pool, set aside at the capture.
+                if result.ok and config.memory and not graphed:
                     result.memory = _memory_one(impl, fn, workload, inputs, mode, config).as_dict()
-                measured = result
+                measured[graphed] = result
             progress.step(_describe(result))
 
     del inputs
@@ -214,9 +218,9 @@ def _check_parity(fn, x, target, reference, workload) -> parity.Parity:
 
 
 def _time_one(result: Result, impl: Impl, fn, inputs, config: Config, copy_alongside: bool = False) -> None:
-    prep, step = steps.make(fn, result.mode, inputs, impl.roofline)
-    alongside = steps.copy_steps(inputs) if copy_alongside and not impl.roofline else None
     try:
+        prep, step = steps.make(fn, result.mode, inputs, impl.roofline)
+        alongside = steps.copy_steps(inputs, result.mode) if copy_alongside and not impl.roofline else None
         timing = measure(step, prep, buffers=len(inputs), device=config.device, warmup=config.warmup,
                          repeat=config.repeat, max_time=config.max_time, alongside=alongside)
         result.timing = timing.summary()
