@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,percall,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,percall,graphed,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
@@ -40,7 +40,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,clusters,reuse,percall,bench,profile,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,reuse,percall,graphed,bench,profile,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -222,6 +222,16 @@ if want percall; then
     timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows "$rows" --steps 2000 --rounds 3 \
         2>&1 | tee -a "$LOG"
   done
+fi
+
+if want graphed; then
+  # The small workloads, whose fwd+bwd times the host's launches, also with
+  # the step replayed from CUDA graphs (the kernels alone), next to the
+  # launched step; peers whose step cannot be captured say so. About a minute.
+  stage "graphed steps" | tee -a "$LOG"
+  timeout "${GRAPHED_TIMEOUT:-150}" "$PY" -m fused_ce.bench --device cuda --out /tmp/graphed \
+      --filter cls-10-fp32,cls-10-bf16,cls-1000-fp32,seg-21-fp32,lm-32k-fp32 --modes fwd+bwd,graphed \
+      --max-time 1 --no-memory --no-plot 2>&1 | grep -v "^\[" | tail -n 50 | tee -a "$LOG"
 fi
 
 if want bench; then
