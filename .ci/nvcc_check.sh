@@ -11,6 +11,8 @@
 #     device-assert call, touched a handful of times per row, which costs
 #     nothing measurable (checked in the SASS of the largest register-resident
 #     configuration); a spilling per-element loop shows up as hundreds.
+#     Then the bfloat16 file for sm_75, sm_100 and sm_120, the other
+#     architectures a user may build for: it must compile, within the limit.
 #  2. When torch is importable, csrc/cuda/cross_entropy_cuda.cu (the torch
 #     binding) against its headers, sm_90 only.  CPU wheels ship the c10/ATen
 #     CUDA headers but not the CMake-generated cuda_cmake_macros.h, so an
@@ -19,8 +21,9 @@
 #     the kernels were checked in step 1.
 #
 # Usage (from anywhere): bash .ci/nvcc_check.sh
-# Exits 0 with a message when nvcc is not installed.  Takes about 3 + 1.5
-# minutes on 2 cores; NVCC_CHECK_BINDING=0 skips step 2.
+# Exits 0 with a message when nvcc is not installed.  Takes about 2-4 (sm_80
+# and sm_90) + 0.5 (the other architectures) + 1.5 minutes on 2 cores;
+# NVCC_CHECK_BINDING=0 skips step 2.
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -70,19 +73,22 @@ echo "   compiled in $((SECONDS - start)) s"
 #       S bytes stack frame, SS bytes spill stores, SL bytes spill loads
 #   Used R registers, ...
 # (properties of non-entry helpers can be interleaved, hence the name match).
-awk '
-  /Compiling entry function/ {
-    match($0, /\047[^\047]+\047/); entry = substr($0, RSTART + 1, RLENGTH - 2)
-    match($0, /for \047sm_[0-9a-z]+\047/); arch = substr($0, RSTART + 5, RLENGTH - 6)
-    stores = "?"; loads = "?"; next
-  }
-  /Function properties for/ { props = $NF; next }
-  /bytes stack frame/ { if (props == entry) { stores = $5; loads = $9 }; next }
-  /Used [0-9]+ registers/ {
-    match($0, /Used [0-9]+/); regs = substr($0, RSTART + 5, RLENGTH - 5)
-    print arch, regs, stores, loads, entry
-  }
-' "$tmp/kernels.log" >"$tmp/table.txt"
+ptxas_table() {
+  awk '
+    /Compiling entry function/ {
+      match($0, /\047[^\047]+\047/); entry = substr($0, RSTART + 1, RLENGTH - 2)
+      match($0, /for \047sm_[0-9a-z]+\047/); arch = substr($0, RSTART + 5, RLENGTH - 6)
+      stores = "?"; loads = "?"; next
+    }
+    /Function properties for/ { props = $NF; next }
+    /bytes stack frame/ { if (props == entry) { stores = $5; loads = $9 }; next }
+    /Used [0-9]+ registers/ {
+      match($0, /Used [0-9]+/); regs = substr($0, RSTART + 5, RLENGTH - 5)
+      print arch, regs, stores, loads, entry
+    }
+  ' "$1"
+}
+ptxas_table "$tmp/kernels.log" >"$tmp/table.txt"
 
 if command -v c++filt >/dev/null 2>&1; then
   demangle() { c++filt; }
@@ -109,6 +115,38 @@ if [ "$over" -gt 0 ]; then
   awk -v limit="$SPILL_LIMIT" '$3 == "?" || $3 > limit' "$tmp/table.txt" | while read -r arch regs stores loads name; do
     echo "   $arch $regs regs, $stores B spill stores: $(printf '%s\n' "$name" | demangle)"
   done
+  exit 1
+fi
+
+# --- 1b. the other architectures CUDA 13 builds for --------------------------
+# Turing (sm_75: T4s; no cp.async, L2 hints or native bfloat16), datacenter
+# Blackwell (sm_100) and consumer Blackwell (sm_120: 99 KB of shared memory
+# per block): the kernels are tuned on sm_90, but a user's
+# TORCH_CUDA_ARCH_LIST may name any of these, so they must compile, within
+# the same spill limit. One dtype's file: the code that depends on the
+# architecture is shared by all four.
+echo "== compiling csrc/cuda/launchers_bfloat16.cu for sm_75, sm_100 and sm_120"
+start=$SECONDS
+if ! nvcc --threads 3 -std=c++17 -O3 -c csrc/cuda/launchers_bfloat16.cu -o "$tmp/other_archs.o" \
+    -gencode arch=compute_75,code=sm_75 -gencode arch=compute_100,code=sm_100 \
+    -gencode arch=compute_120,code=sm_120 \
+    -Xptxas -v --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+    "${TORCH_NVCC_FLAGS[@]}" >"$tmp/other_archs.log" 2>&1; then
+  grep -v '^ptxas info' "$tmp/other_archs.log" | grep -v 'bytes stack frame'
+  echo "FAIL: csrc/cuda/launchers_bfloat16.cu does not compile for sm_75, sm_100 or sm_120"
+  exit 1
+fi
+ptxas_table "$tmp/other_archs.log" >"$tmp/other_table.txt"
+for arch in sm_75 sm_100 sm_120; do
+  awk -v arch="$arch" -v limit="$SPILL_LIMIT" '$1 == arch {
+    n++; if ($3 != "?" && $3 > 0) spilling++; if ($3 == "?" || $3 > limit) over++; if ($3 > most) most = $3 }
+    END { printf "   %-6s %d kernel builds, %d with spill stores (at most %d B), %d above the limit\n",
+          arch, n, spilling, most, over }' "$tmp/other_table.txt"
+done
+echo "   compiled in $((SECONDS - start)) s"
+if awk -v limit="$SPILL_LIMIT" '$3 == "?" || $3 > limit { bad = 1 } END { exit !bad }' "$tmp/other_table.txt" \
+    || [ ! -s "$tmp/other_table.txt" ]; then
+  echo "FAIL: kernels spill more than $SPILL_LIMIT bytes (or report no statistics) on sm_75, sm_100 or sm_120"
   exit 1
 fi
 
