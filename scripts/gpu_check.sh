@@ -41,8 +41,9 @@
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage), EXPERIMENT_SANITIZE=0 (no compute-sanitizer in the clusters
-# and reuse stages), EMULATOR=0 (tests: leave the CPU emulator's out).  The machine has no network: torch, pytest, xdist and
-# hypothesis must already be installed there.
+# and reuse stages), EMULATOR=0 (tests: leave the CPU emulator's out).
+# The machine has no network: torch, pytest, xdist and hypothesis must
+# already be installed there.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
