@@ -425,7 +425,7 @@ def _hand_out_inplace_gradient(ctx, grad_output):
     ctx.gradient_handed_out = True
     if torch.compiler.is_compiling():
         gradient.mul_(grad_output.to(gradient.dtype))
-    elif _needs_product(grad_output):
+    elif needs_product(grad_output):
         return gradient * grad_output
     else:
         # Skips the pass when the upstream gradient is 1, on the device for CUDA.
@@ -442,12 +442,12 @@ def _scale_saved_gradient(grad_input: torch.Tensor, grad_output: torch.Tensor) -
     ``retain_graph=True`` a second backward must see it unchanged.
     """
     if (not torch.compiler.is_compiling() and grad_output.device.type == "cpu"
-            and not _needs_product(grad_output) and grad_output.item() == 1.0):
+            and not needs_product(grad_output) and grad_output.item() == 1.0):
         return grad_input
     return grad_input * grad_output
 
 
-def _needs_product(grad_output: torch.Tensor) -> bool:
+def needs_product(grad_output: torch.Tensor) -> bool:
     """Whether the scalar upstream gradient is more than one plain number, so
     that the product must be formed (out of place, with differentiable ops):
     one value per element of a vmap (``torch.autograd.grad(...,

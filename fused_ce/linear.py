@@ -15,16 +15,21 @@ Per chunk:
 3. ``grad_x_chunk = grad_logits @ W``, ``grad_W += grad_logits^T @ x_chunk``,
    ``grad_b += grad_logits.sum(0)``, each only when that tensor needs a
    gradient; the gradients are accumulated in float32 for 16-bit inputs
-   (float64 for float64). On the CPU the GEMMs of 16-bit inputs run in
-   float32 (a float32 staging buffer per chunk): CPU 16-bit GEMMs are
-   mostly emulated and many times slower.
+   (float64 for float64), the first chunk's weight gradient being the
+   accumulator itself (nothing is zero-filled and read back). On the CPU the
+   GEMMs of 16-bit inputs run in float32 (a float32 staging buffer per
+   chunk): CPU 16-bit GEMMs are mostly emulated and many times slower.
 
 With reduction "mean" the gradients are scaled by ``1 / total_weight`` at the
 end (the total over all chunks), with PyTorch's results in the degenerate
-cases (see :func:`_mean_scale`). The gradients are computed in the forward
-and handed to autograd by the backward, which only multiplies them by the
-upstream gradient (a second backward through the same graph recomputes
-them); with reduction "none" the upstream gradient is per row, so the
+cases (see :func:`_mean_scale`), in the same pass that rounds them to the
+parameters' dtypes. The gradients are computed in the forward and handed to
+autograd by the backward, which only multiplies them by the upstream
+gradient, in place and not at all when it is 1 (checked on the device on
+CUDA; a second backward through the same graph recomputes them). So beyond
+its GEMMs a 16-bit LM head's step reads its float32 V x H weight gradient
+once per chunk after the first (the GEMM accumulates into it) and once to
+round it. With reduction "none" the upstream gradient is per row, so the
 backward recomputes the chunks instead (the forward computes the losses
 alone). Under autocast the GEMMs run in the autocast dtype and the loss is
 float32, as for ``F.linear`` + ``F.cross_entropy``.
@@ -52,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
-from .autograd import has_tangent, once_differentiable
+from .autograd import has_tangent, needs_product, once_differentiable
 from .functional import (_check_class_target, _check_llm_options, check_loss_options, cross_entropy,
                          functorch_active)
 
@@ -156,9 +161,40 @@ def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None
         torch.addmm(b, x, w.t(), out=out)
 
 
-# The forms of "float32 acc += 16-bit a @ b" that failed: (device type, dtype of a, form).
+# The forms of "float32 acc += 16-bit a @ b" and "float32 a @ b of 16-bit a, b" that failed:
+# (device type, dtype of a, form).
 _REFUSED_ACCUMULATIONS: set = set()
 _aten_addmm = torch.ops.aten.addmm
+_aten_mm = torch.ops.aten.mm
+
+
+def _first_form_accepted(key_head: tuple, forms):
+    """The result of the first of ``forms`` ((name, thunk) pairs) that the installed torch
+    accepts for these operands, remembering refusals under ``key_head + (name,)``; None when
+    every form is refused."""
+    for name, form in forms:
+        key = key_head + (name,)
+        if key in _REFUSED_ACCUMULATIONS:
+            continue
+        try:
+            return form()
+        except torch.cuda.OutOfMemoryError:  # (defined in CPU-only builds too)
+            raise
+        except (RuntimeError, NotImplementedError, AttributeError):
+            # Refused before computing (operands unchanged), or an older torch without the overload.
+            _REFUSED_ACCUMULATIONS.add(key)
+    return None
+
+
+def _wide_matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b as a new tensor of ``dtype``, for 16-bit a and b a float32 GEMM output
+    (aten::mm.dtype) where the installed torch has one, else the 16-bit product widened.
+    The first chunk's weight gradient: no zero-filled accumulator to read and add to."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    product = _first_form_accepted((a.device.type, a.dtype),
+                                   (("mm new tensor", lambda: _aten_mm.dtype(a, b, dtype)),))
+    return product if product is not None else torch.mm(a, b).to(dtype)
 
 
 def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -171,22 +207,11 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    forms = (
+    result = _first_form_accepted((acc.device.type, a.dtype), (
         ("in place", lambda: _aten_addmm.dtype_out(acc, a, b, acc.dtype, out=acc)),
         ("new tensor", lambda: _aten_addmm.dtype(acc, a, b, acc.dtype)),
-    )
-    for name, form in forms:
-        key = (acc.device.type, a.dtype, name)
-        if key in _REFUSED_ACCUMULATIONS:
-            continue
-        try:
-            return form()
-        except torch.cuda.OutOfMemoryError:  # (defined in CPU-only builds too)
-            raise
-        except (RuntimeError, NotImplementedError, AttributeError):
-            # Refused before computing (acc unchanged), or an older torch without the overload.
-            _REFUSED_ACCUMULATIONS.add(key)
-    return acc.add_(torch.mm(a, b))
+    ))
+    return result if result is not None else acc.add_(torch.mm(a, b))
 
 
 def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
@@ -219,7 +244,7 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
     loss = torch.empty(n, dtype=acc, device=device) if per_row else torch.zeros((), dtype=acc, device=device)
     total_weight = torch.zeros((), dtype=acc, device=device)
     grad_x = torch.empty((n, h), dtype=acc, device=device) if need_x else None
-    grad_w = torch.zeros((v, h), dtype=acc, device=device) if need_w else None
+    grad_w = None  # the first chunk's product, then the sum (zeros without rows)
     grad_b = torch.zeros(v, dtype=acc, device=device) if need_b else None
 
     for start in range(0, n, chunk):
@@ -250,7 +275,8 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
                 else:
                     grad_x[start:stop].copy_(torch.mm(grad, w_mm))
             if need_w:
-                grad_w = _add_matmul(grad_w, grad.t(), x_mm)
+                grad_w = (_wide_matmul(grad.t(), x_mm, acc) if grad_w is None
+                          else _add_matmul(grad_w, grad.t(), x_mm))
             if need_b:
                 grad_b.add_(grad.sum(0, dtype=acc))
         if per_row:
@@ -258,6 +284,8 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
         else:
             loss.add_(chunk_loss.sum())
         total_weight.add_(chunk_weight)
+    if need_w and grad_w is None:
+        grad_w = torch.zeros((v, h), dtype=acc, device=device)
     return loss, total_weight, grad_x, grad_w, grad_b
 
 
@@ -280,20 +308,29 @@ def _mean_scale(total_weight: Tensor, valid: Optional[Tensor], n: int) -> Tensor
 def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, b, loss_dtype):
     """Reduce the loss, scale the gradients for "mean", cast everything to its dtype."""
     n = x.shape[0]
+    scale = row_scale = None
     if reduction == _MEAN:
         scale = _mean_scale(total_weight, valid, n)
         loss = torch.where(total_weight != 0, loss / total_weight, torch.full_like(loss, math.nan))
-        if grad_x is not None:
-            if valid is not None:  # ignored rows keep a zero gradient whatever the scale
-                row_scale = torch.where(valid, scale, torch.zeros_like(scale))
-                grad_x.mul_(row_scale.unsqueeze(1))
-            else:
-                grad_x.mul_(scale)
-        if grad_w is not None:
-            grad_w.mul_(scale)
-        if grad_b is not None:
-            grad_b.mul_(scale)
-    return loss.to(loss_dtype), _cast(grad_x, x), _cast(grad_w, w), _cast(grad_b, b)
+        row_scale = scale
+        if valid is not None:  # ignored rows keep a zero gradient whatever the scale
+            row_scale = torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1)
+    return (loss.to(loss_dtype), _scaled_cast(grad_x, row_scale, x), _scaled_cast(grad_w, scale, w),
+            _scaled_cast(grad_b, scale, b))
+
+
+def _scaled_cast(grad: Optional[Tensor], scale: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    """``(grad * scale).to(like.dtype)`` (``scale`` None: 1) in one pass over ``grad``: in place
+    when the dtypes agree, else the product, computed in grad's dtype, rounded as it is
+    written. For a 16-bit LM head's weight gradient (V x H float32) a separate scaling would
+    read and write the accumulator once more."""
+    if grad is None:
+        return None
+    if scale is None:
+        return _cast(grad, like)
+    if grad.dtype == like.dtype:
+        return grad.mul_(scale)
+    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=like.dtype))
 
 
 def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
@@ -304,10 +341,17 @@ def _valid_rows(target: Tensor, ignore_index: int) -> Optional[Tensor]:
     return None if target.dim() == 2 else target != ignore_index
 
 
-def _scale_by(grad: Optional[Tensor], grad_output: Tensor, skip: bool) -> Optional[Tensor]:
-    if grad is None or skip:
-        return grad
-    return grad.mul_(grad_output.to(grad.device))
+def _scale_by(grad: Optional[Tensor], grad_output: Tensor) -> Optional[Tensor]:
+    """grad times the scalar upstream gradient: in place, by the scale_gradient_ operator,
+    which skips the pass when it is 1 (read for free on the CPU, on the device on CUDA: the
+    usual ``loss.backward()`` then costs no pass over the V x H weight gradient); out of
+    place where the upstream gradient is batched or carries a tangent (see autograd.needs_product)."""
+    if grad is None:
+        return None
+    if needs_product(grad_output):
+        return grad * grad_output.to(grad.device)
+    ops.scale_gradient_(grad, grad_output.to(grad.device))
+    return grad
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -349,9 +393,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         nones = (None,) * 6
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
-            # Reading a CPU scalar is free; skip the multiplication for the usual upstream 1.
-            skip = grad_output.device.type == "cpu" and grad_output.item() == 1.0
-            return tuple(_scale_by(g, grad_output, skip) for g in grads) + nones
+            return tuple(_scale_by(g, grad_output) for g in grads) + nones
 
         with torch.autocast(grad_output.device.type, enabled=False):  # recompute as in the forward
             return _recompute(ctx, grad_output) + nones
@@ -372,7 +414,7 @@ def _recompute(ctx, grad_output):
         need_x=need_x, need_w=need_w, need_b=need_b)
     _, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, ctx.reduction,
                             _valid_rows(target, options.ignore_index), x, w, b, grad_output.dtype)
-    return tuple(_scale_by(g, grad_output, False) for g in (gx, gw, gb))
+    return tuple(_scale_by(g, grad_output) for g in (gx, gw, gb))
 
 
 # --------------------------------------------------------------------------- argument handling

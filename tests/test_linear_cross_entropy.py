@@ -664,3 +664,67 @@ def test_weight_gradient_accumulates_in_float32_in_place_where_torch_can(monkeyp
     assert calls[:len(first)] == first
     # Later chunks go straight to the accepted form.
     assert calls[len(first):] == ([] if supported == "neither" else first[-1:] * 2)
+
+
+@pytest.mark.parametrize("supported", [True, False], ids=["mm.dtype", "no mm.dtype"])
+def test_first_chunk_weight_gradient_is_a_float32_product(monkeypatch, supported):
+    """The first chunk's weight gradient is a new float32 GEMM output (aten::mm.dtype), not a
+    zero-filled accumulator read and added to; without that overload, the 16-bit product
+    widened (and the refusal remembered)."""
+    calls = []
+
+    class FakeMm:  # the dtype variant has no CPU kernel for 16-bit operands
+        @staticmethod
+        def dtype(a, b, out_dtype):
+            calls.append(out_dtype)
+            if not supported:
+                raise RuntimeError("expected mat1 and mat2 to have the same dtype")
+            return a.to(out_dtype) @ b.to(out_dtype)
+
+    monkeypatch.setattr(linear_mod, "_REFUSED_ACCUMULATIONS", set())
+    monkeypatch.setattr(linear_mod, "_aten_mm", FakeMm)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(6, 40, generator=g).bfloat16(), torch.randn(40, 3, generator=g).bfloat16()
+    exact = a.double() @ b.double()
+    for _ in range(2):
+        product = linear_mod._wide_matmul(a, b, torch.float32)
+        assert product.dtype == torch.float32
+        tolerance = 1e-5 if supported else 3e-2  # the fallback rounds the product to bfloat16
+        torch.testing.assert_close(product.double(), exact, rtol=tolerance, atol=tolerance)
+    assert calls == [torch.float32] * (2 if supported else 1)  # a refusal is not asked again
+    same = torch.randn(6, 40, dtype=torch.float64, generator=g)
+    assert torch.equal(linear_mod._wide_matmul(same, same.t(), torch.float64), same @ same.t())
+
+
+def test_scaling_and_rounding_in_one_pass_match_two():
+    """The mean's scaling folded into the cast to the parameter's dtype gives the bits of a
+    scaling followed by a cast (float32 accumulator, bfloat16 weight), and scales in place
+    when the dtypes agree."""
+    g = torch.Generator().manual_seed(11)
+    grad = torch.randn(33, 17, generator=g) * 100
+    scale = torch.rand((), generator=g) + 1e-3
+    like = torch.empty(0, dtype=torch.bfloat16)
+    assert torch.equal(linear_mod._scaled_cast(grad, scale, like), (grad * scale).to(torch.bfloat16))
+    rows = (torch.rand(33, generator=g) > 0.3).float().mul(scale).unsqueeze(1)
+    assert torch.equal(linear_mod._scaled_cast(grad, rows, like), (grad * rows).to(torch.bfloat16))
+    assert torch.equal(linear_mod._scaled_cast(grad, None, like), grad.to(torch.bfloat16))
+    expected = grad * scale
+    same = linear_mod._scaled_cast(grad, scale, torch.empty(0))
+    assert same.data_ptr() == grad.data_ptr() and torch.equal(same, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batched_upstream_gradients(reduction):
+    """torch.autograd.grad(..., is_grads_batched=True): one upstream gradient per batch
+    element, each giving its multiple of the gradient (the product is formed out of place)."""
+    x, w, b = _inputs()
+    t = _class_target(N, V, ignore_index=-100)
+    _, ref = _reference(x, w, b, t, reduction=reduction, label_smoothing=0.1)
+    xl, wl, bl = (v.clone().requires_grad_() for v in (x, w, b))
+    loss = linear_cross_entropy(xl, wl, t, linear_bias=bl, reduction=reduction, label_smoothing=0.1,
+                                chunk_size=7)
+    upstream = torch.tensor([1.0, -2.5, 0.0], dtype=torch.float64)
+    grads = torch.autograd.grad(loss, (xl, wl, bl), grad_outputs=upstream, is_grads_batched=True)
+    for got, r in zip(grads, ref):
+        for k, u in enumerate(upstream):
+            assert_close_ref(got[k], u * r, torch.float64)
