@@ -186,15 +186,22 @@ def _first_form_accepted(key_head: tuple, forms):
     return None
 
 
-def _wide_matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a @ b as a new tensor of ``dtype``, for 16-bit a and b a float32 GEMM output
-    (aten::mm.dtype) where the installed torch has one, else the 16-bit product widened.
-    The first chunk's weight gradient: no zero-filled accumulator to read and add to."""
+def _wide_matmul(a: Tensor, b: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+    """a @ b in ``dtype`` (into ``out`` when given): for 16-bit a and b a float32 GEMM output
+    (aten::mm.dtype, which came with addmm.dtype) where the installed torch has one, else the
+    16-bit product widened. For the first chunk's weight gradient (no zero-filled accumulator
+    to read and add to) and the input gradient's rows (rounded once, at the end, rather than
+    also per chunk)."""
     if a.dtype == dtype:
-        return torch.mm(a, b)
-    product = _first_form_accepted((a.device.type, a.dtype),
-                                   (("mm new tensor", lambda: _aten_mm.dtype(a, b, dtype)),))
-    return product if product is not None else torch.mm(a, b).to(dtype)
+        return torch.mm(a, b, out=out)
+    if out is None:
+        form = ("mm new tensor", lambda: _aten_mm.dtype(a, b, dtype))
+    else:
+        form = ("mm into", lambda: _aten_mm.dtype_out(a, b, dtype, out=out))
+    product = _first_form_accepted((a.device.type, a.dtype), (form,))
+    if product is not None:
+        return product
+    return torch.mm(a, b).to(dtype) if out is None else out.copy_(torch.mm(a, b))
 
 
 def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -270,10 +277,7 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
             if row_grad is not None:
                 grad.mul_(row_grad[start:stop].to(grad.dtype).unsqueeze(1))
             if need_x:
-                if grad.dtype == acc:
-                    torch.mm(grad, w_mm, out=grad_x[start:stop])
-                else:
-                    grad_x[start:stop].copy_(torch.mm(grad, w_mm))
+                _wide_matmul(grad, w_mm, acc, out=grad_x[start:stop])
             if need_w:
                 grad_w = (_wide_matmul(grad.t(), x_mm, acc) if grad_w is None
                           else _add_matmul(grad_w, grad.t(), x_mm))

@@ -666,20 +666,25 @@ def test_weight_gradient_accumulates_in_float32_in_place_where_torch_can(monkeyp
     assert calls[len(first):] == ([] if supported == "neither" else first[-1:] * 2)
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into"])
 @pytest.mark.parametrize("supported", [True, False], ids=["mm.dtype", "no mm.dtype"])
-def test_first_chunk_weight_gradient_is_a_float32_product(monkeypatch, supported):
+def test_float32_products_of_16_bit_chunks(monkeypatch, supported, into):
     """The first chunk's weight gradient is a new float32 GEMM output (aten::mm.dtype), not a
-    zero-filled accumulator read and added to; without that overload, the 16-bit product
+    zero-filled accumulator read and added to, and the input gradient's rows are written by a
+    float32 GEMM output (aten::mm.dtype_out); without those overloads, the 16-bit product
     widened (and the refusal remembered)."""
     calls = []
 
-    class FakeMm:  # the dtype variant has no CPU kernel for 16-bit operands
-        @staticmethod
-        def dtype(a, b, out_dtype):
-            calls.append(out_dtype)
-            if not supported:
-                raise RuntimeError("expected mat1 and mat2 to have the same dtype")
-            return a.to(out_dtype) @ b.to(out_dtype)
+    def fake(a, b, out_dtype, out=None):
+        calls.append(out is not None)
+        if not supported:
+            raise RuntimeError("expected mat1 and mat2 to have the same dtype")
+        product = a.to(out_dtype) @ b.to(out_dtype)
+        return product if out is None else out.copy_(product)
+
+    class FakeMm:  # the dtype variants have no CPU kernel for 16-bit operands
+        dtype = staticmethod(fake)
+        dtype_out = staticmethod(fake)
 
     monkeypatch.setattr(linear_mod, "_REFUSED_ACCUMULATIONS", set())
     monkeypatch.setattr(linear_mod, "_aten_mm", FakeMm)
@@ -687,11 +692,13 @@ def test_first_chunk_weight_gradient_is_a_float32_product(monkeypatch, supported
     a, b = torch.randn(6, 40, generator=g).bfloat16(), torch.randn(40, 3, generator=g).bfloat16()
     exact = a.double() @ b.double()
     for _ in range(2):
-        product = linear_mod._wide_matmul(a, b, torch.float32)
+        out = torch.full((6, 3), math.nan) if into else None
+        product = linear_mod._wide_matmul(a, b, torch.float32, out=out)
         assert product.dtype == torch.float32
+        assert (product.data_ptr() == out.data_ptr()) if into else product is not out
         tolerance = 1e-5 if supported else 3e-2  # the fallback rounds the product to bfloat16
         torch.testing.assert_close(product.double(), exact, rtol=tolerance, atol=tolerance)
-    assert calls == [torch.float32] * (2 if supported else 1)  # a refusal is not asked again
+    assert calls == [into] * (2 if supported else 1)  # a refusal is not asked again
     same = torch.randn(6, 40, dtype=torch.float64, generator=g)
     assert torch.equal(linear_mod._wide_matmul(same, same.t(), torch.float64), same @ same.t())
 
