@@ -29,7 +29,11 @@ gradient, in place and not at all when it is 1 (checked on the device on
 CUDA; a second backward through the same graph recomputes them). So beyond
 its GEMMs a 16-bit LM head's step reads its float32 V x H weight gradient
 once per chunk after the first (the GEMM accumulates into it) and once to
-round it. With reduction "none" the upstream gradient is per row, so the
+round it. When all rows fit in one chunk (the default on CUDA up to 4096
+rows) the kernel gives the gradient of the mean or the sum itself and the
+GEMMs write the gradients in the parameters' dtype, as eager PyTorch's
+backward does: no float32 accumulator at all. With reduction "none" the
+upstream gradient is per row, so the
 backward recomputes the chunks instead (the forward computes the losses
 alone). Under autocast the GEMMs run in the autocast dtype and the loss is
 float32, as for ``F.linear`` + ``F.cross_entropy``.
@@ -143,10 +147,11 @@ def _chunk_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], o: _Op
 
 
 def _chunk_loss_and_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                         o: _Options) -> Tuple[Tensor, Tensor]:
-    """Same, and the gradient of the sum of the chunk's losses overwrites ``logits``."""
+                         o: _Options, reduction: int = _SUM) -> Tuple[Tensor, Tensor]:
+    """Same, and the gradient of the sum (or, for a chunk of all the rows, the mean) of the
+    chunk's losses overwrites ``logits``."""
     loss, _lse, total_weight = ops.cross_entropy_forward_with_grad_inplace(
-        logits, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, _SUM)
+        logits, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, reduction)
     return loss, total_weight
 
 
@@ -221,27 +226,38 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return result if result is not None else acc.add_(torch.mm(a, b))
 
 
+def _staged(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the GEMMs run in float32 on a staging copy: 16-bit inputs on the CPU, which has
+    no fast 16-bit GEMM on most machines (often 5-50x slower than float32). Only the logits
+    handed to the kernel are rounded to the input dtype, as a 16-bit GEMM (float32
+    accumulation) would."""
+    return dtype in _HALF and device.type == "cpu"
+
+
 def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
                 options: _Options, chunk: int, *, need_x: bool = False,
                 need_w: bool = False, need_b: bool = False, per_row: bool = False,
-                row_grad: Optional[Tensor] = None):
+                row_grad: Optional[Tensor] = None, one_chunk_of: Optional[int] = None):
     """The loop over row chunks of x (N, H), with w (V, H), b (V,), target (N,) int64 or (N, V).
 
     Returns ``(loss, total_weight, grad_x, grad_w, grad_b)``: ``loss`` the per-row losses (N,)
     when ``per_row``, else their sum (0-d), in the accumulate dtype; the gradients (None where not
     needed) are those of the *sum* of the per-row losses, each row's term multiplied by
-    ``row_grad`` when given, in the accumulate dtype.
+    ``row_grad`` when given, in the accumulate dtype. With ``one_chunk_of`` _MEAN or _SUM (all
+    rows in one chunk: see :func:`_reduced_loss_and_gradients`), they are those of that
+    reduction, in the input dtype.
     """
     n, h = x.shape
     v = w.shape[0]
     dtype, device = x.dtype, x.device
     acc = accumulate_dtype(dtype)
     want_grad = need_x or need_w or need_b
-    # The CPU has no fast 16-bit GEMM on most machines (often 5-50x slower than float32):
-    # there the matmuls of 16-bit inputs run in float32 and only the logits handed to the
-    # kernel are rounded to the input dtype, as a 16-bit GEMM (float32 accumulation) would.
-    staged = dtype in _HALF and device.type == "cpu"
+    staged = _staged(dtype, device)
     mm_dtype = acc if staged else dtype
+    # The chunks' sum accumulates in the wider dtype; the reduced gradients of a single chunk
+    # are the GEMMs' outputs (in the input dtype where the GEMMs run in it).
+    grad_dtype = acc if one_chunk_of is None or staged else dtype
+    kernel_reduction = _SUM if one_chunk_of is None else one_chunk_of
     w_mm = w.to(mm_dtype)
     b_mm = None if b is None else b.to(mm_dtype)
 
@@ -250,9 +266,9 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
     buf_mm = torch.empty((rows, v), dtype=mm_dtype, device=device) if staged else None
     loss = torch.empty(n, dtype=acc, device=device) if per_row else torch.zeros((), dtype=acc, device=device)
     total_weight = torch.zeros((), dtype=acc, device=device)
-    grad_x = torch.empty((n, h), dtype=acc, device=device) if need_x else None
+    grad_x = torch.empty((n, h), dtype=grad_dtype, device=device) if need_x else None
     grad_w = None  # the first chunk's product, then the sum (zeros without rows)
-    grad_b = torch.zeros(v, dtype=acc, device=device) if need_b else None
+    grad_b = torch.zeros(v, dtype=grad_dtype, device=device) if need_b else None
 
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -270,16 +286,16 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
         if not want_grad:
             chunk_loss, chunk_weight = _chunk_loss(logits3, t, weight, options)
         else:
-            chunk_loss, chunk_weight = _chunk_loss_and_grad(logits3, t, weight, options)
-            grad = logits  # now d(sum of the chunk's losses) / d(logits)
+            chunk_loss, chunk_weight = _chunk_loss_and_grad(logits3, t, weight, options, kernel_reduction)
+            grad = logits  # now d(sum, or mean, of the chunk's losses) / d(logits)
             if staged:
                 grad = buf_mm[:c].copy_(logits)
             if row_grad is not None:
                 grad.mul_(row_grad[start:stop].to(grad.dtype).unsqueeze(1))
             if need_x:
-                _wide_matmul(grad, w_mm, acc, out=grad_x[start:stop])
+                _wide_matmul(grad, w_mm, grad_dtype, out=grad_x[start:stop])
             if need_w:
-                grad_w = (_wide_matmul(grad.t(), x_mm, acc) if grad_w is None
+                grad_w = (_wide_matmul(grad.t(), x_mm, grad_dtype) if grad_w is None
                           else _add_matmul(grad_w, grad.t(), x_mm))
             if need_b:
                 grad_b.add_(grad.sum(0, dtype=acc))
@@ -289,7 +305,7 @@ def _run_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weigh
             loss.add_(chunk_loss.sum())
         total_weight.add_(chunk_weight)
     if need_w and grad_w is None:
-        grad_w = torch.zeros((v, h), dtype=acc, device=device)
+        grad_w = torch.zeros((v, h), dtype=grad_dtype, device=device)
     return loss, total_weight, grad_x, grad_w, grad_b
 
 
@@ -309,8 +325,10 @@ def _mean_scale(total_weight: Tensor, valid: Optional[Tensor], n: int) -> Tensor
                        torch.where(some, nan, torch.zeros_like(total_weight)))
 
 
-def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, b, loss_dtype):
-    """Reduce the loss, scale the gradients for "mean", cast everything to its dtype."""
+def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, b, loss_dtype,
+            grads_reduced: bool = False):
+    """Reduce the loss, scale the gradients for "mean" (unless ``grads_reduced``: the kernel
+    gave them for the mean), cast everything to its dtype."""
     n = x.shape[0]
     scale = row_scale = None
     if reduction == _MEAN:
@@ -319,6 +337,8 @@ def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, 
         row_scale = scale
         if valid is not None:  # ignored rows keep a zero gradient whatever the scale
             row_scale = torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1)
+        if grads_reduced:
+            scale = row_scale = None
     return (loss.to(loss_dtype), _scaled_cast(grad_x, row_scale, x), _scaled_cast(grad_w, scale, w),
             _scaled_cast(grad_b, scale, b))
 
@@ -381,13 +401,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if reduction == _NONE:
             loss, *_ = _run_chunks(x, w, b, target, weight, options, chunk, per_row=True)
             return loss.to(loss_dtype)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        loss, total_weight, gx, gw, gb = _run_chunks(
-            x, w, b, target, weight, options, chunk,
-            need_x=need_x, need_w=need_w, need_b=need_b)
-        out, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, reduction,
-                                  _valid_rows(target, options.ignore_index), x, w, b, loss_dtype)
-        ctx.grads = (gx, gw, gb)
+        out, *grads = _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reduction,
+                                                  ctx.needs_input_grad[:3], loss_dtype)
+        ctx.grads = tuple(grads)
         return out
 
     @staticmethod
@@ -413,12 +429,28 @@ def _recompute(ctx, grad_output):
             x, w, b, target, weight, options, chunk,
             need_x=need_x, need_w=need_w, need_b=need_b, row_grad=grad_output.reshape(-1))
         return _cast(gx, x), _cast(gw, w), _cast(gb, b)
+    _, *grads = _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, ctx.reduction,
+                                            (need_x, need_w, need_b), grad_output.dtype)
+    return tuple(_scale_by(g, grad_output) for g in grads)
+
+
+def _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reduction, needed, loss_dtype):
+    """The mean or sum of the losses and the gradients of x, w and b (None where not
+    ``needed``) in their dtypes.
+
+    Over several chunks the gradients of the sum are accumulated in float32 for 16-bit inputs
+    and scaled for the mean at the end. When all rows fit in one chunk the kernel gives the
+    gradient of the mean or the sum itself, and the GEMMs write the gradients in the
+    parameters' dtype, as eager PyTorch's backward does: no wider accumulator to write, read
+    and round (for a 16-bit LM head's V x H weight gradient, two passes over it in float32).
+    """
+    need_x, need_w, need_b = needed
+    one_chunk = x.shape[0] <= chunk
     loss, total_weight, gx, gw, gb = _run_chunks(
-        x, w, b, target, weight, options, chunk,
-        need_x=need_x, need_w=need_w, need_b=need_b)
-    _, gx, gw, gb = _finish(loss, total_weight, gx, gw, gb, ctx.reduction,
-                            _valid_rows(target, options.ignore_index), x, w, b, grad_output.dtype)
-    return tuple(_scale_by(g, grad_output) for g in (gx, gw, gb))
+        x, w, b, target, weight, options, chunk, need_x=need_x, need_w=need_w, need_b=need_b,
+        one_chunk_of=reduction if one_chunk else None)
+    return _finish(loss, total_weight, gx, gw, gb, reduction, _valid_rows(target, options.ignore_index),
+                   x, w, b, loss_dtype, grads_reduced=one_chunk)
 
 
 # --------------------------------------------------------------------------- argument handling
@@ -601,7 +633,7 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
     if weight is not None:
         weight = weight.contiguous()
     if chunk_size is None:
-        staged = dtype in _HALF and device.type == "cpu"
+        staged = _staged(dtype, device)
         chunk_size = default_chunk_size(n, v, dtype.itemsize + (4 if staged else 0), device.type)
     red = _REDUCTIONS[reduction]
 

@@ -102,19 +102,22 @@ def check(x, w, b, target, *, weight=None, reduction="mean", grad_out="random", 
 
 
 class AllocationMonitor(TorchDispatchMode):
-    """Records the element count of every tensor any operator returns (views included)."""
+    """Records every operator called, the shape of the first tensor it returns, and the
+    element count of the largest tensor any operator returns (views included)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
         self.ops = []
+        self.shapes = []  # of the first tensor each operator returns
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.append(str(func))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.shapes.append(tuple(leaves[0].shape) if leaves else None)
+        for t in leaves:
+            self.largest = max(self.largest, t.numel())
         return out
 
 
@@ -182,13 +185,19 @@ def test_unbatched(reduction, target_kind):
     check(x, w, b, t, reduction=reduction, label_smoothing=0.1)
 
 
+# Several chunks (the gradients of the sum, scaled at the end) and one (the kernel's own
+# gradient of the mean or the sum).
+CHUNKINGS = pytest.mark.parametrize("chunk_size", [7, None], ids=["chunks", "one_chunk"])
+
+
+@CHUNKINGS
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored(reduction, label_smoothing):
+def test_all_ignored(reduction, label_smoothing, chunk_size):
     """torch: the mean is NaN, every gradient 0."""
     x, w, b = _inputs()
     t = torch.full((N,), -100)
-    loss, grads = check(x, w, b, t, reduction=reduction, label_smoothing=label_smoothing, chunk_size=7,
+    loss, grads = check(x, w, b, t, reduction=reduction, label_smoothing=label_smoothing, chunk_size=chunk_size,
                         grad_out=None)
     if reduction == "mean":
         assert torch.isnan(loss)
@@ -196,8 +205,9 @@ def test_all_ignored(reduction, label_smoothing):
         assert torch.count_nonzero(g) == 0
 
 
+@CHUNKINGS
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_zero_total_weight(label_smoothing):
+def test_zero_total_weight(label_smoothing, chunk_size):
     """Counted elements whose class weight is 0: torch's mean is NaN, and so are the gradients
     of the counted rows (0 * 1/0), the others' stay 0."""
     x, w, b = _inputs()
@@ -205,7 +215,7 @@ def test_zero_total_weight(label_smoothing):
     t[t >= 0] = 2
     weight = make_weight(V, torch.float64)
     weight[2] = 0
-    check(x, w, b, t, weight=weight, label_smoothing=label_smoothing, chunk_size=7, grad_out=None)
+    check(x, w, b, t, weight=weight, label_smoothing=label_smoothing, chunk_size=chunk_size, grad_out=None)
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])
@@ -735,3 +745,26 @@ def test_batched_upstream_gradients(reduction):
     for got, r in zip(grads, ref):
         for k, u in enumerate(upstream):
             assert_close_ref(got[k], u * r, torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_chunk_has_no_pass_over_the_weight_gradient(reduction):
+    """All rows in one chunk: the kernel gives the gradient of the mean (or sum) itself, so
+    after the GEMM that produces the V x H weight gradient nothing touches it (no scaling, no
+    accumulation, no rounding); over several chunks the later GEMMs accumulate into it and the
+    mean is scaled once at the end. Values: the parity tests (CHUNKINGS and others)."""
+    n, h, v = 64, 8, 96
+    x, w, _ = _inputs(n=n, h=h, v=v, dtype=torch.float32)
+    t = _class_target(n, v, ignore_index=-100)
+
+    def weight_gradient_ops(chunk_size):
+        wl = w.clone().requires_grad_()
+        with AllocationMonitor() as mon:
+            linear_cross_entropy(x, wl, t, reduction=reduction, chunk_size=chunk_size).backward()
+        # (Autograd's detaches of the weight and its gradient return the shape too.)
+        return [op for op, shape in zip(mon.ops, mon.shapes) if shape == (v, h) and "detach" not in op]
+
+    assert weight_gradient_ops(None) == ["aten.mm.default"]
+    several = weight_gradient_ops(16)
+    assert several[0] == "aten.mm.default" and several.count("aten.addmm_.default") == 3
+    assert ("aten.mul_.Tensor" in several) == (reduction == "mean")
