@@ -125,6 +125,67 @@ def test_forward_with_grad_every_configuration(emu, C, dtype, launch):
     assert log[-1] == launch, f"launches (blocks, threads, cluster): {log}"
 
 
+# The rows forward_with_grad streams (reads twice: a thread's own short row
+# again from L1, a long row past the on-chip limits mostly from L2); every
+# other configuration above keeps the row on chip (a warp's, a block's or a
+# cluster's registers) and reads it once.
+READ_TWICE = {(10, torch.float32), (140000, torch.float32), (60001, torch.bfloat16), (128256, torch.bfloat16),
+              (300001, torch.bfloat16)}
+
+
+@pytest.fixture
+def traffic(emu):
+    """The emulator counting the bytes the kernels move into the logits and the gradient."""
+    emu.watch_logits_and_gradients(True)
+    yield emu
+    emu.watch_logits_and_gradients(False)
+    emu.take_traffic()
+
+
+def _assert_reads(loaded, nbytes, times, rows, itemsize, what):
+    # Beyond the row passes: at most the target logit and the reference logit
+    # of each row, read on their own.
+    assert times * nbytes <= loaded <= times * nbytes + 2 * rows * itemsize, (
+        f"{what}: {loaded} bytes of the logits loaded, {loaded / nbytes:.3f} times their {nbytes} bytes; "
+        f"expected {times}")
+
+
+@pytest.mark.parametrize("C, dtype, launch", CONFIGURATIONS,
+                         ids=[f"{c}-{dtype_id(d)}" for c, d, _ in CONFIGURATIONS])
+def test_memory_traffic(traffic, C, dtype, launch):
+    """What the roofline design promises, counted per byte by the emulator: forward_with_grad
+    reads the logits once where the row stays on chip and twice where it streams (READ_TWICE),
+    writes every gradient element once and reads none back, new or in place; the forward alone
+    and the backward read the logits once."""
+    rows = 3
+    x = (make_logits((rows, C, 1), torch.float64) + 12 * torch.arange(3.0).view(3, 1, 1)).to(dtype)
+    t = make_class_target((rows, 1), C)  # every row counts: ignored rows are not read twice
+    nbytes, itemsize = x.numel() * x.element_size(), x.element_size()
+    times = 2 if (C, dtype) in READ_TWICE else 1
+
+    _run_forward(traffic, x, t, "with_grad")
+    (logits_loaded, logits_stored), (grad_loaded, grad_stored) = traffic.take_traffic()
+    assert traffic.take_launch_log()[-1] == launch
+    _assert_reads(logits_loaded, nbytes, times, rows, itemsize, "forward_with_grad")
+    assert (logits_stored, grad_loaded, grad_stored) == (0, 0, nbytes)
+
+    _run_forward(traffic, x.clone(), t, "inplace")
+    ((loaded, stored),) = traffic.take_traffic()
+    _assert_reads(loaded, nbytes, times, rows, itemsize, "in place")
+    assert stored == nbytes
+
+    _, lse, _, _ = _run_forward(traffic, x, t, "forward")
+    ((loaded, stored),) = traffic.take_traffic()
+    _assert_reads(loaded, nbytes, 1, rows, itemsize, "forward")
+    assert stored == 0
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    traffic.backward(torch.rand(rows, 1, dtype=acc), None, x, t, None, lse, -100, 0.0, 0.0, 0.0, True, False)
+    (logits_loaded, logits_stored), (grad_loaded, grad_stored) = traffic.take_traffic()
+    _assert_reads(logits_loaded, nbytes, 1, rows, itemsize, "backward")
+    assert (logits_stored, grad_loaded, grad_stored) == (0, 0, nbytes)
+
+
 # One configuration of each kind of kernel and collective: a warp slice, a
 # block, a cluster, the streamed row; probabilities (the streamed kernels'
 # other flavour) and the backward further down use the default order.
@@ -516,6 +577,33 @@ def test_stream_stages(emu, threads):
                               FUSED_CE_CUDA_STREAM_BLOCK=threads)
     widths = [int(threads)] * 3 if threads else [384, 384, 768]
     assert launches == [f"(5, {w}, 1, {3 * 4 * w * 16})" for w in widths] + ["(5, 256, 1)"]
+
+
+# How often forward_with_grad reads the logits of long rows (rounded to 0.01, and every gradient
+# element stored once?) in a process of their own, under the experiments' switches.
+_LONG_ROW_TRAFFIC = """
+emu.watch_logits_and_gradients(True)
+for C, dtype in [(128256, torch.bfloat16), (200000, torch.float32)]:
+    x = make_logits((3, C, 1), dtype)
+    _run_forward(emu, x, make_class_target((3, 1), C), "with_grad")
+    (loaded, stored), (grad_loaded, grad_stored) = emu.take_traffic()
+    nbytes = x.numel() * x.element_size()
+    print(C, round(loaded / nbytes, 2), (stored, grad_loaded, grad_stored) == (0, 0, nbytes))
+"""
+
+
+@pytest.mark.parametrize("settings, reads", [
+    ({}, ["2.0 True", "2.0 True"]),  # both streamed
+    ({"FUSED_CE_CUDA_STREAM_STAGES": "3"}, ["2.0 True", "2.0 True"]),  # through shared memory (cp.async)
+    ({"FUSED_CE_CUDA_CLUSTERS": "1", "FUSED_CE_CUDA_CLUSTER_BLOCK": "1024"}, ["1.0 True", "2.0 True"]),
+], ids=["default", "stages", "cluster-block"])
+def test_memory_traffic_of_the_experiments(emu, settings, reads):
+    """The long rows' experiments keep the design's traffic: the shared-memory ring still reads
+    a streamed row twice (its cp.async copies counted as they are issued), and 16-bit rows of
+    128256 classes in clusters of 1024-thread blocks are read once; the gradient written once."""
+    variable, value = next(iter(settings.items()), ("FUSED_CE_CUDA_STREAM_STAGES", None))
+    more = {k: v for k, v in settings.items() if k != variable}
+    assert _launches_with(variable, value, _LONG_ROW_TRAFFIC, **more) == reads
 
 
 _LAUNCH_AND_ASSERTION = """

@@ -122,6 +122,12 @@ __device__ __forceinline__ V load_global(const V* ptr, uint64_t l2 = 0) {
   return value;
 }
 
+// The CPU emulator counts the bytes of plain stores (tests/cuda_emulator);
+// on a GPU this is nothing.
+#ifndef FUSED_CE_TRACE_STORE
+#define FUSED_CE_TRACE_STORE(address, bytes) ((void)0)
+#endif
+
 template <CachePolicy P, typename V>
 __device__ __forceinline__ void store_global(V* ptr, const V& value) {
   using Raw = typename RawBits<sizeof(V)>::type;
@@ -132,6 +138,7 @@ __device__ __forceinline__ void store_global(V* ptr, const V& value) {
   if (P == CachePolicy::kStream) {
     __stcs(raw_ptr, raw);
   } else {
+    FUSED_CE_TRACE_STORE(raw_ptr, sizeof(Raw));
     *raw_ptr = raw;
   }
 }

@@ -36,6 +36,21 @@ auto* kernel_ptr(const at::Tensor& t) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// When set, forward and backward watch the traffic (emu::watch_traffic) into
+// their input and the gradient they write, in that order (the input alone
+// when the gradient overwrites it), for take_traffic.
+bool watch_logits_and_gradients = false;
+
+void watch(const at::Tensor& logits, const at::Tensor& gradient) {
+  if (!watch_logits_and_gradients) return;
+  emu::take_traffic();  // what the previous call counted
+  const auto add = [](const at::Tensor& t) {
+    emu::watch_traffic(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
+  };
+  add(logits);
+  if (gradient.defined() && !gradient.is_same(logits)) add(gradient);
+}
+
 void check(cudaError_t error, const char* what) {
   const std::string message = emu::take_error_message();
   TORCH_CHECK(error == cudaSuccess, what, ": emulated launch failed (", cudaGetErrorName(error), ") ", message);
@@ -90,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor grad;
   if (mode == "with_grad") grad = at::empty(input.sizes(), input.options());
   if (mode == "inplace") grad = input;
+  watch(input, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_forward", [&] {
     using T = typename KernelType<scalar_t>::type;
     using Acc = ce::acc_t<T>;
@@ -117,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const s
                                             double softcap, bool input_grad, bool target_grad) {
   at::Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
   at::Tensor grad_target = target_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  watch(input, grad_input);
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, input.options().dtype(acc_dtype(input.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_backward", [&] {
     using T = typename KernelType<scalar_t>::type;
@@ -185,6 +202,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     emu::set_schedule(order == "forward" ? emu::kForward : order == "reverse" ? emu::kReverse : emu::kShuffled, seed);
   }, "the order of a block's threads between collectives: forward, reverse or shuffled (seeded)",
         pybind11::arg("order"), pybind11::arg("seed") = 1);
+  m.def("watch_logits_and_gradients", [](bool on) { watch_logits_and_gradients = on; },
+        "from now on, forward and backward count the bytes their kernels load from and store into the "
+        "logits and the gradient they write (take_traffic)");
+  m.def("take_traffic", [] {
+    pybind11::list out;
+    for (const emu::Traffic& t : emu::take_traffic()) out.append(pybind11::make_tuple(t.loaded, t.stored));
+    return out;
+  }, "(bytes loaded, bytes stored) of the logits, then of the gradient unless it overwrote them, since the "
+     "last forward or backward began");
   m.def("take_launch_log", [] {
     pybind11::list out;
     for (const emu::LaunchRecord& r : emu::take_launch_log()) {

@@ -376,6 +376,7 @@ void set_max_dynamic_shared_bytes(const void* kernel, int bytes) {
 }
 
 void async_copy(void* shared, const void* global, size_t bytes) {
+  trace_load(global, bytes);  // the read the hardware issues now
   current->open_copies.push_back(PendingCopy{shared, global, bytes});
 }
 
@@ -391,6 +392,49 @@ void async_wait(int newest_left_in_flight) {
     groups.pop_front();
   }
 }
+
+// The watched ranges: set while no kernel runs, read by every thread of a
+// launch (the blocks of a cluster run on threads of their own), counted
+// atomically.
+namespace {
+struct WatchedRange {
+  uintptr_t begin = 0, end = 0;
+  std::atomic<uint64_t> loaded{0}, stored{0};
+};
+constexpr int kMaxWatched = 4;
+WatchedRange watched[kMaxWatched];
+std::atomic<int> watched_count{0};
+
+void count(const void* address, size_t bytes, std::atomic<uint64_t> WatchedRange::*counter) {
+  const int n = watched_count.load(std::memory_order_relaxed);
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(address), end = begin + bytes;
+  for (int i = 0; i < n; ++i) {
+    WatchedRange& r = watched[i];
+    const uintptr_t lo = std::max(begin, r.begin), hi = std::min(end, r.end);
+    if (lo < hi) (r.*counter).fetch_add(hi - lo, std::memory_order_relaxed);
+  }
+}
+}  // namespace
+
+void watch_traffic(const void* begin, size_t bytes) {
+  const int n = watched_count.load();
+  if (n == kMaxWatched) throw std::runtime_error("emulated CUDA: at most 4 watched ranges");
+  watched[n].begin = reinterpret_cast<uintptr_t>(begin);
+  watched[n].end = watched[n].begin + bytes;
+  watched[n].loaded = 0;
+  watched[n].stored = 0;
+  watched_count.store(n + 1);
+}
+
+std::vector<Traffic> take_traffic() {
+  std::vector<Traffic> out;
+  for (int i = 0; i < watched_count.load(); ++i) out.push_back(Traffic{watched[i].loaded, watched[i].stored});
+  watched_count.store(0);
+  return out;
+}
+
+void trace_load(const void* address, size_t bytes) { count(address, bytes, &WatchedRange::loaded); }
+void trace_store(const void* address, size_t bytes) { count(address, bytes, &WatchedRange::stored); }
 
 std::vector<LaunchRecord> take_launch_log() {
   std::vector<LaunchRecord> log;

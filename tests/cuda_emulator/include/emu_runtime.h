@@ -79,6 +79,19 @@ void async_copy(void* shared, const void* global, size_t bytes);
 void async_commit();
 void async_wait(int newest_left_in_flight);
 
+// Global-memory traffic into watched ranges (the logits, the gradient), for
+// the tests of how often the kernels read and write them: the bytes of every
+// cache-hinted load (__ldg, __ldca, __ldcs) and cp.async read that fall in a
+// range, and of every store (__stcs, FUSED_CE_TRACE_STORE). Nothing is
+// counted while no range is watched.
+struct Traffic {
+  uint64_t loaded, stored;
+};
+void watch_traffic(const void* begin, size_t bytes);  // one more range (at most 4)
+std::vector<Traffic> take_traffic();                   // per range, in order; stops watching
+void trace_load(const void* address, size_t bytes);
+void trace_store(const void* address, size_t bytes);
+
 // Every launch's shape, in order, since the last take_launch_log(): which
 // kernel configuration a launcher chose (tests assert it).
 struct LaunchRecord {
@@ -187,15 +200,29 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
   return emu::bit_cast_to<T>(&other);
 }
 
-// Cache-hinted loads and stores: plain accesses on the CPU.
+// Cache-hinted loads and stores: plain accesses on the CPU, counted where
+// watched (emu::watch_traffic); and the kernels' plain stores (ce_memory.cuh).
 template <typename T>
-T __ldg(const T* p) { return *p; }
+T __ldg(const T* p) {
+  emu::trace_load(p, sizeof(T));
+  return *p;
+}
 template <typename T>
-T __ldca(const T* p) { return *p; }
+T __ldca(const T* p) {
+  emu::trace_load(p, sizeof(T));
+  return *p;
+}
 template <typename T>
-T __ldcs(const T* p) { return *p; }
+T __ldcs(const T* p) {
+  emu::trace_load(p, sizeof(T));
+  return *p;
+}
 template <typename T>
-void __stcs(T* p, T value) { *p = value; }
+void __stcs(T* p, T value) {
+  emu::trace_store(p, sizeof(T));
+  *p = value;
+}
+#define FUSED_CE_TRACE_STORE(address, bytes) ::emu::trace_store(address, bytes)
 
 // Reinterpretations and the fast-math functions' plain counterparts.
 inline float __int_as_float(int v) { return emu::bit_cast_to<float>(&v); }
