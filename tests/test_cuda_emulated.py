@@ -307,6 +307,24 @@ def test_backward(emu, C, dtype, soft):
         assert_close_ref(grad_target, grads[1], dtype, "grad_target")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("rows, weight_launches", [
+    (4, [(1, 256, 1)]), (2048, [(1, 256, 1)]),  # one block sums the targets' weights and finishes
+    (2049, [(2, 256, 1), (1, 256, 1)]), (65536, [(32, 256, 1), (1, 256, 1)]),  # partials, then one block
+])
+def test_total_weight_launches(emu, rows, weight_launches, reduction):
+    """forward_with_grad computes total_weight and the gradient's scale before its row kernel:
+    in one launch up to 2048 rows (a small batch's step costs launches more than work), in two
+    (per-block partials, then their sum in index order) past that; right either way."""
+    C = 10
+    x = make_logits((rows, C, 1), torch.float32)
+    t = make_class_target((rows, 1), C, ignore_index=-100)
+    log = _check_forward_with_grad(emu, x, t, reduction, weight=make_weight(C, torch.float32))
+    assert log[:-1] == weight_launches, log
+    soft = make_prob_target((rows, C, 1), torch.float32)  # the total is N * D: no partials
+    assert _check_forward_with_grad(emu, x, soft, reduction)[:-1] == [(1, 256, 1)]
+
+
 def test_empty_and_all_ignored(emu):
     x = make_logits((0, 100, 1), torch.float32)
     loss, lse, total, grad = _run_forward(emu, x, torch.zeros(0, 1, dtype=torch.long), "with_grad")

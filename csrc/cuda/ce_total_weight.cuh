@@ -9,7 +9,8 @@
 // forward_with_grad write the final, scaled gradient in the same pass that
 // reads the logits.  No atomics: stage 1 gives each block a fixed
 // contiguous range of rows and writes one partial per block, stage 2 (one
-// block) folds the partials in index order.  The number of partials depends
+// block) folds the partials in index order; up to kMinRowsPerPartial rows,
+// one block does both.  The number of partials depends
 // only on N * D, so results are bitwise reproducible on any GPU.
 #pragma once
 
@@ -28,8 +29,21 @@ constexpr int kReduceThreads = 256;
 // Rows per stage-1 block before a second block is worth it.
 constexpr int64_t kMinRowsPerPartial = 8 * kReduceThreads;
 
+// total_weight and the gradient scale from the final sum (thread 0).
+template <typename Acc>
+__device__ __forceinline__ void write_total_weight(Acc total, int reduction, Acc* total_weight, Acc* workspace) {
+  *total_weight = total;
+  // 0 / 0 for an all-ignored mean stays the caller's business (NaN loss);
+  // the gradient of ignored rows is written as exact zeros regardless.
+  workspace[kWorkspaceScaleSlot] = reduction == kReductionMean ? Acc(1) / total : Acc(1);
+}
+
 // Stage 1: partials[b] = sum of w[y] over rows [b * chunk, (b + 1) * chunk).
-template <typename T>
+// FINAL (a grid of one block, for up to kMinRowsPerPartial rows): the block
+// writes total_weight and the scale itself, one launch instead of two (what
+// a small batch's step costs is mostly launches); the same bits, since stage
+// 2 would add zeros to the one partial.
+template <typename T, bool FINAL>
 __global__ void __launch_bounds__(kReduceThreads)
     ce_target_weight_partials_kernel(const CrossEntropyForwardParams<T> p, int64_t chunk) {
   using Acc = acc_t<T>;
@@ -44,7 +58,13 @@ __global__ void __launch_bounds__(kReduceThreads)
     if (y >= 0) sum += class_weight(p.weight, y);
   }
   sum = group_sum<kReduceThreads, kReduceThreads>(sum);
-  if (threadIdx.x == 0) p.workspace[blockIdx.x] = sum;
+  if (threadIdx.x == 0) {
+    if constexpr (FINAL) {
+      write_total_weight(sum, p.reduction, p.total_weight, p.workspace);
+    } else {
+      p.workspace[blockIdx.x] = sum;
+    }
+  }
 }
 
 // Stage 2 (one block): total = base + sum(partials[0:num_partials]).
@@ -56,13 +76,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   Acc sum = Acc(0);
   for (int i = static_cast<int>(threadIdx.x); i < num_partials; i += kReduceThreads) sum += workspace[i];
   sum = group_sum<kReduceThreads, kReduceThreads>(sum);
-  if (threadIdx.x == 0) {
-    const Acc total = base + sum;
-    *total_weight = total;
-    // 0 / 0 for an all-ignored mean stays the caller's business (NaN loss);
-    // the gradient of ignored rows is written as exact zeros regardless.
-    workspace[kWorkspaceScaleSlot] = reduction == kReductionMean ? Acc(1) / total : Acc(1);
-  }
+  if (threadIdx.x == 0) write_total_weight(base + sum, reduction, total_weight, workspace);
 }
 
 // sum_c w_c into workspace[kWorkspaceWeightSumSlot] (one block).

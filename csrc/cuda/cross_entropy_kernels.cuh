@@ -533,12 +533,18 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     if (blocks > kMaxWeightPartials) blocks = kMaxWeightPartials;
     const int64_t chunk = (rows + blocks - 1) / blocks;
     num_partials = static_cast<int>(blocks);
-    ce_target_weight_partials_kernel<T><<<num_partials, kReduceThreads, 0, stream>>>(p, chunk);
+    if (num_partials == 1) {
+      ce_target_weight_partials_kernel<T, true><<<1, kReduceThreads, 0, stream>>>(p, chunk);
+    } else {
+      ce_target_weight_partials_kernel<T, false><<<num_partials, kReduceThreads, 0, stream>>>(p, chunk);
+    }
     FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
   }
-  ce_finalize_total_weight_kernel<Acc><<<1, kReduceThreads, 0, stream>>>(
-      p.workspace, num_partials, prob ? static_cast<Acc>(rows) : Acc(0), p.reduction, p.total_weight);
-  FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
+  if (num_partials != 1) {
+    ce_finalize_total_weight_kernel<Acc><<<1, kReduceThreads, 0, stream>>>(
+        p.workspace, num_partials, prob ? static_cast<Acc>(rows) : Acc(0), p.reduction, p.total_weight);
+    FUSED_CE_RETURN_IF_ERROR(cudaGetLastError());
+  }
   if (rows == 0) return cudaSuccess;
 
   // Gradient rows are contiguous (N, C, D): class stride 1 only when D == 1.
