@@ -329,16 +329,13 @@ def _finish(loss, total_weight, grad_x, grad_w, grad_b, reduction, valid, x, w, 
             grads_reduced: bool = False):
     """Reduce the loss, scale the gradients for "mean" (unless ``grads_reduced``: the kernel
     gave them for the mean), cast everything to its dtype."""
-    n = x.shape[0]
     scale = row_scale = None
     if reduction == _MEAN:
-        scale = _mean_scale(total_weight, valid, n)
         loss = torch.where(total_weight != 0, loss / total_weight, torch.full_like(loss, math.nan))
-        row_scale = scale
-        if valid is not None:  # ignored rows keep a zero gradient whatever the scale
-            row_scale = torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1)
-        if grads_reduced:
-            scale = row_scale = None
+        if not grads_reduced and any(g is not None for g in (grad_x, grad_w, grad_b)):
+            scale = row_scale = _mean_scale(total_weight, valid, x.shape[0])
+            if valid is not None:  # ignored rows keep a zero gradient whatever the scale
+                row_scale = torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1)
     return (loss.to(loss_dtype), _scaled_cast(grad_x, row_scale, x), _scaled_cast(grad_w, scale, w),
             _scaled_cast(grad_b, scale, b))
 
