@@ -294,12 +294,15 @@ def test_inputs_not_modified():
         assert torch.equal(v.detach(), v0)
 
 
-def test_bfloat16(device):
-    """bf16 inputs against the float32 reference on the same (bf16-rounded) values."""
+@CHUNKINGS
+def test_bfloat16(device, chunk_size):
+    """bf16 inputs against the float32 reference on the same (bf16-rounded) values: over
+    several chunks (float32 accumulators; on CUDA float32 GEMM outputs) and in one (on CUDA
+    bf16 GEMM outputs, as eager's)."""
     x, w, b = _inputs(n=64, h=32, v=100, dtype=torch.bfloat16, device=device)
     t = _class_target(64, 100, device, ignore_index=-100)
     for reduction in ("mean", "sum", "none"):
-        check(x, w, b, t, reduction=reduction, label_smoothing=0.1, chunk_size=24, ref_dtype=torch.float32,
+        check(x, w, b, t, reduction=reduction, label_smoothing=0.1, chunk_size=chunk_size, ref_dtype=torch.float32,
               rtol=3e-2, atol_scale=2e-2, what=f"bf16 {reduction}")
 
 
