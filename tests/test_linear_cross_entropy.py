@@ -771,3 +771,32 @@ def test_one_chunk_has_no_pass_over_the_weight_gradient(reduction):
     several = weight_gradient_ops(16)
     assert several[0] == "aten.mm.default" and several.count("aten.addmm_.default") == 3
     assert ("aten.mul_.Tensor" in several) == (reduction == "mean")
+
+
+@CHUNKINGS
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bfloat16_gemms_as_on_cuda(monkeypatch, reduction, chunk_size):
+    """The path a GPU takes, run on the CPU: bfloat16 GEMMs (not staged in float32), with
+    float32 outputs where several chunks accumulate (the dtype overloads of aten::mm and
+    aten::addmm, which have no CPU kernels, stood in for by float32 products) and bfloat16
+    outputs in one chunk; against the float32 reference."""
+    def wide(a, b, out_dtype):
+        return a.to(out_dtype) @ b.to(out_dtype)
+
+    class FakeMm:
+        dtype = staticmethod(wide)
+        dtype_out = staticmethod(lambda a, b, out_dtype, out: out.copy_(wide(a, b, out_dtype)))
+
+    class FakeAddmm:
+        dtype_out = staticmethod(lambda acc, a, b, out_dtype, out: out.add_(wide(a, b, out_dtype)))
+        dtype = staticmethod(lambda acc, a, b, out_dtype: acc + wide(a, b, out_dtype))
+
+    monkeypatch.setattr(linear_mod, "_staged", lambda dtype, device: False)
+    monkeypatch.setattr(linear_mod, "_REFUSED_ACCUMULATIONS", set())
+    monkeypatch.setattr(linear_mod, "_aten_mm", FakeMm)
+    monkeypatch.setattr(linear_mod, "_aten_addmm", FakeAddmm)
+    x, w, b = _inputs(n=64, h=32, v=100, dtype=torch.bfloat16)
+    t = _class_target(64, 100, ignore_index=-100)
+    check(x, w, b, t, reduction=reduction, label_smoothing=0.1, chunk_size=chunk_size, ref_dtype=torch.float32,
+          rtol=3e-2, atol_scale=2e-2, what=f"bf16 GEMMs {reduction}")
+    assert not linear_mod._REFUSED_ACCUMULATIONS
