@@ -319,7 +319,8 @@ def _mean_scale(total_weight: Tensor, valid: Optional[Tensor], n: int) -> Tensor
     if valid is not None:
         some = valid.any()
     else:
-        some = torch.tensor(n > 0, device=total_weight.device)
+        # A fill on the device, not a copy from the host (which a CUDA graph could not capture).
+        some = torch.full((), n > 0, dtype=torch.bool, device=total_weight.device)
     nan = torch.full_like(total_weight, math.nan)
     return torch.where(total_weight != 0, 1 / total_weight,
                        torch.where(some, nan, torch.zeros_like(total_weight)))
