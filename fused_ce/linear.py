@@ -43,12 +43,17 @@ requires grad) no gradient work is done at all. Forms the chunked path does
 not handle (K-dimensional ``linear_weight``, gradients for the class weight
 or for probability targets, probability targets of another dtype than the
 input, devices other than the input's, autocast with class weights or
-probability targets, torch.compile tracing) take the reference path
-``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
+probability targets, reduction "none" under torch.compile) take the reference
+path ``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
 and gives PyTorch's results and errors. So do calls under torch.func
 transforms or with forward-mode AD tangents, which the chunks' Function
 cannot differentiate. Mixed dtypes of input, weight and bias outside
 autocast raise F.linear's error first, as PyTorch does.
+
+Under torch.compile the mean and the sum are one custom operator,
+``fused_ce::linear_cross_entropy_chunks`` (the loss and the gradients, which
+its backward multiplies by the upstream gradient), so a compiled training step
+keeps the chunks: traced through, the loop would be unrolled into the graph.
 """
 
 from __future__ import annotations
@@ -451,6 +456,54 @@ def _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reducti
                    x, w, b, loss_dtype, grads_reduced=one_chunk)
 
 
+# --------------------------------------------------------------------------- under torch.compile
+
+
+@torch.library.custom_op("fused_ce::linear_cross_entropy_chunks", mutates_args=())
+def _chunks_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, reduction: int,
+               chunk: int, need_x: bool, need_w: bool, need_b: bool,
+               loss_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The mean or sum of the chunked losses and the gradients of x, w and b (empty where not
+    needed), as one operator that torch.compile keeps whole: traced through, the chunk loop
+    would be unrolled, or (as before this operator) the logits materialised."""
+    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
+    loss, *grads = _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reduction,
+                                               (need_x, need_w, need_b), loss_dtype)
+    return (loss, *(g if g is not None else x.new_empty(0) for g in grads))
+
+
+@_chunks_op.register_fake
+def _chunks_op_fake(x, w, b, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk,
+                    need_x, need_w, need_b, loss_dtype):
+    def gradient(needed, like):
+        return torch.empty_like(like) if needed and like is not None else x.new_empty(0)
+
+    return x.new_empty((), dtype=loss_dtype), gradient(need_x, x), gradient(need_w, w), gradient(need_b, b)
+
+
+def _chunks_op_setup_context(ctx, inputs, output):
+    ctx.needed = inputs[11:14]
+    ctx.save_for_backward(*output[1:])
+
+
+def _chunks_op_backward(ctx, grad_loss, *_unused_gradients_of_gradients):
+    scaled = (g * grad_loss if needed else None for g, needed in zip(ctx.saved_tensors, ctx.needed))
+    return (*scaled, *(None,) * 12)
+
+
+_chunks_op.register_autograd(_chunks_op_backward, setup_context=_chunks_op_setup_context)
+
+
+def _compiled_chunks(x, w, b, target, weight, options, reduction, chunk, loss_dtype):
+    """linear_cross_entropy's mean or sum under torch.compile: the operator above, whose
+    backward multiplies the gradients it returned by the upstream gradient (out of place; the
+    Function of eager mode hands them over scaled in place)."""
+    loss, *_ = _chunks_op(x, w, b, target, weight, *options, reduction, chunk, x.requires_grad,
+                          w.requires_grad, b is not None and b.requires_grad, loss_dtype)
+    return loss
+
+
 # --------------------------------------------------------------------------- argument handling
 
 
@@ -536,7 +589,8 @@ def linear_cross_entropy(
     requires grad (the forward then costs about as much as a forward + backward of the unfused
     pair, and the backward almost nothing); a second backward through the same graph
     (``retain_graph=True``) recomputes them. ``"none"`` recomputes the chunks in the backward.
-    Under ``torch.compile`` tracing the reference path is used.
+    Under ``torch.compile`` the mean and the sum are traced as one operator that keeps the
+    chunks; ``"none"`` takes the reference path there.
     """
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
         raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
@@ -609,7 +663,9 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
         and (weight is None or (weight.device == device and weight.dtype == dtype
                                 and not (grad_mode and weight.requires_grad)))
         and (not probs or (target.dtype == dtype and not (grad_mode and target.requires_grad)))
-        and not torch.compiler.is_compiling()
+        # torch.compile traces the operator of the mean and the sum (_compiled_chunks); the
+        # per-row losses' backward recomputes the chunks, which only the Function does.
+        and not (torch.compiler.is_compiling() and reduction == "none")
         # torch.func transforms and forward-mode AD: the reference's
         # cross_entropy differentiates under them; the chunks' Function
         # cannot (and without grad it would drop the tangents).
@@ -635,7 +691,9 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
         chunk_size = default_chunk_size(n, v, dtype.itemsize + (4 if staged else 0), device.type)
     red = _REDUCTIONS[reduction]
 
-    if grad_mode and any(t_.requires_grad for t_ in tensors):
+    if grad_mode and torch.compiler.is_compiling():
+        loss = _compiled_chunks(x, linear_weight, linear_bias, t, weight, options, red, chunk_size, loss_dtype)
+    elif grad_mode and any(t_.requires_grad for t_ in tensors):
         loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, options, red, chunk_size,
                                          loss_dtype)
     else:  # nothing to differentiate: the losses alone

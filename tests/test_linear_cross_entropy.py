@@ -800,3 +800,50 @@ def test_bfloat16_gemms_as_on_cuda(monkeypatch, reduction, chunk_size):
     check(x, w, b, t, reduction=reduction, label_smoothing=0.1, chunk_size=chunk_size, ref_dtype=torch.float32,
           rtol=3e-2, atol_scale=2e-2, what=f"bf16 GEMMs {reduction}")
     assert not linear_mod._REFUSED_ACCUMULATIONS
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_torch_compile_keeps_the_chunks(device, reduction, kind):
+    """Under torch.compile(fullgraph=True) the mean and the sum are one operator
+    (fused_ce::linear_cross_entropy_chunks) in the traced graph, not the logits' GEMM, and give
+    the eager values and gradients (its backward scales the gradients it returned; here by 3);
+    the per-row losses take the reference path, as before."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    x, w, b = _inputs(device=device)
+    t = (make_prob_target((N, V), torch.float64, device) if kind == "prob"
+         else _class_target(N, V, device, ignore_index=-100))
+
+    def loss_of(x, w, b):
+        loss = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                    z_loss=1e-3, chunk_size=7)
+        return 3 * loss.sum()
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    compiled = torch.compile(loss_of, backend=backend, fullgraph=True)(*leaves)
+    compiled.backward()
+    ref_leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    expected = loss_of(*ref_leaves)
+    expected.backward()
+    assert_close_ref(compiled, expected, torch.float64)
+    for got, ref in zip(leaves, ref_leaves):
+        assert_close_ref(got.grad, ref.grad, torch.float64)
+    code = backend.graphs[0].code
+    assert ("linear_cross_entropy_chunks" in code) == (reduction != "none"), code
+
+
+def test_opcheck_the_compiled_operator():
+    """The operator torch.compile traces: its schema, fake kernel and autograd registration
+    (torch.library.opcheck), class and probability targets, with and without a bias."""
+    x, w, b = _inputs()
+    options = (-100, 0.1, 1e-3, 0.0)
+    for target, bias in ((_class_target(N, V, ignore_index=-100), b), (make_prob_target((N, V), torch.float64), None)):
+        for reduction in (1, 2):
+            args = (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                    None if bias is None else bias.clone().requires_grad_(), target, None, *options, reduction, 7,
+                    True, True, bias is not None, torch.float64)
+            torch.library.opcheck(torch.ops.fused_ce.linear_cross_entropy_chunks.default, args)
