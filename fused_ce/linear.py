@@ -43,17 +43,19 @@ requires grad) no gradient work is done at all. Forms the chunked path does
 not handle (K-dimensional ``linear_weight``, gradients for the class weight
 or for probability targets, probability targets of another dtype than the
 input, devices other than the input's, autocast with class weights or
-probability targets, reduction "none" under torch.compile) take the reference
-path ``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
+probability targets) take the reference path
+``fused_ce.cross_entropy(F.linear(...), ...)``, which materialises the logits
 and gives PyTorch's results and errors. So do calls under torch.func
 transforms or with forward-mode AD tangents, which the chunks' Function
 cannot differentiate. Mixed dtypes of input, weight and bias outside
 autocast raise F.linear's error first, as PyTorch does.
 
-Under torch.compile the mean and the sum are one custom operator,
-``fused_ce::linear_cross_entropy_chunks`` (the loss and the gradients, which
-its backward multiplies by the upstream gradient), so a compiled training step
-keeps the chunks: traced through, the loop would be unrolled into the graph.
+Under torch.compile the chunks are custom operators that the compiler keeps
+whole (traced through, the loop would be unrolled into the graph): for the
+mean and the sum ``fused_ce::linear_cross_entropy_chunks`` (the loss and the
+gradients, which its backward multiplies by the upstream gradient), for
+reduction "none" ``fused_ce::linear_cross_entropy_chunk_losses``, whose
+backward recomputes the chunks (``..._chunk_gradients``).
 """
 
 from __future__ import annotations
@@ -476,10 +478,7 @@ def _chunks_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight
 @_chunks_op.register_fake
 def _chunks_op_fake(x, w, b, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, chunk,
                     need_x, need_w, need_b, loss_dtype):
-    def gradient(needed, like):
-        return torch.empty_like(like) if needed and like is not None else x.new_empty(0)
-
-    return x.new_empty((), dtype=loss_dtype), gradient(need_x, x), gradient(need_w, w), gradient(need_b, b)
+    return (x.new_empty((), dtype=loss_dtype), *_fake_gradients(x, (need_x, x), (need_w, w), (need_b, b)))
 
 
 def _chunks_op_setup_context(ctx, inputs, output):
@@ -495,10 +494,69 @@ def _chunks_op_backward(ctx, grad_loss, *_unused_gradients_of_gradients):
 _chunks_op.register_autograd(_chunks_op_backward, setup_context=_chunks_op_setup_context)
 
 
+@torch.library.custom_op("fused_ce::linear_cross_entropy_chunk_losses", mutates_args=())
+def _losses_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+               ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk: int,
+               loss_dtype: torch.dtype) -> Tensor:
+    """The per-row losses (reduction "none") of the chunks, for torch.compile; their backward
+    (the operator below) recomputes the chunks with the per-row upstream gradients."""
+    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
+    loss, *_ = _run_chunks(x, w, b, target, weight, options, chunk, per_row=True)
+    return loss.to(loss_dtype)
+
+
+@_losses_op.register_fake
+def _losses_op_fake(x, w, b, target, weight, ignore_index, label_smoothing, z_loss, softcap, chunk, loss_dtype):
+    return x.new_empty(x.shape[:1], dtype=loss_dtype)
+
+
+@torch.library.custom_op("fused_ce::linear_cross_entropy_chunk_gradients", mutates_args=())
+def _row_gradients_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                      ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk: int,
+                      row_grad: Tensor, need_x: bool, need_w: bool,
+                      need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of x, w and b (empty where not needed) of the per-row losses weighted by
+    ``row_grad``, recomputed chunk by chunk, in their dtypes."""
+    options = _Options(ignore_index, label_smoothing, z_loss, softcap)
+    _, _, gx, gw, gb = _run_chunks(x, w, b, target, weight, options, chunk, need_x=need_x, need_w=need_w,
+                                   need_b=need_b, row_grad=row_grad.reshape(-1))
+    return tuple(_cast(g, like) if g is not None else x.new_empty(0) for g, like in ((gx, x), (gw, w), (gb, b)))
+
+
+@_row_gradients_op.register_fake
+def _row_gradients_op_fake(x, w, b, target, weight, ignore_index, label_smoothing, z_loss, softcap, chunk,
+                           row_grad, need_x, need_w, need_b):
+    return _fake_gradients(x, (need_x, x), (need_w, w), (need_b, b))
+
+
+def _fake_gradients(x, *needed_and_like):
+    return tuple(torch.empty_like(like) if needed and like is not None else x.new_empty(0)
+                 for needed, like in needed_and_like)
+
+
+def _losses_op_setup_context(ctx, inputs, output):
+    x, w, b, target, weight, *options, chunk, _loss_dtype = inputs
+    ctx.save_for_backward(x, w, b, target, weight)
+    ctx.options, ctx.chunk = options, chunk
+    ctx.needed = (x.requires_grad, w.requires_grad, b is not None and b.requires_grad)
+
+
+def _losses_op_backward(ctx, grad_losses):
+    x, w, b, target, weight = ctx.saved_tensors
+    grads = _row_gradients_op(x, w, b, target, weight, *ctx.options, ctx.chunk, grad_losses, *ctx.needed)
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needed)), *(None,) * 8)
+
+
+_losses_op.register_autograd(_losses_op_backward, setup_context=_losses_op_setup_context)
+
+
 def _compiled_chunks(x, w, b, target, weight, options, reduction, chunk, loss_dtype):
-    """linear_cross_entropy's mean or sum under torch.compile: the operator above, whose
-    backward multiplies the gradients it returned by the upstream gradient (out of place; the
-    Function of eager mode hands them over scaled in place)."""
+    """linear_cross_entropy under torch.compile: for the mean and the sum the operator that
+    returns the gradients with the loss, whose backward multiplies them by the upstream
+    gradient (out of place; the Function of eager mode hands them over scaled in place); for
+    the per-row losses the operator whose backward recomputes the chunks."""
+    if reduction == _NONE:
+        return _losses_op(x, w, b, target, weight, *options, chunk, loss_dtype)
     loss, *_ = _chunks_op(x, w, b, target, weight, *options, reduction, chunk, x.requires_grad,
                           w.requires_grad, b is not None and b.requires_grad, loss_dtype)
     return loss
@@ -589,8 +647,8 @@ def linear_cross_entropy(
     requires grad (the forward then costs about as much as a forward + backward of the unfused
     pair, and the backward almost nothing); a second backward through the same graph
     (``retain_graph=True``) recomputes them. ``"none"`` recomputes the chunks in the backward.
-    Under ``torch.compile`` the mean and the sum are traced as one operator that keeps the
-    chunks; ``"none"`` takes the reference path there.
+    Under ``torch.compile`` the chunks are traced as custom operators, so a compiled step keeps
+    them too.
     """
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
         raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
@@ -663,9 +721,6 @@ def _chunked_or_reference(input, linear_weight, target, linear_bias, weight, red
         and (weight is None or (weight.device == device and weight.dtype == dtype
                                 and not (grad_mode and weight.requires_grad)))
         and (not probs or (target.dtype == dtype and not (grad_mode and target.requires_grad)))
-        # torch.compile traces the operator of the mean and the sum (_compiled_chunks); the
-        # per-row losses' backward recomputes the chunks, which only the Function does.
-        and not (torch.compiler.is_compiling() and reduction == "none")
         # torch.func transforms and forward-mode AD: the reference's
         # cross_entropy differentiates under them; the chunks' Function
         # cannot (and without grad it would drop the tangents).

@@ -806,10 +806,11 @@ def test_bfloat16_gemms_as_on_cuda(monkeypatch, reduction, chunk_size):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_torch_compile_keeps_the_chunks(device, reduction, kind):
-    """Under torch.compile(fullgraph=True) the mean and the sum are one operator
-    (fused_ce::linear_cross_entropy_chunks) in the traced graph, not the logits' GEMM, and give
-    the eager values and gradients (its backward scales the gradients it returned; here by 3);
-    the per-row losses take the reference path, as before."""
+    """Under torch.compile(fullgraph=True) the chunks are custom operators in the traced graph,
+    not the logits' GEMM: for the mean and the sum fused_ce::linear_cross_entropy_chunks (its
+    backward scales the gradients it returned; here by 3), for the per-row losses
+    fused_ce::linear_cross_entropy_chunk_losses (its backward recomputes the chunks); with the
+    eager values and gradients."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     x, w, b = _inputs(device=device)
@@ -833,12 +834,14 @@ def test_torch_compile_keeps_the_chunks(device, reduction, kind):
     for got, ref in zip(leaves, ref_leaves):
         assert_close_ref(got.grad, ref.grad, torch.float64)
     code = backend.graphs[0].code
-    assert ("linear_cross_entropy_chunks" in code) == (reduction != "none"), code
+    operator = "linear_cross_entropy_chunk_losses" if reduction == "none" else "linear_cross_entropy_chunks"
+    assert operator in code and "torch.mm" not in code and "linear(" not in code, code
 
 
-def test_opcheck_the_compiled_operator():
-    """The operator torch.compile traces: its schema, fake kernel and autograd registration
-    (torch.library.opcheck), class and probability targets, with and without a bias."""
+def test_opcheck_the_compiled_operators():
+    """The operators torch.compile traces: their schemas, fake kernels and autograd
+    registrations (torch.library.opcheck), class and probability targets, with and without a
+    bias."""
     x, w, b = _inputs()
     options = (-100, 0.1, 1e-3, 0.0)
     for target, bias in ((_class_target(N, V, ignore_index=-100), b), (make_prob_target((N, V), torch.float64), None)):
@@ -847,3 +850,10 @@ def test_opcheck_the_compiled_operator():
                     None if bias is None else bias.clone().requires_grad_(), target, None, *options, reduction, 7,
                     True, True, bias is not None, torch.float64)
             torch.library.opcheck(torch.ops.fused_ce.linear_cross_entropy_chunks.default, args)
+        leaves = (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                  None if bias is None else bias.clone().requires_grad_())
+        torch.library.opcheck(torch.ops.fused_ce.linear_cross_entropy_chunk_losses.default,
+                              (*leaves, target, None, *options, 7, torch.float64))
+        row_grad = torch.rand(N, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.fused_ce.linear_cross_entropy_chunk_gradients.default,
+                              (x, w, bias, target, None, *options, 7, row_grad, True, True, bias is not None))
