@@ -430,13 +430,20 @@ def _recompute(ctx, grad_output):
     options, chunk = ctx.options, ctx.chunk
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if ctx.reduction == _NONE:
-        _, _, gx, gw, gb = _run_chunks(
-            x, w, b, target, weight, options, chunk,
-            need_x=need_x, need_w=need_w, need_b=need_b, row_grad=grad_output.reshape(-1))
-        return _cast(gx, x), _cast(gw, w), _cast(gb, b)
+        return _row_weighted_gradients(x, w, b, target, weight, options, chunk, grad_output,
+                                       (need_x, need_w, need_b))
     _, *grads = _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, ctx.reduction,
                                             (need_x, need_w, need_b), grad_output.dtype)
     return tuple(_scale_by(g, grad_output) for g in grads)
+
+
+def _row_weighted_gradients(x, w, b, target, weight, options, chunk, row_grad, needed):
+    """The gradients of x, w and b (None where not ``needed``) of the per-row losses weighted
+    by ``row_grad``, recomputed chunk by chunk, in their dtypes: reduction "none"'s backward."""
+    need_x, need_w, need_b = needed
+    _, _, gx, gw, gb = _run_chunks(x, w, b, target, weight, options, chunk, need_x=need_x, need_w=need_w,
+                                   need_b=need_b, row_grad=row_grad.reshape(-1))
+    return _cast(gx, x), _cast(gw, w), _cast(gb, b)
 
 
 def _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reduction, needed, loss_dtype):
@@ -472,7 +479,13 @@ def _chunks_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
     loss, *grads = _reduced_loss_and_gradients(x, w, b, target, weight, options, chunk, reduction,
                                                (need_x, need_w, need_b), loss_dtype)
-    return (loss, *(g if g is not None else x.new_empty(0) for g in grads))
+    return (loss, *_or_empty(x, grads))
+
+
+def _or_empty(x: Tensor, grads) -> Tuple[Tensor, ...]:
+    """The operators' gradients: an empty tensor where one was not needed (an operator cannot
+    return None)."""
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_chunks_op.register_fake
@@ -518,9 +531,8 @@ def _row_gradients_op(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     """The gradients of x, w and b (empty where not needed) of the per-row losses weighted by
     ``row_grad``, recomputed chunk by chunk, in their dtypes."""
     options = _Options(ignore_index, label_smoothing, z_loss, softcap)
-    _, _, gx, gw, gb = _run_chunks(x, w, b, target, weight, options, chunk, need_x=need_x, need_w=need_w,
-                                   need_b=need_b, row_grad=row_grad.reshape(-1))
-    return tuple(_cast(g, like) if g is not None else x.new_empty(0) for g, like in ((gx, x), (gw, w), (gb, b)))
+    return _or_empty(x, _row_weighted_gradients(x, w, b, target, weight, options, chunk, row_grad,
+                                                 (need_x, need_w, need_b)))
 
 
 @_row_gradients_op.register_fake

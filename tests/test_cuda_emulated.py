@@ -610,18 +610,17 @@ for C, dtype in [(128256, torch.bfloat16), (200000, torch.float32)]:
 """
 
 
-@pytest.mark.parametrize("settings, reads", [
-    ({}, ["2.0 True", "2.0 True"]),  # both streamed
-    ({"FUSED_CE_CUDA_STREAM_STAGES": "3"}, ["2.0 True", "2.0 True"]),  # through shared memory (cp.async)
-    ({"FUSED_CE_CUDA_CLUSTERS": "1", "FUSED_CE_CUDA_CLUSTER_BLOCK": "1024"}, ["1.0 True", "2.0 True"]),
+@pytest.mark.parametrize("stages, clusters, block, reads", [
+    (None, None, None, ["2.0 True", "2.0 True"]),  # both streamed
+    ("3", None, None, ["2.0 True", "2.0 True"]),  # through shared memory (cp.async)
+    (None, "1", "1024", ["1.0 True", "2.0 True"]),  # bf16 in clusters of 1024-thread blocks
 ], ids=["default", "stages", "cluster-block"])
-def test_memory_traffic_of_the_experiments(emu, settings, reads):
+def test_memory_traffic_of_the_experiments(emu, stages, clusters, block, reads):
     """The long rows' experiments keep the design's traffic: the shared-memory ring still reads
     a streamed row twice (its cp.async copies counted as they are issued), and 16-bit rows of
     128256 classes in clusters of 1024-thread blocks are read once; the gradient written once."""
-    variable, value = next(iter(settings.items()), ("FUSED_CE_CUDA_STREAM_STAGES", None))
-    more = {k: v for k, v in settings.items() if k != variable}
-    assert _launches_with(variable, value, _LONG_ROW_TRAFFIC, **more) == reads
+    assert _launches_with("FUSED_CE_CUDA_STREAM_STAGES", stages, _LONG_ROW_TRAFFIC,
+                          FUSED_CE_CUDA_CLUSTERS=clusters, FUSED_CE_CUDA_CLUSTER_BLOCK=block) == reads
 
 
 _LAUNCH_AND_ASSERTION = """
