@@ -23,7 +23,8 @@ from torch.overrides import has_torch_function
 
 from . import _C
 from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
-                       FunctorchCrossEntropyFunction, composite_cross_entropy, has_tangent)
+                       FunctorchCrossEntropyFunction, composite_cross_entropy, forward_ad_active,
+                       has_tangent)
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -98,6 +99,11 @@ def cross_entropy(
       PyTorch, after which the CUDA context is unusable. The check synchronises with the device, so it is off by
       default (and it cannot be captured in a CUDA graph).
     """
+    plain = _plain_call(input, target, weight, size_average, reduce, ignore_index, reduction,
+                        label_smoothing, z_loss, softcap, return_lse or inplace_backward or validate)
+    if plain is not None:
+        return _C.cross_entropy_loss(input, target, weight, ignore_index, label_smoothing, z_loss,
+                                     0.0 if softcap is None else softcap, *plain)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     reduction, ignore_index, label_smoothing = check_loss_options(
@@ -221,6 +227,64 @@ def cross_entropy(
         loss, lse = result
         return (loss.squeeze(0) if reduction == "none" else loss), lse.squeeze(0)
     return result.squeeze(0) if reduction == "none" else result
+
+
+# What the plain-call test below asks of the interpreter, bound once.
+_PLAIN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_is_compiling = torch.compiler.is_compiling
+
+
+def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, other_options) -> Optional[Tuple[int, bool]]:
+    """The C++ node's last two arguments (the reduction's code and whether
+    the gradient is scaled on the device) when the call is a plain one,
+    which every check and routing decision of ``cross_entropy`` would pass
+    unchanged to that node; else None, and ``cross_entropy`` makes them all.
+
+    A plain call: ``(N, C)`` logits of a floating dtype (16-bit ones outside
+    autocast) with ``C > 0``, an int64 ``(N,)`` target on their device, no
+    weight or a contiguous ``(C,)`` one of their dtype and device that does
+    not require grad; ``ignore_index`` an int, ``label_smoothing`` a float
+    in [0, 1], ``z_loss`` a finite float >= 0, ``softcap`` None or a finite
+    float > 0, no legacy argument and none of ``return_lse``,
+    ``inplace_backward``, ``validate`` (``other_options``); plain
+    ``torch.Tensor`` arguments, and no torch function mode, torch.func
+    transform, forward-mode AD or torch.compile tracing; and no per-element
+    gradient asked for (``reduction="none"`` of logits that require grad).
+    None of the checks can fail for such a call, so skipping them changes
+    no result and saves about a quarter of a small forward's host time
+    (``benchmarks/per_call_cost.py``). Type and value tests only, no tensor
+    operation.
+    """
+    if (_is_compiling() or size_average is not None or reduce is not None or other_options
+            or type(input) is not Tensor or type(target) is not Tensor or type(reduction) is not str
+            or type(ignore_index) is not int
+            or type(label_smoothing) is not float or not 0.0 <= label_smoothing <= 1.0
+            or type(z_loss) is not float or not 0.0 <= z_loss < math.inf
+            or (softcap is not None and not (type(softcap) is float and 0.0 < softcap < math.inf))):
+        return None
+    reduction_code = _REDUCTIONS.get(reduction)
+    dtype = input.dtype
+    if (reduction_code is None or input.dim() != 2 or target.dim() != 1 or target.dtype is not torch.int64
+            or dtype not in _PLAIN_DTYPES):
+        return None
+    batch, num_classes = input.shape
+    device = input.device
+    if num_classes == 0 or target.shape[0] != batch or target.device != device:
+        return None
+    if weight is not None and not (type(weight) is Tensor and weight.dim() == 1 and weight.shape[0] == num_classes
+                                   and weight.dtype is dtype and weight.device == device
+                                   and not weight.requires_grad and weight.is_contiguous()):
+        return None
+    if dtype in _HALF_DTYPES and torch.is_autocast_enabled(device.type):
+        return None
+    if reduction_code == REDUCTION_NONE and input.requires_grad and torch.is_grad_enabled():
+        return None
+    if (has_torch_function((input, target) if weight is None else (input, target, weight))
+            or functorch_active() or forward_ad_active()):
+        return None
+    return reduction_code, device.type in DEVICE_SCALED_GRADIENT
 
 
 def _logits_not_implemented(input: Tensor) -> NotImplementedError:

@@ -17,8 +17,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import fused_ce
-from conftest import (NATIVE_NODE, PYTHON_NODE, assert_close_ref, grad_fn_name, make_class_target,
-                      make_logits, make_prob_target, torch_reference)
+from conftest import (NATIVE_NODE, PYTHON_NODE, assert_close_ref, grad_fn_name, identical, make_class_target,
+                      make_logits, make_prob_target, outcome, torch_reference)
 
 
 def _leaf(shape, device, dtype=torch.float32):
@@ -170,3 +170,173 @@ def test_forward_mode_ad_is_not_silently_dropped(device):
         assert fwAD.unpack_dual(fused_ce.cross_entropy(dual, t)).tangent is not None
         with pytest.raises(NotImplementedError):
             fused_ce.CrossEntropyFunction.apply(dual, t, None, -100, 0.0, 1)
+
+
+# ---------------------------------------------------------------------------
+# The plain call: cross_entropy hands a call whose arguments cannot fail any
+# of its checks straight to the C++ node (functional._plain_call). The spy
+# below tells whether the checks ran; forcing the full path gives what the
+# plain one must reproduce.
+
+@pytest.fixture
+def checks_run(monkeypatch):
+    """A list that gets one entry per call of cross_entropy's argument checks."""
+    from fused_ce import functional
+
+    calls = []
+    check = functional.check_loss_options
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "check_loss_options", counted)
+    return calls
+
+
+def _full_path(monkeypatch):
+    from fused_ce import functional
+
+    monkeypatch.setattr(functional, "_plain_call", lambda *args: None)
+
+
+def _plain_case(name, device):
+    """(logits, target, kwargs) of a plain call."""
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+    rows = 0 if name == "empty-batch" else 9
+    x = make_logits((rows, 17), dtype, device).requires_grad_(name != "no-grad-leaf")
+    t = make_class_target((rows,), 17, device)
+    kwargs = {
+        "sum": {"reduction": "sum"},
+        "none-without-grad": {"reduction": "none"},
+        "weight": {"weight": torch.rand(17, dtype=dtype, device=device)},
+        "smoothing-ignore": {"label_smoothing": 0.2, "ignore_index": 3},
+        "zloss-softcap": {"z_loss": 1e-2, "softcap": 5.0},
+        "module-defaults": {"z_loss": 0.0, "softcap": None, "return_lse": False, "inplace_backward": False,
+                            "validate": False},
+    }.get(name, {})
+    if name == "none-without-grad":
+        x.requires_grad_(False)
+    return x, t, kwargs
+
+
+PLAIN_CASES = ["mean", "sum", "none-without-grad", "weight", "smoothing-ignore", "zloss-softcap",
+               "module-defaults", "float64", "bfloat16", "empty-batch", "no-grad-leaf"]
+
+
+@pytest.mark.parametrize("name", PLAIN_CASES)
+def test_plain_calls_skip_the_checks_and_give_the_full_paths_bits(device, monkeypatch, checks_run, name):
+    x, t, kwargs = _plain_case(name, device)
+    loss = fused_ce.cross_entropy(x, t, **kwargs)
+    assert not checks_run, "a plain call ran the argument checks"
+    grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else None
+
+    _full_path(monkeypatch)
+    want = fused_ce.cross_entropy(x, t, **kwargs)
+    assert len(checks_run) == 1
+    assert grad_fn_name(loss) == grad_fn_name(want)
+    assert identical(loss, want)
+    if grad is not None:
+        assert identical(grad, torch.autograd.grad(want, x)[0])
+
+
+def test_plain_call_under_no_grad_computes_no_gradient(device, checks_run):
+    x, t, _ = _plain_case("mean", device)
+    with torch.no_grad():
+        loss = fused_ce.cross_entropy(x, t, reduction="none")
+    assert not checks_run and loss.grad_fn is None and loss.shape == (9,)
+    assert_close_ref(loss, torch_reference(x, t, reduction="none")[0], torch.float32)
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _not_plain_cases(device):
+    """name -> a call that must go through the checks: one argument at a time off the plain call,
+    valid or not (a failure must be the checks' exception)."""
+    x = make_logits((6, 11), torch.float32, device).requires_grad_()
+    t = make_class_target((6,), 11, device)
+    numpy = pytest.importorskip("numpy")
+    w = torch.rand(11, device=device)
+    call = fused_ce.cross_entropy
+    return {
+        "legacy-size-average": lambda: call(x, t, size_average=False),
+        "legacy-reduce": lambda: call(x, t, reduce=True),
+        "elementwise-mean": lambda: call(x, t, reduction="elementwise_mean"),
+        "bad-reduction": lambda: call(x, t, reduction="avg"),
+        "reduction-none-with-grad": lambda: call(x, t, reduction="none"),
+        "numpy-ignore-index": lambda: call(x, t, ignore_index=numpy.int64(-100)),
+        "bool-ignore-index": lambda: call(x, t, ignore_index=True),
+        "int-smoothing": lambda: call(x, t, label_smoothing=0),
+        "smoothing-above-1": lambda: call(x, t, label_smoothing=1.5),
+        "nan-smoothing": lambda: call(x, t, label_smoothing=float("nan")),
+        "int-z-loss": lambda: call(x, t, z_loss=0),
+        "negative-z-loss": lambda: call(x, t, z_loss=-1.0),
+        "infinite-softcap": lambda: call(x, t, softcap=float("inf")),
+        "zero-softcap": lambda: call(x, t, softcap=0.0),
+        "return-lse": lambda: call(x, t, return_lse=True),
+        "inplace-backward": lambda: call(x.clone(), t, inplace_backward=True),
+        "validate": lambda: call(x, t, validate=True),
+        "input-subclass": lambda: call(torch.nn.Parameter(x.detach().clone()), t),
+        "input-not-a-tensor": lambda: call(x.tolist(), t),
+        "uint8-target": lambda: call(x, t.clamp(min=0).to(torch.uint8)),
+        "int32-target": lambda: call(x, t.int()),
+        "float-target": lambda: call(x, t.float()),
+        "probabilities": lambda: call(x, torch.softmax(torch.randn(6, 11, device=device), 1)),
+        "unbatched": lambda: call(x[0], t[0]),
+        "spatial": lambda: call(x.reshape(6, 11, 1), t.reshape(6, 1)),
+        "short-target": lambda: call(x, t[:5]),
+        "no-classes": lambda: call(x[:, :0], t.clamp(max=-100)),
+        "target-elsewhere": lambda: call(x, t.to("meta")),
+        "integer-logits": lambda: call(x.detach().long(), t),
+        "weight-wrong-dtype": lambda: call(x, t, weight=w.double()),
+        "weight-wrong-shape": lambda: call(x, t, weight=w[:10]),
+        "weight-2d": lambda: call(x, t, weight=w.reshape(1, 11)),
+        "weight-strided": lambda: call(x, t, weight=torch.rand(22, device=device)[::2]),
+        "weight-requires-grad": lambda: call(x, t, weight=w.clone().requires_grad_()),
+        "weight-elsewhere": lambda: call(x, t, weight=w.to("meta")),
+        "autocast-half": lambda: _under_autocast(device, call, x.detach().bfloat16().requires_grad_(), t),
+        "function-mode": lambda: _under(_Mode(), call, x, t),
+        "forward-ad": lambda: _with_tangent(call, x.detach(), t),
+        "vmap": lambda: torch.func.vmap(lambda row: call(row.unsqueeze(0), t[:1]))(x),
+    }
+
+
+def _under(context, fn, *args):
+    with context:
+        return fn(*args)
+
+
+def _under_autocast(device, fn, *args):
+    return _under(torch.autocast(device.split(":")[0], dtype=torch.bfloat16), fn, *args)
+
+
+def _with_tangent(fn, x, t):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fn(fwAD.make_dual(x, torch.randn_like(x)), t)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_other_calls_run_the_checks(device, checks_run):
+    skipped = []
+    for name, run in _not_plain_cases(device).items():
+        checks_run.clear()
+        outcome(run)
+        if not checks_run:
+            skipped.append(name)
+    assert not skipped, f"these calls skipped the argument checks: {skipped}"
+
+
+def test_module_calls_are_plain(device, checks_run):
+    x, t, _ = _plain_case("mean", device)
+    criterion = fused_ce.CrossEntropyLoss(weight=torch.rand(17, device=device), label_smoothing=0.1)
+    loss = criterion(x, t)
+    assert not checks_run and grad_fn_name(loss) == NATIVE_NODE
+    loss.backward()
+    want = torch_reference(x, t, weight=criterion.weight, label_smoothing=0.1)
+    assert_close_ref(loss, want[0], torch.float32)
+    assert_close_ref(x.grad, want[1], torch.float32)
