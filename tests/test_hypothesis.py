@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_ce
-from conftest import DEVICES, check_against_torch
+from conftest import DEVICES, check_against_torch, identical
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -206,3 +206,64 @@ def test_random_linear_cross_entropy_configs(cfg):
     options = {k: cfg[k] for k in ("z_loss", "softcap") if cfg[k]}
     check(x, w, b, t, weight=weight, reduction=cfg["reduction"], label_smoothing=cfg["label_smoothing"],
           chunk_size=cfg["chunk_size"], what=str(cfg), **options)
+
+
+@st.composite
+def plain_calls(draw):
+    """A call that cross_entropy hands straight to the C++ node (functional._plain_call): (N, C)
+    logits of any floating dtype, possibly strided, an int64 target, any weight, options and
+    reduction it allows, with and without gradients."""
+    C = draw(st.one_of(st.integers(1, 80), st.sampled_from([127, 1000, 4099])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    requires_grad = draw(st.booleans())
+    grad_enabled = draw(st.booleans())
+    reductions = ["mean", "sum"] + ([] if requires_grad and grad_enabled else ["none"])
+    return dict(
+        N=draw(st.integers(0, 9)), C=C, dtype=dtype, requires_grad=requires_grad, grad_enabled=grad_enabled,
+        layout=draw(st.sampled_from(["contiguous", "stepped", "transposed"])),
+        use_weight=draw(st.booleans()), ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        kwargs=dict(
+            reduction=draw(st.sampled_from(reductions)),
+            ignore_index=draw(st.sampled_from([-100, 0, 2, -1])),
+            label_smoothing=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0, allow_nan=False))),
+            z_loss=draw(st.sampled_from([0.0, 0.0, 1e-3])),
+            softcap=draw(st.sampled_from([None, None, 3.0])),
+        ),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(call=plain_calls())
+def test_plain_calls_match_the_full_path_bitwise(device, call):
+    # Skipping the checks changes nothing: the same loss, gradient and graph node bit for bit as
+    # when every check and routing decision runs (functional._plain_call forced to None).
+    from unittest import mock
+
+    from fused_ce import functional
+
+    torch.manual_seed(call["seed"])
+    n, c, dtype = call["N"], call["C"], call["dtype"]
+    buffer = (torch.randn(n, 2 * c) * 4).to(dtype).to(device)
+    x = {"contiguous": buffer[:, :c].contiguous(), "stepped": buffer[:, ::2],
+         "transposed": buffer[:, :c].t().contiguous().t()}[call["layout"]]
+    x.requires_grad_(call["requires_grad"])
+    t = torch.randint(0, c, (n,))
+    t = torch.where(torch.rand(n) < call["ignore_frac"], torch.full_like(t, call["kwargs"]["ignore_index"]), t)
+    weight = (torch.rand(c) + 0.1).to(dtype).to(device) if call["use_weight"] else None
+
+    def run():
+        with torch.set_grad_enabled(call["grad_enabled"]):
+            loss = fused_ce.cross_entropy(x, t.to(device), weight, **call["kwargs"])
+        grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else None
+        return loss, grad
+
+    with mock.patch.object(functional, "check_loss_options", side_effect=AssertionError("the checks ran")):
+        plain_loss, plain_grad = run()
+    with mock.patch.object(functional, "_plain_call", return_value=None):
+        full_loss, full_grad = run()
+    assert identical(plain_loss, full_loss), (plain_loss, full_loss)
+    assert (plain_grad is None) == (full_grad is None)
+    if plain_grad is not None:
+        assert identical(plain_grad, full_grad)
