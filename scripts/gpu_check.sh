@@ -24,9 +24,11 @@
 #   2. at once, with the winner's variables exported (they are read per
 #      process, so tests and benchmark run the configuration that would become
 #      the default):
-#      TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,tests,bench
-#      (about 5.5 minutes; the default benchmark selection is the targets'
-#      workloads: BENCH_ARGS="--max-time 1" runs the full suite instead).
+#      TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,tests,percall,bench
+#      (about 6 minutes; the default benchmark selection is the targets'
+#      workloads: BENCH_ARGS="--max-time 1" runs the full suite instead;
+#      percall, a few seconds, gives the host's cost of a step, which session
+#      30's plain calls lowered on the CPU).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
