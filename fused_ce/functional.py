@@ -7,7 +7,9 @@ node of the common cases (``_C.cross_entropy_loss``) or to the Python
 ``CrossEntropyFunction``; see ``_native_path``. Under a reverse-mode
 torch.func transform they go to ``FunctorchCrossEntropyFunction``; with
 forward-mode AD or nested transforms, to ``composite_cross_entropy``. All
-take the operators' canonical ``(N, C, D)`` view themselves.
+take the operators' canonical ``(N, C, D)`` view themselves. A plain call
+(``_plain_call``: the usual training or evaluation call, which no check can
+fail) goes to the C++ node before any of this.
 """
 
 import math
