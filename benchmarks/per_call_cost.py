@@ -10,12 +10,16 @@ step, best of several rounds:
 
     python benchmarks/per_call_cost.py [--device cuda] [--rows 4] [--classes 10]
 
-Paths: eager ``F.cross_entropy``; ``fused_ce.cross_entropy`` (the C++
-autograd node for these arguments); ``CrossEntropyFunction.apply`` (the
-Python autograd.Function that every other case takes).
+Paths: eager ``F.cross_entropy``; ``fused_ce.cross_entropy`` (a plain
+call: straight to the C++ autograd node); the same with every argument check
+run first (the plain-call shortcut switched off, as for any other call, so
+the two lines give what the shortcut saves, measured in one process);
+``CrossEntropyFunction.apply`` (the Python autograd.Function that the
+remaining cases take).
 """
 
 import argparse
+import contextlib
 import platform
 import time
 
@@ -23,6 +27,18 @@ import torch
 import torch.nn.functional as F
 
 import fused_ce
+from fused_ce import functional
+
+
+@contextlib.contextmanager
+def _every_check():
+    """cross_entropy without its plain-call shortcut: every call runs the argument checks."""
+    shortcut = functional._plain_call
+    functional._plain_call = lambda *args: None
+    try:
+        yield
+    finally:
+        functional._plain_call = shortcut
 
 
 def _step_times(loss_fn, x, target, steps):
@@ -62,17 +78,21 @@ def main():
 
     x = torch.randn(args.rows, args.classes, device=args.device, requires_grad=True)
     target = torch.randint(0, args.classes, (args.rows,), device=args.device)
+    # name: (loss function, the context it is timed in)
     paths = {
-        "eager F.cross_entropy": F.cross_entropy,
-        "fused_ce.cross_entropy": fused_ce.cross_entropy,
-        "CrossEntropyFunction.apply": lambda a, b: fused_ce.CrossEntropyFunction.apply(a, b, None, -100, 0.0, 1),
+        "eager F.cross_entropy": (F.cross_entropy, contextlib.nullcontext()),
+        "fused_ce.cross_entropy": (fused_ce.cross_entropy, contextlib.nullcontext()),
+        "  with every check": (fused_ce.cross_entropy, _every_check()),
+        "CrossEntropyFunction.apply": (
+            lambda a, b: fused_ce.CrossEntropyFunction.apply(a, b, None, -100, 0.0, 1), contextlib.nullcontext()),
     }
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}, logits {args.rows}x{args.classes} fp32")
     print(f"{'path':28s} {'forward us':>10s} {'backward us':>11s} {'step us':>8s} {'wall us':>8s}")
-    for name, loss_fn in paths.items():
-        _step_times(loss_fn, x, target, 200)  # warm-up
-        rounds = [_step_times(loss_fn, x, target, args.steps) for _ in range(args.rounds)]
+    for name, (loss_fn, context) in paths.items():
+        with context:
+            _step_times(loss_fn, x, target, 200)  # warm-up
+            rounds = [_step_times(loss_fn, x, target, args.steps) for _ in range(args.rounds)]
         forward, backward, wall = min(rounds, key=lambda r: r[2])
         print(f"{name:28s} {forward:10.1f} {backward:11.1f} {forward + backward:8.1f} {wall:8.1f}")
 

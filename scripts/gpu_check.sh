@@ -27,8 +27,8 @@
 #      TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,tests,percall,bench
 #      (about 6 minutes; the default benchmark selection is the targets'
 #      workloads: BENCH_ARGS="--max-time 1" runs the full suite instead;
-#      percall, a few seconds, gives the host's cost of a step, which session
-#      30's plain calls lowered on the CPU).
+#      percall, a few seconds, gives the host's cost of a step, and in its
+#      "with every check" line what session 30's plain-call shortcut saves).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile

@@ -247,3 +247,17 @@ def test_peer_libraries_get_the_workloads_options(monkeypatch):
     z_loss = Workload(name="z", family="linear", shape=(8, 50), dtype="fp32", hidden=6, z_loss=1e-4)
     assert "n/a" in liger.unsupported(z_loss) and "n/a" in cce.unsupported(z_loss)
     assert "not logits" in cce.unsupported(Workload(name="l", family="lm", shape=(8, 50), dtype="fp32"))
+
+
+def test_per_call_cost_runs_every_path_and_restores_the_shortcut():
+    # The per-call script (benchmarks/per_call_cost.py, the GPU check's percall stage) runs each
+    # path; the path with every check switches the plain-call shortcut off while it is timed only.
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "per_call_cost.py")
+    code = (f"import runpy, sys; from fused_ce import functional; shortcut = functional._plain_call; "
+            f"sys.argv = ['per_call_cost', '--steps', '20', '--rounds', '1']; "
+            f"runpy.run_path({script!r}, run_name='__main__'); "
+            f"assert functional._plain_call is shortcut, 'the shortcut was not restored'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"per_call_cost failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:]]
+    assert rows == ["eager", "fused_ce.cross_entropy", "with", "CrossEntropyFunction.apply"], proc.stdout
