@@ -204,7 +204,7 @@ def _plain_case(name, device):
     """(logits, target, kwargs) of a plain call."""
     dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(name, torch.float32)
     rows = 0 if name == "empty-batch" else 9
-    x = make_logits((rows, 17), dtype, device).requires_grad_(name != "no-grad-leaf")
+    x = make_logits((rows, 17), dtype, device).requires_grad_(name not in ("no-grad-leaf", "none-without-grad"))
     t = make_class_target((rows,), 17, device)
     kwargs = {
         "sum": {"reduction": "sum"},
@@ -215,8 +215,6 @@ def _plain_case(name, device):
         "module-defaults": {"z_loss": 0.0, "softcap": None, "return_lse": False, "inplace_backward": False,
                             "validate": False},
     }.get(name, {})
-    if name == "none-without-grad":
-        x.requires_grad_(False)
     return x, t, kwargs
 
 
@@ -255,7 +253,7 @@ class _Mode(torch.overrides.TorchFunctionMode):
 
 def _not_plain_cases(device):
     """name -> a call that must go through the checks: one argument at a time off the plain call,
-    valid or not (a failure must be the checks' exception)."""
+    valid or not (the checks give the invalid ones their errors)."""
     x = make_logits((6, 11), torch.float32, device).requires_grad_()
     t = make_class_target((6,), 11, device)
     numpy = pytest.importorskip("numpy")
