@@ -16,19 +16,24 @@
 # with EXPERIMENT_SANITIZE=0 (compute-sanitizer over the experiments' tests
 # adds about 2 each; needed before an experiment becomes the default).
 # The plan for the cuda issue's open targets (its numbers are the H200's, so
-# name kind nvidia-h200 where it is lent):
-#   1. EMULATOR=0 EXPERIMENT_SANITIZE=0 bash scripts/gpu_check.sh build,smoke,clusters,reuse,graphed
-#      (about 8 minutes): does FUSED_CE_CUDA_STREAM_STAGES=3 or
-#      FUSED_CE_CUDA_CLUSTERS=1 FUSED_CE_CUDA_CLUSTER_BLOCK=1024 beat the
-#      default for 16384 x 128256 bf16 (3x eager needs about 1.49x the copy)?
-#   2. at once, with the winner's variables exported (they are read per
-#      process, so tests and benchmark run the configuration that would become
-#      the default):
-#      TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,tests,percall,bench
-#      (about 6 minutes; the default benchmark selection is the targets'
-#      workloads: BENCH_ARGS="--max-time 1" runs the full suite instead;
-#      percall, a few seconds, gives the host's cost of a step, and in its
-#      "with every check" line what session 30's plain-call shortcut saves).
+# name kind nvidia-h200 where it is lent). The record comes first: a machine's
+# start takes a minute or two of the 15, so a second call gets about 4
+# minutes, and whatever a cut-short call finished is in session.log.
+#   1. TESTS_TIMEOUT=240 TEST_WORKERS=16 EMULATOR=0 BENCH_TIMEOUT=150 GRAPHED_TIMEOUT=100 \
+#        bash scripts/gpu_check.sh build,tests,bench,graphed
+#      (about 9 minutes, timeout_s 600): every CUDA test; the targets' three
+#      workloads (the benchmark's default selection; BENCH_ARGS="--max-time 1"
+#      runs the full suite instead); the classifier steps replayed from CUDA
+#      graphs, where 65536 x 10 is timed without the host.
+#   2. at once: EXPERIMENT_SANITIZE=0 REUSE_ROWS=16384x128256:bf16 \
+#        bash scripts/gpu_check.sh build,reuse,percall
+#      (about 3 minutes; the build is incremental on the warm machine): does
+#      the shared-memory ring (FUSED_CE_CUDA_STREAM_STAGES=3) beat the
+#      default for 16384 x 128256 bf16 (3x eager needs about 1.49x the copy
+#      on the H100)? And the host's cost of a step (percall; its "with every
+#      check" line is what session 30's plain-call shortcut saves). With
+#      more time, the clusters stage (CLUSTER_ROWS narrows it likewise) is
+#      the other experiment for that workload.
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -41,6 +46,7 @@
 # device call) the benchmark also times Liger-Kernel and Cut Cross-Entropy.
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
+# CLUSTER_ROWS and REUSE_ROWS (the shapes those experiments time),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage), EXPERIMENT_SANITIZE=0 (no compute-sanitizer in the clusters
 # and reuse stages), EMULATOR=0 (tests: leave the CPU emulator's out).
@@ -181,7 +187,7 @@ if want clusters; then
     echo "FUSED_CE_CUDA_CLUSTERS=$1 FUSED_CE_CUDA_CLUSTER_BLOCK=$2" | tee -a "$LOG"
     ( [ "$1" = unset ] && unset FUSED_CE_CUDA_CLUSTERS || export FUSED_CE_CUDA_CLUSTERS=$1
       [ "$2" = - ] || export FUSED_CE_CUDA_CLUSTER_BLOCK=$2
-      time_rows 16384x50257:bf16,16384x128256:bf16,8192x256000:bf16 "clusters-$1-$2" )
+      time_rows "${CLUSTER_ROWS:-16384x50257:bf16,16384x128256:bf16,8192x256000:bf16}" "clusters-$1-$2" )
   done
   for tool in memcheck racecheck; do
     [ "${EXPERIMENT_SANITIZE:-1}" = 1 ] || break
@@ -205,7 +211,7 @@ if want reuse; then
   # thread) at the default widths and at 768, each after the long-row tests
   # under that setting.
   stage "streamed rows: shared-memory stages" | tee -a "$LOG"
-  rows=16384x128256:bf16,8192x256000:bf16,4096x128256:fp32
+  rows=${REUSE_ROWS:-16384x128256:bf16,8192x256000:bf16,4096x128256:fp32}
   echo "FUSED_CE_CUDA_STREAM_STAGES unset (registers)" | tee -a "$LOG"
   FUSED_CE_CUDA_CLUSTERS=0 time_rows "$rows" registers
   for threads in default 768; do
