@@ -261,3 +261,46 @@ def test_per_call_cost_runs_every_path_and_restores_the_shortcut():
     assert proc.returncode == 0, f"per_call_cost failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = [line.split()[0] for line in proc.stdout.splitlines()[2:]]
     assert rows == ["eager", "fused_ce.cross_entropy", "with", "CrossEntropyFunction.apply"], proc.stdout
+
+
+def test_check_targets_gives_each_targets_verdict(tmp_path, capsys, monkeypatch):
+    # benchmarks/check_targets.py on made-up results: each bound's both sides, and a missing
+    # workload reported as not measured, never as met.
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import check_targets
+    from fused_ce.bench.runner import Result
+    from fused_ce.bench.workloads import Workload
+
+    def result(workload, mode, impl, ms, **derived):
+        return Result(workload, mode, impl, timing={"median_ms": ms}, **derived)
+
+    big = Workload("lm-128k-bf16", "lm", (16384, 128256), "bf16")
+    small = Workload("cls-10-fp32", "classifier", (65536, 10), "fp32")
+    rows = 65536 * 64
+    results = [
+        result(big, "fwd+bwd", "fused_ce", 4.0, ratio_to_copy=1.55, speedup_vs_eager=2.9,
+               memory={"peak_bytes": big.logits_bytes + 1000}),
+        result(big, "fwd+bwd", "compile", 5.0),
+        result(small, "fwd+bwd", "fused_ce", 0.2, ratio_to_copy=6.0, speedup_vs_eager=0.8,
+               memory={"peak_bytes": small.logits_bytes + rows + 1}),
+        result(small, "graphed", "fused_ce", 0.02, ratio_to_copy=2.0, speedup_vs_eager=5.0),
+    ]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"metadata": {"device": "cuda", "cuda": {"gpu": "test GPU"}, "torch": "x"},
+                                "config": {}, "results": [r.as_dict() for r in results]}))
+    assert check_targets.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def verdicts(target, workload):
+        return [line.split(" | ")[-1].rstrip(" |") for line in lines
+                if line.startswith(f"| {target} | {workload}")]
+
+    assert verdicts("time / copy's", "16384 x 128256 bf16 |") == ["yes"]
+    assert verdicts("speedup over eager", "16384 x 128256 bf16 |") == ["no"]
+    assert verdicts("speedup over torch.compile", "16384 x 128256 bf16 |") == ["yes"]  # 5.0 / 4.0 ms
+    assert verdicts("time / copy's", "8192 x 32000 fp32") == ["not measured"]  # not in the results
+    assert verdicts("speedup over eager", "65536 x 10 fp32 |") == ["no"]
+    assert verdicts("speedup over eager", "65536 x 10 fp32, CUDA graph") == ["yes"]
+    assert verdicts("peak memory beyond the inputs", "lm-128k-bf16") == ["yes"]
+    assert verdicts("peak memory beyond the inputs", "cls-10-fp32") == ["no"]  # one byte over 64 per row
+    assert check_targets.main([str(tmp_path / "missing.json")]) == 2
