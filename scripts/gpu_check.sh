@@ -24,7 +24,8 @@
 #      (about 9 minutes, timeout_s 600): every CUDA test; the targets' three
 #      workloads (the benchmark's default selection; BENCH_ARGS="--max-time 1"
 #      runs the full suite instead); the classifier steps replayed from CUDA
-#      graphs, where 65536 x 10 is timed without the host.
+#      graphs, where 65536 x 10 is timed without the host. session.log ends
+#      with the targets' table (benchmarks/check_targets.py).
 #   2. at once: EXPERIMENT_SANITIZE=0 REUSE_ROWS=16384x128256:bf16 \
 #        bash scripts/gpu_check.sh build,reuse,percall
 #      (about 3 minutes; the build is incremental on the warm machine): does
