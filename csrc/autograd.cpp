@@ -7,13 +7,17 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
+#include "autograd_node.h"
 #include "cross_entropy.h"
 #include "double_backward.h"
 #include "error_message.h"
@@ -21,7 +25,6 @@
 namespace fused_ce {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------------------
@@ -105,109 +108,78 @@ bool is_reduced(int64_t reduction) {
          reduction == static_cast<int64_t>(Reduction::Sum);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------
+// The node.
 
-// Outside the anonymous namespace: autograd names the node after this class
-// ("torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>", its
-// grad_fn.name() in Python).
-class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLossFunction> {
+// What the backward needs besides the gradient, and the double backward
+// besides (double_backward.h): O(N) tensors and scalars, kept as plain
+// members rather than as saved variables, so that a plain backward unpacks
+// nothing but the gradient.
+struct LossState {
+  at::Tensor target;  // canonical (N, D) or (N, C, D)
+  int64_t target_version = 0;  // its version counter at the forward
+  at::Tensor weight;  // or undefined
+  int64_t weight_version = 0;
+  at::Tensor lse;  // (N, D), or undefined without z_loss
+  at::Tensor total_weight;
+  LossOptions options;
+  int64_t reduction = 0;
+};
+
+// The loss's autograd node, grad_fn.name() "fused_ce::CrossEntropyLossBackward".
+// Its one edge leads to the input. Written as a Node, as PyTorch's own
+// backward nodes are, rather than as a torch::autograd::Function, whose
+// generic bookkeeping (the argument and output records, the saved-data
+// dictionary) took about 1 us more per forward on the CPU machine
+// (benchmarks/results/cpu-2026-11-27-host-cost/).
+class CrossEntropyLossBackward : public torch::autograd::Node {
  public:
-  // The forward's arguments, in order; backward returns one gradient per
-  // argument, undefined for all but the input.
-  static constexpr size_t kNumArguments = 9;
+  // The gradient for an upstream gradient of 1 from the forward. With
+  // `device_scaled` it is held until the first backward scales it in place
+  // and hands it out (not a saved variable: a second backward's unpacking
+  // would find it modified); the input is saved instead, from which a second
+  // backward (retain_graph=True) recomputes it: the same kernel gives the
+  // same bits. Otherwise the gradient is saved.
+  CrossEntropyLossBackward(LossState state, std::vector<int64_t> input_sizes, bool device_scaled,
+                           const at::Tensor& gradient, const at::Tensor& input)
+      : state_(std::move(state)),
+        input_sizes_(std::move(input_sizes)),
+        device_scaled_(device_scaled),
+        saved_(device_scaled ? input : gradient, /*is_output=*/false),
+        held_gradient_(device_scaled ? gradient : at::Tensor()) {}
 
-  // The loss's operands and options besides the logits, for a recomputation
-  // of the gradient (CUDA, a second backward) and for the double backward
-  // (double_backward.h): O(N) tensors and scalars, kept as one plain value
-  // (a tuple in saved_data) rather than as saved tensors, so that a plain
-  // backward unpacks nothing but the gradient.
-  enum State : size_t {
-    kTarget,         // canonical (N, D) or (N, C, D)
-    kTargetVersion,  // its version counter at the forward
-    kWeight,         // or None
-    kWeightVersion,
-    kLse,            // (N, D), or None without z_loss
-    kTotalWeight,
-    kIgnoreIndex,
-    kLabelSmoothing,
-    kZLoss,
-    kSoftcap,
-    kReduction,
-  };
+  std::string name() const override { return "fused_ce::CrossEntropyLossBackward"; }
 
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                            double label_smoothing, double z_loss, double softcap, int64_t reduction,
-                            bool device_scaled) {
-    const LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
-    const CanonicalArgs args = canonical(input, target);
-    auto [loss, lse, total_weight, gradient] =
-        forward_with_grad_op(args.input, args.target, weight, options, reduction);
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["input_sizes"] = input.sizes();
-    ctx->saved_data["device_scaled"] = device_scaled;
-    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
-        {args.target, args.target._version(), weight.has_value() ? at::IValue(*weight) : at::IValue(),
-         weight.has_value() ? weight->_version() : int64_t(0), z_loss != 0 ? at::IValue(lse) : at::IValue(),
-         total_weight, ignore_index, label_smoothing, z_loss, softcap, reduction});
-    if (device_scaled) {
-      // Scaled in place and handed out by the first backward, so not a
-      // saved tensor (a second backward's unpacking would find it
-      // modified). A second backward (retain_graph=True) recomputes it from
-      // the saved logits: the same kernel gives the same bits.
-      ctx->saved_data["gradient"] = gradient;
-      ctx->save_for_backward({input});
-    } else {
-      ctx->save_for_backward({gradient});
-    }
-    return reduce(loss, total_weight, reduction, input);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as autograd's own nodes: a graph may be shared by threads
+    const at::Tensor& grad_output = grads[0];
+    if (!grad_output.defined() || !task_should_compute_output(0)) return {at::Tensor()};
+    if (at::GradMode::is_enabled()) return {differentiable(grad_output)};  // create_graph=True
+    return {(device_scaled_ ? device_scaled_gradient(grad_output) : saved_gradient(grad_output))
+                .reshape(input_sizes_)};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(kNumArguments);
-    const at::Tensor& grad_output = grad_outputs[0];
-    if (!grad_output.defined()) return grads;  // the loss was not used
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      grads[0] = differentiable(ctx, grad_output);
-      return grads;
-    }
-    const bool device_scaled = ctx->saved_data["device_scaled"].toBool();
-    grads[0] = (device_scaled ? device_scaled_gradient(ctx, grad_output) : saved_gradient(ctx, grad_output))
-                   .reshape(ctx->saved_data["input_sizes"].toIntVector());
-    return grads;
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved_.reset_data();
+    held_gradient_.reset();
   }
 
  private:
-  static const at::IValue& state(AutogradContext* ctx, State field) {
-    return ctx->saved_data["state"].toTupleRef().elements()[field];
-  }
-
-  static at::Tensor optional_state(AutogradContext* ctx, State field) {
-    const at::IValue& value = state(ctx, field);
-    return value.isNone() ? at::Tensor() : value.toTensor();
-  }
-
-  static LossOptions saved_options(AutogradContext* ctx) {
-    return {state(ctx, kIgnoreIndex).toInt(), state(ctx, kLabelSmoothing).toDouble(), state(ctx, kZLoss).toDouble(),
-            state(ctx, kSoftcap).toDouble()};
-  }
-
   // The gradient for an upstream gradient of 1: the held one (handed over
   // when `take`, so that it can be scaled in place), or, after a first
   // backward took it, a recomputed one.
-  static at::Tensor unscaled_device_gradient(AutogradContext* ctx, bool take) {
-    at::IValue& held = ctx->saved_data["gradient"];
-    if (held.isTensor()) {
-      at::Tensor gradient = held.toTensor();
-      if (take) held = at::IValue();
+  at::Tensor unscaled_device_gradient(bool take) {
+    if (held_gradient_.defined()) {
+      at::Tensor gradient = held_gradient_;
+      if (take) held_gradient_.reset();
       return gradient;
     }
-    const at::Tensor input = ctx->get_saved_variables()[0];
-    const CanonicalArgs args = canonical(input, state(ctx, kTarget).toTensor());
-    const at::Tensor weight = optional_state(ctx, kWeight);
-    return std::get<3>(forward_with_grad_op(args.input, args.target,
-                                            weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt,
-                                            saved_options(ctx), state(ctx, kReduction).toInt()));
+    const at::Tensor input = saved_.unpack(getptr());
+    const CanonicalArgs args = canonical(input, state_.target);
+    const std::optional<at::Tensor> weight =
+        state_.weight.defined() ? std::optional<at::Tensor>(state_.weight) : std::nullopt;
+    return std::get<3>(forward_with_grad_op(args.input, args.target, weight, state_.options, state_.reduction));
   }
 
   // Whether grad_output is more than one plain number, so that the product
@@ -226,9 +198,9 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
 
   // The held gradient scaled in place on the device; untouched when
   // grad_output is 1.
-  static at::Tensor device_scaled_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
-    if (needs_product(grad_output)) return unscaled_device_gradient(ctx, /*take=*/false) * grad_output;
-    at::Tensor gradient = unscaled_device_gradient(ctx, /*take=*/true);
+  at::Tensor device_scaled_gradient(const at::Tensor& grad_output) {
+    if (needs_product(grad_output)) return unscaled_device_gradient(/*take=*/false) * grad_output;
+    at::Tensor gradient = unscaled_device_gradient(/*take=*/true);
     scale_gradient_op(gradient, grad_output);
     return gradient;
   }
@@ -236,8 +208,8 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // The saved gradient times grad_output, out of place: with
   // retain_graph=True a second backward must find it unchanged. Reading a
   // CPU scalar is free, so the pass is skipped when it is 1.
-  static at::Tensor saved_gradient(AutogradContext* ctx, const at::Tensor& grad_output) {
-    at::Tensor gradient = ctx->get_saved_variables()[0];
+  at::Tensor saved_gradient(const at::Tensor& grad_output) {
+    at::Tensor gradient = saved_.unpack(getptr());
     if (grad_output.is_cpu() && !needs_product(grad_output) && grad_output.item<double>() == 1.0) return gradient;
     return gradient * grad_output;
   }
@@ -247,26 +219,21 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
   // The saved gradient stays for a later backward; on CUDA the held one is
   // handed to the double backward (a later backward recomputes it), since a
   // plain backward would scale it in place under the double backward's feet.
-  // Without the softcap, and only when this node is the one the autograd
-  // engine is running (whose first edge leads to the input); otherwise
-  // differentiating the gradient raises.
-  static at::Tensor differentiable(AutogradContext* ctx, const at::Tensor& grad_output) {
-    const std::vector<int64_t> input_sizes = ctx->saved_data["input_sizes"].toIntVector();
+  // Without the softcap, and only when the autograd engine runs this node
+  // (not a direct call of grad_fn); otherwise differentiating the gradient
+  // raises.
+  at::Tensor differentiable(const at::Tensor& grad_output) {
     at::Tensor gradient;
     {
       at::NoGradGuard no_grad;
-      gradient = ctx->saved_data["device_scaled"].toBool() ? unscaled_device_gradient(ctx, /*take=*/true)
-                                                           : ctx->get_saved_variables()[0];
-      gradient = gradient.reshape(input_sizes);
+      gradient = device_scaled_ ? unscaled_device_gradient(/*take=*/true) : saved_.unpack(getptr());
+      gradient = gradient.reshape(input_sizes_);
     }
-    const auto node = torch::autograd::get_current_node();
-    const bool ours =
-        node != nullptr && dynamic_cast<torch::autograd::CppNode<CrossEntropyLossFunction>*>(node.get()) != nullptr;
+    const bool run_by_engine = torch::autograd::get_current_node().get() == this;
     torch::autograd::edge_list depends_on;
-    if (ours) depends_on.push_back(node->next_edge(0));
+    if (run_by_engine) depends_on.push_back(next_edge(0));
     if (grad_output.requires_grad()) depends_on.push_back(torch::autograd::impl::gradient_edge(grad_output));
-    const LossOptions options = saved_options(ctx);
-    if (options.softcap != 0 || !ours) {
+    if (state_.options.softcap != 0 || !run_by_engine) {
       at::Tensor scaled;
       {
         at::NoGradGuard no_grad;
@@ -274,7 +241,7 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
       }
       return refuse_differentiation(
           scaled,
-          options.softcap != 0
+          state_.options.softcap != 0
               ? "fused_ce.cross_entropy: with softcap the gradient is not differentiable (double backward / "
                 "create_graph=True would need the logits, which the loss does not keep)"
               : "fused_ce.cross_entropy: the gradient is only differentiable in a backward run by autograd's "
@@ -282,18 +249,60 @@ class CrossEntropyLossFunction : public torch::autograd::Function<CrossEntropyLo
           std::move(depends_on));
     }
     SavedGradient for_double_backward{gradient,
-                                      state(ctx, kTarget).toTensor(),
-                                      optional_state(ctx, kWeight),
-                                      optional_state(ctx, kLse),
-                                      state(ctx, kTotalWeight).toTensor(),
-                                      options,
-                                      static_cast<Reduction>(state(ctx, kReduction).toInt()),
-                                      state(ctx, kTargetVersion).toInt(),
-                                      state(ctx, kWeightVersion).toInt()};
+                                      state_.target,
+                                      state_.weight,
+                                      state_.lse,
+                                      state_.total_weight,
+                                      state_.options,
+                                      static_cast<Reduction>(state_.reduction),
+                                      state_.target_version,
+                                      state_.weight_version};
     check_unmodified(for_double_backward);
-    return differentiable_gradient(std::move(for_double_backward), grad_output, node->next_edge(0));
+    return differentiable_gradient(std::move(for_double_backward), grad_output, next_edge(0));
   }
+
+  LossState state_;
+  std::vector<int64_t> input_sizes_;
+  bool device_scaled_;
+  torch::autograd::SavedVariable saved_;  // the gradient, or (device_scaled) the input
+  at::Tensor held_gradient_;              // device_scaled: the gradient until a backward takes it
 };
+
+// The reduced loss, its gradient computed by the forward, and the node that
+// scales it in the backward.
+at::Tensor loss_with_gradient(const at::Tensor& input, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, const LossOptions& options,
+                              int64_t reduction, bool device_scaled) {
+  at::Tensor result, gradient;
+  LossState state{};
+  {
+    // As in any forward, autograd records none of this (the operators run
+    // below it; the canonical views are taken without grad, sharing their
+    // bases' version counters).
+    at::NoGradGuard no_grad;
+    const CanonicalArgs args = canonical(input, target);
+    auto [loss, lse, total_weight, grad] = forward_with_grad_op(args.input, args.target, weight, options, reduction);
+    result = reduce(loss, total_weight, reduction, input);
+    gradient = std::move(grad);
+    state.target = args.target;
+    state.target_version = args.target._version();
+    state.lse = options.z_loss != 0 ? lse : at::Tensor();
+    state.total_weight = total_weight;
+  }
+  if (weight.has_value()) {
+    state.weight = *weight;
+    state.weight_version = weight->_version();
+  }
+  state.options = options;
+  state.reduction = reduction;
+  NodePtr node = make_node<CrossEntropyLossBackward>(std::move(state), input.sizes().vec(), device_scaled,
+                                                      gradient, input);
+  node->set_next_edges(torch::autograd::collect_next_edges(input));
+  torch::autograd::set_history(result, node);
+  return result;
+}
+
+}  // namespace
 
 at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -303,21 +312,20 @@ at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
                  input.dim(), " dimension(s)");
   FUSED_CE_CHECK(reduction == static_cast<int64_t>(Reduction::None) || is_reduced(reduction),
                  "fused_ce: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  const LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
   const bool grad_mode = at::GradMode::is_enabled();
   if (grad_mode && input.requires_grad()) {
     FUSED_CE_CHECK(is_reduced(reduction) && !target.requires_grad(),
                    "fused_ce: cross_entropy_loss computes gradients of a reduced loss with respect to the "
                    "input only; use fused_ce.CrossEntropyFunction for reduction='none' or a target gradient");
-    return CrossEntropyLossFunction::apply(input, target, weight, ignore_index, label_smoothing, z_loss,
-                                           softcap, reduction, device_scaled);
+    return loss_with_gradient(input, target, weight, options, reduction, device_scaled);
   }
   FUSED_CE_CHECK(!(grad_mode && target.requires_grad()),
                  "fused_ce: cross_entropy_loss gives no gradient for the target; use "
                  "fused_ce.CrossEntropyFunction");
   // No graph to build: the forward alone.
   const CanonicalArgs args = canonical(input, target);
-  auto [loss, lse, total_weight] =
-      forward_op(args.input, args.target, weight, {ignore_index, label_smoothing, z_loss, softcap});
+  auto [loss, lse, total_weight] = forward_op(args.input, args.target, weight, options);
   return reduce(loss, total_weight, reduction, input);
 }
 

@@ -10,12 +10,11 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <limits>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <type_traits>
 #include <utility>
 
+#include "autograd_node.h"
 #include "error_message.h"
 
 namespace fused_ce {
@@ -24,19 +23,6 @@ namespace {
 using torch::autograd::Edge;
 using torch::autograd::Node;
 using torch::autograd::variable_list;
-
-// torch up to 2.12 holds autograd nodes in std::shared_ptr, later versions in
-// c10::intrusive_ptr: make one the way the installed torch holds them.
-using NodePtr = decltype(Edge::function);
-
-template <typename NodeT, typename... Args>
-NodePtr make_node(Args&&... args) {
-  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
-    return std::make_shared<NodeT>(std::forward<Args>(args)...);
-  } else {
-    return c10::make_intrusive<NodeT>(std::forward<Args>(args)...);
-  }
-}
 
 // Sizes of the canonical (N, C, D) problem of an input (N, C, d1, ..., dk).
 struct Canonical {

@@ -234,7 +234,7 @@ def identical(a, b):
 # Names of the loss's autograd node (grad_fn.name()) under fused_ce: the C++
 # node of the common cases (csrc/autograd.cpp), and the Python
 # CrossEntropyFunction's for the rest.
-NATIVE_NODE = "torch::autograd::CppNode<fused_ce::CrossEntropyLossFunction>"
+NATIVE_NODE = "fused_ce::CrossEntropyLossBackward"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 
