@@ -100,6 +100,57 @@ def test_create_graph_for_the_rest_of_the_graph(device):
     torch.testing.assert_close(y.grad, 6 * y.detach())
 
 
+@pytest.fixture(params=["saved", "device-scaled"])
+def gradient_strategy(request, monkeypatch):
+    """Both ways the node keeps its gradient (csrc/autograd.cpp), on any device: saved and
+    multiplied out of place, or held and scaled in place (CUDA's; here forced for the CPU too)."""
+    from fused_ce import functional
+
+    if request.param == "device-scaled":
+        monkeypatch.setattr(functional, "DEVICE_SCALED_GRADIENT", ("cpu", "cuda"))
+    else:
+        monkeypatch.setattr(functional, "DEVICE_SCALED_GRADIENT", ())
+    return request.param
+
+
+def test_a_second_backward_needs_retain_graph(device, gradient_strategy):
+    x = _leaf((5, 9), device)
+    t = make_class_target((5,), 9, device)
+    loss = fused_ce.cross_entropy(x, t)
+    assert grad_fn_name(loss) == NATIVE_NODE
+    assert loss.grad_fn.next_functions[0][0].variable is x
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_gradient_for_other_tensors_leaves_the_loss_node_usable(device, gradient_strategy):
+    # A backward that needs nothing from the loss node's input computes nothing there, and a
+    # later backward through the same graph still gets the input's gradient.
+    x = _leaf((6, 11), device)
+    y = torch.randn(3, device=device, requires_grad=True)
+    t = make_class_target((6,), 11, device)
+    total = fused_ce.cross_entropy(x, t) + (y ** 2).sum()
+    (grad_y,) = torch.autograd.grad(total, y, retain_graph=True)
+    torch.testing.assert_close(grad_y, 2 * y.detach())
+    assert x.grad is None
+    total.backward()
+    assert_close_ref(x.grad, torch_reference(x, t)[1], torch.float32)
+
+
+def test_node_hooks_and_anomaly_mode(device, gradient_strategy):
+    x = _leaf((4, 7), device)
+    t = make_class_target((4,), 7, device)
+    loss = fused_ce.cross_entropy(x, t, reduction="sum")
+    seen = []
+    loss.grad_fn.register_prehook(lambda grad_outputs: (seen.append("pre"), (grad_outputs[0] * 3,))[1])
+    loss.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append("post"))
+    with pytest.warns(UserWarning, match="Anomaly Detection"), torch.autograd.detect_anomaly():
+        loss.backward()
+    assert seen == ["pre", "post"]
+    assert_close_ref(x.grad, 3 * torch_reference(x, t, reduction="sum")[1], torch.float32)
+
+
 def test_saved_tensor_hooks_see_the_saved_gradient(device):
     x = _leaf((8, 33), device)
     t = make_class_target((8,), 33, device)
