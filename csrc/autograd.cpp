@@ -111,21 +111,6 @@ bool is_reduced(int64_t reduction) {
 // ---------------------------------------------------------------------------
 // The node.
 
-// What the backward needs besides the gradient, and the double backward
-// besides (double_backward.h): O(N) tensors and scalars, kept as plain
-// members rather than as saved variables, so that a plain backward unpacks
-// nothing but the gradient.
-struct LossState {
-  at::Tensor target;  // canonical (N, D) or (N, C, D)
-  int64_t target_version = 0;  // its version counter at the forward
-  at::Tensor weight;  // or undefined
-  int64_t weight_version = 0;
-  at::Tensor lse;  // (N, D), or undefined without z_loss
-  at::Tensor total_weight;
-  LossOptions options;
-  int64_t reduction = 0;
-};
-
 // The loss's autograd node, grad_fn.name() "fused_ce::CrossEntropyLossBackward".
 // Its one edge leads to the input. Written as a Node, as PyTorch's own
 // backward nodes are, rather than as a torch::autograd::Function, whose
@@ -140,7 +125,13 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
   // would find it modified); the input is saved instead, from which a second
   // backward (retain_graph=True) recomputes it: the same kernel gives the
   // same bits. Otherwise the gradient is saved.
-  CrossEntropyLossBackward(LossState state, std::vector<int64_t> input_sizes, bool device_scaled,
+  //
+  // `state` is what a recomputation and the double backward
+  // (double_backward.h) need besides the gradient, which it leaves
+  // undefined: O(N) tensors and scalars, kept as a plain member rather than
+  // as saved variables, so that a plain backward unpacks nothing but the
+  // gradient.
+  CrossEntropyLossBackward(SavedGradient state, std::vector<int64_t> input_sizes, bool device_scaled,
                            const at::Tensor& gradient, const at::Tensor& input)
       : state_(std::move(state)),
         input_sizes_(std::move(input_sizes)),
@@ -179,7 +170,8 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
     const CanonicalArgs args = canonical(input, state_.target);
     const std::optional<at::Tensor> weight =
         state_.weight.defined() ? std::optional<at::Tensor>(state_.weight) : std::nullopt;
-    return std::get<3>(forward_with_grad_op(args.input, args.target, weight, state_.options, state_.reduction));
+    return std::get<3>(forward_with_grad_op(args.input, args.target, weight, state_.options,
+                                            static_cast<int64_t>(state_.reduction)));
   }
 
   // Whether grad_output is more than one plain number, so that the product
@@ -248,20 +240,13 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
                 "engine",
           std::move(depends_on));
     }
-    SavedGradient for_double_backward{gradient,
-                                      state_.target,
-                                      state_.weight,
-                                      state_.lse,
-                                      state_.total_weight,
-                                      state_.options,
-                                      static_cast<Reduction>(state_.reduction),
-                                      state_.target_version,
-                                      state_.weight_version};
+    SavedGradient for_double_backward = state_;
+    for_double_backward.gradient = gradient;
     check_unmodified(for_double_backward);
     return differentiable_gradient(std::move(for_double_backward), grad_output, next_edge(0));
   }
 
-  LossState state_;
+  SavedGradient state_;  // all but the gradient
   std::vector<int64_t> input_sizes_;
   bool device_scaled_;
   torch::autograd::SavedVariable saved_;  // the gradient, or (device_scaled) the input
@@ -274,7 +259,7 @@ at::Tensor loss_with_gradient(const at::Tensor& input, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, const LossOptions& options,
                               int64_t reduction, bool device_scaled) {
   at::Tensor result, gradient;
-  LossState state{};
+  SavedGradient state{};
   {
     // As in any forward, autograd records none of this (the operators run
     // below it; the canonical views are taken without grad, sharing their
@@ -294,7 +279,7 @@ at::Tensor loss_with_gradient(const at::Tensor& input, const at::Tensor& target,
     state.weight_version = weight->_version();
   }
   state.options = options;
-  state.reduction = reduction;
+  state.reduction = static_cast<Reduction>(reduction);
   NodePtr node = make_node<CrossEntropyLossBackward>(std::move(state), input.sizes().vec(), device_scaled,
                                                       gradient, input);
   node->set_next_edges(torch::autograd::collect_next_edges(input));
