@@ -231,7 +231,7 @@ def cross_entropy(
     return result.squeeze(0) if reduction == "none" else result
 
 
-# What the plain-call test below asks of the interpreter, bound once.
+# What the plain-call test below (and _native_path) asks of the interpreter, bound once.
 _PLAIN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _is_compiling = torch.compiler.is_compiling
@@ -281,10 +281,10 @@ def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduc
         return None
     if dtype in _HALF_DTYPES and torch.is_autocast_enabled(device.type):
         return None
-    if reduction_code == REDUCTION_NONE and input.requires_grad and torch.is_grad_enabled():
-        return None
-    if (has_torch_function((input, target) if weight is None else (input, target, weight))
-            or functorch_active() or forward_ad_active()):
+    # The full path's routing last: outside transforms and forward-mode AD,
+    # the node's own conditions.
+    if (functorch_active() or forward_ad_active()
+            or not _native_path(input, target, weight, reduction_code, False, False)):
         return None
     return reduction_code, device.type in DEVICE_SCALED_GRADIENT
 
@@ -341,7 +341,7 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     transforms and for inputs without forward-AD tangents (the node would
     drop them), which ``cross_entropy`` routes first.
     """
-    if return_lse or inplace_backward or torch.compiler.is_compiling():
+    if return_lse or inplace_backward or _is_compiling():
         return False
     if torch.is_grad_enabled():
         if target.requires_grad or (input.requires_grad and reduction == REDUCTION_NONE):
