@@ -119,20 +119,12 @@ def memory_rows(results: Iterable) -> List[List[str]]:
         if r.impl != "fused_ce" or r.mode != FWD_BWD or not r.ok or r.peak_bytes is None or r.workload.hidden:
             continue
         w = r.workload
-        allowed = w.logits_bytes + PER_ROW_BYTES * w.shape[0] * _positions_per_row(w.shape)
+        allowed = w.logits_bytes + PER_ROW_BYTES * (w.numel // w.classes)  # rows: the loss elements
         rows.append(["peak memory beyond the inputs", f"{w.name} ({w.shape_str})",
                      f"{r.peak_bytes / w.logits_bytes:.2f} x logits",
                      f"<= {allowed / w.logits_bytes:.2f} x logits (gradient + {PER_ROW_BYTES} B per row)",
                      "yes" if r.peak_bytes <= allowed else "no"])
     return rows
-
-
-def _positions_per_row(shape: Sequence[int]) -> int:
-    """Loss elements per batch row: the product of the dimensions after the class axis."""
-    count = 1
-    for size in shape[2:]:
-        count *= size
-    return count
 
 
 def _number(value: Optional[float], unit: str) -> str:
