@@ -8,10 +8,15 @@ path is timed inside one training-step loop (x.grad dropped, loss, backward);
 its forward and backward calls are reported apart, and the wall time per
 step, best of several rounds:
 
-    python benchmarks/per_call_cost.py [--device cuda] [--rows 4] [--classes 10]
+    python benchmarks/per_call_cost.py [--device cuda] [--rows 4] [--classes 10] [--reduction none]
+
+With ``--reduction none`` each path's per-element loss is multiplied by a
+fixed random mask and summed before the backward (a masked language-model
+step); the forward column then includes that product and sum, the same for
+every path.
 
 Paths: eager ``F.cross_entropy``; ``fused_ce.cross_entropy`` (a plain
-call: straight to the C++ autograd node); the same with every argument check
+call: straight to a C++ autograd node); the same with every argument check
 run first (the plain-call shortcut switched off, as for any other call, so
 the two lines give what the shortcut saves, measured in one process);
 ``CrossEntropyFunction.apply`` (the Python autograd.Function that the
@@ -72,22 +77,36 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
     parser.add_argument("--steps", type=int, default=5000, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="the best round is reported")
     args = parser.parse_args()
 
     x = torch.randn(args.rows, args.classes, device=args.device, requires_grad=True)
     target = torch.randint(0, args.classes, (args.rows,), device=args.device)
+    reduction = args.reduction
+    code = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    mask = torch.rand(args.rows, device=args.device)
+
+    def step_loss(loss_fn):
+        """The loss a step backpropagates: per-element losses masked and summed."""
+        if reduction != "none":
+            return lambda a, b: loss_fn(a, b, reduction=reduction)
+        return lambda a, b: (loss_fn(a, b, reduction=reduction) * mask).sum()
+
+    def function_apply(a, b, reduction):
+        return fused_ce.CrossEntropyFunction.apply(a, b, None, -100, 0.0, code)
+
     # name: (loss function, the context it is timed in)
     paths = {
-        "eager F.cross_entropy": (F.cross_entropy, contextlib.nullcontext()),
-        "fused_ce.cross_entropy": (fused_ce.cross_entropy, contextlib.nullcontext()),
-        "  with every check": (fused_ce.cross_entropy, _every_check()),
-        "CrossEntropyFunction.apply": (
-            lambda a, b: fused_ce.CrossEntropyFunction.apply(a, b, None, -100, 0.0, 1), contextlib.nullcontext()),
+        "eager F.cross_entropy": (step_loss(F.cross_entropy), contextlib.nullcontext()),
+        "fused_ce.cross_entropy": (step_loss(fused_ce.cross_entropy), contextlib.nullcontext()),
+        "  with every check": (step_loss(fused_ce.cross_entropy), _every_check()),
+        "CrossEntropyFunction.apply": (step_loss(function_apply), contextlib.nullcontext()),
     }
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, logits {args.rows}x{args.classes} fp32")
+          f"{torch.get_num_threads()} threads, device {args.device}, logits {args.rows}x{args.classes} fp32, "
+          f"reduction {reduction}{' (masked sum)' if reduction == 'none' else ''}")
     print(f"{'path':28s} {'forward us':>10s} {'backward us':>11s} {'step us':>8s} {'wall us':>8s}")
     for name, (loss_fn, context) in paths.items():
         with context:

@@ -1,12 +1,10 @@
 // cross_entropy_loss (see autograd.h): the operators of ops.cpp composed
-// with a C++ autograd node. The operators are called through the dispatcher,
-// so this file is the same for every backend, and dispatch modes, profilers
-// and fake tensors see the same operator calls as from Python.
+// with a C++ autograd node, for a reduced loss; per_element_loss.h has the
+// node of reduction="none". The operators are called through the
+// dispatcher (operator_calls.h).
 
 #include "autograd.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -21,6 +19,8 @@
 #include "cross_entropy.h"
 #include "double_backward.h"
 #include "error_message.h"
+#include "operator_calls.h"
+#include "per_element_loss.h"
 
 namespace fused_ce {
 namespace {
@@ -28,64 +28,7 @@ namespace {
 using torch::autograd::variable_list;
 
 // ---------------------------------------------------------------------------
-// The operators, through the dispatcher. They have no autograd kernels (this
-// file is their autograd), so each call starts below the autograd keys:
-// that skips autograd's boxed fallback, a microsecond or two per call.
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_operator(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& input, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          const LossOptions& o) {
-  static const auto op = find_operator<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double,
-      double)>("fused_ce::cross_entropy_forward");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_op(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const LossOptions& o, int64_t reduction) {
-  static const auto op = find_operator<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double,
-      double, int64_t)>("fused_ce::cross_entropy_forward_with_grad");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, reduction);
-}
-
-void scale_gradient_op(at::Tensor& grad, const at::Tensor& scale) {
-  static const auto op = find_operator<void(at::Tensor&, const at::Tensor&)>("fused_ce::scale_gradient_");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(grad, scale);
-}
-
-at::Tensor reduce_loss_op(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
-                          at::ScalarType dtype) {
-  static const auto op =
-      find_operator<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, at::ScalarType)>("fused_ce::reduce_loss");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(loss, total_weight, reduction, dtype);
-}
-
-// ---------------------------------------------------------------------------
-// Shapes and the reduction, exactly as fused_ce/autograd.py does them.
-
-// The operators' canonical views: input (N, C, D) and target (N, D), or
-// (N, C, D) for probabilities; views wherever the strides allow.
-struct CanonicalArgs {
-  at::Tensor input, target;
-};
-
-CanonicalArgs canonical(const at::Tensor& input, const at::Tensor& target) {
-  const int64_t n = input.size(0), c = input.size(1);
-  const int64_t d = c10::multiply_integers(input.sizes().slice(2));
-  return {input.reshape({n, c, d}),
-          target.is_floating_point() ? target.reshape({n, c, d}) : target.reshape({n, d})};
-}
+// The reduction, exactly as fused_ce/autograd.py does it.
 
 // The per-element loss reduced (sum over total_weight for the mean) in the
 // input's dtype by the reduce_loss operator, as the Python Function does, so
@@ -93,14 +36,8 @@ CanonicalArgs canonical(const at::Tensor& input, const at::Tensor& target) {
 // target's batch.
 at::Tensor reduce(const at::Tensor& loss, const at::Tensor& total_weight, int64_t reduction,
                   const at::Tensor& input) {
-  if (reduction != static_cast<int64_t>(Reduction::None)) {
-    return reduce_loss_op(loss, total_weight, reduction, input.scalar_type());
-  }
-  // (N, d1, ..., dk).
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape.erase(shape.begin() + 1);
-  const at::Tensor out = loss.reshape(shape);
-  return out.scalar_type() == input.scalar_type() ? out : out.to(input.scalar_type());
+  if (reduction == static_cast<int64_t>(Reduction::None)) return batch_shaped(loss, input);
+  return reduce_loss_op(loss, total_weight, reduction, input.scalar_type());
 }
 
 bool is_reduced(int64_t reduction) {
@@ -300,9 +237,10 @@ at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
   const LossOptions options{ignore_index, label_smoothing, z_loss, softcap};
   const bool grad_mode = at::GradMode::is_enabled();
   if (grad_mode && input.requires_grad()) {
-    FUSED_CE_CHECK(is_reduced(reduction) && !target.requires_grad(),
-                   "fused_ce: cross_entropy_loss computes gradients of a reduced loss with respect to the "
-                   "input only; use fused_ce.CrossEntropyFunction for reduction='none' or a target gradient");
+    FUSED_CE_CHECK(!target.requires_grad(),
+                   "fused_ce: cross_entropy_loss computes gradients with respect to the input only; use "
+                   "fused_ce.CrossEntropyFunction for a target gradient");
+    if (!is_reduced(reduction)) return per_element_loss_with_gradient(input, target, weight, options);
     return loss_with_gradient(input, target, weight, options, reduction, device_scaled);
   }
   FUSED_CE_CHECK(!(grad_mode && target.requires_grad()),

@@ -15,8 +15,9 @@ namespace fused_ce {
 // the target's batch for reduction 0.
 //
 // When autograd needs a gradient (grad mode on and input.requires_grad()),
-// the reduction must be mean or sum and the target must not require grad:
-// the forward then computes the gradient of the reduced loss
+// the target must not require grad. For reduction none the loss takes the
+// per-element node (per_element_loss.h). For mean and sum the forward
+// computes the gradient of the reduced loss
 // (cross_entropy_forward_with_grad) and the node's backward only scales it.
 // `device_scaled` picks how: the gradient is held until the first backward
 // and scaled in place by scale_gradient_, which skips the pass on the device
@@ -24,10 +25,10 @@ namespace fused_ce {
 // it is saved and multiplied out of place unless the upstream gradient is 1.
 // With create_graph=True the gradient it hands out can be differentiated
 // once more, without the logits (double_backward.h), except with a softcap.
-// Every other case with a gradient goes through the Python
-// CrossEntropyFunction (fused_ce/autograd.py); this one exists because a
-// Python autograd.Function costs about 40 microseconds more per training
-// step, which is most of the step for small class counts.
+// Target gradients go through the Python CrossEntropyFunction
+// (fused_ce/autograd.py); the C++ nodes exist because a Python
+// autograd.Function costs about 25-40 microseconds more per training step,
+// which is most of the step for small class counts.
 at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
                               double label_smoothing, double z_loss, double softcap,

@@ -75,6 +75,16 @@ TORCH_LIBRARY(fused_ce, m) {
   // instead of three, and much less host time per call.
   m.def("reduce_loss(Tensor loss, Tensor total_weight, int reduction, ScalarType dtype) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // The (N, D) per-element loss (float32, float64 for float64 input) of
+  // batched arguments (N, C, d1, ..., dk) built from torch operations, so
+  // that autograd can differentiate it to any order: the C++ node of
+  // reduction="none" (per_element_loss.h) differentiates it for
+  // create_graph=True. Its one kernel, CompositeImplicitAutograd, is the
+  // Python formula that fused_ce/autograd.py registers (_differentiable_loss).
+  m.def(
+      "differentiable_loss(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap) -> Tensor");
 }
 
 // The operators have no derivatives of their own: the autograd layers above

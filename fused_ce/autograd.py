@@ -21,7 +21,10 @@ Strategies for the gradient:
   directly.
 * Otherwise (CUDA, ``reduction="none"``, gradients for soft targets, a
   differentiable lse output) the forward saves the per-element log-sum-exp
-  and the backward operator recomputes the softmax from the logits. CUDA
+  and the backward operator recomputes the softmax from the logits
+  (``fused_ce.cross_entropy`` sends ``reduction="none"`` with an input
+  gradient alone to the C++ node of csrc/per_element_loss.h, which does the
+  same for less per call). CUDA
   takes this path here because a traced backward would always multiply the
   gradient, a second pass over it, where the lse path writes it once.
 * With ``inplace_backward`` the forward writes the gradient over the logits
@@ -384,6 +387,15 @@ def _differentiable_loss(input, target, weight, options, reduction, total_weight
     elif reduction == REDUCTION_SUM:
         loss = loss.sum()
     return loss, lse
+
+
+@torch.library.impl("fused_ce::differentiable_loss", "CompositeImplicitAutograd")
+def _differentiable_per_element_loss(input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    """The ``differentiable_loss`` operator (csrc/ops.cpp): the C++ node of
+    ``reduction="none"`` differentiates this for ``create_graph=True``, so
+    that both paths build second derivatives from the same formulas."""
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    return _differentiable_loss(input, target, weight, options, REDUCTION_NONE, None)[0]
 
 
 def composite_cross_entropy(input, target, weight, ignore_index, label_smoothing, reduction,

@@ -3,13 +3,13 @@
 Everything user-facing happens here: legacy arguments, PyTorch-style errors,
 dtype promotion for soft targets, autocast, and unbatched input (made a batch
 of one). Batched arguments then go, as they are, either to the C++ autograd
-node of the common cases (``_C.cross_entropy_loss``) or to the Python
+nodes of the common cases (``_C.cross_entropy_loss``) or to the Python
 ``CrossEntropyFunction``; see ``_native_path``. Under a reverse-mode
 torch.func transform they go to ``FunctorchCrossEntropyFunction``; with
 forward-mode AD or nested transforms, to ``composite_cross_entropy``. All
 take the operators' canonical ``(N, C, D)`` view themselves. A plain call
 (``_plain_call``: the usual training or evaluation call, which no check can
-fail) goes to the C++ node before any of this.
+fail) goes to the C++ nodes before any of this.
 """
 
 import math
@@ -214,7 +214,7 @@ def cross_entropy(
         else:
             loss, lse = composite_cross_entropy(*arguments)
         result = (loss, lse) if return_lse else loss
-    elif _native_path(input, target, weight, reduction_code, return_lse, inplace_backward):
+    elif _native_path(input, target, weight, return_lse, inplace_backward):
         result = _C.cross_entropy_loss(input, target, weight, ignore_index, label_smoothing,
                                        z_loss, softcap, reduction_code,
                                        device.type in DEVICE_SCALED_GRADIENT)
@@ -252,8 +252,7 @@ def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduc
     float > 0, no legacy argument and none of ``return_lse``,
     ``inplace_backward``, ``validate`` (``other_options``); plain
     ``torch.Tensor`` arguments, and no torch function mode, torch.func
-    transform, forward-mode AD or torch.compile tracing; and no per-element
-    gradient asked for (``reduction="none"`` of logits that require grad).
+    transform, forward-mode AD or torch.compile tracing.
     None of the checks can fail for such a call, so skipping them changes
     no result and saves about a quarter of a small forward's host time
     (``benchmarks/per_call_cost.py``). Type and value tests only, no tensor
@@ -284,7 +283,7 @@ def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduc
     # The full path's routing last: outside transforms and forward-mode AD,
     # the node's own conditions.
     if (functorch_active() or forward_ad_active()
-            or not _native_path(input, target, weight, reduction_code, False, False)):
+            or not _native_path(input, target, weight, False, False)):
         return None
     return reduction_code, device.type in DEVICE_SCALED_GRADIENT
 
@@ -326,16 +325,16 @@ def _functorch_needs_composite(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
-def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int,
-                 return_lse: bool, inplace_backward: bool) -> bool:
-    """Whether the call can take the C++ autograd node (``_C.cross_entropy_loss``,
+def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], return_lse: bool,
+                 inplace_backward: bool) -> bool:
+    """Whether the call can take the C++ autograd nodes (``_C.cross_entropy_loss``,
     csrc/autograd.h) rather than the Python ``CrossEntropyFunction``.
 
-    The node covers what a training step or an evaluation needs: the loss
-    alone, and a gradient only for the input of a reduced loss. It saves
-    about 30 microseconds per step, most of a small-class step's cost. The
-    Python Function takes everything else: target gradients, gradients of
-    ``reduction="none"``, ``return_lse``, ``inplace_backward``, torch.compile
+    The nodes cover what a training step or an evaluation needs: the loss
+    alone, and a gradient only for the input, of a reduced loss or per
+    element. They save about 25-30 microseconds per step, most of a
+    small-class step's cost. The Python Function takes everything else:
+    target gradients, ``return_lse``, ``inplace_backward``, torch.compile
     (which traces Python Functions, not C++ nodes) and tensors that
     override ``__torch_function__``. Only asked outside torch.func
     transforms and for inputs without forward-AD tangents (the node would
@@ -343,9 +342,8 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], reduct
     """
     if return_lse or inplace_backward or _is_compiling():
         return False
-    if torch.is_grad_enabled():
-        if target.requires_grad or (input.requires_grad and reduction == REDUCTION_NONE):
-            return False
+    if torch.is_grad_enabled() and target.requires_grad:
+        return False
     tensors = (input, target) if weight is None else (input, target, weight)
     return not has_torch_function(tensors)
 

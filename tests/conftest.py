@@ -232,9 +232,11 @@ def identical(a, b):
 
 
 # Names of the loss's autograd node (grad_fn.name()) under fused_ce: the C++
-# node of the common cases (csrc/autograd.cpp), and the Python
+# nodes of the common cases (csrc/autograd.cpp for a reduced loss,
+# csrc/per_element_loss.cpp for reduction="none"), and the Python
 # CrossEntropyFunction's for the rest.
 NATIVE_NODE = "fused_ce::CrossEntropyLossBackward"
+PER_ELEMENT_NODE = "fused_ce::PerElementLossBackward"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 

@@ -249,12 +249,13 @@ def test_peer_libraries_get_the_workloads_options(monkeypatch):
     assert "not logits" in cce.unsupported(Workload(name="l", family="lm", shape=(8, 50), dtype="fp32"))
 
 
-def test_per_call_cost_runs_every_path_and_restores_the_shortcut():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_per_call_cost_runs_every_path_and_restores_the_shortcut(reduction):
     # The per-call script (benchmarks/per_call_cost.py, the GPU check's percall stage) runs each
     # path; the path with every check switches the plain-call shortcut off while it is timed only.
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "per_call_cost.py")
     code = (f"import runpy, sys; from fused_ce import functional; shortcut = functional._plain_call; "
-            f"sys.argv = ['per_call_cost', '--steps', '20', '--rounds', '1']; "
+            f"sys.argv = ['per_call_cost', '--steps', '20', '--rounds', '1', '--reduction', {reduction!r}]; "
             f"runpy.run_path({script!r}, run_name='__main__'); "
             f"assert functional._plain_call is shortcut, 'the shortcut was not restored'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -120,8 +120,8 @@ def test_gradgradcheck(device, case, path):
 
 
 @pytest.mark.parametrize("case", ["weight-smoothing-ignore", "probabilities"])
-def test_reduction_none_python_path(device, case):
-    # reduction="none" takes the Python CrossEntropyFunction, which saved the logits: its second
+def test_reduction_none_per_element_node(device, case):
+    # reduction="none" takes the C++ per-element node, which saved the logits: its second
     # derivatives come from the same loss built with torch operations
     x, t, kwargs, _ = _inputs(case, (4, 7, 3), device)
     kwargs["reduction"] = "none"
@@ -133,6 +133,27 @@ def test_reduction_none_python_path(device, case):
                v.to(device))
     for name, g, w in zip(("gradient", "d/dx", "d/d upstream"), got, want):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{case} {name}: {m}")
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_reduction_none_third_derivative(device, softcap):
+    # The per-element node's gradient carries a graph of torch operations: any order, the softcap
+    # included, as PyTorch's.
+    x, t, kwargs, _ = _inputs("zloss-weight", (5, 6), device)
+    kwargs.update(reduction="none", z_loss=0.05, softcap=softcap)
+    upstream = torch.rand(5, dtype=torch.float64)
+    v, u = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+
+    def third(loss_of, a):
+        (grad,) = torch.autograd.grad(loss_of(a), a, upstream.to(a.device), create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v.to(a.device)).sum(), a, create_graph=True)
+        return torch.autograd.grad((hv * u.to(a.device)).sum(), a)[0]
+
+    got = third(lambda a: fused_ce.cross_entropy(a, t, **kwargs), x)
+    want = third(lambda a: ref_llm(a, t.cpu(), **{k: (w.cpu() if torch.is_tensor(w) else w)
+                                                   for k, w in kwargs.items()})[0],
+                 x.detach().cpu().requires_grad_())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)
 
 
 def test_target_gradient_and_lse_python_path(device):

@@ -1,15 +1,15 @@
 """The two autograd paths of fused_ce.cross_entropy.
 
-The common cases (the loss alone, or a reduced loss with a gradient for the
-input only) take a C++ autograd node (csrc/autograd.cpp); every other case
-takes the Python CrossEntropyFunction. These tests check which path each
-case takes, and that the C++ node behaves as the Python Function does
-wherever autograd's own machinery is involved: create_graph, saved-tensor
-hooks, activation checkpointing, no_grad and inference mode, and tensors
-that override __torch_function__. Values and gradients of both paths are
-checked against PyTorch by the rest of the suite; the C++ node's second
-derivatives (which the Python Function does not offer) by
-test_double_backward.py.
+The common cases (the loss alone, or a gradient for the input only) take a
+C++ autograd node: csrc/autograd.cpp's for a reduced loss,
+csrc/per_element_loss.cpp's for reduction="none"; every other case takes
+the Python CrossEntropyFunction. These tests check which path each case
+takes, and that the C++ nodes behave as the Python Function does wherever
+autograd's own machinery is involved: create_graph, saved-tensor hooks,
+activation checkpointing, in-place changes, no_grad and inference mode, and
+tensors that override __torch_function__. Values and gradients of every
+path are checked against PyTorch by the rest of the suite; second
+derivatives by test_double_backward.py.
 """
 
 import pytest
@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import fused_ce
-from conftest import (NATIVE_NODE, PYTHON_NODE, assert_close_ref, grad_fn_name, identical, make_class_target,
+from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, PYTHON_NODE, assert_close_ref, grad_fn_name, identical, make_class_target,
                       make_logits, make_prob_target, outcome, torch_reference)
 
 
@@ -32,12 +32,14 @@ def _leaf(shape, device, dtype=torch.float32):
         ({"reduction": "sum", "label_smoothing": 0.1}, False, False, NATIVE_NODE),
         ({"z_loss": 1e-3, "softcap": 20.0}, False, False, NATIVE_NODE),
         ({}, True, False, NATIVE_NODE),                      # probabilities, no target gradient
-        ({"reduction": "none"}, False, False, PYTHON_NODE),  # per-element gradients
+        ({"reduction": "none"}, False, False, PER_ELEMENT_NODE),  # per-element gradients
+        ({"reduction": "none"}, True, False, PER_ELEMENT_NODE),
         ({}, True, True, PYTHON_NODE),                       # target gradient
         ({"return_lse": True}, False, False, PYTHON_NODE),
         ({"inplace_backward": True}, False, False, PYTHON_NODE),
     ],
-    ids=["mean", "sum-smoothing", "zloss-softcap", "soft", "none", "target-grad", "return-lse", "inplace"],
+    ids=["mean", "sum-smoothing", "zloss-softcap", "soft", "none", "soft-none", "target-grad", "return-lse",
+         "inplace"],
 )
 def test_path_taken(device, kwargs, soft, target_grad, expected):
     x = _leaf((6, 11), device)
@@ -167,14 +169,17 @@ def test_saved_tensor_hooks_see_the_saved_gradient(device):
     assert_close_ref(x.grad, torch_reference(x, t, label_smoothing=0.05)[1], torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing(device, use_reentrant):
+def test_activation_checkpointing(device, use_reentrant, reduction):
     x = _leaf((6, 20), device)
     w = torch.randn(20, 20, device=device, requires_grad=True)
     t = make_class_target((6,), 20, device)
+    mask = torch.rand(6, device=device)
 
     def head(inp, weight):
-        return fused_ce.cross_entropy(inp @ weight, t)
+        loss = fused_ce.cross_entropy(inp @ weight, t, reduction=reduction)
+        return loss if reduction == "mean" else (loss * mask).sum()
 
     checkpoint(head, x, w, use_reentrant=use_reentrant).backward()
     grads = (x.grad.clone(), w.grad.clone())
@@ -182,6 +187,102 @@ def test_activation_checkpointing(device, use_reentrant):
     head(x, w).backward()
     torch.testing.assert_close(grads[0], x.grad)
     torch.testing.assert_close(grads[1], w.grad)
+
+
+# ---------------------------------------------------------------------------
+# The per-element node (reduction="none" with a gradient for the input).
+
+
+def _per_element_case(device, dtype=torch.float32):
+    """Spatial logits (N, C, d), a target with ignored elements, class weights."""
+    x = _leaf((5, 9, 3), device, dtype)
+    t = make_class_target((5, 3), 9, device, ignore_index=-100)
+    w = torch.rand(9, dtype=dtype, device=device)
+    return x, t, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_per_element_node_matches_torch(device, dtype):
+    # A random upstream gradient per element: the kernel's gradient, element by element.
+    x, t, w = _per_element_case(device, dtype)
+    options = dict(weight=w, label_smoothing=0.1, reduction="none")
+    loss = fused_ce.cross_entropy(x, t, **options)
+    assert grad_fn_name(loss) == PER_ELEMENT_NODE and loss.shape == (5, 3) and loss.dtype == dtype
+    upstream = torch.randn(5, 3, device=device, dtype=dtype)
+    (grad,) = torch.autograd.grad(loss, x, upstream)
+    want_loss, want_grad, _ = torch_reference(x, t, grad_out=upstream, **options)
+    assert_close_ref(loss, want_loss, dtype)
+    assert_close_ref(grad, want_grad, dtype, what="gradient")
+
+
+def test_per_element_loss_may_be_modified_in_place(device):
+    # As PyTorch's: the node keeps the lse, not the loss, so the loss is the caller's to change.
+    x, t, w = _per_element_case(device)
+    loss = fused_ce.cross_entropy(x, t, weight=w, reduction="none")
+    loss.mul_(3.0)
+    loss.sum().backward()
+    want_grad = torch_reference(x, t, weight=w, grad_out=torch.full((5, 3), 3.0), reduction="none")[1]
+    assert_close_ref(x.grad, want_grad, torch.float32, what="gradient")
+
+
+@pytest.mark.parametrize("modified", ["input", "target", "weight"])
+def test_per_element_node_refuses_operands_modified_since_the_forward(device, modified):
+    leaf, t, w = _per_element_case(device)
+    x = leaf * 1.0  # a non-leaf, which may be modified in place
+    loss = fused_ce.cross_entropy(x, t, weight=w, reduction="none")
+    {"input": x, "target": t, "weight": w}[modified].add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+def test_per_element_node_saves_everything_through_saved_tensor_hooks(device):
+    # Offloading hooks see the logits, target, weight and lse, and the backward uses what unpack
+    # returns (here clones; the originals are then changed, which must not matter).
+    x, t, w = _per_element_case(device)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = fused_ce.cross_entropy(x, t, weight=w, reduction="none")
+    assert sorted(packed) == sorted([(5, 9, 3), (5, 3), (9,), (5, 3)])
+    upstream = torch.rand(5, 3, device=device)
+    want_grad = torch_reference(x, t, weight=w, grad_out=upstream, reduction="none")[1]
+    t.fill_(0)
+    loss.backward(upstream)
+    assert_close_ref(x.grad, want_grad, torch.float32, what="gradient")
+
+
+def test_per_element_node_second_backward_and_other_tensors(device):
+    x, t, w = _per_element_case(device)
+    y = torch.randn(3, device=device, requires_grad=True)
+    upstream = torch.rand(5, 3, device=device)
+    total = (fused_ce.cross_entropy(x, t, weight=w, reduction="none") * upstream).sum() + (y ** 2).sum()
+    torch.autograd.grad(total, y, retain_graph=True)  # computes nothing for x
+    assert x.grad is None
+    total.backward(retain_graph=True)
+    first = x.grad.clone()
+    total.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    assert_close_ref(first, torch_reference(x, t, weight=w, grad_out=upstream, reduction="none")[1],
+                     torch.float32, what="gradient")
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        total.backward()
+
+
+def test_per_element_node_hooks_and_anomaly_mode(device):
+    x, t, _ = _per_element_case(device)
+    loss = fused_ce.cross_entropy(x, t, reduction="none")
+    seen = []
+    loss.grad_fn.register_prehook(lambda grad_outputs: (seen.append("pre"), (grad_outputs[0] * 3,))[1])
+    loss.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append("post"))
+    with pytest.warns(UserWarning, match="Anomaly Detection"), torch.autograd.detect_anomaly():
+        loss.sum().backward()
+    assert seen == ["pre", "post"]
+    want_grad = torch_reference(x, t, grad_out=torch.full((5, 3), 3.0), reduction="none")[1]
+    assert_close_ref(x.grad, want_grad, torch.float32, what="gradient")
 
 
 class _LoggingTensor(torch.Tensor):
@@ -260,6 +361,7 @@ def _plain_case(name, device):
     kwargs = {
         "sum": {"reduction": "sum"},
         "none-without-grad": {"reduction": "none"},
+        "none": {"reduction": "none", "weight": torch.rand(17, dtype=dtype, device=device)},
         "weight": {"weight": torch.rand(17, dtype=dtype, device=device)},
         "smoothing-ignore": {"label_smoothing": 0.2, "ignore_index": 3},
         "zloss-softcap": {"z_loss": 1e-2, "softcap": 5.0},
@@ -269,7 +371,7 @@ def _plain_case(name, device):
     return x, t, kwargs
 
 
-PLAIN_CASES = ["mean", "sum", "none-without-grad", "weight", "smoothing-ignore", "zloss-softcap",
+PLAIN_CASES = ["mean", "sum", "none-without-grad", "none", "weight", "smoothing-ignore", "zloss-softcap",
                "module-defaults", "float64", "bfloat16", "empty-batch", "no-grad-leaf"]
 
 
@@ -278,7 +380,8 @@ def test_plain_calls_skip_the_checks_and_give_the_full_paths_bits(device, monkey
     x, t, kwargs = _plain_case(name, device)
     loss = fused_ce.cross_entropy(x, t, **kwargs)
     assert not checks_run, "a plain call ran the argument checks"
-    grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else None
+    upstream = torch.rand_like(loss)
+    grad = torch.autograd.grad(loss, x, upstream)[0] if loss.requires_grad else None
 
     _full_path(monkeypatch)
     want = fused_ce.cross_entropy(x, t, **kwargs)
@@ -286,7 +389,7 @@ def test_plain_calls_skip_the_checks_and_give_the_full_paths_bits(device, monkey
     assert grad_fn_name(loss) == grad_fn_name(want)
     assert identical(loss, want)
     if grad is not None:
-        assert identical(grad, torch.autograd.grad(want, x)[0])
+        assert identical(grad, torch.autograd.grad(want, x, upstream)[0])
 
 
 def test_plain_call_under_no_grad_computes_no_gradient(device, checks_run):
@@ -315,7 +418,6 @@ def _not_plain_cases(device):
         "legacy-reduce": lambda: call(x, t, reduce=True),
         "elementwise-mean": lambda: call(x, t, reduction="elementwise_mean"),
         "bad-reduction": lambda: call(x, t, reduction="avg"),
-        "reduction-none-with-grad": lambda: call(x, t, reduction="none"),
         "numpy-ignore-index": lambda: call(x, t, ignore_index=numpy.int64(-100)),
         "bool-ignore-index": lambda: call(x, t, ignore_index=True),
         "int-smoothing": lambda: call(x, t, label_smoothing=0),
