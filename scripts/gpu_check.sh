@@ -241,6 +241,9 @@ if want percall; then
     timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows "$rows" --steps 2000 --rounds 3 \
         2>&1 | tee -a "$LOG"
   done
+  # The per-element node (a masked step).
+  timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows 4 --reduction none --steps 2000 \
+      --rounds 3 2>&1 | tee -a "$LOG"
 fi
 
 if want graphed; then

@@ -215,6 +215,30 @@ def test_per_element_node_matches_torch(device, dtype):
     assert_close_ref(grad, want_grad, dtype, what="gradient")
 
 
+@pytest.mark.parametrize("layout", ["2d", "transposed", "spatial", "channels-last", "probabilities", "bfloat16"])
+def test_per_element_node_gives_the_python_functions_bits(device, layout):
+    # Both call the same operators on the same canonical views: loss and gradient agree bit for bit,
+    # whatever the strides.
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    shape = {"spatial": (4, 7, 3, 2), "channels-last": (4, 7, 3, 2)}.get(layout, (6, 7))
+    x = make_logits(shape, dtype, device)
+    if layout == "transposed":
+        x = make_logits((7, 6), dtype, device).t()
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    batch = (shape[0],) + shape[2:]
+    t = (make_prob_target(shape, dtype, device) if layout == "probabilities"
+         else make_class_target(batch, 7, device, ignore_index=-100))
+    w = torch.rand(7, dtype=dtype, device=device)
+    loss = fused_ce.cross_entropy(x, t, weight=w, reduction="none", label_smoothing=0.1)
+    assert grad_fn_name(loss) == PER_ELEMENT_NODE
+    want = fused_ce.CrossEntropyFunction.apply(x, t, w, -100, 0.1, 0)
+    upstream = torch.randn_like(loss)
+    assert identical(loss, want)
+    assert identical(torch.autograd.grad(loss, x, upstream)[0], torch.autograd.grad(want, x, upstream)[0])
+
+
 def test_per_element_loss_may_be_modified_in_place(device):
     # As PyTorch's: the node keeps the lse, not the loss, so the loss is the caller's to change.
     x, t, w = _per_element_case(device)
