@@ -27,8 +27,8 @@ namespace fused_ce {
 // once more, without the logits (double_backward.h), except with a softcap.
 // Target gradients go through the Python CrossEntropyFunction
 // (fused_ce/autograd.py); the C++ nodes exist because a Python
-// autograd.Function costs about 25-40 microseconds more per training step,
-// which is most of the step for small class counts.
+// autograd.Function costs about 14 microseconds more per training step (4 x
+// 10 on the CPU machine: 29-30 us against 14-15), half of a small step.
 at::Tensor cross_entropy_loss(const at::Tensor& input, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
                               double label_smoothing, double z_loss, double softcap,

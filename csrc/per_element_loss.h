@@ -1,7 +1,8 @@
 // The loss of reduction="none" with a gradient for the input: the C++ node
 // of per-element losses (a mask, per-token weights or a custom reduction
 // applied after the loss), fused_ce.cross_entropy's path for them since the
-// Python CrossEntropyFunction costs about 25 us more per training step.
+// Python CrossEntropyFunction costs about 18 us more per training step
+// (4 x 10 on the CPU machine: 41-43 us against 23-24).
 #pragma once
 
 #include <ATen/ATen.h>
