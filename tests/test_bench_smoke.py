@@ -168,7 +168,10 @@ def test_lm_head_with_softcap_and_z_loss_matches_eager():
     by_impl = {r.impl: r for r in results}
     assert by_impl["fused_ce"].ok, by_impl["fused_ce"].status
     assert by_impl["fused_ce"].parity is not None and by_impl["fused_ce"].parity["ok"], by_impl["fused_ce"].parity
-    assert not by_impl["torch_chunked"].ok and "softcap" in by_impl["torch_chunked"].status
+    # (Before torch 2.13 there is no chunked head at all, which the status says instead.)
+    chunked_status = by_impl["torch_chunked"].status
+    assert not by_impl["torch_chunked"].ok
+    assert "softcap" in chunked_status or "not available in torch" in chunked_status, chunked_status
 
 
 def _fake_peer_modules(monkeypatch, calls):
