@@ -27,6 +27,8 @@ from . import _C
 from .autograd import (REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, CrossEntropyFunction,
                        FunctorchCrossEntropyFunction, composite_cross_entropy, forward_ad_active,
                        has_tangent)
+from .dtensor import any_dtensor
+from .dtensor import cross_entropy as dtensor_cross_entropy
 
 _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_SUM}
 
@@ -111,6 +113,10 @@ def cross_entropy(
     reduction, ignore_index, label_smoothing = check_loss_options(
         weight, ignore_index, reduction, label_smoothing, tensors=(("input", input), ("target", target)))
     z_loss, softcap = _check_llm_options(z_loss, softcap, return_lse, inplace_backward, reduction)
+    if any_dtensor(input, target, weight):
+        return dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                     None if softcap == 0.0 else softcap, return_lse, inplace_backward,
+                                     validate)
     # Like PyTorch, a target with the input's shape holds class probabilities;
     # any other shape holds class indices (the dims first: the cheaper test).
     probability_target = target.dim() == input.dim() and target.shape == input.shape

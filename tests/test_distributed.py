@@ -11,9 +11,7 @@ Error handling and the size of the collectives are recorded in the same run.
 
 from __future__ import annotations
 
-import datetime
 import os
-import time
 import traceback
 import zlib
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close_ref, identical, ref_llm
+from gloo_workers import finish, init_gloo, run_workers
 
 WORLD_SIZES = [2, 4]
 SPAWN_TIMEOUT_S = 150
@@ -149,13 +148,7 @@ def _capture_error(fn):
 def _worker(rank, world_size, workdir):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # the machine is shared: one thread per rank
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    except Exception:  # noqa: BLE001
-        with open(os.path.join(workdir, f"init_error_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
+    if not init_gloo(rank, world_size, workdir):
         return
     from fused_ce.distributed import vocab_parallel_cross_entropy as vp
 
@@ -222,10 +215,7 @@ def _worker(rank, world_size, workdir):
         for n, fn in saved.items():
             setattr(dist, n, fn)
     out["collectives"] = {"rows": n_rows, "log": log}
-
-    torch.save(out, os.path.join(workdir, f"result_{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out, rank, workdir)
 
 
 # --------------------------------------------------------------------------
@@ -233,35 +223,12 @@ def _worker(rank, world_size, workdir):
 
 
 def _spawn_group(world_size, workdir):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this PyTorch build")
     inputs = {"cases": {}}
     for name, spec in CASES.items():
         x, t, g = _make_inputs(name, spec)
         inputs["cases"][name] = (x, t, g, _kwargs(spec))
     torch.save(inputs, os.path.join(workdir, "inputs.pt"))
-    try:
-        ctx = mp.start_processes(_worker, args=(world_size, str(workdir)), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot spawn worker processes here: {e!r}")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:  # only the processes this test started
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"{world_size} gloo workers did not finish within {SPAWN_TIMEOUT_S} s")
-    init_errors = [open(os.path.join(workdir, f)).read() for f in sorted(os.listdir(workdir))
-                   if f.startswith("init_error_")]
-    if init_errors:
-        pytest.skip("cannot set up a gloo process group on this machine (init_process_group "
-                    f"failed):\n{init_errors[0]}")
-    results = [torch.load(os.path.join(workdir, f"result_{r}.pt")) for r in range(world_size)]
-    return inputs, results
+    return inputs, run_workers(_worker, world_size, workdir, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
