@@ -69,6 +69,7 @@ from torch import Tensor
 
 from ._ops import accumulate_dtype, ops
 from .autograd import has_tangent, needs_product, once_differentiable
+from .dtensor import any_dtensor
 from .functional import (_check_class_target, _check_llm_options, check_loss_options, cross_entropy,
                          functorch_active)
 
@@ -667,6 +668,11 @@ def linear_cross_entropy(
     """
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor) or not isinstance(target, Tensor):
         raise TypeError("linear_cross_entropy(): input, linear_weight and target must be tensors")
+    if any_dtensor(input, linear_weight, linear_bias, target, weight):
+        raise NotImplementedError(
+            "linear_cross_entropy(): DTensor arguments are not supported; compute the logits (a DTensor) "
+            "and pass them to fused_ce.cross_entropy, which takes DTensors, or call this on the local "
+            "tensors (DTensor.to_local())")
     _check_shapes(input, linear_weight, linear_bias)
     explicit_ignore_index = ignore_index is not None  # the default None means -100, as in torch
     reduction, ignore_index, label_smoothing = check_loss_options(

@@ -123,10 +123,16 @@ def _worker(rank, world_size, workdir):
             out["cases"][name] = {"exception": traceback.format_exc()}
     if world_size == 2:
         x = distribute_tensor(torch.randn(4, 6), mesh, _placements("S0"))
-        try:
-            fused_ce.cross_entropy(x, torch.zeros(4, dtype=torch.long))
-        except Exception as e:  # noqa: BLE001
-            out["mixed"] = (type(e).__name__, str(e))
+        for name, call in {
+            "mixed": lambda: fused_ce.cross_entropy(x, torch.zeros(4, dtype=torch.long)),
+            "return_lse": lambda: fused_ce.cross_entropy(x, distribute_tensor(torch.zeros(4, dtype=torch.long), mesh,
+                                                                              _placements("S0")), return_lse=True),
+            "linear": lambda: fused_ce.linear_cross_entropy(x, torch.randn(5, 6), torch.zeros(4, dtype=torch.long)),
+        }.items():
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001
+                out[name] = (type(e).__name__, str(e))
     finish(out, rank, workdir)
 
 
@@ -194,7 +200,12 @@ def test_dtensor_loss_and_gradient_match_torch(spawned, name):
         assert case["vocab_parallel"] == split_classes, tag
 
 
-def test_mixed_tensor_and_dtensor_arguments_raise(spawned):
+@pytest.mark.parametrize("call, error, words", [
+    ("mixed", "RuntimeError", "mixed torch.Tensor and DTensor"),
+    ("return_lse", "NotImplementedError", "return_lse and inplace_backward are not supported"),
+    ("linear", "NotImplementedError", "DTensor arguments are not supported"),
+])
+def test_what_dtensors_do_not_take_raises_clearly(spawned, call, error, words):
     for result in spawned((2,)):
-        kind, message = result["mixed"]
-        assert kind == "RuntimeError" and "mixed torch.Tensor and DTensor" in message, (kind, message)
+        kind, message = result[call]
+        assert kind == error and words in message, (kind, message)
