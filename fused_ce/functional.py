@@ -102,6 +102,9 @@ def cross_entropy(
       out-of-range target otherwise triggers a device-side assertion, as in
       PyTorch, after which the CUDA context is unusable. The check synchronises with the device, so it is off by
       default (and it cannot be captured in a CUDA graph).
+
+    DTensor input and target (``torch.distributed.tensor``) give the loss of
+    their full tensors, computed shard by shard; see :mod:`fused_ce.dtensor`.
     """
     plain = _plain_call(input, target, weight, size_average, reduce, ignore_index, reduction,
                         label_smoothing, z_loss, softcap, return_lse or inplace_backward or validate)
