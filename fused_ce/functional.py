@@ -342,8 +342,9 @@ def _native_path(input: Tensor, target: Tensor, weight: Optional[Tensor], return
     The nodes cover what a training step or an evaluation needs: the loss
     alone, and a gradient only for the input, of a reduced loss or per
     element. On the CPU machine they save 14-19 microseconds of a 4 x 10
-    training step, half of it (benchmarks/results/cpu-2026-11-27-per-element/). The Python Function takes everything else:
-    target gradients, ``return_lse``, ``inplace_backward``, torch.compile
+    training step, half of it (benchmarks/results/cpu-2026-11-27-per-element/).
+    The Python Function takes everything else: target gradients,
+    ``return_lse``, ``inplace_backward``, torch.compile
     (which traces Python Functions, not C++ nodes) and tensors that
     override ``__torch_function__``. Only asked outside torch.func
     transforms and for inputs without forward-AD tangents (the node would
