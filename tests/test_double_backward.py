@@ -135,6 +135,22 @@ def test_reduction_none_per_element_node(device, case):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{case} {name}: {m}")
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["class-target", "probabilities"])
+def test_differentiable_loss_operator(device, soft):
+    # The operator the per-element node differentiates for create_graph (its kernel the Python
+    # formula): the fused forward's per-element loss in torch operations, and a registration that
+    # opcheck accepts (schema, autograd, fake tensors, AOT dispatch).
+    x = make_logits((4, 5, 3), torch.float64, device).requires_grad_()
+    t = make_prob_target((4, 5, 3), torch.float64, device) if soft else make_class_target((4, 3), 5, device, -100)
+    w = make_weight(5, torch.float64, device)
+    args = (x, t, w, -100, 0.1, 0.01, 2.0)
+    got = torch.ops.fused_ce.differentiable_loss(*args)
+    want = fused_ce.cross_entropy(x, t, w, reduction="none", label_smoothing=0.1, z_loss=0.01, softcap=2.0)
+    torch.testing.assert_close(got, want.reshape(4, 3), rtol=1e-12, atol=1e-12)
+    assert got.requires_grad
+    torch.library.opcheck(torch.ops.fused_ce.differentiable_loss.default, args)
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_reduction_none_third_derivative(device, softcap):
     # The per-element node's gradient carries a graph of torch operations: any order, the softcap
