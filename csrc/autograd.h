@@ -22,7 +22,8 @@ namespace fused_ce {
 // `device_scaled` picks how: the gradient is held until the first backward
 // and scaled in place by scale_gradient_, which skips the pass on the device
 // when the upstream gradient is 1 (CUDA: no host synchronisation); otherwise
-// it is saved and multiplied out of place unless the upstream gradient is 1.
+// it is saved, and scaled unless the upstream gradient is 1: in place when
+// the backward frees the graph, else out of place.
 // With create_graph=True the gradient it hands out can be differentiated
 // once more, without the logits (double_backward.h), except with a softcap.
 // Target gradients go through the Python CrossEntropyFunction

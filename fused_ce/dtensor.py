@@ -124,10 +124,18 @@ class _Plan:
         self.vocab_mesh_dim = None
         inputs, targets, outputs, sums = [], [], [], []
         for mesh_dim, placement in enumerate(input.placements):
-            if isinstance(placement, Shard) and placement.dim % input.dim() != self.class_dim:
+            batch_sharded = isinstance(placement, Shard) and placement.dim % input.dim() != self.class_dim
+            dim = placement.dim % input.dim() if isinstance(placement, Shard) else None
+            batch_dim = None if dim is None else (dim if dim < self.class_dim else dim - 1)
+            if mesh.size(mesh_dim) == 1:
+                # One rank: whatever the placements, the local tensors are the full ones.
+                inputs.append(placement)
+                targets.append(target.placements[mesh_dim])
+                outputs.append(Shard(batch_dim) if batch_sharded else Replicate())
+                sums.append(Replicate())
+                continue
+            if batch_sharded:
                 # A batch dimension: each rank's own rows.
-                dim = placement.dim % input.dim()
-                batch_dim = dim if dim < self.class_dim else dim - 1
                 inputs.append(Shard(dim))
                 targets.append(Shard(dim if probabilities else batch_dim))
                 outputs.append(Shard(batch_dim))

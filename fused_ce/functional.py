@@ -35,8 +35,8 @@ _REDUCTIONS = {"none": REDUCTION_NONE, "mean": REDUCTION_MEAN, "sum": REDUCTION_
 # Devices whose gradient from the forward is held until the backward and
 # scaled there in place on the device (the scale_gradient_ operator, which
 # skips the pass when the upstream gradient is 1 without a host
-# synchronisation), rather than saved and multiplied out of place unless a
-# free read of the upstream gradient shows 1. See csrc/autograd.h. A tuple,
+# synchronisation), rather than saved and scaled unless a free read of the
+# upstream gradient shows 1. See csrc/autograd.h. A tuple,
 # so that tests can run this strategy on the CPU too.
 DEVICE_SCALED_GRADIENT = ("cuda",)
 

@@ -44,8 +44,11 @@ CASES = {
     "bfloat16": ((2,), (8, 16), "S0", "S0", dict(dtype=torch.bfloat16, ignore=0.25)),
     "mesh2d-batch-vocab": ((2, 2), (8, 12), "S0,S1", "S0,R", dict(ignore=0.25, label_smoothing=0.1)),
     "mesh2d-batch-replicated": ((2, 2), (8, 12), "S0,R", "S0,R", dict(reduction="none")),
+    # A mesh dimension of one rank holds the full tensors, whatever their placements there: no
+    # vocabulary-parallel loss, nothing redistributed.
+    "one-rank-classes": ((2, 1), (8, 12), "S0,S1", "S0,S0", dict(ignore=0.25, label_smoothing=0.1)),
+    "one-rank-batch-none": ((2, 1), (8, 12), "R,S0", "R,S0", dict(reduction="none")),
 }
-MESHES = sorted({spec[0] for spec in CASES.values()})
 
 
 def _placements(text):
@@ -111,7 +114,8 @@ def _worker(rank, world_size, workdir):
 
     import fused_ce
 
-    mesh_shape = (2,) if world_size == 2 else (2, 2)
+    with open(os.path.join(workdir, "mesh.txt")) as f:
+        mesh_shape = tuple(int(size) for size in f.read().split("x"))
     mesh = init_device_mesh("cpu", mesh_shape)
     out = {"cases": {}}
     for name, spec in CASES.items():
@@ -121,7 +125,7 @@ def _worker(rank, world_size, workdir):
             out["cases"][name] = _run_case(name, mesh)
         except Exception:  # noqa: BLE001
             out["cases"][name] = {"exception": traceback.format_exc()}
-    if world_size == 2:
+    if mesh_shape == (2,):
         x = distribute_tensor(torch.randn(4, 6), mesh, _placements("S0"))
         for name, call in {
             "mixed": lambda: fused_ce.cross_entropy(x, torch.zeros(4, dtype=torch.long)),
@@ -146,7 +150,10 @@ def spawned(tmp_path_factory):
 
     def get(mesh_shape):
         if mesh_shape not in cache:
-            workdir = tmp_path_factory.mktemp("dtensor_" + "x".join(map(str, mesh_shape)))
+            name = "x".join(map(str, mesh_shape))
+            workdir = tmp_path_factory.mktemp("dtensor_" + name)
+            with open(os.path.join(workdir, "mesh.txt"), "w") as f:
+                f.write(name)
             world_size = 1
             for size in mesh_shape:
                 world_size *= size
@@ -195,7 +202,7 @@ def test_dtensor_loss_and_gradient_match_torch(spawned, name):
                     else "Replicate()" for p in in_placements.split(",")]
             assert case["loss_placements"] == want, (tag, case["loss_placements"])
         # Logits split by class take the vocabulary-parallel loss (no logit gathered) unless their
-        # options need the classes gathered.
+        # options need the classes gathered (or one rank holds them all).
         split_classes = "vocab" in name and "gathered" not in name
         assert case["vocab_parallel"] == split_classes, tag
 

@@ -126,6 +126,37 @@ def test_a_second_backward_needs_retain_graph(device, gradient_strategy):
         loss.backward()
 
 
+@pytest.mark.parametrize("how", ["retain-graph", "saved-tensor-hook", "direct-call"])
+def test_a_scaled_gradient_leaves_what_is_still_needed_intact(device, gradient_strategy, how):
+    # An upstream gradient other than 1 (a sum over a token count) scales the saved gradient in
+    # place only in a backward that frees the graph with nothing else holding it: a retained graph
+    # gives the same gradient twice, a saved-tensor hook's packed tensor stays unscaled, and a
+    # direct call of grad_fn (no backward running) leaves the node usable.
+    x = _leaf((6, 11), device)
+    t = make_class_target((6,), 11, device)
+    want = 0.25 * torch_reference(x, t, reduction="sum")[1]
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda g: packed.append(g) or g, lambda g: g):
+        loss = fused_ce.cross_entropy(x, t, reduction="sum") if how == "saved-tensor-hook" else None
+    if loss is None:
+        loss = fused_ce.cross_entropy(x, t, reduction="sum")
+    upstream = torch.tensor(0.25, device=device)
+    if how == "retain-graph":
+        first = torch.autograd.grad(loss, x, upstream, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, x, upstream)[0]
+        assert_close_ref(first, want, torch.float32)
+        assert identical(first, second)
+    elif how == "saved-tensor-hook":
+        kept = [g.clone() for g in packed]
+        assert_close_ref(torch.autograd.grad(loss, x, upstream)[0], want, torch.float32)
+        assert all(identical(g, k) for g, k in zip(packed, kept))
+    else:
+        with torch.no_grad():
+            first, second = loss.grad_fn(upstream), loss.grad_fn(upstream)
+        assert_close_ref(first, want, torch.float32)
+        assert identical(first, second)
+
+
 def test_gradient_for_other_tensors_leaves_the_loss_node_usable(device, gradient_strategy):
     # A backward that needs nothing from the loss node's input computes nothing there, and a
     # later backward through the same graph still gets the input's gradient.
