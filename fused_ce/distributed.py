@@ -17,11 +17,13 @@ Protocol (per call; ``N`` rows, everything exchanged is ``O(N)``):
    anything is wrong or inconsistent on *any* rank, every rank raises the
    same error before the next collective, instead of some ranks raising and
    the rest hanging in a collective with mismatched sizes.
-1. ``m = all_reduce(MAX)`` of the per-row maximum of the local logits.
+1. The log-sum-exp of each row's local classes, ``l``, by the fused
+   forward operator (one read of the logits), and ``m = all_reduce(MAX)``
+   of it.
 2. One ``all_reduce(SUM)`` of a stacked ``(2 or 3, N)`` tensor:
-   ``sum_j exp(x_j - m)`` over the local classes; the target logit (the rank
-   that owns the target contributes it, the others 0); and, with label
-   smoothing only, the row sum of the logits.
+   ``exp(l - m)``, the local classes' ``sum_j exp(x_j - m)``; the target
+   logit (the rank that owns the target contributes it, the others 0);
+   and, with label smoothing only, the row sum of the logits.
    Then ``lse = m + log(sum)`` and, per row,
    ``loss = (1 - eps) * (lse - x_t) + eps * (lse - rowsum / V)``,
    which is PyTorch's ``(1 - eps) * nll + eps * mean_c(-log p_c)``.
@@ -42,8 +44,14 @@ the same objective from the replicated loss (the usual tensor-parallel
 setup).
 
 Memory: the autograd graph keeps the logits (already alive in the model), the
-targets and ``lse`` (``N`` values); the softmax (and the softcap) is
-recomputed in the backward. Half-precision logits are computed in float32
+targets and the global and local ``lse`` (``N`` values each); the softmax
+(and the softcap) is recomputed in the backward by the fused backward
+operator, which also writes the target's term: one read of the logits and
+one write of the gradient (with label smoothing, one more pass over each;
+with label smoothing and the softcap together, torch operations). On the
+CPU machine a 2048 x 32000 float32 step on one rank takes 1.8x a copy of
+the logits, where torch operations took 28x
+(benchmarks/results/cpu-2026-11-28-vocab-parallel/). Half-precision logits are computed in float32
 (float64 stays float64) and the loss is returned in the logits' dtype, like
 ``F.cross_entropy``.
 
@@ -60,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._ops import ops
 from .autograd import once_differentiable
 from .functional import _check_llm_options
 
@@ -244,15 +253,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # Clamped so that rows whose target lives elsewhere still index in range.
         idx = torch.where(own, local_t, 0).unsqueeze(1)
 
-        # 1. Global row max: every rank exponentiates relative to the same
-        #    reference, so the partial sums can simply be added (no rescaling)
-        #    and exp never overflows.
-        row_max = x.amax(dim=1).to(cdtype)
+        # 1. The log-sum-exp of this rank's classes, by the fused forward
+        #    operator (one read of the logits; the softcap applied inside),
+        #    and its maximum over the ranks: every rank rescales its partial
+        #    sum to that same reference, so the sums can simply be added and
+        #    exp never overflows.
+        local_lse = _local_lse(x_in, softcap)
+        row_max = local_lse.clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
 
-        # 2. Partial statistics, summed in one collective. torch.sub promotes
-        #    half logits to the float32 of row_max: one temporary, no extra copy.
-        sum_exp = torch.sub(x, row_max.unsqueeze(1)).exp_().sum(dim=1)
+        # 2. Partial statistics, summed in one collective.
+        sum_exp = torch.sub(local_lse, row_max).exp_()
         # torch.where, not a multiplication: a non-owned column may be +-inf.
         target_logit = torch.where(own, x.gather(1, idx).squeeze(1).to(cdtype), 0.0)
         parts = [sum_exp, target_logit]
@@ -278,7 +289,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:
             loss = per_row.sum() / valid.sum()  # all ignored: 0 / 0 = NaN, like PyTorch
 
-        ctx.save_for_backward(x_in, t, lse)  # the capped logits are recomputed
+        ctx.save_for_backward(x_in, t, lse, local_lse)  # the capped logits are recomputed
         ctx.rank, ctx.world_size = rank, world_size
         ctx.ignore_index, ctx.reduction, ctx.eps = ignore_index, reduction, eps
         ctx.z_loss, ctx.softcap = z_loss, softcap
@@ -288,10 +299,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @once_differentiable("fused_ce.distributed.vocab_parallel_cross_entropy: the gradient has no second "
                          "derivative (double backward / create_graph=True)")
     def backward(ctx, grad_loss):
-        x_in, t, lse = ctx.saved_tensors
+        x_in, t, lse, local_lse = ctx.saved_tensors
         eps, reduction, softcap = ctx.eps, ctx.reduction, ctx.softcap
-        x = _capped(x_in, softcap, lse.dtype)
-        n, vocab_shard = x.shape
+        n, vocab_shard = x_in.shape
         num_classes = vocab_shard * ctx.world_size
         g = grad_loss.to(lse.dtype)
 
@@ -305,25 +315,69 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # where, not a product: with everything ignored, coef is g / 0 = inf.
         coef = torch.where(valid, coef, 0.0)
 
-        # Ignored rows get lse = +inf, so exp(x - lse) is exactly 0 there: the
-        # row's gradient vanishes without a separate masking pass (and a NaN
-        # lse of an ignored row cannot leak in).
-        lse_b = torch.where(valid, lse, math.inf)
-        grad = torch.sub(x, lse_b.unsqueeze(1)).exp_()  # softmax, in the compute dtype
-        if ctx.z_loss != 0:  # d(z lse^2) = 2 z lse p
-            grad.mul_((1.0 + 2.0 * ctx.z_loss * torch.where(valid, lse, 0.0)).unsqueeze(1))
-        if eps > 0:
-            grad.sub_(eps / num_classes)
-        grad.mul_(coef.unsqueeze(1))
-
         local_t = t - ctx.rank * vocab_shard
         own = valid & (local_t >= 0) & (local_t < vocab_shard)
-        idx = torch.where(own, local_t, 0).unsqueeze(1)
-        hit = torch.where(own, coef * -(1.0 - eps), 0.0)
-        grad.scatter_add_(1, idx, hit.unsqueeze(1))
-        if softcap != 0:  # through y = softcap tanh(x / softcap): dy/dx = 1 - (y / softcap)^2
-            grad.mul_(1.0 - (x / softcap).square())
-        return (grad.to(x_in.dtype),) + (None,) * 9
+        # d loss_i / d y_ij = coef_i ((1 + 2 z lse_i) p_ij - eps / V - (1 - eps) [j == t_i]).
+        p_coef = coef * (1.0 + 2.0 * ctx.z_loss * torch.where(valid, lse, 0.0)) if ctx.z_loss != 0 else coef
+        if eps > 0 and softcap != 0:
+            # The smoothing term's chain rule needs every capped logit: in torch operations.
+            idx = torch.where(own, local_t, 0).unsqueeze(1)
+            hit = torch.where(own, coef * -(1.0 - eps), 0.0)
+            return (_smoothed_capped_gradient(x_in, lse, valid, p_coef, coef * (eps / num_classes), idx, hit,
+                                              softcap),) + (None,) * 9
+        # The fused backward operator (one read of the logits, one write of
+        # the gradient, the softcap's chain rule included) knows this rank's
+        # softmax, p_local = exp(y - lse_local); the loss's is p_local r with
+        # r = exp(lse_local - lse). For a row that it is told targets class
+        # t_i with loss gradient a and lse gradient b it gives
+        # (a + b) p_local - a [j == t_i]: with a = (1 - eps) coef on the rows
+        # whose target this rank holds (the others given as ignored, a = 0)
+        # and b = p_coef r - a, that is the gradient above but for the
+        # smoothing term; rows with a = b = 0 are written as zeros unread.
+        ratio = torch.where(valid, (local_lse - lse).exp(), 0.0)
+        target_coef = torch.where(own, coef * (1.0 - eps), 0.0)
+        op_target = torch.where(own, local_t, _IGNORED)
+        grad = _fused_gradient(x_in, local_lse, op_target, target_coef, p_coef * ratio - target_coef, softcap)
+        if eps > 0:
+            grad.sub_((coef * (eps / num_classes)).unsqueeze(1).to(grad.dtype))
+        return (grad,) + (None,) * 9
+
+
+# The fused operators see this rank's rows as (N, Vs, 1) logits; rows whose
+# target this rank does not hold (all of them for the forward, which only
+# wants the log-sum-exp) are given this target, which the operators ignore.
+_IGNORED = -1
+
+
+def _local_lse(x: Tensor, softcap: float) -> Tensor:
+    """The log-sum-exp of each row of this rank's (capped) logits, in the compute dtype."""
+    n = x.shape[0]
+    ignored = torch.full((n, 1), _IGNORED, dtype=torch.long, device=x.device)
+    _, lse, _ = ops.cross_entropy_forward(x.unsqueeze(2), ignored, None, _IGNORED, 0.0, 0.0, softcap)
+    return lse.reshape(n)
+
+
+def _fused_gradient(x: Tensor, local_lse: Tensor, target: Tensor, grad_loss: Tensor, grad_lse: Tensor,
+                    softcap: float) -> Tensor:
+    """The backward operator's gradient for this rank's (N, Vs) logits with their
+    local log-sum-exp, local class targets (or _IGNORED) and per-row loss and
+    lse gradients, in the logits' dtype."""
+    n = x.shape[0]
+    grad, _ = ops.cross_entropy_backward(grad_loss.reshape(n, 1), grad_lse.reshape(n, 1), x.unsqueeze(2),
+                                         target.reshape(n, 1), None, local_lse.reshape(n, 1), _IGNORED, 0.0, 0.0,
+                                         softcap, True, False)
+    return grad.reshape(x.shape)
+
+
+def _smoothed_capped_gradient(x_in, lse, valid, p_coef, smoothing, idx, hit, softcap):
+    """The gradient with both label smoothing and the softcap, in torch operations."""
+    x = _capped(x_in, softcap, lse.dtype)
+    # Ignored rows get lse = +inf, so exp(x - lse) is exactly 0 there.
+    grad = torch.sub(x, torch.where(valid, lse, math.inf).unsqueeze(1)).exp_()
+    grad.mul_(p_coef.unsqueeze(1)).sub_(smoothing.unsqueeze(1))
+    grad.scatter_add_(1, idx, hit.unsqueeze(1))
+    grad.mul_(1.0 - (x / softcap).square())
+    return grad.to(x_in.dtype)
 
 
 def _capped(x: Tensor, softcap: float, cdtype: torch.dtype) -> Tensor:
