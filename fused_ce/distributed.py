@@ -49,8 +49,8 @@ targets and the global and local ``lse`` (``N`` values each); the softmax
 operator, which also writes the target's term: one read of the logits and
 one write of the gradient (with label smoothing, one more pass over each;
 with label smoothing and the softcap together, torch operations). On the
-CPU machine a 2048 x 32000 float32 step on one rank takes 1.8x a copy of
-the logits, where torch operations took 28x
+CPU machine a 2048 x 32000 float32 step on one rank takes 1.6-1.9x a copy
+of the logits, where torch operations took 17-28x
 (benchmarks/results/cpu-2026-11-28-vocab-parallel/). Half-precision logits are computed in float32
 (float64 stays float64) and the loss is returned in the logits' dtype, like
 ``F.cross_entropy``.
@@ -146,10 +146,19 @@ def vocab_parallel_cross_entropy(
     x = logits.reshape(n, vocab_shard)  # a view whenever the layout allows it
     t = target.reshape(n).long()
 
-    _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing,
-                           z_loss, softcap)
+    # The log-sum-exp of this rank's classes, by the fused forward operator
+    # (one read of the logits). Its lse of a row of nothing but -inf (this
+    # rank's part of a padded vocabulary) is NaN, as its loss must be; that
+    # row's log-sum-exp is -inf, the row maximum. Whether any rank has a NaN
+    # comes back with the validation, so the maxima are only read then.
+    with torch.no_grad():  # (the Function below is the autograd of all this)
+        local_lse = _local_lse(x, softcap)
+        any_nan = _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction,
+                                         label_smoothing, z_loss, softcap, local_lse)
+        if any_nan:  # (a NaN logit keeps its row's NaN)
+            local_lse = torch.where(local_lse.isnan(), x.amax(dim=1).to(local_lse.dtype), local_lse)
 
-    loss = _VocabParallelCrossEntropy.apply(x, t, group, rank, world_size, ignore_index,
+    loss = _VocabParallelCrossEntropy.apply(x, t, local_lse, any_nan, group, rank, world_size, ignore_index,
                                             _REDUCTIONS[reduction], label_smoothing, z_loss, softcap)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
@@ -177,8 +186,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing,
-                           z_loss, softcap):
-    """One small all_reduce(MAX) that makes every rank agree the call is valid.
+                           z_loss, softcap, local_lse) -> bool:
+    """One small all_reduce(MAX) that makes every rank agree the call is valid;
+    returns whether any rank's ``local_lse`` holds a NaN.
 
     Out-of-range targets would otherwise silently contribute nothing (no rank
     owns them), and ranks disagreeing on the row count or shard width would
@@ -212,7 +222,7 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
     values = torch.tensor(list(agreed.values()), dtype=torch.long).to(device)
     values[-1] = checksum
     local_bad = bad.any().long().reshape(1)
-    packet = torch.cat([local_bad, values, -values])
+    packet = torch.cat([local_bad, values, -values, local_lse.isnan().any().long().reshape(1)])
     dist.all_reduce(packet, op=dist.ReduceOp.MAX, group=group)
     result = packet.tolist()  # the one host synchronisation of the call
     k = len(agreed)
@@ -231,18 +241,22 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
                              f"range from {lo} to {hi} across the group (this rank, {rank}, has "
                              f"{int(values[i])}); every rank must pass the same rows, targets and "
                              "options, with equal vocabulary shards")
+    return bool(result[-1])
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward with O(N) all-reduces; communication-free backward.
 
-    ``apply(x, t, group, rank, world_size, ignore_index, reduction, eps, z_loss, softcap)``
-    on ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the caller);
+    ``apply(x, t, local_lse, any_nan, group, rank, world_size, ignore_index, reduction, eps,
+    z_loss, softcap)`` on ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the
+    caller), with the log-sum-exp of each row's local classes and whether any rank had
+    a NaN there (a padded vocabulary's all -inf rows);
     ``reduction`` 0 none, 1 mean, 2 sum; ``softcap`` 0 for none.
     """
 
     @staticmethod
-    def forward(ctx, x_in, t, group, rank, world_size, ignore_index, reduction, eps, z_loss, softcap):
+    def forward(ctx, x_in, t, local_lse, any_nan, group, rank, world_size, ignore_index, reduction, eps, z_loss,
+                softcap):
         cdtype = _compute_dtype(x_in.dtype)
         x = _capped(x_in, softcap, cdtype)
         n, vocab_shard = x.shape
@@ -253,12 +267,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # Clamped so that rows whose target lives elsewhere still index in range.
         idx = torch.where(own, local_t, 0).unsqueeze(1)
 
-        # 1. The log-sum-exp of this rank's classes, by the fused forward
-        #    operator (one read of the logits; the softcap applied inside),
-        #    and its maximum over the ranks: every rank rescales its partial
-        #    sum to that same reference, so the sums can simply be added and
-        #    exp never overflows.
-        local_lse = _local_lse(x_in, softcap)
+        # 1. The maximum over the ranks of the local log-sum-exp: every rank
+        #    rescales its partial sum to that same reference, so the sums can
+        #    simply be added and exp never overflows.
         row_max = local_lse.clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
 
@@ -290,7 +301,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = per_row.sum() / valid.sum()  # all ignored: 0 / 0 = NaN, like PyTorch
 
         ctx.save_for_backward(x_in, t, lse, local_lse)  # the capped logits are recomputed
-        ctx.rank, ctx.world_size = rank, world_size
+        ctx.rank, ctx.world_size, ctx.any_nan = rank, world_size, any_nan
         ctx.ignore_index, ctx.reduction, ctx.eps = ignore_index, reduction, eps
         ctx.z_loss, ctx.softcap = z_loss, softcap
         return loss.to(x_in.dtype)
@@ -324,7 +335,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             idx = torch.where(own, local_t, 0).unsqueeze(1)
             hit = torch.where(own, coef * -(1.0 - eps), 0.0)
             return (_smoothed_capped_gradient(x_in, lse, valid, p_coef, coef * (eps / num_classes), idx, hit,
-                                              softcap),) + (None,) * 9
+                                              softcap),) + (None,) * 11
         # The fused backward operator (one read of the logits, one write of
         # the gradient, the softcap's chain rule included) knows this rank's
         # softmax, p_local = exp(y - lse_local); the loss's is p_local r with
@@ -338,9 +349,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_coef = torch.where(own, coef * (1.0 - eps), 0.0)
         op_target = torch.where(own, local_t, _IGNORED)
         grad = _fused_gradient(x_in, local_lse, op_target, target_coef, p_coef * ratio - target_coef, softcap)
+        if ctx.any_nan:
+            # A rank's part of a padded vocabulary, all -inf (lse_local =
+            # -inf), is NaN from the operator, whose softmax of such a row
+            # is; the loss's softmax is 0 there.
+            grad.masked_fill_((local_lse == -math.inf).unsqueeze(1), 0.0)
         if eps > 0:
             grad.sub_((coef * (eps / num_classes)).unsqueeze(1).to(grad.dtype))
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 11
 
 
 # The fused operators see this rank's rows as (N, Vs, 1) logits; rows whose

@@ -11,6 +11,7 @@ Error handling and the size of the collectives are recorded in the same run.
 
 from __future__ import annotations
 
+import math
 import os
 import traceback
 import zlib
@@ -29,7 +30,8 @@ SPAWN_TIMEOUT_S = 150
 # Cases: name -> spec. V must be divisible by every world size.
 
 _BASE = dict(lead=(7,), V=40, dtype=torch.float32, reduction="mean", ignore_index=-100,
-             ignore="none", label_smoothing=0.0, scale=3.0, offset=0.0, z_loss=0.0, softcap=None)
+             ignore="none", label_smoothing=0.0, scale=3.0, offset=0.0, z_loss=0.0, softcap=None,
+             padded=False)
 
 
 def _case(**kw):
@@ -58,6 +60,10 @@ CASES = {
     "f32_boundary_targets_none": _case(reduction="none", ignore="boundary", lead=(9,)),
     # large, spread-out logits: the row max sits on one rank, others underflow
     "f32_large_scale_mean": _case(lead=(16,), scale=30.0, offset=-500.0, label_smoothing=0.05),
+    # a padded vocabulary: the last quarter of the classes masked with -inf logits, so that with 4
+    # ranks the last one holds nothing but -inf (its local log-sum-exp is -inf)
+    "f32_padded_vocab_mean": _case(padded=True, ignore="some"),
+    "bf16_padded_vocab_none": _case(padded=True, dtype=torch.bfloat16, V=64, reduction="none", z_loss=1e-3),
     "f64_smooth_mean": _case(dtype=torch.float64, ignore="some", label_smoothing=0.2),
     "f64_none": _case(dtype=torch.float64, reduction="none"),
     "bf16_mean": _case(dtype=torch.bfloat16, lead=(16,), V=256, ignore="some"),
@@ -86,7 +92,9 @@ def _make_inputs(name, spec):
     lead, V = tuple(spec["lead"]), spec["V"]
     x = torch.randn(lead + (V,), generator=gen, dtype=torch.float64) * spec["scale"] + spec["offset"]
     x = x.to(spec["dtype"])
-    t = torch.randint(0, V, lead, generator=gen)
+    t = torch.randint(0, V - V // 4 if spec["padded"] else V, lead, generator=gen)
+    if spec["padded"]:
+        x[..., V - V // 4:] = -math.inf
     flat = t.view(-1)
     ignore = spec["ignore"]
     if ignore == "boundary":
