@@ -22,6 +22,8 @@ cross ranks. Per mesh dimension, by the logits' placement:
   PyTorch does without ``loss_parallel``.
 * ``Replicate`` (and ``Partial``, reduced first): every rank computes the
   same loss.
+* A mesh dimension of one rank is taken as it is, whatever the placement:
+  its local tensors are the full ones.
 
 Results: ``reduction="none"`` gives a DTensor of the batch's shape, sharded
 like the logits' batch dimensions; a reduced loss is a replicated 0-d
