@@ -106,9 +106,7 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
     }
     const at::Tensor input = saved_.unpack(getptr());
     const CanonicalArgs args = canonical(input, state_.target);
-    const std::optional<at::Tensor> weight =
-        state_.weight.defined() ? std::optional<at::Tensor>(state_.weight) : std::nullopt;
-    return std::get<3>(forward_with_grad_op(args.input, args.target, weight, state_.options,
+    return std::get<3>(forward_with_grad_op(args.input, args.target, optional_tensor(state_.weight), state_.options,
                                             static_cast<int64_t>(state_.reduction)));
   }
 

@@ -25,6 +25,12 @@ struct CanonicalArgs {
 
 CanonicalArgs canonical(const at::Tensor& input, const at::Tensor& target);
 
+// A tensor that may be undefined (the nodes keep a missing class weight so)
+// as the operators' optional argument.
+inline std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // cross_entropy_forward: (loss, lse, total_weight).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& input, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight,

@@ -45,9 +45,7 @@ class PerElementLossBackward : public torch::autograd::Node {
     if (!grad_output.defined() || !task_should_compute_output(0)) return {at::Tensor()};
     const auto self = getptr();
     const at::Tensor input = input_.unpack(self), target = target_.unpack(self), lse = lse_.unpack(self);
-    const at::Tensor weight_tensor = weight_.unpack(self);
-    const std::optional<at::Tensor> weight =
-        weight_tensor.defined() ? std::optional<at::Tensor>(weight_tensor) : std::nullopt;
+    const std::optional<at::Tensor> weight = optional_tensor(weight_.unpack(self));
     const bool create_graph = at::GradMode::is_enabled();
     at::Tensor gradient;
     {
