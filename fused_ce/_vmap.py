@@ -48,10 +48,11 @@ def _one_at_a_time(op, batch_size, in_dims, args):
     return tuple(torch.stack(r) for r in zip(*results))
 
 
-def _total_weight_per_element(target, weight, ignore_index, dtype):
+def total_weight_per_element(target, weight, ignore_index, dtype):
     """The operator's total weight for each of the (B, N, D) or (B, N, C, D)
     targets: the number of positions for probabilities, else the sum of the
-    counted targets' class weights (their count without weights)."""
+    counted targets' class weights (their count without weights). Also the
+    DTensor mean's count of each rank's share (fused_ce/dtensor.py)."""
     batch_size = target.shape[0]
     if target.is_floating_point():
         positions = target.shape[1] * target.shape[3]
@@ -80,7 +81,7 @@ def _forward_rule(info, in_dims, input, target, weight, ignore_index, label_smoo
     target = _batch_first(target, in_dims[1], batch_size)
     rows = input.shape[1]
     loss, lse, _ = ops.cross_entropy_forward(_fold(input), _fold(target), weight, *options)
-    total_weight = _total_weight_per_element(target, weight, ignore_index, lse.dtype)
+    total_weight = total_weight_per_element(target, weight, ignore_index, lse.dtype)
     return (_unfold(loss, batch_size, rows), _unfold(lse, batch_size, rows), total_weight), (0, 0, 0)
 
 

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._vmap import total_weight_per_element
 from .autograd import accumulate_dtype
 
 
@@ -93,7 +94,7 @@ def cross_entropy(input, target, weight, ignore_index: int, reduction: str, labe
     if reduction == "none":
         shape = plan.batch_shape
         return DTensor.from_local(local, mesh, plan.output_placements, run_check=False, shape=shape,
-                                  stride=_contiguous_strides(shape))
+                                  stride=torch.empty(shape, device="meta").stride())
     # Summed across ranks and divided in the accumulate type, rounded to the
     # logits' dtype once at the end (a rank's own sum is rounded already).
     replicated = tuple(Replicate() for _ in range(mesh.ndim))
@@ -164,23 +165,14 @@ def _vocab_parallel_applies(input, probabilities: bool, weight, ranks: int) -> b
 
 def _local_total_weight(target: Tensor, weight: Optional[Tensor], ignore_index: int, plan: _Plan,
                         dtype: torch.dtype) -> Tensor:
-    """This rank's share of the mean's denominator in ``dtype``, as the operators
-    count it: the number of batch elements for probabilities, else the sum of
-    the targets' class weights (1 without weights) over the elements not
-    ignored."""
-    if target.is_floating_point():
-        batch = target.numel() // max(target.shape[plan.class_dim], 1) if target.dim() > 0 else 1
-        return torch.tensor(float(batch), dtype=dtype, device=target.device)
-    counted = target != ignore_index
-    if weight is None:
-        return counted.sum().to(dtype)
-    safe = torch.where(counted, target, 0).clamp(0, weight.shape[0] - 1)
-    return torch.where(counted, weight.to(dtype)[safe], 0).sum()
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    """This rank's share of the mean's denominator in ``dtype``, counted as the
+    operators count it (total_weight_per_element, on a batch of one in their
+    canonical layout). The local loss has been computed first, so an
+    out-of-range target has raised there."""
+    if target.is_floating_point():  # (1, N, C, D)
+        rows = target.shape[0] if plan.class_dim == 1 else 1
+        canonical = target.reshape(1, rows, target.shape[plan.class_dim],
+                                   math.prod(target.shape[plan.class_dim + 1:]))
+    else:  # (1, N * D)
+        canonical = target.reshape(1, -1)
+    return total_weight_per_element(canonical, weight, ignore_index, dtype)[0]

@@ -8,6 +8,7 @@ saves the full loss, the full gradient and the placements; the tests below
 compare them with PyTorch in float64.
 """
 
+import math
 import os
 import traceback
 import zlib
@@ -154,10 +155,7 @@ def spawned(tmp_path_factory):
             workdir = tmp_path_factory.mktemp("dtensor_" + name)
             with open(os.path.join(workdir, "mesh.txt"), "w") as f:
                 f.write(name)
-            world_size = 1
-            for size in mesh_shape:
-                world_size *= size
-            cache[mesh_shape] = run_workers(_worker, world_size, workdir, SPAWN_TIMEOUT_S)
+            cache[mesh_shape] = run_workers(_worker, math.prod(mesh_shape), workdir, SPAWN_TIMEOUT_S)
         return cache[mesh_shape]
 
     return get
