@@ -258,8 +258,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, x_in, t, local_lse, any_nan, group, rank, world_size, ignore_index, reduction, eps, z_loss,
                 softcap):
         cdtype = _compute_dtype(x_in.dtype)
-        x = _capped(x_in, softcap, cdtype)
-        n, vocab_shard = x.shape
+        n, vocab_shard = x_in.shape
         num_classes = vocab_shard * world_size
         valid = t != ignore_index
         local_t = t - rank * vocab_shard
@@ -276,10 +275,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # 2. Partial statistics, summed in one collective.
         sum_exp = torch.sub(local_lse, row_max).exp_()
         # torch.where, not a multiplication: a non-owned column may be +-inf.
-        target_logit = torch.where(own, x.gather(1, idx).squeeze(1).to(cdtype), 0.0)
+        # Only the targets' logits are capped here (the operator capped the
+        # rest); the row sum of label smoothing needs every capped logit.
+        target_logit = torch.where(own, _capped(x_in.gather(1, idx).squeeze(1), softcap, cdtype).to(cdtype), 0.0)
         parts = [sum_exp, target_logit]
         if eps > 0:
-            parts.append(x.sum(dim=1, dtype=cdtype))
+            parts.append(_capped(x_in, softcap, cdtype).sum(dim=1, dtype=cdtype))
         stats = torch.stack(parts)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
 
