@@ -16,25 +16,27 @@
 # with EXPERIMENT_SANITIZE=0 (compute-sanitizer over the experiments' tests
 # adds about 2 each; needed before an experiment becomes the default).
 # The plan for the cuda issue's open targets (its numbers are the H200's, so
-# name kind nvidia-h200 where it is lent). The record comes first: a machine's
-# start takes a minute or two of the 15, so a second call gets about 4
-# minutes, and whatever a cut-short call finished is in session.log.
+# name kind nvidia-h200 where it is lent; session 32 ran the first of these
+# calls on one in about 6 minutes with the machine's start, then four shorter
+# ones: benchmarks/results/gpu-2026-11-28-h200). A machine's start takes a
+# minute or two of the 15, and whatever a cut-short call finished is in
+# session.log.
 #   1. TESTS_TIMEOUT=240 TEST_WORKERS=16 EMULATOR=0 BENCH_TIMEOUT=150 GRAPHED_TIMEOUT=100 \
 #        bash scripts/gpu_check.sh build,tests,bench,graphed
-#      (about 9 minutes, timeout_s 600): every CUDA test; the targets' three
+#      (about 6 minutes, timeout_s 600): every CUDA test; the targets' three
 #      workloads (the benchmark's default selection; BENCH_ARGS="--max-time 1"
 #      runs the full suite instead); the classifier steps replayed from CUDA
 #      graphs, where 65536 x 10 is timed without the host. session.log ends
 #      with the targets' table (benchmarks/check_targets.py).
-#   2. at once: EXPERIMENT_SANITIZE=0 REUSE_ROWS=16384x128256:bf16 \
-#        bash scripts/gpu_check.sh build,reuse,percall
-#      (about 3 minutes; the build is incremental on the warm machine): does
-#      the shared-memory ring (FUSED_CE_CUDA_STREAM_STAGES=3) beat the
-#      default for 16384 x 128256 bf16 (3x eager needs about 1.49x the copy
-#      on the H100)? And the host's cost of a step (percall; its "with every
-#      check" line is what session 30's plain-call shortcut saves). With
-#      more time, the clusters stage (CLUSTER_ROWS narrows it likewise) is
-#      the other experiment for that workload.
+#   2. at once: REUSE_ROWS=16384x128256:bf16,4096x256000:bf16 \
+#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,reuse,clusters,percall
+#      (about 5 minutes; the build is incremental on the warm machine): the
+#      racecheck of the shared-memory ring, default for streamed 16-bit rows
+#      since session 32 (it ran only under the tests there); whether clusters
+#      (FUSED_CE_CUDA_CLUSTERS=all) beat one block a row for the two rows
+#      still furthest from the copy on the H200 (8192 x 32000 fp32 1.65x, one
+#      1024-thread block; 16384 x 50304 bf16 2.22x, one 896-thread block);
+#      and the host's cost of a step (percall).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -206,21 +208,25 @@ if want reuse; then
   # next to a copy of the logits (time_rows), clusters off so that the
   # float32 rows stream too: at the default block widths (384 threads a row
   # for 16-bit rows, 768 for float32, chosen from session 28's 256/384/768
-  # sweep; FUSED_CE_CUDA_STREAM_BLOCK forces one), loading into registers,
-  # then through a ring of 3 steps in shared memory
-  # (FUSED_CE_CUDA_STREAM_STAGES=3, cp.async: more bytes in flight per
-  # thread) at the default widths and at 768, each after the long-row tests
-  # under that setting.
+  # sweep; FUSED_CE_CUDA_STREAM_BLOCK forces one), loading into registers
+  # (FUSED_CE_CUDA_STREAM_STAGES=0), by default (16-bit rows through a ring
+  # of 3 steps in shared memory, cp.async: more bytes in flight per thread;
+  # float32 rows in registers), then with the ring forced for every row
+  # (FUSED_CE_CUDA_STREAM_STAGES=3) at the default widths and at 768, each
+  # after the long-row tests under that setting.
   stage "streamed rows: shared-memory stages" | tee -a "$LOG"
   rows=${REUSE_ROWS:-16384x128256:bf16,8192x256000:bf16,4096x128256:fp32}
-  echo "FUSED_CE_CUDA_STREAM_STAGES unset (registers)" | tee -a "$LOG"
-  FUSED_CE_CUDA_CLUSTERS=0 time_rows "$rows" registers
+  for stages in 0 default; do
+    echo "FUSED_CE_CUDA_STREAM_STAGES=$stages" | tee -a "$LOG"
+    ( [ "$stages" = default ] || export FUSED_CE_CUDA_STREAM_STAGES=$stages
+      FUSED_CE_CUDA_CLUSTERS=0 time_rows "$rows" "stages-$stages" )
+  done
   for threads in default 768; do
     echo "FUSED_CE_CUDA_STREAM_STAGES=3 FUSED_CE_CUDA_STREAM_BLOCK=$threads" | tee -a "$LOG"
     ( export FUSED_CE_CUDA_CLUSTERS=0 FUSED_CE_CUDA_STREAM_STAGES=3
       [ "$threads" = default ] || export FUSED_CE_CUDA_STREAM_BLOCK=$threads
       timeout 120 "$PY" -m pytest tests/test_long_rows.py -q -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
-      time_rows "$rows" "stages-$threads" )
+      time_rows "$rows" "stages-3-$threads" )
   done
   # Each thread reads back only its own ring slots, so no barrier guards
   # them; the CPU emulator runs a thread's whole pass at once and cannot see

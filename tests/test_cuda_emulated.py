@@ -104,9 +104,10 @@ CONFIGURATIONS = [
     (1000, torch.bfloat16, (1, 256, 1)),
     (20000, torch.bfloat16, (6, 256, 2)),     # clusters of 2 blocks rather than one of 512
     (50257, torch.bfloat16, (3, 896, 1)),     # GPT-2: the 896-thread block, odd C
-    (60001, torch.bfloat16, (3, 384, 1)),     # past one block: streamed by a block of 384
-    (128256, torch.bfloat16, (3, 384, 1)),    # Llama 3
-    (300001, torch.bfloat16, (3, 384, 1)),
+    # past one block: streamed by a block of 384 through a ring of 72 KB in shared memory
+    (60001, torch.bfloat16, (3, 384, 1, 73728)),
+    (128256, torch.bfloat16, (3, 384, 1, 73728)),  # Llama 3
+    (300001, torch.bfloat16, (3, 384, 1, 73728)),
     (777, torch.float16, (1, 256, 1)),
     (57344, torch.float16, (3, 896, 1)),
     (3000, torch.float64, (3, 256, 1)),
@@ -525,10 +526,10 @@ _CLUSTER_MODE_LAUNCHES = """_print_launches(emu, 3, [
 
 @pytest.mark.parametrize("mode, expected", [
     # unset: 16-bit rows in clusters of 2 before one block, none past one block; 32-bit rows in clusters past it
-    (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 384, 1)", "(24, 256, 8)"]),
+    (None, ["(6, 256, 2)", "(3, 896, 1)", "(3, 384, 1, 73728)", "(24, 256, 8)"]),
     ("1", ["(3, 1024, 1)", "(3, 896, 1)", "(24, 256, 8)", "(24, 256, 8)"]),  # clusters past one block
     ("all", ["(6, 256, 2)", "(12, 256, 4)", "(24, 256, 8)", "(24, 256, 8)"]),  # also from 16k 16-bit classes
-    ("0", ["(3, 1024, 1)", "(3, 896, 1)", "(3, 384, 1)", "(3, 768, 1)"]),  # none: rows past one block streamed
+    ("0", ["(3, 1024, 1)", "(3, 896, 1)", "(3, 384, 1, 73728)", "(3, 768, 1)"]),  # none: rows past one block streamed
 ], ids=["unset", "1", "all", "0"])
 def test_cluster_modes(emu, mode, expected):
     """FUSED_CE_CUDA_CLUSTERS (read once per process, hence a new process)."""
@@ -543,8 +544,8 @@ _CLUSTER_BLOCK_LAUNCHES = """_print_launches(emu, 3, [
 
 
 @pytest.mark.parametrize("block, expected", [
-    (None, ["(12, 256, 4)", "(24, 256, 8)", "(24, 512, 8)", "(3, 384, 1)"]),  # 256 x 8 slots (512 x 8 past them)
-    ("1024", ["(6, 1024, 2)", "(12, 1024, 4)", "(24, 1024, 8)", "(3, 384, 1)"]),  # 1024 x 4 slots
+    (None, ["(12, 256, 4)", "(24, 256, 8)", "(24, 512, 8)", "(3, 384, 1, 73728)"]),  # 256 x 8 slots (512 x 8 past them)
+    ("1024", ["(6, 1024, 2)", "(12, 1024, 4)", "(24, 1024, 8)", "(3, 384, 1, 73728)"]),  # 1024 x 4 slots
 ], ids=["default", "1024"])
 def test_cluster_block(emu, block, expected):
     """FUSED_CE_CUDA_CLUSTER_BLOCK (read once per process): 16-bit rows split over clusters take
@@ -559,42 +560,68 @@ _STREAMED_ROW_LAUNCHES = """_print_launches(emu, 5, [
     (200000, torch.float32, "inplace", None), (140000, torch.float64, "with_grad", None)])"""
 
 
-# The streamed rows' launches at the default widths: 16-bit rows in blocks of
-# 384 threads, float32 rows 768, float64 rows 256 (stream_row_block).
-_DEFAULT_STREAMED_ROW_WIDTHS = ["(5, 384, 1)", "(5, 384, 1)", "(5, 768, 1)", "(5, 256, 1)"]
+def _ring_bytes(threads):
+    """The dynamic shared memory of a streamed row's StepRing: 3 stages x 4 slots x 16 bytes a
+    thread."""
+    return 3 * 4 * threads * 16
+
+
+# The streamed rows' launches by default: 16-bit rows in blocks of 384 threads through the
+# shared-memory ring (the emulated SM keeps as many of those blocks as of the register version),
+# float32 rows 768 and float64 rows 256 in registers (stream_row_block, stream_ring).
+_DEFAULT_STREAMED_ROW_LAUNCHES = [f"(5, 384, 1, {_ring_bytes(384)})"] * 2 + ["(5, 768, 1)", "(5, 256, 1)"]
 
 
 @pytest.mark.parametrize("reuse", [None, "none", "keep", "reverse", "both"])
 def test_stream_reuse_modes(emu, reuse):
     """FUSED_CE_CUDA_STREAM_REUSE (read once per process): the streamed rows of forward_with_grad,
     new gradient and in place, are right whichever order the second pass walks a row in."""
-    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAMED_ROW_LAUNCHES) == _DEFAULT_STREAMED_ROW_WIDTHS
+    assert _launches_with("FUSED_CE_CUDA_STREAM_REUSE", reuse, _STREAMED_ROW_LAUNCHES) == _DEFAULT_STREAMED_ROW_LAUNCHES
 
 
 @pytest.mark.parametrize("threads", [None, "256", "384", "768", "512"])
 def test_stream_block_widths(emu, threads):
     """FUSED_CE_CUDA_STREAM_BLOCK (read once per process): the streamed class-target rows of
     forward_with_grad, new gradient and in place, softcapped or not, are right in blocks of 256,
-    384 or 768 threads a row; unset or any other value gives the default widths, and float64
-    rows keep 256."""
+    384 or 768 threads a row (16-bit rows through the ring at every width); unset or any other
+    value gives the default widths, and float64 rows keep 256."""
     launches = _launches_with("FUSED_CE_CUDA_STREAM_BLOCK", threads, _STREAMED_ROW_LAUNCHES)
     if threads in ("256", "384", "768"):
-        assert launches == [f"(5, {threads}, 1)"] * 3 + ["(5, 256, 1)"]
+        w = int(threads)
+        assert launches == [f"(5, {w}, 1, {_ring_bytes(w)})"] * 2 + [f"(5, {w}, 1)", "(5, 256, 1)"]
     else:
-        assert launches == _DEFAULT_STREAMED_ROW_WIDTHS
+        assert launches == _DEFAULT_STREAMED_ROW_LAUNCHES
 
 
+@pytest.mark.parametrize("stages", [None, "3", "0", "2"])
 @pytest.mark.parametrize("threads", [None, "256", "768"])
-def test_stream_stages(emu, threads):
-    """FUSED_CE_CUDA_STREAM_STAGES=3: the streamed class-target rows of forward_with_grad read their
-    body through a ring of three steps in dynamic shared memory (cp.async; the emulator performs a
-    group's copies only when it is waited for), new gradient and in place, softcapped or not, in
-    every block width; float64 rows keep their registers. The launches carry the ring's bytes:
-    3 stages x 4 slots x 16 bytes a thread."""
-    launches = _launches_with("FUSED_CE_CUDA_STREAM_STAGES", "3", _STREAMED_ROW_LAUNCHES,
+def test_stream_stages(emu, stages, threads):
+    """FUSED_CE_CUDA_STREAM_STAGES: "3" reads the streamed class-target rows of forward_with_grad,
+    float32 ones too, through a ring of three steps in dynamic shared memory (cp.async; the
+    emulator performs a group's copies only when it is waited for), new gradient and in place,
+    softcapped or not, in every block width; "0" keeps every row in registers; unset or any other
+    value gives the default, the ring for 16-bit rows alone. Float64 rows keep their registers."""
+    launches = _launches_with("FUSED_CE_CUDA_STREAM_STAGES", stages, _STREAMED_ROW_LAUNCHES,
                               FUSED_CE_CUDA_STREAM_BLOCK=threads)
     widths = [int(threads)] * 3 if threads else [384, 384, 768]
-    assert launches == [f"(5, {w}, 1, {3 * 4 * w * 16})" for w in widths] + ["(5, 256, 1)"]
+    ring = {"3": [True] * 3, "0": [False] * 3}.get(stages, [True, True, False])
+    assert launches == [f"(5, {w}, 1, {_ring_bytes(w)})" if r else f"(5, {w}, 1)"
+                        for w, r in zip(widths, ring)] + ["(5, 256, 1)"]
+
+
+@pytest.mark.parametrize("shared_kb, ring", [("228", True), ("164", True), ("100", False)])
+def test_stream_ring_only_where_no_block_is_lost(emu, shared_kb, ring):
+    """By default 16-bit rows take the ring only where the SM holds as many of its blocks as of
+    the register version (the emulated SM: 80 registers a thread, so 2 blocks of 384 threads; 72
+    KB of ring each): an H100 or H200 (228 KB of shared memory per SM) and an A100 (164) do, a
+    GPU with 100 KB per SM would hold one. FUSED_CE_CUDA_STREAM_STAGES=3 takes the ring even
+    there."""
+    default = _launches_with("FUSED_CE_EMULATED_SHARED_KB_PER_SM", shared_kb, _STREAMED_ROW_LAUNCHES)
+    forced = _launches_with("FUSED_CE_EMULATED_SHARED_KB_PER_SM", shared_kb, _STREAMED_ROW_LAUNCHES,
+                            FUSED_CE_CUDA_STREAM_STAGES="3")
+    bf16 = f"(5, 384, 1, {_ring_bytes(384)})" if ring else "(5, 384, 1)"
+    assert default == [bf16] * 2 + ["(5, 768, 1)", "(5, 256, 1)"]
+    assert forced == [f"(5, 384, 1, {_ring_bytes(384)})"] * 2 + [f"(5, 768, 1, {_ring_bytes(768)})", "(5, 256, 1)"]
 
 
 # How often forward_with_grad reads the logits of long rows (rounded to 0.01, and every gradient
@@ -611,10 +638,11 @@ for C, dtype in [(128256, torch.bfloat16), (200000, torch.float32)]:
 
 
 @pytest.mark.parametrize("stages, clusters, block, reads", [
-    (None, None, None, ["2.0 True", "2.0 True"]),  # both streamed
-    ("3", None, None, ["2.0 True", "2.0 True"]),  # through shared memory (cp.async)
+    (None, None, None, ["2.0 True", "2.0 True"]),  # both streamed, bf16 through the ring
+    ("3", None, None, ["2.0 True", "2.0 True"]),  # both through shared memory (cp.async)
+    ("0", None, None, ["2.0 True", "2.0 True"]),  # both in registers
     (None, "1", "1024", ["1.0 True", "2.0 True"]),  # bf16 in clusters of 1024-thread blocks
-], ids=["default", "stages", "cluster-block"])
+], ids=["default", "stages", "registers", "cluster-block"])
 def test_memory_traffic_of_the_experiments(emu, stages, clusters, block, reads):
     """The long rows' experiments keep the design's traffic: the shared-memory ring still reads
     a streamed row twice (its cp.async copies counted as they are issued), and 16-bit rows of

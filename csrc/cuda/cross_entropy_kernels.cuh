@@ -347,26 +347,85 @@ int stream_row_block() {
 }
 
 // Whether the rows of stream_row_block are read through a StepRing of
-// kStreamRingStages steps in shared memory, from FUSED_CE_CUDA_STREAM_STAGES
-// (read once per process): "3" (the stage count, spelled as the variable
-// takes it), or any other value and unset for loads into registers.  An
-// experiment: Nsight Compute puts these rows' largest stall on global loads
-// (24 warps per SM with 4 x 16 bytes each in flight); with 3 stages each
-// thread has two more steps in flight, in 72 KB (384 threads) or 144 KB
-// (768) of shared memory per block.  Not timed yet.
+// kStreamRingStages steps in shared memory rather than into registers.
+// Nsight Compute put these rows' largest stall on global loads (24 warps per
+// SM with 4 x 16 bytes each in flight); with 3 stages each thread has two
+// more steps in flight, in 72 KB (384 threads) or 144 KB (768) of shared
+// memory per block.  One H200 (benchmarks/results/gpu-2026-11-28-h200),
+// forward + backward over a copy of the logits, registers / ring: 16384 x
+// 128256 bf16 1.93x / 1.45x, 4096 x 256000 bf16 2.02x / 1.55x, 4096 x 152064
+// bf16 2.04x / 1.50x, 2048 x 128256 bf16 2.09x / 1.59x, 8192 x 65536 fp16
+// 1.94x / 1.54x.  So 16-bit rows take the ring by default wherever it keeps
+// as many blocks per SM as the registers do (an H100 or H200: 2 of 384
+// threads either way; a GPU with 100 KB of shared memory per SM would hold
+// one).  Float32 rows stream only past the clusters' reach, where the ring
+// is not timed yet: registers by default.  FUSED_CE_CUDA_STREAM_STAGES (read
+// once per process) forces the ring for both with "3" (the stage count),
+// wherever the device can give its shared memory, and turns it off with
+// "0"; any other value keeps the default.
 constexpr int kStreamRingStages = 3;
 
-inline bool stream_ring() {
-  static const bool on = env_number("FUSED_CE_CUDA_STREAM_STAGES", {"3"}) == kStreamRingStages;
-  return on;
+enum class StreamRing { kOff, kWhereNoBlockIsLost, kWherePossible };
+
+template <typename T>
+StreamRing stream_ring() {
+  static const int forced = [] {  // -1: not forced
+    const char* v = std::getenv("FUSED_CE_CUDA_STREAM_STAGES");
+    if (v != nullptr && std::strcmp(v, "0") == 0) return 0;
+    if (v != nullptr && std::strcmp(v, "3") == 0) return kStreamRingStages;
+    return -1;
+  }();
+  if (forced == 0) return StreamRing::kOff;
+  if (forced > 0) return StreamRing::kWherePossible;
+  return sizeof(T) == 2 ? StreamRing::kWhereNoBlockIsLost : StreamRing::kOff;
 }
 
-// One launch of forward_with_grad's stream kernel over rows of BLOCK threads,
-// with the dynamic shared memory of its StepRing, which past 48 KB the
-// kernel must be allowed first.  Returns false (launching nothing) where the
-// device cannot give it.
+// A yes-or-no fact about the current device and the kernels loaded for it,
+// found by `find(device)` the first time per device and remembered; a
+// static of its caller (zero-initialised: nothing known).  False, and found
+// again next time, where there is no current device.
+class PerDeviceFlag {
+ public:
+  template <typename Find>
+  bool get(Find find) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+      (void)cudaGetLastError();  // not the error of a later launch check
+      return false;
+    }
+    if (device < kMaxDevices && known_[device].load() != 0) return known_[device].load() > 0;
+    const bool answer = find(device);
+    if (device < kMaxDevices) known_[device].store(answer ? 1 : -1);
+    return answer;
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  std::atomic<signed char> known_[kMaxDevices];  // 0 unknown, 1 true, -1 false
+};
+
+// Whether the device keeps at least as many blocks of `ring` (with
+// `shared_bytes` of dynamic shared memory, already allowed) per SM as of
+// `registers`, both of `threads` threads: two host-side queries.
+template <typename RingKernel, typename RegisterKernel>
+bool ring_keeps_blocks(RingKernel ring, RegisterKernel registers, int threads, int shared_bytes) {
+  int ring_blocks = 0, register_blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ring_blocks, ring, threads, shared_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&register_blocks, registers, threads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return ring_blocks > 0 && ring_blocks >= register_blocks;
+}
+
+// One launch of forward_with_grad's stream kernel over rows of BLOCK threads:
+// with STAGES > 0 through the dynamic shared memory of its StepRing, which
+// past 48 KB the kernel must be allowed first.  Returns false (launching
+// nothing) where the device cannot give it, or `ring` asks for no lost block
+// and the ring would lose one.
 template <typename T, int BLOCK, bool CAP, int STAGES>
-bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse, cudaStream_t stream) {
+bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse, StreamRing ring,
+                        cudaStream_t stream) {
   constexpr int VEC = vector_width<T>();
   const auto kernel = ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, CAP, STAGES>;
   int shared_bytes = 0;
@@ -376,6 +435,11 @@ bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse
       (void)cudaGetLastError();  // not sticky; the caller launches the register version
       return false;
     }
+    static PerDeviceFlag keeps_blocks;
+    const auto registers = ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, CAP, 0>;
+    if (ring == StreamRing::kWhereNoBlockIsLost &&
+        !keeps_blocks.get([&](int) { return ring_keeps_blocks(kernel, registers, BLOCK, shared_bytes); }))
+      return false;
   }
   kernel<<<grid_for(p.N * p.D, 1), BLOCK, shared_bytes, stream>>>(p, loss_math<CAP>(p), reuse);
   return true;
@@ -383,14 +447,15 @@ bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse
 
 // forward_with_grad's class-target rows streamed by one block of BLOCK
 // threads each (stream_row_block), through shared memory where
-// stream_ring() asks for it and the device allows it.
+// stream_ring<T>() asks for it and the device allows it.
 template <typename T, int BLOCK>
 void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped, StreamReuse reuse,
                              cudaStream_t stream) {
+  const StreamRing ring = stream_ring<T>();
   auto launch = [&](auto cap_tag) {
     constexpr bool CAP = decltype(cap_tag)::value;
-    if (!stream_ring() || !launch_stream_rows<T, BLOCK, CAP, kStreamRingStages>(p, reuse, stream))
-      launch_stream_rows<T, BLOCK, CAP, 0>(p, reuse, stream);
+    if (ring == StreamRing::kOff || !launch_stream_rows<T, BLOCK, CAP, kStreamRingStages>(p, reuse, ring, stream))
+      launch_stream_rows<T, BLOCK, CAP, 0>(p, reuse, ring, stream);
   };
   capped ? launch(BoolTag<true>{}) : launch(BoolTag<false>{});
 }
@@ -404,27 +469,17 @@ void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped,
 // depends on the device and the loaded module.
 template <typename Kernel>
 bool clusters_usable(Kernel kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<signed char> known[kMaxDevices] = {};  // 0 unknown, 1 usable, -1 not
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();  // not the error of a later launch check
-    return false;
-  }
-  if (device < kMaxDevices && known[device].load() != 0) return known[device].load() > 0;
-  int cluster_launch = 0;
-  cudaFuncAttributes attributes;
-  bool usable = false;
-  if (cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-  } else if (cluster_launch != 0) {
-    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess)
+  static PerDeviceFlag usable;
+  return usable.get([&](int device) {
+    int cluster_launch = 0;
+    cudaFuncAttributes attributes;
+    if (cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) != cudaSuccess ||
+        (cluster_launch != 0 && cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess)) {
       (void)cudaGetLastError();
-    else
-      usable = attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
-  }
-  if (device < kMaxDevices) known[device].store(usable ? 1 : -1);
-  return usable;
+      return false;
+    }
+    return cluster_launch != 0 && attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+  });
 }
 
 // Threads per block of the 16-bit rows split over clusters past one block,
@@ -587,7 +642,7 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
   if constexpr (sizeof(T) <= 4) {
     const int width = stream_row_block<T>();
     if (with_grad && !prob && plan.vectorized && plan.tpr == kStreamBlock &&
-        (width != kStreamBlock || stream_ring())) {
+        (width != kStreamBlock || stream_ring<T>() != StreamRing::kOff)) {
       if (width == 384) {
         launch_wide_stream_rows<T, 384>(p, capped, reuse, stream);
       } else if (width == 768) {

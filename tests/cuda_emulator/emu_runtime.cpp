@@ -9,6 +9,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -492,6 +493,25 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void*) {
 
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void*, const cudaLaunchConfig_t*) {
   *clusters = 1;
+  return cudaSuccess;
+}
+
+// An SM of an H100 or H200 (65536 registers, 2048 threads, 32 blocks, 228
+// KB of shared memory, 1 KB of it reserved per block) running kernels of
+// 80 registers a thread, the streamed rows' count there.  The emulated SM's
+// shared memory in KB comes from FUSED_CE_EMULATED_SHARED_KB_PER_SM where
+// set, so tests can stand in for a GPU with less (100 KB: sm_86, sm_89,
+// sm_120), on which a block that asks for much of it loses occupancy.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int threads,
+                                                          size_t dynamic_shared_bytes) {
+  if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  const char* kb = std::getenv("FUSED_CE_EMULATED_SHARED_KB_PER_SM");
+  const size_t shared_per_sm = (kb != nullptr ? std::strtoul(kb, nullptr, 10) : 228) * 1024;
+  const int warps = (threads + 31) / 32;
+  const int by_registers = 65536 / (warps * 32 * 80);
+  const int by_threads = 2048 / (warps * 32);
+  const int by_shared = static_cast<int>(shared_per_sm / (dynamic_shared_bytes + 1024));
+  *blocks = std::min({by_registers, by_threads, by_shared, 32});
   return cudaSuccess;
 }
 

@@ -170,6 +170,13 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel
   return cudaFuncGetAttributes(attributes, reinterpret_cast<const void*>(kernel));
 }
 
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel* kernel, int threads,
+                                                          size_t dynamic_shared_bytes) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, reinterpret_cast<const void*>(kernel), threads,
+                                                       dynamic_shared_bytes);
+}
+
 // Only the dynamic shared memory allowance is emulated (at most an sm_90
 // block's 227 KB).
 template <typename Kernel>
