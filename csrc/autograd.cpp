@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "autograd_node.h"
+#include "compiled_autograd_step.h"
 #include "cross_entropy.h"
 #include "double_backward.h"
 #include "error_message.h"
@@ -27,6 +28,8 @@ namespace fused_ce {
 namespace {
 
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 
 // ---------------------------------------------------------------------------
 // The reduction, exactly as fused_ce/autograd.py does it.
@@ -94,7 +97,62 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
     held_gradient_.reset();
   }
 
+  // Compiled autograd (compiled_autograd_step.h): the graph gets the
+  // gradient times grad_output, out of place, the gradient being the held
+  // one, the saved one, or (after a first backward took the held one)
+  // recomputed from the saved input; compiled_backward below.
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(recomputes());
+    args.collect(saved_, /*is_output=*/false);
+    if (held_gradient_.defined()) args.collect(held_gradient_);
+    args.collect(state_.target);
+    args.collect(state_.weight.defined());
+    if (state_.weight.defined()) args.collect(state_.weight);
+    collect_options(args, state_.options);
+    args.collect(static_cast<int64_t>(state_.reduction));
+    args.collect(input_sizes_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved.before(saved_);
+    saved.before(held_gradient_);
+    saved.before(state_.target);
+    saved.before(state_.weight);
+    const bool recompute = recomputes();
+    std::vector<c10::IValue> args{recompute, held_gradient_.defined() ? held_gradient_ : saved_.unpack(getptr()),
+                                  state_.target, optional_tensor_arg(state_.weight)};
+    pack_options(args, state_.options);
+    args.emplace_back(static_cast<int64_t>(state_.reduction));
+    args.emplace_back(input_sizes_);
+    variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
+    saved.after(saved_);
+    saved.after(held_gradient_);
+    saved.after(state_.target);
+    saved.after(state_.weight);
+    return result;
+  }
+
  private:
+  // Whether the gradient must be recomputed from the saved input.
+  bool recomputes() const { return device_scaled_ && !held_gradient_.defined(); }
+
+  // What the compiled graph calls, with apply_with_saved's arguments:
+  // (recompute, gradient or input, target, [weight], 4 options, reduction,
+  // input sizes). Tensor operations alone, out of place.
+  static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    const at::Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return {at::Tensor()};
+    at::Tensor gradient = args[1].toTensor();
+    if (args[0].toBool()) {
+      const CanonicalArgs canonical_args = canonical(gradient, args[2].toTensor());
+      gradient = std::get<3>(forward_with_grad_op(canonical_args.input, canonical_args.target,
+                                                  optional_tensor_from_arg(args[3]), unpack_options(args, 4),
+                                                  args[8].toInt()));
+    }
+    return {(gradient * grad_output).reshape(args[9].toIntVector())};
+  }
+
   // The gradient for an upstream gradient of 1: the held one (handed over
   // when `take`, so that it can be scaled in place), or, after a first
   // backward took it, a recomputed one.

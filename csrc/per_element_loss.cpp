@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "autograd_node.h"
+#include "compiled_autograd_step.h"
 #include "operator_calls.h"
 
 namespace fused_ce {
@@ -20,6 +21,8 @@ namespace {
 
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 
 // The per-element loss's autograd node. Its one edge leads to the input.
 // Everything the backward reads is a saved variable, so that saved-tensor
@@ -34,6 +37,7 @@ class PerElementLossBackward : public torch::autograd::Node {
         target_(target, /*is_output=*/false),
         weight_(weight.value_or(at::Tensor()), /*is_output=*/false),
         lse_(lse, /*is_output=*/false),
+        has_weight_(weight.has_value() && weight->defined()),
         options_(options),
         input_sizes_(input.sizes().vec()) {}
 
@@ -80,7 +84,53 @@ class PerElementLossBackward : public torch::autograd::Node {
     lse_.reset_data();
   }
 
+  // Compiled autograd (compiled_autograd_step.h): the graph gets the
+  // backward operator's gradient for the upstream gradient of each element;
+  // compiled_backward below.
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(input_, /*is_output=*/false);
+    args.collect(target_, /*is_output=*/false);
+    args.collect(has_weight_);
+    if (has_weight_) args.collect(weight_, /*is_output=*/false);
+    args.collect(lse_, /*is_output=*/false);
+    collect_options(args, options_);
+    args.collect(input_sizes_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved.before(input_);
+    saved.before(target_);
+    if (has_weight_) saved.before(weight_);
+    saved.before(lse_);
+    const auto self = getptr();
+    std::vector<c10::IValue> args{input_.unpack(self), target_.unpack(self),
+                                  optional_tensor_arg(has_weight_ ? weight_.unpack(self) : at::Tensor()),
+                                  lse_.unpack(self)};
+    pack_options(args, options_);
+    args.emplace_back(input_sizes_);
+    variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
+    saved.after(input_);
+    saved.after(target_);
+    if (has_weight_) saved.after(weight_);
+    saved.after(lse_);
+    return result;
+  }
+
  private:
+  // What the compiled graph calls, with apply_with_saved's arguments:
+  // (input, target, [weight], lse, 4 options, input sizes).
+  static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    const at::Tensor& grad_output = grads[0];
+    if (!grad_output.defined()) return {at::Tensor()};
+    const at::Tensor lse = args[3].toTensor();
+    const CanonicalArgs canonical_args = canonical(args[0].toTensor(), args[1].toTensor());
+    const at::Tensor grad_loss = grad_output.to(lse.scalar_type()).reshape(lse.sizes());
+    return {input_gradient_op(grad_loss, canonical_args.input, canonical_args.target, optional_tensor_from_arg(args[2]),
+                              lse, unpack_options(args, 4))
+                .reshape(args[8].toIntVector())};
+  }
+
   // The backward operator's input gradient for a per-element upstream
   // gradient shaped like the loss, in the input's sizes.
   at::Tensor kernel_gradient(const at::Tensor& grad_output, const CanonicalArgs& args,
@@ -93,6 +143,7 @@ class PerElementLossBackward : public torch::autograd::Node {
   SavedVariable target_;  // as the caller passed it: (N, d1, ..., dk) class indices or probabilities
   SavedVariable weight_;  // or undefined
   SavedVariable lse_;     // (N, D), accumulate type
+  bool has_weight_;
   LossOptions options_;
   std::vector<int64_t> input_sizes_;
 };

@@ -1,0 +1,215 @@
+"""Compiled autograd (torch._dynamo.compiled_autograd): the backward of a graph holding fused_ce's
+C++ nodes, traced and compiled instead of run node by node by autograd's engine.
+
+What turns it on: torch.compile's ``compiled_autograd`` option, and the ``_enable`` context that
+training loops wrap around ``loss.backward()`` (the forward often outside it). Without
+compiled_args / apply_with_saved on the nodes such a backward raised "compiled_args not
+implemented: fused_ce::CrossEntropyLossBackward". Every case checks the gradient against eager
+PyTorch in float64 and that the backward did go through compiled autograd (its compile counter).
+"""
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch._dynamo import compiled_autograd
+
+import fused_ce
+from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, assert_close_ref, grad_fn_name, make_class_target,
+                      make_logits, make_weight, ref_llm)
+
+pytestmark = pytest.mark.compile
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _CountingCompiler:
+    """A compiled-autograd compiler (torch.compile with the given backend) that counts the
+    backward graphs it is handed."""
+
+    def __init__(self, backend="eager"):
+        self.backend = backend
+        self.graphs = 0
+
+    def __call__(self, graph):
+        self.graphs += 1
+        return torch.compile(graph, backend=self.backend, fullgraph=True)
+
+
+def _reference_gradient(x, t, w, upstream=None, **options):
+    """The float64 reference: d(sum(upstream * loss))/dx, with ``options`` as fused_ce takes them."""
+    x64 = x.detach().double().requires_grad_()
+    loss, _ = ref_llm(x64, t, None if w is None else w.double(), **options)
+    grad = torch.ones_like(loss) if upstream is None else upstream.double()
+    (loss * grad).sum().backward()
+    return x64.grad
+
+
+CASES = [
+    # (shape, dtype, options): reduced losses take fused_ce::CrossEntropyLossBackward, "none"
+    # fused_ce::PerElementLossBackward
+    ((16, 40), torch.float32, dict(reduction="mean")),
+    ((16, 40), torch.float32, dict(reduction="sum", label_smoothing=0.1, use_weight=True)),
+    ((6, 40, 3), torch.float32, dict(reduction="mean", ignore_index=-100, use_weight=True)),
+    ((16, 40), torch.bfloat16, dict(reduction="mean", z_loss=1e-3, softcap=15.0)),
+    ((16, 40), torch.float32, dict(reduction="none", label_smoothing=0.2, use_weight=True)),
+    ((6, 40, 3), torch.bfloat16, dict(reduction="none", ignore_index=-100, z_loss=1e-3, softcap=15.0)),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, options", CASES,
+                         ids=["mean", "sum-smoothing-weight", "spatial-ignored-weight", "bf16-zloss-softcap",
+                              "none-smoothing-weight", "none-spatial-bf16-zloss-softcap"])
+@pytest.mark.parametrize("forward_inside", [True, False], ids=["forward-inside", "forward-outside"])
+def test_backward_under_compiled_autograd_matches_torch(device, shape, dtype, options, forward_inside):
+    options = dict(options)
+    use_weight = options.pop("use_weight", False)
+    C = shape[1]
+    x = make_logits(shape, dtype, device).requires_grad_()
+    t = make_class_target((shape[0],) + shape[2:], C, device,
+                          ignore_index=options.get("ignore_index") if "ignore_index" in options else None)
+    w = make_weight(C, dtype, device) if use_weight else None
+    # a loss times a number (a token count's normalisation), or per-element losses times a mask
+    upstream = (torch.rand(t.shape, device=device) > 0.3).to(torch.float32) if options["reduction"] == "none" \
+        else torch.tensor(0.37, device=device)
+    compiler = _CountingCompiler()
+
+    def loss_of(x):
+        return fused_ce.cross_entropy(x, t, weight=w, **options)
+
+    if forward_inside:
+        with compiled_autograd._enable(compiler):
+            loss = loss_of(x)
+            (loss * upstream.to(loss.dtype)).sum().backward()
+    else:
+        loss = loss_of(x)
+        with compiled_autograd._enable(compiler):
+            (loss * upstream.to(loss.dtype)).sum().backward()
+    assert grad_fn_name(loss) == (PER_ELEMENT_NODE if options["reduction"] == "none" else NATIVE_NODE)
+    assert compiler.graphs == 1
+    ref = _reference_gradient(x, t, w, upstream, **options)
+    assert_close_ref(x.grad, ref, dtype, what="gradient under compiled autograd")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_cached_graph_takes_the_next_steps_tensors(device, reduction):
+    """The second and third steps reuse the compiled graph (same shapes, same options) with their
+    own logits, targets and weights, which compiled_args hands over as the graph's inputs."""
+    compiler = _CountingCompiler()
+    for step in range(3):
+        x = make_logits((12, 30), torch.float32, device).requires_grad_()
+        t = make_class_target((12,), 30, device, ignore_index=-100)
+        w = make_weight(30, torch.float32, device)
+        with compiled_autograd._enable(compiler):
+            loss = fused_ce.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+            loss.sum().backward()
+        ref = _reference_gradient(x, t, w, None, reduction=reduction, label_smoothing=0.1, ignore_index=-100)
+        if reduction == "none":
+            ref = _reference_gradient(x, t, w, torch.ones(12, device=device), reduction="none",
+                                      label_smoothing=0.1, ignore_index=-100)
+        assert_close_ref(x.grad, ref, torch.float32, what=f"step {step}")
+    assert compiler.graphs == 1
+
+
+def test_options_that_change_the_backward_compile_a_new_graph(device):
+    """The options are constants of the graph (collected into its cache key): a step with other
+    options must not reuse a graph compiled for the first ones."""
+    compiler = _CountingCompiler()
+    x = make_logits((10, 25), torch.float32, device)
+    t = make_class_target((10,), 25, device)
+    for smoothing in (0.0, 0.3):
+        xl = x.clone().requires_grad_()
+        with compiled_autograd._enable(compiler):
+            fused_ce.cross_entropy(xl, t, label_smoothing=smoothing).backward()
+        assert_close_ref(xl.grad, _reference_gradient(x, t, None, label_smoothing=smoothing), torch.float32,
+                         what=f"label_smoothing={smoothing}")
+    assert compiler.graphs == 2
+
+
+def test_retain_graph_then_a_second_compiled_backward(device):
+    """retain_graph=True keeps what the node saved (on CUDA the gradient it held is recomputed
+    from the saved input once a backward took it); both backwards give the same gradient."""
+    x = make_logits((9, 21), torch.float32, device).requires_grad_()
+    t = make_class_target((9,), 21, device)
+    loss = fused_ce.cross_entropy(x, t, z_loss=1e-2)
+    grads = []
+    for retain in (True, False):
+        with compiled_autograd._enable(_CountingCompiler()):
+            grads.append(torch.autograd.grad(loss * 2.0, x, retain_graph=retain)[0])
+    ref = 2.0 * _reference_gradient(x, t, None, z_loss=1e-2)
+    for grad in grads:
+        assert_close_ref(grad, ref, torch.float32, what="compiled backward")
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_saved_tensor_hooks_run_inside_the_compiled_graph(device):
+    """The per-element node's saved tensors go through saved-tensor hooks (offloading, activation
+    checkpointing); under compiled autograd the unpack hooks become part of the graph."""
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    x = make_logits((8, 17), torch.float32, device).requires_grad_()
+    t = make_class_target((8,), 17, device)
+    mask = (torch.rand(8, device=device) > 0.5).float()
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = fused_ce.cross_entropy(x, t, reduction="none")
+    assert grad_fn_name(loss) == PER_ELEMENT_NODE
+    with compiled_autograd._enable(_CountingCompiler()):
+        (loss * mask).sum().backward()
+    assert len(packed) >= 3 and len(unpacked) >= 3  # input, target, lse (no weight)
+    assert_close_ref(x.grad, _reference_gradient(x, t, None, mask, reduction="none"), torch.float32,
+                     what="gradient through hooks")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_aot_eager_traces_the_nodes_backward(device, reduction):
+    """With a backend that traces the graph through AOTAutograd (aot_eager), the nodes' backward
+    functions run on fake tensors (the operators' fake kernels) and land in the graph as the
+    library's operators."""
+    compiler = _CountingCompiler("aot_eager")
+    x = make_logits((10, 33), torch.float32, device).requires_grad_()
+    t = make_class_target((10,), 33, device, ignore_index=-100)
+    with compiled_autograd._enable(compiler):
+        loss = fused_ce.cross_entropy(x, t, reduction=reduction, softcap=20.0)
+        loss.sum().backward()
+    assert compiler.graphs == 1
+    upstream = torch.ones(10, device=device) if reduction == "none" else None
+    ref = _reference_gradient(x, t, None, upstream, reduction=reduction, softcap=20.0, ignore_index=-100)
+    assert_close_ref(x.grad, ref, torch.float32, what=f"{reduction} under aot_eager")
+
+
+def test_a_model_step_with_compile_and_compiled_autograd(device):
+    """torch.compile's own switch: a compiled training step (linear head, loss, backward) with
+    torch._dynamo.config.compiled_autograd on gives the eager step's gradients. (Dynamo traces
+    the forward through the operators' registrations, so no C++ node is built here; this worked
+    before the nodes learnt compiled autograd, and must go on working.)"""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50).to(device)
+    data = torch.randn(12, 16, device=device)
+    target = make_class_target((12,), 50, device, ignore_index=-100)
+
+    def step():
+        loss = fused_ce.cross_entropy(head(data), target, label_smoothing=0.1)
+        loss.backward()
+        return loss.detach()
+
+    expected = F.cross_entropy(head(data).double(), target, label_smoothing=0.1)
+    expected.backward()
+    want = head.weight.grad.clone()
+    head.weight.grad = None
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        loss = torch.compile(step, backend="aot_eager")()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, want, rtol=1e-4, atol=1e-6)
