@@ -375,10 +375,11 @@ def _scale_by(grad: Optional[Tensor], grad_output: Tensor) -> Optional[Tensor]:
     """grad times the scalar upstream gradient: in place, by the scale_gradient_ operator,
     which skips the pass when it is 1 (read for free on the CPU, on the device on CUDA: the
     usual ``loss.backward()`` then costs no pass over the V x H weight gradient); out of
-    place where the upstream gradient is batched or carries a tangent (see autograd.needs_product)."""
+    place where the upstream gradient is batched or carries a tangent (see autograd.needs_product),
+    and in a traced backward (compiled autograd), where neither test can run."""
     if grad is None:
         return None
-    if needs_product(grad_output):
+    if torch.compiler.is_compiling() or needs_product(grad_output):
         return grad * grad_output.to(grad.device)
     ops.scale_gradient_(grad, grad_output.to(grad.device))
     return grad

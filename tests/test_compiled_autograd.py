@@ -213,3 +213,64 @@ def test_a_model_step_with_compile_and_compiled_autograd(device):
         loss = torch.compile(step, backend="aot_eager")()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head.weight.grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_python_functions_under_compiled_autograd(device):
+    """The cases that take the Python autograd Functions, which compiled autograd traces by
+    itself: probability targets with a gradient for the target, return_lse, inplace_backward,
+    and linear_cross_entropy (whose weight gradient is scaled out of place in a traced
+    backward)."""
+    C, H = 12, 8
+    x0 = make_logits((9, C), torch.float32, device)
+    t = make_class_target((9,), C, device)
+    p0 = torch.softmax(torch.randn(9, C, device=device), dim=1)
+
+    def leaf(t, dtype):
+        return t.to(dtype, copy=True).requires_grad_()
+
+    def both(fn):
+        """fn's leaves' gradients under compiled autograd, and with torch's loss in float64."""
+        compiler = _CountingCompiler()
+        with compiled_autograd._enable(compiler):
+            ours = fn(fused_ce, torch.float32)
+        assert compiler.graphs >= 1
+        return ours, fn(None, torch.float64)
+
+    def soft(lib, dtype):
+        x, p = leaf(x0, dtype), leaf(p0, dtype)
+        (F if lib is None else lib).cross_entropy(x, p, label_smoothing=0.1).backward()
+        return x.grad, p.grad
+
+    def with_lse(lib, dtype):
+        x = leaf(x0, dtype)
+        if lib is None:
+            loss, lse = F.cross_entropy(x, t), torch.logsumexp(x, dim=1)
+        else:
+            loss, lse = lib.cross_entropy(x, t, return_lse=True)
+        (loss + 0.1 * lse.sum()).backward()
+        return (x.grad,)
+
+    def in_place(lib, dtype):
+        x = leaf(x0, dtype)
+        logits = x * 2.0  # the loss may write its gradient over these
+        if lib is None:
+            F.cross_entropy(logits, t).backward()
+        else:
+            lib.cross_entropy(logits, t, inplace_backward=True).backward()
+        return (x.grad,)
+
+    torch.manual_seed(1)
+    h0, w0 = torch.randn(9, H, device=device), torch.randn(C, H, device=device)
+
+    def head(lib, dtype):
+        h, w = leaf(h0, dtype), leaf(w0, dtype)
+        if lib is None:
+            (F.cross_entropy(h @ w.T, t) * 0.5).backward()
+        else:
+            (lib.linear_cross_entropy(h, w, t) * 0.5).backward()
+        return h.grad, w.grad
+
+    for fn in (soft, with_lse, in_place, head):
+        ours, ref = both(fn)
+        for got, want in zip(ours, ref):
+            assert_close_ref(got, want, torch.float32, what=fn.__name__)
