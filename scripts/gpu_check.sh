@@ -36,7 +36,9 @@
 #      (FUSED_CE_CUDA_CLUSTERS=all) beat one block a row for the two rows
 #      still furthest from the copy on the H200 (8192 x 32000 fp32 1.65x, one
 #      1024-thread block; 16384 x 50304 bf16 2.22x, one 896-thread block);
-#      and the host's cost of a step (percall).
+#      and the host's cost of a step, and each kernel of a 65536 x 10 step
+#      with its device time (percall: 65536 x 10 is 2.41x eager from a CUDA
+#      graph where the target is 3x; which launches to fold first?).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -250,6 +252,9 @@ if want percall; then
   # The per-element node (a masked step).
   timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows 4 --reduction none --steps 2000 \
       --rounds 3 2>&1 | tee -a "$LOG"
+  # And the device's: each kernel of a 65536 x 10 step (fused_ce, eager,
+  # torch.compile) with its time, what the graphed step's time is made of.
+  timeout 150 "$PY" benchmarks/step_kernels.py --rows 65536 --classes 10 2>&1 | tee -a "$LOG"
 fi
 
 if want graphed; then
