@@ -78,6 +78,17 @@ TOLS = {
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch._dynamo's caches emptied before and after a test that compiles, so that no
+    compiled graph, guard or recompilation count carries over between tests."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def dtype_id(dtype):
     """A dtype's name for test ids: "float32", "bfloat16"."""
     return str(dtype).replace("torch.", "")

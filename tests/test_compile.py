@@ -14,14 +14,7 @@ import torch.nn.functional as F
 import fused_ce
 from conftest import assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight
 
-pytestmark = pytest.mark.compile
-
-
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def _loss_and_grad(fn, x, *args):

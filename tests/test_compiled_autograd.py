@@ -18,14 +18,7 @@ import fused_ce
 from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, assert_close_ref, grad_fn_name, make_class_target,
                       make_logits, make_weight, ref_llm)
 
-pytestmark = pytest.mark.compile
-
-
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 class _CountingCompiler:

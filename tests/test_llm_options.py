@@ -830,17 +830,10 @@ def test_options_are_keyword_only():
 # 9. torch.compile.
 
 
-@pytest.fixture
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["class", "prob"])
-def test_compile_fullgraph_aot_eager(device, kind, _reset_dynamo):
+def test_compile_fullgraph_aot_eager(device, kind, fresh_dynamo):
     C = 40
     x = make_logits((6, C, 2), torch.float32, device)
     if kind == "class":
