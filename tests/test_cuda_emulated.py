@@ -349,17 +349,23 @@ def test_out_of_range_target_is_a_device_assertion(emu, C):
     _check_forward_with_grad(emu, x, torch.tensor([[0], [C - 1], [1]]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
-def test_scale_gradient(emu, dtype, offset):
+@pytest.mark.parametrize("scale_dtype", ["accumulate", "gradient's", torch.float64])
+def test_scale_gradient(emu, dtype, offset, scale_dtype):
+    """grad *= scale in place, in the accumulation type, whatever the scale's dtype: one of the
+    gradient's dtype (a bfloat16 loss's upstream gradient) is read as it is, any other converted
+    first; a scale of 1 leaves the gradient untouched."""
     base = make_logits((2000 + offset,), dtype)
     grad = base[offset:]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    expected = (grad.to(acc) * torch.tensor(0.37).to(acc)).to(dtype)  # as the kernel: in the accumulation type
-    emu.scale_gradient(grad, torch.tensor(0.37))
+    scale_dtype = {"accumulate": acc, "gradient's": dtype}.get(scale_dtype, scale_dtype)
+    scale = torch.tensor(0.37, dtype=scale_dtype)
+    expected = (grad.to(acc) * scale.to(acc)).to(dtype)  # as the kernel: in the accumulation type
+    emu.scale_gradient(grad, scale)
     assert torch.equal(grad, expected)
     before = grad.clone()
-    emu.scale_gradient(grad, torch.tensor(1.0))
+    emu.scale_gradient(grad, torch.tensor([1.0], dtype=scale_dtype))
     assert torch.equal(grad, before)
 
 

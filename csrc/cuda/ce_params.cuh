@@ -129,11 +129,21 @@ cudaError_t launch_cross_entropy_forward_with_grad(const CrossEntropyForwardPara
 template <typename T>
 cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p, cudaStream_t stream);
 
-// grad[0, numel) *= *scale in place (a dense gradient from forward_with_grad
-// and the upstream gradient in the accumulation type); the kernel returns at
-// once, on the device, when *scale == 1.  See ce_scale_gradient.cuh.
+// The upstream gradient by which scale_gradient multiplies, one device
+// scalar: exactly one of the two pointers is set. In the accumulation type,
+// or in T itself, which spares the caller a conversion kernel when the
+// upstream gradient has the gradient's 16-bit dtype (a bfloat16 loss's).
 template <typename T>
-cudaError_t launch_scale_gradient(T* grad, int64_t numel, const acc_t<T>* scale, cudaStream_t stream);
+struct GradientScale {
+  const acc_t<T>* acc = nullptr;
+  const T* storage = nullptr;
+};
+
+// grad[0, numel) *= scale in place (a dense gradient from forward_with_grad
+// and the upstream gradient); the kernel returns at once, on the device,
+// when the scale is 1.  See ce_scale_gradient.cuh.
+template <typename T>
+cudaError_t launch_scale_gradient(T* grad, int64_t numel, GradientScale<T> scale, cudaStream_t stream);
 
 // *out = sum of loss[0, n), divided by *total_weight for kReductionMean
 // (kReductionSum: the sum), in T; workspace holds kMaxLossPartials

@@ -11,9 +11,11 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ce_common.cuh"
 #include "ce_memory.cuh"
+#include "ce_params.cuh"
 
 namespace fused_ce {
 namespace cuda {
@@ -24,12 +26,13 @@ constexpr int kScaleThreads = 256;
 // a grid-stride loop covers the rest.
 constexpr int64_t kScaleMaxBlocks = 1056;
 
-// VEC elements per access; VEC > 1 needs `grad` aligned to 16 bytes.
-template <typename T, int VEC>
+// VEC elements per access; VEC > 1 needs `grad` aligned to 16 bytes. The
+// scale is read as S: the accumulation type, or T itself.
+template <typename T, int VEC, typename S>
 __global__ void __launch_bounds__(kScaleThreads)
-    ce_scale_gradient_kernel(T* __restrict__ grad, int64_t numel, const acc_t<T>* __restrict__ scale) {
+    ce_scale_gradient_kernel(T* __restrict__ grad, int64_t numel, const S* __restrict__ scale) {
   using Acc = acc_t<T>;
-  const Acc s = *scale;
+  const Acc s = to_acc(*scale);
   if (s == Acc(1)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kScaleThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kScaleThreads + threadIdx.x;
@@ -47,8 +50,9 @@ __global__ void __launch_bounds__(kScaleThreads)
 }
 
 template <typename T>
-cudaError_t launch_scale_gradient(T* grad, int64_t numel, const acc_t<T>* scale, cudaStream_t stream) {
-  if (numel < 0 || (numel > 0 && (grad == nullptr || scale == nullptr))) return cudaErrorInvalidValue;
+cudaError_t launch_scale_gradient(T* grad, int64_t numel, GradientScale<T> scale, cudaStream_t stream) {
+  if ((scale.acc == nullptr) == (scale.storage == nullptr)) return cudaErrorInvalidValue;  // exactly one
+  if (numel < 0 || (numel > 0 && grad == nullptr)) return cudaErrorInvalidValue;
   if (numel == 0) return cudaSuccess;
   constexpr int kVec = vector_width<T>();
   const bool aligned = reinterpret_cast<uintptr_t>(grad) % kVectorBytes == 0;
@@ -57,10 +61,18 @@ cudaError_t launch_scale_gradient(T* grad, int64_t numel, const acc_t<T>* scale,
   if (blocks > kScaleMaxBlocks) blocks = kScaleMaxBlocks;
   if (blocks < 1) blocks = 1;
   const unsigned int grid = static_cast<unsigned int>(blocks);
-  if (aligned) {
-    ce_scale_gradient_kernel<T, kVec><<<grid, kScaleThreads, 0, stream>>>(grad, numel, scale);
+  auto launch = [&](const auto* s) {
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
+    if (aligned) {
+      ce_scale_gradient_kernel<T, kVec, S><<<grid, kScaleThreads, 0, stream>>>(grad, numel, s);
+    } else {
+      ce_scale_gradient_kernel<T, 1, S><<<grid, kScaleThreads, 0, stream>>>(grad, numel, s);
+    }
+  };
+  if (scale.acc != nullptr) {
+    launch(scale.acc);
   } else {
-    ce_scale_gradient_kernel<T, 1><<<grid, kScaleThreads, 0, stream>>>(grad, numel, scale);
+    launch(scale.storage);
   }
   return cudaGetLastError();
 }

@@ -326,14 +326,23 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& scale) {
   fused_ce::check_scale_gradient(grad, scale);
   if (grad.numel() == 0) return;
   c10::cuda::CUDAGuard device_guard(grad.device());
-  const at::Tensor scale_acc = scale.to(acc_dtype(grad.scalar_type())).reshape({});
+  // The scale as it is when it has the gradient's dtype (a bfloat16 loss's
+  // upstream gradient: no conversion kernel), else in the accumulation type.
+  const bool storage_typed = scale.scalar_type() == grad.scalar_type();
+  const at::Tensor scale_arg = storage_typed ? scale : scale.to(acc_dtype(grad.scalar_type()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_ce_scale_gradient_cuda", [&] {
-    using Acc = ce::acc_t<typename KernelType<scalar_t>::type>;
+    using T = typename KernelType<scalar_t>::type;
+    ce::GradientScale<T> gradient_scale;
+    if (storage_typed) {
+      gradient_scale.storage = kernel_ptr<scalar_t>(scale_arg);
+    } else {
+      gradient_scale.acc = scale_arg.const_data_ptr<ce::acc_t<T>>();
+    }
     // Dense and non-overlapping: numel elements from the lowest address,
     // whatever the strides.
-    C10_CUDA_CHECK(ce::launch_scale_gradient(kernel_mutable_ptr<scalar_t>(grad), grad.numel(),
-                                             scale_acc.const_data_ptr<Acc>(), stream));
+    C10_CUDA_CHECK(ce::launch_scale_gradient(kernel_mutable_ptr<scalar_t>(grad), grad.numel(), gradient_scale,
+                                             stream));
   });
 }
 

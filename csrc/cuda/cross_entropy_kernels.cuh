@@ -751,7 +751,7 @@ cudaError_t launch_cross_entropy_backward(const CrossEntropyBackwardParams<T>& p
                                                                  cudaStream_t);                  \
   template cudaError_t launch_cross_entropy_backward<T>(const CrossEntropyBackwardParams<T>&,     \
                                                         cudaStream_t);                           \
-  template cudaError_t launch_scale_gradient<T>(T*, int64_t, const acc_t<T>*, cudaStream_t);      \
+  template cudaError_t launch_scale_gradient<T>(T*, int64_t, GradientScale<T>, cudaStream_t);      \
   template cudaError_t launch_reduce_loss<T>(const acc_t<T>*, int64_t, const acc_t<T>*, int, acc_t<T>*, T*, \
                                              cudaStream_t);
 

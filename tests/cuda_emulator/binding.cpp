@@ -162,9 +162,17 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const s
 void scale_gradient(at::Tensor& grad, const at::Tensor& scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "emulated_scale_gradient", [&] {
     using T = typename KernelType<scalar_t>::type;
-    using Acc = ce::acc_t<T>;
-    const at::Tensor s = scale.to(acc_dtype(grad.scalar_type())).reshape({});
-    check(ce::launch_scale_gradient<T>(kernel_ptr<scalar_t>(grad), grad.numel(), s.data_ptr<Acc>(), nullptr),
+    // As the CUDA binding: a scale of the gradient's dtype read as it is,
+    // any other converted to the accumulation type.
+    const bool storage_typed = scale.scalar_type() == grad.scalar_type();
+    const at::Tensor s = storage_typed ? scale : scale.to(acc_dtype(grad.scalar_type()));
+    ce::GradientScale<T> gradient_scale;
+    if (storage_typed) {
+      gradient_scale.storage = kernel_ptr<scalar_t>(s);
+    } else {
+      gradient_scale.acc = s.data_ptr<ce::acc_t<T>>();
+    }
+    check(ce::launch_scale_gradient<T>(kernel_ptr<scalar_t>(grad), grad.numel(), gradient_scale, nullptr),
           "scale_gradient");
   });
 }
