@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,percall,graphed,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,percall,graphed,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
@@ -29,13 +29,15 @@
 #      graphs, where 65536 x 10 is timed without the host. session.log ends
 #      with the targets' table (benchmarks/check_targets.py).
 #   2. at once: REUSE_ROWS=16384x128256:bf16,4096x256000:bf16 \
-#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,reuse,clusters,percall
+#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,reuse,clusters,warprows,percall
 #      (about 5 minutes; the build is incremental on the warm machine): the
 #      racecheck of the shared-memory ring, default for streamed 16-bit rows
 #      since session 32 (it ran only under the tests there); whether clusters
 #      (FUSED_CE_CUDA_CLUSTERS=all) beat one block a row for the two rows
 #      still furthest from the copy on the H200 (8192 x 32000 fp32 1.65x, one
 #      1024-thread block; 16384 x 50304 bf16 2.22x, one 896-thread block);
+#      whether rows of 513-1024 float32 classes are faster held by a warp
+#      (warprows: 65536 x 1000 fp32 was 2.23x the copy in blocks of 128);
 #      and the host's cost of a step, and each kernel of a 65536 x 10 step
 #      with its device time (percall: 65536 x 10 is 2.41x eager from a CUDA
 #      graph where the target is 3x; which launches to fold first?).
@@ -61,7 +63,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,clusters,reuse,percall,graphed,bench,profile,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,reuse,warprows,percall,graphed,bench,profile,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -240,6 +242,26 @@ if want reuse; then
     echo "racecheck (stages) exit status $?" | tee -a "$LOG"
     grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/stages-racecheck.log | head -n 5 | tee -a "$LOG"
   fi
+fi
+
+if want warprows; then
+  # Rows of 129-256 body slots held by one warp of 8 slots a lane
+  # (FUSED_CE_CUDA_WARP_ROWS=8, an experiment) against the default block of
+  # 128 threads: the parity tests under the switch, then, alternating twice,
+  # float32 rows of 1000 and 768 classes and bfloat16 rows of 2048 (all
+  # affected) next to bfloat16 rows of 1000 (one warp of 4 slots either way:
+  # the control), each next to a copy of the logits (time_rows).
+  stage "warp rows" | tee -a "$LOG"
+  FUSED_CE_CUDA_WARP_ROWS=8 timeout 150 "$PY" -m pytest tests/test_parity.py tests/test_special_values.py -q \
+      -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
+  rows=${WARP_ROWS:-65536x1000:fp32,32768x768:fp32,16384x2048:bf16,65536x1000:bf16}
+  for round in 1 2; do
+    for setting in unset 8; do
+      echo "FUSED_CE_CUDA_WARP_ROWS=$setting (round $round)" | tee -a "$LOG"
+      ( [ "$setting" = unset ] || export FUSED_CE_CUDA_WARP_ROWS=$setting
+        time_rows "$rows" "warp-$setting-$round" )
+    done
+  done
 fi
 
 if want percall; then

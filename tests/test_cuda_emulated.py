@@ -630,6 +630,26 @@ def test_stream_ring_only_where_no_block_is_lost(emu, shared_kb, ring):
     assert forced == [f"(5, 384, 1, {_ring_bytes(384)})"] * 2 + [f"(5, 768, 1, {_ring_bytes(768)})", "(5, 256, 1)"]
 
 
+# Rows of 129-256 body slots, and just past them, under FUSED_CE_CUDA_WARP_ROWS: float32 new and
+# in place (softcapped), bfloat16, the last row a warp of 8 slots holds (1024 float32 classes),
+# one slot more than that, and float64 (which keeps the block).
+_WARP_ROW_LAUNCHES = """_print_launches(emu, 3, [
+    (1000, torch.float32, "with_grad", None), (1000, torch.float32, "inplace", 30.0),
+    (2000, torch.bfloat16, "with_grad", None), (1024, torch.float32, "with_grad", None),
+    (1028, torch.float32, "with_grad", None), (500, torch.float64, "with_grad", None)])"""
+
+
+@pytest.mark.parametrize("setting", [None, "8", "4"])
+def test_warp_rows_of_8_slots(emu, setting):
+    """FUSED_CE_CUDA_WARP_ROWS=8 (read once per process): rows of 129-256 slots are held by one
+    warp of 8 slots a lane (8 rows to a block of 256) instead of a block of 128 threads, and are
+    right (each case is checked against the reference); unset or any other value keeps the
+    block. Longer rows, and float64 rows, take the block either way."""
+    warp, block = "(1, 256, 1)", "(3, 128, 1)"
+    expected = [warp] * 4 + [block, block] if setting == "8" else [block] * 6
+    assert _launches_with("FUSED_CE_CUDA_WARP_ROWS", setting, _WARP_ROW_LAUNCHES) == expected
+
+
 # How often forward_with_grad reads the logits of long rows (rounded to 0.01, and every gradient
 # element stored once?) in a process of their own, under the experiments' switches.
 _LONG_ROW_TRAFFIC = """

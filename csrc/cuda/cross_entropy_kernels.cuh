@@ -193,6 +193,32 @@ bool gradient_layout(const CrossEntropyForwardParams<T>& p) {
 // ---------------------------------------------------------------------------
 // Forward and forward_with_grad (grad_input set).
 
+// The value of the environment variable `name` when it is spelled exactly as
+// one of `choices` (decimal numbers), else 0: the experiments' switches,
+// read once per process by their callers.
+inline int env_number(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return 0;
+  for (const char* choice : choices)
+    if (std::strcmp(v, choice) == 0) return std::atoi(choice);
+  return 0;
+}
+
+// Whether rows of 129-256 body slots (513-1024 float32 classes, 1025-2048
+// 16-bit ones; float64 rows would spill) are held by one warp of 8 slots a
+// lane rather than a block of 128 threads of 4, from FUSED_CE_CUDA_WARP_ROWS
+// (read once per process): "8", or any other value and unset for the
+// block.  An experiment: on the H200 (benchmarks/results/gpu-2026-11-28-h200)
+// 65536 x 1000 float32 rows, in blocks, took 2.23x the copy where bfloat16
+// rows of 1000 classes, one warp each, took 1.84x; a warp needs no block
+// barrier for its reductions, and its 8 rows per block keep twice the bytes
+// in flight per SM (float32 on sm_90: 80 registers, 3 blocks of 256 per SM;
+// 124 with the softcap, 2 blocks).  Not timed yet.
+inline bool warp_rows_of_8_slots() {
+  static const bool on = env_number("FUSED_CE_CUDA_WARP_ROWS", {"8"}) == 8;
+  return on;
+}
+
 // Register-resident configurations, smallest first: (threads per row,
 // block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
 // Rows of more than kSlotsOf256ThreadBlock slots take one block of 512 or
@@ -217,6 +243,11 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
   FUSED_CE_RESIDENT(8, 256, 2)
   FUSED_CE_RESIDENT(32, 256, 2)
   FUSED_CE_RESIDENT(32, 256, 4)
+  if constexpr (sizeof(T) <= 4) {  // float64 rows would spill
+    if (warp_rows_of_8_slots()) {
+      FUSED_CE_RESIDENT(32, 256, 8)
+    }
+  }
   FUSED_CE_RESIDENT(128, 128, 4)
   FUSED_CE_RESIDENT(256, 256, 8)
   if constexpr (sizeof(T) == 2) {
@@ -309,17 +340,6 @@ inline StreamReuse stream_reuse() {
     return r;
   }();
   return reuse;
-}
-
-// The value of the environment variable `name` when it is spelled exactly as
-// one of `choices` (decimal numbers), else 0: the experiments' switches,
-// read once per process by their callers.
-inline int env_number(const char* name, std::initializer_list<const char*> choices) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return 0;
-  for (const char* choice : choices)
-    if (std::strcmp(v, choice) == 0) return std::atoi(choice);
-  return 0;
 }
 
 // Threads per streamed long row of forward_with_grad (class targets, vector
