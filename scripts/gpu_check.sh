@@ -28,19 +28,22 @@
 #      runs the full suite instead); the classifier steps replayed from CUDA
 #      graphs, where 65536 x 10 is timed without the host. session.log ends
 #      with the targets' table (benchmarks/check_targets.py).
-#   2. at once: REUSE_ROWS=16384x128256:bf16,4096x256000:bf16 \
-#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,reuse,clusters,warprows,percall
-#      (about 5 minutes; the build is incremental on the warm machine): the
+#   2. at once: REUSE_ROWS=16384x128256:bf16,4096x256000:bf16 bash scripts/gpu_check.sh build,reuse,warprows
+#      (about 4.5 minutes; the build is incremental on the warm machine): the
 #      racecheck of the shared-memory ring, default for streamed 16-bit rows
-#      since session 32 (it ran only under the tests there); whether clusters
-#      (FUSED_CE_CUDA_CLUSTERS=all) beat one block a row for the two rows
-#      still furthest from the copy on the H200 (8192 x 32000 fp32 1.65x, one
-#      1024-thread block; 16384 x 50304 bf16 2.22x, one 896-thread block);
-#      whether rows of 513-1024 float32 classes are faster held by a warp
-#      (warprows: 65536 x 1000 fp32 was 2.23x the copy in blocks of 128);
-#      and the host's cost of a step, and each kernel of a 65536 x 10 step
-#      with its device time (percall: 65536 x 10 is 2.41x eager from a CUDA
-#      graph where the target is 3x; which launches to fold first?).
+#      since session 32 (it ran only under the tests there), and the ring
+#      against registers; whether rows of 513-1024 float32 classes are faster
+#      held by a warp (warprows: 65536 x 1000 fp32 was 2.23x the copy in
+#      blocks of 128 threads).
+#   3. at once, if the time is there: EXPERIMENT_SANITIZE=0 \
+#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,clusters,percall
+#      (about 3 minutes): whether clusters (FUSED_CE_CUDA_CLUSTERS=all) beat
+#      one block a row for the two rows still furthest from the copy on the
+#      H200 (8192 x 32000 fp32 1.65x, one 1024-thread block; 16384 x 50304
+#      bf16 2.22x, one 896-thread block); the host's cost of a step, and each
+#      kernel of a 65536 x 10 step with its device time (65536 x 10 is 2.41x
+#      eager from a CUDA graph where the target is 3x: which launches to fold
+#      first?).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
