@@ -42,17 +42,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_op(
   return op.call(input, target, weight, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap, reduction);
 }
 
-at::Tensor input_gradient_op(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                             const LossOptions& o) {
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                               const at::Tensor& input, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                               const LossOptions& o, bool input_grad, bool target_grad) {
   static const auto op = find_operator<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
       const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, double, double, bool, bool)>(
       "fused_ce::cross_entropy_backward");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return std::get<0>(op.call(grad_loss, std::nullopt, input, target, weight, lse, o.ignore_index,
-                             o.label_smoothing, o.z_loss, o.softcap, /*input_grad=*/true,
-                             /*target_grad=*/false));
+  return op.call(grad_loss, grad_lse, input, target, weight, lse, o.ignore_index, o.label_smoothing, o.z_loss,
+                 o.softcap, input_grad, target_grad);
+}
+
+at::Tensor input_gradient_op(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                             const LossOptions& o) {
+  return std::get<0>(backward_op(grad_loss, std::nullopt, input, target, weight, lse, o, /*input_grad=*/true,
+                                 /*target_grad=*/false));
 }
 
 void scale_gradient_op(at::Tensor& grad, const at::Tensor& scale) {

@@ -41,6 +41,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_op(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const LossOptions& options, int64_t reduction);
 
+// cross_entropy_backward: (grad_input, grad_target), each an empty tensor
+// unless requested, from (N, D) grad_loss and grad_lse in the accumulate type.
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                               const at::Tensor& input, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                               const LossOptions& options, bool input_grad, bool target_grad);
+
 // cross_entropy_backward for the input's gradient alone, from a (N, D)
 // grad_loss in the accumulate type.
 at::Tensor input_gradient_op(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,

@@ -87,15 +87,15 @@ TORCH_LIBRARY(fused_ce, m) {
       "float label_smoothing, float z_loss, float softcap) -> Tensor");
 }
 
-// The operators have no derivatives of their own: the autograd layers above
-// them (csrc/autograd.cpp, fused_ce/autograd.py) compute the gradients. With
-// autograd's "not implemented" kernel, differentiating through an operator
-// raises, where autograd's default for operators without an autograd kernel
-// only warns and treats the result as a constant (a silently zero second
-// derivative under torch.func transforms). The in-place operators only run
-// inside those layers' backward passes and without grad mode.
+// cross_entropy_backward has no derivative of its own: with autograd's "not
+// implemented" kernel differentiating through it raises, where autograd's
+// default for operators without an autograd kernel only warns and treats the
+// result as a constant (a silently zero second derivative under torch.func
+// transforms). The forward operators and reduce_loss have first derivatives
+// (operator_autograd.cpp), for graphs that hold them directly; fused_ce's own
+// autograd layers (csrc/autograd.cpp, fused_ce/autograd.py) call them below
+// autograd or without grad mode. The in-place operators only run inside those
+// layers' backward passes and without grad mode.
 TORCH_LIBRARY_IMPL(fused_ce, Autograd, m) {
-  for (const char* name :
-       {"cross_entropy_forward", "cross_entropy_forward_with_grad", "cross_entropy_backward", "reduce_loss"})
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  m.impl("cross_entropy_backward", torch::autograd::autogradNotImplementedFallback());
 }
