@@ -143,13 +143,10 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
     const at::Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return {at::Tensor()};
-    at::Tensor gradient = args[1].toTensor();
-    if (args[0].toBool()) {
-      const CanonicalArgs canonical_args = canonical(gradient, args[2].toTensor());
-      gradient = std::get<3>(forward_with_grad_op(canonical_args.input, canonical_args.target,
-                                                  optional_tensor_from_arg(args[3]), unpack_options(args, 4),
-                                                  args[8].toInt()));
-    }
+    const at::Tensor gradient = args[0].toBool() ? recomputed_gradient(args[1].toTensor(), args[2].toTensor(),
+                                                                       optional_tensor_from_arg(args[3]),
+                                                                       unpack_options(args, 4), args[8].toInt())
+                                                 : args[1].toTensor();
     return {(gradient * grad_output).reshape(args[9].toIntVector())};
   }
 
@@ -162,10 +159,17 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
       if (take) held_gradient_.reset();
       return gradient;
     }
-    const at::Tensor input = saved_.unpack(getptr());
-    const CanonicalArgs args = canonical(input, state_.target);
-    return std::get<3>(forward_with_grad_op(args.input, args.target, optional_tensor(state_.weight), state_.options,
-                                            static_cast<int64_t>(state_.reduction)));
+    return recomputed_gradient(saved_.unpack(getptr()), state_.target, optional_tensor(state_.weight), state_.options,
+                               static_cast<int64_t>(state_.reduction));
+  }
+
+  // The gradient for an upstream gradient of 1, from the logits again (the
+  // same kernel as the forward's, so the same bits).
+  static at::Tensor recomputed_gradient(const at::Tensor& input, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight, const LossOptions& options,
+                                        int64_t reduction) {
+    const CanonicalArgs args = canonical(input, target);
+    return std::get<3>(forward_with_grad_op(args.input, args.target, weight, options, reduction));
   }
 
   // Whether grad_output is more than one plain number, so that the product

@@ -66,15 +66,13 @@ class OperatorForwardBackward : public torch::autograd::Node {
                     optional_tensor(weight_.unpack(self)), lse, options_, input_grad, target_grad);
     variable_list result{input_grad ? grad_input : at::Tensor(), target_grad ? grad_target : at::Tensor()};
     if (at::GradMode::is_enabled()) {  // create_graph=True: no second derivative to give
-      for (size_t i = 0; i < result.size(); ++i) {
-        if (!result[i].defined()) continue;
-        torch::autograd::edge_list depends_on{next_edge(0), next_edge(1)};
-        for (const at::Tensor& g : grads)
-          if (g.defined() && g.requires_grad()) depends_on.push_back(torch::autograd::impl::gradient_edge(g));
-        result[i] = refuse_differentiation(
-            result[i], "fused_ce: the gradient of the cross_entropy_forward operators is not differentiable",
-            std::move(depends_on));
-      }
+      torch::autograd::edge_list depends_on{next_edge(0), next_edge(1)};
+      for (const at::Tensor& g : grads)
+        if (g.defined() && g.requires_grad()) depends_on.push_back(torch::autograd::impl::gradient_edge(g));
+      for (at::Tensor& r : result)
+        if (r.defined())
+          r = refuse_differentiation(r, "fused_ce: the gradient of the cross_entropy_forward operators is not "
+                                        "differentiable", depends_on);
     }
     return result;
   }

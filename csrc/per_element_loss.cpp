@@ -55,14 +55,15 @@ class PerElementLossBackward : public torch::autograd::Node {
     {
       at::NoGradGuard no_grad;
       const CanonicalArgs args = canonical(input, target);
-      gradient = kernel_gradient(grad_output, args, weight, lse);
+      gradient = kernel_gradient(grad_output, args, weight, lse, options_, input_sizes_);
       // Forward-over-reverse with respect to the upstream gradient: the
       // gradient is linear in it, so its tangent is the same kernel applied
       // to the upstream gradient's tangent. (With create_graph the graph
       // below carries it.)
       const at::Tensor tangent = grad_output._fw_grad(/*level=*/0);
       if (tangent.defined() && !create_graph)
-        gradient = at::_make_dual(gradient, kernel_gradient(tangent, args, weight, lse), /*level=*/0);
+        gradient = at::_make_dual(gradient, kernel_gradient(tangent, args, weight, lse, options_, input_sizes_),
+                                  /*level=*/0);
     }
     if (!create_graph) return {gradient};
     // create_graph=True: the kernel's gradient carrying the derivatives of
@@ -123,20 +124,18 @@ class PerElementLossBackward : public torch::autograd::Node {
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
     const at::Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return {at::Tensor()};
-    const at::Tensor lse = args[3].toTensor();
-    const CanonicalArgs canonical_args = canonical(args[0].toTensor(), args[1].toTensor());
-    const at::Tensor grad_loss = grad_output.to(lse.scalar_type()).reshape(lse.sizes());
-    return {input_gradient_op(grad_loss, canonical_args.input, canonical_args.target, optional_tensor_from_arg(args[2]),
-                              lse, unpack_options(args, 4))
-                .reshape(args[8].toIntVector())};
+    return {kernel_gradient(grad_output, canonical(args[0].toTensor(), args[1].toTensor()),
+                            optional_tensor_from_arg(args[2]), args[3].toTensor(), unpack_options(args, 4),
+                            args[8].toIntVector())};
   }
 
   // The backward operator's input gradient for a per-element upstream
   // gradient shaped like the loss, in the input's sizes.
-  at::Tensor kernel_gradient(const at::Tensor& grad_output, const CanonicalArgs& args,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& lse) const {
+  static at::Tensor kernel_gradient(const at::Tensor& grad_output, const CanonicalArgs& args,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                    const LossOptions& options, at::IntArrayRef input_sizes) {
     const at::Tensor grad_loss = grad_output.to(lse.scalar_type()).reshape(lse.sizes());
-    return input_gradient_op(grad_loss, args.input, args.target, weight, lse, options_).reshape(input_sizes_);
+    return input_gradient_op(grad_loss, args.input, args.target, weight, lse, options).reshape(input_sizes);
   }
 
   SavedVariable input_;   // as the caller passed it: (N, C, d1, ..., dk)
