@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,percall,graphed,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,prefetch,percall,graphed,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
@@ -28,22 +28,21 @@
 #      runs the full suite instead); the classifier steps replayed from CUDA
 #      graphs, where 65536 x 10 is timed without the host. session.log ends
 #      with the targets' table (benchmarks/check_targets.py).
-#   2. at once: REUSE_ROWS=16384x128256:bf16,4096x256000:bf16 bash scripts/gpu_check.sh build,reuse,warprows
-#      (about 4.5 minutes; the build is incremental on the warm machine): the
-#      racecheck of the shared-memory ring, default for streamed 16-bit rows
-#      since session 32 (it ran only under the tests there), and the ring
-#      against registers; whether rows of 513-1024 float32 classes are faster
-#      held by a warp (warprows: 65536 x 1000 fp32 was 2.23x the copy in
-#      blocks of 128 threads).
-#   3. at once, if the time is there: EXPERIMENT_SANITIZE=0 \
-#        CLUSTER_ROWS=8192x32000:fp32,16384x50304:bf16 bash scripts/gpu_check.sh build,clusters,percall
-#      (about 3 minutes): whether clusters (FUSED_CE_CUDA_CLUSTERS=all) beat
-#      one block a row for the two rows still furthest from the copy on the
-#      H200 (8192 x 32000 fp32 1.65x, one 1024-thread block; 16384 x 50304
-#      bf16 2.22x, one 896-thread block); the host's cost of a step, and each
-#      kernel of a 65536 x 10 step with its device time (65536 x 10 is 2.41x
-#      eager from a CUDA graph where the target is 3x: which launches to fold
-#      first?).
+#   2. at once: REUSE_ROWS=16384x128256:bf16 bash scripts/gpu_check.sh build,prefetch,reuse
+#      (about 5 minutes; the build is incremental on the warm machine):
+#      whether staging each block's next row in shared memory
+#      (FUSED_CE_CUDA_RESIDENT_PREFETCH=1, session 33) brings 8192 x 32000
+#      fp32 (1.65x the copy, 2.65x eager; the target is 1.6x and 3x) and
+#      16384 x 50304 bf16 (2.22x) towards the copy, with its tests and
+#      racecheck; then the racecheck of the shared-memory ring, default for
+#      streamed 16-bit rows since session 32 (it ran only under the tests
+#      there), and the ring against registers.
+#   3. at once, if the time is there: bash scripts/gpu_check.sh build,warprows,percall
+#      (about 3 minutes): whether rows of 513-1024 float32 classes are faster
+#      held by a warp (65536 x 1000 fp32 was 2.23x the copy in blocks of 128
+#      threads); the host's cost of a step, and each kernel of a 65536 x 10
+#      step with its device time (65536 x 10 is 2.41x eager from a CUDA
+#      graph where the target is 3x: which launches to fold first?).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -66,7 +65,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,clusters,reuse,warprows,percall,graphed,bench,profile,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,reuse,warprows,prefetch,percall,graphed,bench,profile,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -263,6 +262,39 @@ if want warprows; then
       echo "FUSED_CE_CUDA_WARP_ROWS=$setting (round $round)" | tee -a "$LOG"
       ( [ "$setting" = unset ] || export FUSED_CE_CUDA_WARP_ROWS=$setting
         time_rows "$rows" "warp-$setting-$round" )
+    done
+  done
+fi
+
+if want prefetch; then
+  # Rows one block of 512 or more threads holds, read through a persistent
+  # grid that stages each block's next row in shared memory while it reduces
+  # and writes the current one (FUSED_CE_CUDA_RESIDENT_PREFETCH=1, an
+  # experiment) against the plain kernel: the tests of such rows under the
+  # switch (test_more_long_rows_than_the_gpu_runs_at_once gives each block
+  # several rows), a racecheck of the staging (each thread reads back only
+  # its own slots: no barrier guards them), then,
+  # alternating twice, the two rows furthest from the copy on the H200
+  # (8192 x 32000 fp32: 1024 threads, 1.65x; 16384 x 50304 bf16: 896, 2.22x)
+  # and float32 rows of 16384 classes (512 threads), each next to a copy of
+  # the logits (time_rows).
+  stage "prefetched resident rows" | tee -a "$LOG"
+  FUSED_CE_CUDA_RESIDENT_PREFETCH=1 timeout 150 "$PY" -m pytest tests/test_parity.py tests/test_hardening.py \
+      tests/test_long_rows.py -q -p no:cacheprovider -k "cuda and (more_long_rows or vocab or resident or long_rows)" \
+      -rfE 2>&1 | tail -n 10 | cut -c1-300 | tee -a "$LOG"
+  if [ "${EXPERIMENT_SANITIZE:-1}" = 1 ]; then
+    FUSED_CE_CUDA_RESIDENT_PREFETCH=1 timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$PY" -m pytest tests/test_parity.py -q -p no:cacheprovider -k "cuda and more_long_rows and (32000 or 50257)" \
+        >/tmp/prefetch-racecheck.log 2>&1
+    echo "racecheck (prefetch) exit status $?" | tee -a "$LOG"
+    grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/prefetch-racecheck.log | head -n 5 | tee -a "$LOG"
+  fi
+  rows=${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32}
+  for round in 1 2; do
+    for setting in unset 1; do
+      echo "FUSED_CE_CUDA_RESIDENT_PREFETCH=$setting (round $round)" | tee -a "$LOG"
+      ( [ "$setting" = unset ] || export FUSED_CE_CUDA_RESIDENT_PREFETCH=$setting
+        time_rows "$rows" "prefetch-$setting-$round" )
     done
   done
 fi

@@ -650,6 +650,59 @@ def test_warp_rows_of_8_slots(emu, setting):
     assert _launches_with("FUSED_CE_CUDA_WARP_ROWS", setting, _WARP_ROW_LAUNCHES) == expected
 
 
+# Rows one block of 512 or more threads holds, under FUSED_CE_CUDA_RESIDENT_PREFETCH, 5 of each:
+# float32 rows of 32000 classes (1024 threads x 8 slots) new and in place, 16001 softcapped (512 x
+# 8), bfloat16 and float16 rows of GPT-2's 50257 (896 x 8; in place, softcapped), float64 rows of
+# 8000 (512 x 8), and a row of 256 threads (never prefetched).
+_PREFETCH_LAUNCHES = """_print_launches(emu, 5, [
+    (32000, torch.float32, "with_grad", None), (32000, torch.float32, "inplace", None),
+    (16001, torch.float32, "with_grad", 30.0), (50257, torch.bfloat16, "with_grad", None),
+    (50257, torch.float16, "inplace", 30.0), (8000, torch.float64, "with_grad", None),
+    (6000, torch.float32, "with_grad", None)])
+emu.watch_logits_and_gradients(True)
+x = make_logits((5, 32000, 1), torch.float32)
+_run_forward(emu, x, make_class_target((5, 1), 32000), "with_grad")
+(loaded, stored), (grad_loaded, grad_stored) = emu.take_traffic()
+print("traffic", round(loaded / x.nbytes, 2), (stored, grad_loaded, grad_stored) == (0, 0, x.nbytes))
+emu.watch_logits_and_gradients(False)
+try:
+    _run_forward(emu, x, torch.tensor([[0], [1], [2], [32000], [3]]), "with_grad")
+except RuntimeError as error:
+    print("raised", "device-side assertion" in str(error))
+"""
+
+
+def _prefetch_bytes(threads, slots):
+    """The dynamic shared memory of a prefetching block: ``slots`` 16-byte slots a thread."""
+    return threads * slots * 16
+
+
+@pytest.mark.parametrize("setting, shared_kb", [(None, None), ("1", None), ("1", "100"), ("2", None)])
+def test_resident_prefetch(emu, setting, shared_kb):
+    """FUSED_CE_CUDA_RESIDENT_PREFETCH=1 (read once per process): rows one block of 512 or more
+    threads holds take a persistent grid of as many blocks as the device holds (an emulated GPU
+    of 2 SMs, one such block each: each block loops over 2-3 of the 5 rows), each staging its
+    next row in shared memory (cp.async) while it reduces and writes the current one. Every case
+    is checked against the reference; each logit is still read once and each gradient element
+    written once; an out-of-range target, read a row ahead, still raises. Where the SM could not
+    hold the staging block (100 KB of shared memory: the 1024- and 896-thread rows) the plain
+    kernel runs; unset or any other value keeps the plain kernel everywhere."""
+    env = {"FUSED_CE_EMULATED_SMS": "2", "FUSED_CE_EMULATED_SHARED_KB_PER_SM": shared_kb}
+    lines = _launches_with("FUSED_CE_CUDA_RESIDENT_PREFETCH", setting, _PREFETCH_LAUNCHES, **env)
+    plain = ["(5, 1024, 1)"] * 2 + ["(5, 512, 1)"] + ["(5, 896, 1)"] * 2 + ["(5, 512, 1)", "(5, 256, 1)"]
+    prefetched = ([f"(2, 1024, 1, {_prefetch_bytes(1024, 8)})"] * 2 + [f"(2, 512, 1, {_prefetch_bytes(512, 8)})"]
+                  + [f"(2, 896, 1, {_prefetch_bytes(896, 8)})"] * 2 + [f"(2, 512, 1, {_prefetch_bytes(512, 8)})",
+                                                                        "(5, 256, 1)"])
+    if setting != "1":
+        expected = plain
+    elif shared_kb == "100":
+        expected = plain[:2] + prefetched[2:3] + plain[3:5] + prefetched[5:]
+    else:
+        expected = prefetched
+    assert lines[:7] == expected
+    assert lines[7:] == ["1.0 True", "True"]  # after the labels "traffic" and "raised"
+
+
 # How often forward_with_grad reads the logits of long rows (rounded to 0.01, and every gradient
 # element stored once?) in a process of their own, under the experiments' switches.
 _LONG_ROW_TRAFFIC = """

@@ -792,6 +792,26 @@ def test_language_model_vocab_sizes(device, C, dtype):
     check_against_torch(fused_ce, x, t, None, reduction="none", what=f"vocab {C} none")
 
 
+# Rows that one block of 512 or more threads holds on a GPU, more of them than an H100 or H200 runs
+# at once (132 SMs x one or two such blocks): a kernel whose blocks loop over rows (the prefetching
+# one of FUSED_CE_CUDA_RESIDENT_PREFETCH=1) gives each block several, the next staged while the
+# current one is written. Ignored rows, smoothing; class weights with sum; a gradient in place.
+@pytest.mark.parametrize("C, dtype", [(32000, torch.float32), (16001, torch.float32), (50257, torch.bfloat16),
+                                      (8000, torch.float64)], ids=["fp32-32000", "fp32-16001", "bf16-50257",
+                                                                   "fp64-8000"])
+def test_more_long_rows_than_the_gpu_runs_at_once(device, C, dtype):
+    x = make_logits((300, C), dtype, device, scale=4.0)
+    t = make_class_target((300,), C, device, ignore_index=-100, ignore_frac=0.2)
+    check_against_torch(fused_ce, x, t, None, reduction="mean", label_smoothing=0.1, what=f"{C} rows")
+    w = make_weight(C, dtype, device)
+    check_against_torch(fused_ce, x, t, w, reduction="sum", what=f"{C} rows, weights")
+    xl = x.detach().clone().requires_grad_()
+    fused_ce.cross_entropy(xl, t, inplace_backward=True).backward()
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_()
+    (ref_grad,) = torch.autograd.grad(F.cross_entropy(x64, t.cpu()), x64)
+    assert_close_ref(xl.grad, ref_grad, dtype, what=f"{C} rows: in-place gradient")
+
+
 # --------------------------------------------------------------------------
 # Segmentation layouts (N, C, H, W) with enough pixels for the CPU tile kernel's cache-line groups
 # (several tiles of consecutive pixels loaded and stored together): power-of-two and odd pixel

@@ -21,6 +21,19 @@
 // then across the cluster, and each block writes the gradient of its own
 // slots: still one read and one write per element.
 //
+// PREFETCH (CLUSTER == 1, an experiment): the kernel runs as a persistent
+// grid, each group looping over rows, and while a group reduces one row and
+// writes its gradient, the copies of its next row are already in flight
+// (cp.async into the group's slots of dynamic shared memory,
+// prefetch_shared_bytes), with that row's target read into a register.
+// Without it a block of 1024 threads holding a whole row (one per SM) has
+// nothing in flight from its row's last load until the next row's first:
+// the SM's share of DRAM bandwidth idles through every reduction.  Each
+// thread copies and reads back only its own slots, so the staging needs no
+// barrier, only the copies' own wait; the next row's copies start once this
+// row's registers have been consumed by the statistics pass.  Still one
+// read of each logit (the copies go through L2 only).
+//
 // In place (grad_input == input) needs nothing extra here: each lane stores
 // exactly the slots and edge elements it loaded, from its registers; the
 // only element read by other lanes, the target logit, is read (through the
@@ -179,6 +192,23 @@ __device__ __forceinline__ void load_slot_words(const T* row, const RowSplit<VEC
   }
 }
 
+// A body slot staged in shared memory into w, or -inf padding when this
+// thread holds no slot (`real` false: the staged bytes are stale and
+// dropped, a select rather than a branch around the read).
+template <typename T>
+__device__ __forceinline__ void staged_slot_words(const uint4* staged, bool real, uint32_t (&w)[kWordsPerSlot]) {
+  const uint4 v = *staged;
+  const uint32_t words[kWordsPerSlot] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < kWordsPerSlot; ++i) w[i] = real ? words[i] : WordCodec<T>::neg_inf_word(i);
+}
+
+// The dynamic shared memory of a PREFETCH kernel: CH slots per thread.
+template <int BLOCK, int CH>
+constexpr int prefetch_shared_bytes() {
+  return BLOCK * CH * kVectorBytes;
+}
+
 template <CachePolicy P, int VEC, typename T>
 __device__ __forceinline__ void store_slot_words(T* row, const RowSplit<VEC>& rs, int slot,
                                                  const uint32_t (&w)[kWordsPerSlot]) {
@@ -202,8 +232,9 @@ __device__ __forceinline__ void forget_words(uint32_t (&w)[kWordsPerSlot], doubl
 }
 
 // CAP: softcap on (see LossMath).  CLUSTER: blocks per row (1: a row per
-// group of TPR threads).
-template <typename T, int TPR, int BLOCK, int VEC, int CH, bool CAP, int CLUSTER = 1>
+// group of TPR threads).  PREFETCH: the next row staged in shared memory
+// (see above; a grid of at most as many blocks as the device holds at once).
+template <typename T, int TPR, int BLOCK, int VEC, int CH, bool CAP, int CLUSTER = 1, bool PREFETCH = false>
 __global__ void __launch_bounds__(BLOCK)
     ce_forward_grad_resident_kernel(const CrossEntropyForwardParams<T> p,
                                     const LossMath<acc_t<T>, CAP> math) {
@@ -211,6 +242,7 @@ __global__ void __launch_bounds__(BLOCK)
   static_assert(VEC * sizeof(T) == kVectorBytes, "one slot is one 16-byte vector");
   static_assert(CLUSTER == 1 || (TPR == BLOCK && CLUSTER <= kMaxClusterBlocks),
                 "a row split over a cluster takes whole blocks");
+  static_assert(!PREFETCH || CLUSTER == 1, "the prefetch stages whole rows of one group");
   using Acc = acc_t<T>;
   using Codec = WordCodec<T>;
   using Sched = std::conditional_t<(CLUSTER > 1), ClusterRowSchedule<CLUSTER, BLOCK>, RowSchedule<TPR, BLOCK>>;
@@ -224,6 +256,33 @@ __global__ void __launch_bounds__(BLOCK)
   const T neg_inf = storage_neg_inf<T>();
   const T zero = from_acc<T>(Acc(0));
 
+  // PREFETCH: this thread's slot ch of the staged row is staged[ch * BLOCK]
+  // ([slot][thread], so that a warp's 16-byte copies and reads of one slot
+  // are 512 consecutive bytes).  stage_row(r) starts the copies of row r's
+  // slots of this lane (nothing past the last row), closes their group and
+  // returns r's target as read, checked when its turn comes.
+  FUSED_CE_DYNAMIC_SHARED(prefetch_memory);
+  uint4* const staged = PREFETCH ? reinterpret_cast<uint4*>(prefetch_memory) + threadIdx.x : nullptr;
+  [[maybe_unused]] auto stage_row = [&](int64_t r) -> int64_t {
+    int64_t target = p.ignore_index;
+    if (r < rows) {
+      const T* xr = p.input + r * p.input_stride_n;
+      const RowSplit<VEC> split = RowSplit<VEC>::make(xr, C);
+      const uint64_t l2 = l2_evict_first();  // nothing reads the row again
+#pragma unroll
+      for (int ch = 0; ch < CH; ++ch) {
+        const int slot = ch * TPR + lane;
+        if (slot < split.body_slots)
+          async_copy_16(staged + ch * BLOCK, xr + split.slot_class(slot), l2);
+      }
+      target = load_global<CachePolicy::kKeep>(p.target + r * p.target_stride_n);
+    }
+    async_commit();
+    return target;
+  };
+  [[maybe_unused]] int64_t staged_target = 0;
+  if constexpr (PREFETCH) staged_target = stage_row(Sched::first_base() + Sched::group());
+
   for (int64_t base = Sched::first_base(); base < rows; base += Sched::base_step()) {
     const int64_t row = base + Sched::group();
     const bool active = row < rows;
@@ -236,8 +295,11 @@ __global__ void __launch_bounds__(BLOCK)
         CLUSTER > 1 ? SlotRange::of_rank(rs.body_slots, rank, CLUSTER) : SlotRange{0, rs.body_slots};
     RowSplit<VEC> edges = rs;
     if (rank != 0) edges.head = edges.tail = 0;
-    const int64_t y =
-        active ? read_class_target(p.target, row * p.target_stride_n, p.ignore_index, p.C) : -1;
+    int64_t y = -1;
+    if (active) {
+      y = PREFETCH ? checked_class_target(staged_target, p.ignore_index, p.C)
+                   : read_class_target(p.target, row * p.target_stride_n, p.ignore_index, p.C);
+    }
     // y_t, also the reference the smoothing sum is taken relative to (see
     // ce_loss.cuh).
     Acc y_target = Acc(0);
@@ -246,14 +308,21 @@ __global__ void __launch_bounds__(BLOCK)
     const Acc ref = isfinite(y_target) ? y_target : Acc(0);
 
     // The only read of the row: body slot mine.first + ch * TPR + lane goes
-    // to xw[ch], the lane's head/tail elements to xe; padding is -inf.
-    // Evict-first: nothing reads the row again.
+    // to xw[ch] (PREFETCH: from where stage_row copied it), the lane's
+    // head/tail elements to xe; padding is -inf.  Evict-first: nothing reads
+    // the row again.
     uint32_t xw[CH][kWordsPerSlot];
     T xe[kEdges];
+    if constexpr (PREFETCH) {
+      async_wait<0>();
 #pragma unroll
-    for (int ch = 0; ch < CH; ++ch)
-      load_slot_words<CachePolicy::kStream>(x, rs, mine.first + ch * TPR + lane, ch * TPR + lane < mine.count,
-                                            xw[ch]);
+      for (int ch = 0; ch < CH; ++ch) staged_slot_words<T>(staged + ch * BLOCK, ch * TPR + lane < mine.count, xw[ch]);
+    } else {
+#pragma unroll
+      for (int ch = 0; ch < CH; ++ch)
+        load_slot_words<CachePolicy::kStream>(x, rs, mine.first + ch * TPR + lane,
+                                              ch * TPR + lane < mine.count, xw[ch]);
+    }
     load_edges<CachePolicy::kStream>(x, edges, lane, neg_inf, xe);
 
     // One pass over the registers: an online (max, sum of exp) per slot plus,
@@ -288,6 +357,9 @@ __global__ void __launch_bounds__(BLOCK)
         for (int j = 0; j < VEC; ++j) add_smoothing(vals[j], rs.slot_class(slot) + j);
       }
     }
+    // The staged slots are all in registers and consumed: the next row's
+    // copies may overwrite them.
+    if constexpr (PREFETCH) staged_target = stage_row(row + Sched::base_step());
     // Also the barrier between this row's reads and its in-place writes.
     st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
     if constexpr (CLUSTER > 1) {

@@ -23,16 +23,20 @@ __device__ __forceinline__ RowCoord split_row(int64_t row, int64_t D) {
   return RowCoord{row / D, row % D};
 }
 
-// Reads the class target of a row.  Returns the class, or -1 when the row is
-// ignored.  A target that is neither ignore_index nor a valid class is a user
-// error: assert like PyTorch does, and then treat the row as ignored so that
+// The class of a row's target y: y, or -1 when the row is ignored.  A
+// target that is neither ignore_index nor a valid class is a user error:
+// assert like PyTorch does, and then treat the row as ignored so that
 // nothing outside the tensors is ever touched.
-__device__ __forceinline__ int64_t read_class_target(const int64_t* target, int64_t offset,
-                                                     int64_t ignore_index, int64_t num_classes) {
-  const int64_t y = load_global<CachePolicy::kKeep>(target + offset);
+__device__ __forceinline__ int64_t checked_class_target(int64_t y, int64_t ignore_index, int64_t num_classes) {
   if (y == ignore_index) return -1;
   FUSED_CE_KERNEL_ASSERT(y >= 0 && y < num_classes && "target out of bounds");
   return (y >= 0 && y < num_classes) ? y : -1;
+}
+
+// Reads the class target of a row and checks it (checked_class_target).
+__device__ __forceinline__ int64_t read_class_target(const int64_t* target, int64_t offset,
+                                                     int64_t ignore_index, int64_t num_classes) {
+  return checked_class_target(load_global<CachePolicy::kKeep>(target + offset), ignore_index, num_classes);
 }
 
 // Rows handled by one block: BLOCK / TPR groups of TPR threads, one row each

@@ -219,6 +219,90 @@ inline bool warp_rows_of_8_slots() {
   return on;
 }
 
+// A fact about the current device and the kernels loaded for it, a count
+// (0 or more; 1 or 0 for a yes or no), found by `find(device)` the first
+// time per device and remembered; a static of its caller (zero-initialised:
+// nothing known).  0, and found again next time, where there is no current
+// device.
+class PerDeviceFact {
+ public:
+  template <typename Find>
+  int get(Find find) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+      (void)cudaGetLastError();  // not the error of a later launch check
+      return 0;
+    }
+    if (device < kMaxDevices && known_[device].load() != 0) return known_[device].load() - 1;
+    const int answer = find(device);
+    if (device < kMaxDevices) known_[device].store(answer + 1);
+    return answer;
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  std::atomic<int> known_[kMaxDevices];  // 0 unknown, else the answer + 1
+};
+
+// How many blocks of `threads` threads of `kernel`, each with
+// `shared_bytes` of dynamic shared memory (already allowed), an SM holds at
+// once; 0 where the device cannot say.
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, int shared_bytes) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // not the error of a later launch check
+    return 0;
+  }
+  return blocks;
+}
+
+// Whether the rows one block of 512 or more threads holds (one or two such
+// blocks per SM) are read through the PREFETCH kernel, a persistent grid
+// that stages each block's next row in shared memory while it reduces and
+// writes the current one (ce_resident_kernel.cuh), from
+// FUSED_CE_CUDA_RESIDENT_PREFETCH (read once per process): "1", or any other
+// value and unset for the plain kernel.  An experiment for the rows furthest
+// from the copy on the H200 (benchmarks/results/gpu-2026-11-28-h200):
+// 8192 x 32000 float32 (a block of 1024 threads) 1.65x, 16384 x 50304
+// bfloat16 (896) 2.22x.  Not timed yet.
+constexpr int kPrefetchFromBlock = 512;
+inline bool resident_prefetch() {
+  static const bool on = env_number("FUSED_CE_CUDA_RESIDENT_PREFETCH", {"1"}) == 1;
+  return on;
+}
+
+// One launch of the PREFETCH kernel over rows of one block of BLOCK threads
+// holding CH slots each, as a grid of at most as many blocks as the device
+// holds at once.  Returns false (launching nothing) where the device cannot
+// give the kernel its shared memory, or would hold fewer of its blocks per
+// SM than of the plain kernel's.
+template <typename T, int BLOCK, int CH, bool CAP>
+bool launch_prefetching_rows(const CrossEntropyForwardParams<T>& p, cudaStream_t stream) {
+  constexpr int V = vector_width<T>();
+  constexpr int shared_bytes = prefetch_shared_bytes<BLOCK, CH>();
+  const auto kernel = ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP, 1, true>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; the caller launches the plain kernel
+    return false;
+  }
+  static PerDeviceFact resident_blocks;  // of the device, 0: the plain kernel
+  const int capacity = resident_blocks.get([&](int device) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    const int blocks = blocks_per_sm(kernel, BLOCK, shared_bytes);
+    const int plain_blocks = blocks_per_sm(ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP>, BLOCK, 0);
+    return blocks > 0 && blocks >= plain_blocks ? sms * blocks : 0;
+  });
+  if (capacity == 0) return false;
+  const int64_t blocks = p.N < capacity ? p.N : capacity;
+  kernel<<<static_cast<unsigned int>(blocks), BLOCK, shared_bytes, stream>>>(p, loss_math<CAP>(p));
+  return true;
+}
+
 // Register-resident configurations, smallest first: (threads per row,
 // block, slots per thread).  Capacity = TPR * CH slots of VEC elements.
 // Rows of more than kSlotsOf256ThreadBlock slots take one block of 512 or
@@ -236,6 +320,10 @@ cudaError_t launch_resident(const CrossEntropyForwardParams<T>& p, int64_t slots
   const auto math = loss_math<CAP>(p);
 #define FUSED_CE_RESIDENT(TPR, BLOCK, CH)                                                   \
   if (slots <= int64_t(TPR) * (CH)) {                                                       \
+    if constexpr ((TPR) == (BLOCK) && (BLOCK) >= kPrefetchFromBlock) {                      \
+      if (resident_prefetch() && launch_prefetching_rows<T, BLOCK, CH, CAP>(p, stream))     \
+        return cudaGetLastError();                                                          \
+    }                                                                                       \
     ce_forward_grad_resident_kernel<T, TPR, BLOCK, V, CH, CAP>                              \
         <<<grid_for(rows, (BLOCK) / (TPR)), BLOCK, 0, stream>>>(p, math);                   \
     return cudaGetLastError();                                                              \
@@ -400,42 +488,13 @@ StreamRing stream_ring() {
   return sizeof(T) == 2 ? StreamRing::kWhereNoBlockIsLost : StreamRing::kOff;
 }
 
-// A yes-or-no fact about the current device and the kernels loaded for it,
-// found by `find(device)` the first time per device and remembered; a
-// static of its caller (zero-initialised: nothing known).  False, and found
-// again next time, where there is no current device.
-class PerDeviceFlag {
- public:
-  template <typename Find>
-  bool get(Find find) {
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) {
-      (void)cudaGetLastError();  // not the error of a later launch check
-      return false;
-    }
-    if (device < kMaxDevices && known_[device].load() != 0) return known_[device].load() > 0;
-    const bool answer = find(device);
-    if (device < kMaxDevices) known_[device].store(answer ? 1 : -1);
-    return answer;
-  }
-
- private:
-  static constexpr int kMaxDevices = 64;
-  std::atomic<signed char> known_[kMaxDevices];  // 0 unknown, 1 true, -1 false
-};
-
 // Whether the device keeps at least as many blocks of `ring` (with
 // `shared_bytes` of dynamic shared memory, already allowed) per SM as of
 // `registers`, both of `threads` threads: two host-side queries.
 template <typename RingKernel, typename RegisterKernel>
 bool ring_keeps_blocks(RingKernel ring, RegisterKernel registers, int threads, int shared_bytes) {
-  int ring_blocks = 0, register_blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ring_blocks, ring, threads, shared_bytes) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&register_blocks, registers, threads, 0) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return ring_blocks > 0 && ring_blocks >= register_blocks;
+  const int ring_blocks = blocks_per_sm(ring, threads, shared_bytes);
+  return ring_blocks > 0 && ring_blocks >= blocks_per_sm(registers, threads, 0);
 }
 
 // One launch of forward_with_grad's stream kernel over rows of BLOCK threads:
@@ -455,7 +514,7 @@ bool launch_stream_rows(const CrossEntropyForwardParams<T>& p, StreamReuse reuse
       (void)cudaGetLastError();  // not sticky; the caller launches the register version
       return false;
     }
-    static PerDeviceFlag keeps_blocks;
+    static PerDeviceFact keeps_blocks;
     const auto registers = ce_forward_stream_kernel<T, BLOCK, BLOCK, VEC, false, CAP, 0>;
     if (ring == StreamRing::kWhereNoBlockIsLost &&
         !keeps_blocks.get([&](int) { return ring_keeps_blocks(kernel, registers, BLOCK, shared_bytes); }))
@@ -489,7 +548,7 @@ void launch_wide_stream_rows(const CrossEntropyForwardParams<T>& p, bool capped,
 // depends on the device and the loaded module.
 template <typename Kernel>
 bool clusters_usable(Kernel kernel) {
-  static PerDeviceFlag usable;
+  static PerDeviceFact usable;
   return usable.get([&](int device) {
     int cluster_launch = 0;
     cudaFuncAttributes attributes;

@@ -479,8 +479,15 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
+// 132 SMs (an H100 or H200), or FUSED_CE_EMULATED_SMS where set, so tests of
+// a persistent grid can make its blocks loop over several rows.
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrClusterLaunch ? 1 : 0;
+  const char* sms = std::getenv("FUSED_CE_EMULATED_SMS");
+  switch (attribute) {
+    case cudaDevAttrClusterLaunch: *value = 1; break;
+    case cudaDevAttrMultiProcessorCount: *value = sms != nullptr ? std::atoi(sms) : 132; break;
+    default: *value = 0; break;
+  }
   return cudaSuccess;
 }
 
@@ -498,7 +505,9 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void*, const cud
 
 // An SM of an H100 or H200 (65536 registers, 2048 threads, 32 blocks, 228
 // KB of shared memory, 1 KB of it reserved per block) running kernels of
-// 80 registers a thread, the streamed rows' count there.  The emulated SM's
+// 80 registers a thread, the streamed rows' count there, or as many as one
+// block may have (a kernel's launch bounds keep it within them: 64 for 1024
+// threads).  The emulated SM's
 // shared memory in KB comes from FUSED_CE_EMULATED_SHARED_KB_PER_SM where
 // set, so tests can stand in for a GPU with less (100 KB: sm_86, sm_89,
 // sm_120), on which a block that asks for much of it loses occupancy.
@@ -508,7 +517,7 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const voi
   const char* kb = std::getenv("FUSED_CE_EMULATED_SHARED_KB_PER_SM");
   const size_t shared_per_sm = (kb != nullptr ? std::strtoul(kb, nullptr, 10) : 228) * 1024;
   const int warps = (threads + 31) / 32;
-  const int by_registers = 65536 / (warps * 32 * 80);
+  const int by_registers = 65536 / (warps * 32 * std::min(80, 65536 / (warps * 32)));
   const int by_threads = 2048 / (warps * 32);
   const int by_shared = static_cast<int>(shared_per_sm / (dynamic_shared_bytes + 1024));
   *blocks = std::min({by_registers, by_threads, by_shared, 32});
