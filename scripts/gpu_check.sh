@@ -89,6 +89,19 @@ time_rows() {
       | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy)  " | tee -a "$LOG"
 }
 
+# An experiment's switch against its default: time_rows with VARIABLE unset
+# and set to VALUE, alternating, twice (drift of the machine hits both).
+#   switch_rows VARIABLE VALUE SHAPES NAME
+switch_rows() {
+  for round in 1 2; do
+    for setting in unset "$2"; do
+      echo "$1=$setting (round $round)" | tee -a "$LOG"
+      ( if [ "$setting" = unset ]; then unset "$1"; else export "$1=$setting"; fi
+        time_rows "$3" "$4-$setting-$round" )
+    done
+  done
+}
+
 {
   stage environment
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -256,14 +269,7 @@ if want warprows; then
   stage "warp rows" | tee -a "$LOG"
   FUSED_CE_CUDA_WARP_ROWS=8 timeout 150 "$PY" -m pytest tests/test_parity.py tests/test_special_values.py -q \
       -p no:cacheprovider -k cuda 2>&1 | tail -n 1 | tee -a "$LOG"
-  rows=${WARP_ROWS:-65536x1000:fp32,32768x768:fp32,16384x2048:bf16,65536x1000:bf16}
-  for round in 1 2; do
-    for setting in unset 8; do
-      echo "FUSED_CE_CUDA_WARP_ROWS=$setting (round $round)" | tee -a "$LOG"
-      ( [ "$setting" = unset ] || export FUSED_CE_CUDA_WARP_ROWS=$setting
-        time_rows "$rows" "warp-$setting-$round" )
-    done
-  done
+  switch_rows FUSED_CE_CUDA_WARP_ROWS 8 "${WARP_ROWS:-65536x1000:fp32,32768x768:fp32,16384x2048:bf16,65536x1000:bf16}" warp
 fi
 
 if want prefetch; then
@@ -289,14 +295,7 @@ if want prefetch; then
     echo "racecheck (prefetch) exit status $?" | tee -a "$LOG"
     grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/prefetch-racecheck.log | head -n 5 | tee -a "$LOG"
   fi
-  rows=${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32}
-  for round in 1 2; do
-    for setting in unset 1; do
-      echo "FUSED_CE_CUDA_RESIDENT_PREFETCH=$setting (round $round)" | tee -a "$LOG"
-      ( [ "$setting" = unset ] || export FUSED_CE_CUDA_RESIDENT_PREFETCH=$setting
-        time_rows "$rows" "prefetch-$setting-$round" )
-    done
-  done
+  switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32}" prefetch
 fi
 
 if want percall; then
