@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,prefetch,percall,graphed,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,prefetch,wide,percall,graphed,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
@@ -37,12 +37,16 @@
 #      racecheck; then the racecheck of the shared-memory ring, default for
 #      streamed 16-bit rows since session 32 (it ran only under the tests
 #      there), and the ring against registers.
-#   3. at once, if the time is there: bash scripts/gpu_check.sh build,warprows,percall
-#      (about 3 minutes): whether rows of 513-1024 float32 classes are faster
-#      held by a warp (65536 x 1000 fp32 was 2.23x the copy in blocks of 128
-#      threads); the host's cost of a step, and each kernel of a 65536 x 10
-#      step with its device time (65536 x 10 is 2.41x eager from a CUDA
-#      graph where the target is 3x: which launches to fold first?).
+#   3. at once, if the time is there: bash scripts/gpu_check.sh build,wide,percall
+#      (about 4 minutes): the 65536 x 10 step (2.41x eager from a CUDA graph,
+#      1.53x launched, where the target is 3x) with its two reductions in one
+#      wide block each (FUSED_CE_CUDA_WIDE_REDUCTIONS=1, session 33: a
+#      forward of three launches instead of five) against the partials,
+#      launched and graphed; each kernel of the step with its device time
+#      under both (step_kernels.py), and the host's cost of a step.
+#   Then, in a later session: build,warprows (whether rows of 513-1024
+#   float32 classes are faster held by a warp: 65536 x 1000 fp32 was 2.23x
+#   the copy in blocks of 128 threads).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -55,7 +59,8 @@
 # device call) the benchmark also times Liger-Kernel and Cut Cross-Entropy.
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
-# CLUSTER_ROWS and REUSE_ROWS (the shapes those experiments time),
+# CLUSTER_ROWS, REUSE_ROWS, WARP_ROWS, PREFETCH_ROWS and WIDE_ROWS (the
+# shapes those experiments time),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage), EXPERIMENT_SANITIZE=0 (no compute-sanitizer in the clusters
 # and reuse stages), EMULATOR=0 (tests: leave the CPU emulator's out).
@@ -65,7 +70,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-STAGES="${1:-build,smoke,repro,tests,clusters,reuse,warprows,prefetch,percall,graphed,bench,profile,sanitize}"
+STAGES="${1:-build,smoke,repro,tests,clusters,reuse,warprows,prefetch,wide,percall,graphed,bench,profile,sanitize}"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
@@ -80,13 +85,14 @@ want() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
 
 # fused_ce's forward + backward on the given shapes next to a copy of the
-# logits, in a process of its own under the caller's environment (the
-# FUSED_CE_CUDA_* settings are read once per process); the tables' rows only
-# ($OUT brings back 8 files).   time_rows SHAPES NAME
+# logits (IMPLS and MODES: other implementations and benchmark modes), in a
+# process of its own under the caller's environment (the FUSED_CE_CUDA_*
+# settings are read once per process); the tables' rows only ($OUT brings
+# back 8 files).   time_rows SHAPES NAME
 time_rows() {
-  timeout 150 "$PY" -m fused_ce.bench --device cuda --modes fwd+bwd --shapes "$1" \
-      --impls fused_ce,copy --no-compile --no-memory --max-time 1 --out "/tmp/rows-$2" 2>&1 \
-      | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy)  " | tee -a "$LOG"
+  timeout 150 "$PY" -m fused_ce.bench --device cuda --modes "${MODES:-fwd+bwd}" --shapes "$1" \
+      --impls "${IMPLS:-fused_ce,copy}" --no-compile --no-memory --max-time 1 --out "/tmp/rows-$2" 2>&1 \
+      | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy|eager)  " | tee -a "$LOG"
 }
 
 # An experiment's switch against its default: time_rows with VARIABLE unset
@@ -296,6 +302,24 @@ if want prefetch; then
     grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/prefetch-racecheck.log | head -n 5 | tee -a "$LOG"
   fi
   switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32}" prefetch
+fi
+
+if want wide; then
+  # The 65536 x 10 step's two reductions (total_weight, reduce_loss) in one
+  # block of 1024 threads each (FUSED_CE_CUDA_WIDE_REDUCTIONS=1, an
+  # experiment: a forward of three launches instead of five) against their
+  # partials: the tests of those sizes under the switch, each kernel of the
+  # step with its device time under it (step_kernels.py; the percall stage
+  # gives the default's), then, alternating twice, the step launched and
+  # replayed from a CUDA graph, next to eager and a copy (time_rows).
+  stage "wide reductions" | tee -a "$LOG"
+  FUSED_CE_CUDA_WIDE_REDUCTIONS=1 timeout 150 "$PY" -m pytest tests/test_reduce_loss.py tests/test_parity.py -q \
+      -p no:cacheprovider -k "cuda and (many_rows_of_few or reduce_loss)" -rfE 2>&1 | tail -n 5 | cut -c1-300 \
+      | tee -a "$LOG"
+  FUSED_CE_CUDA_WIDE_REDUCTIONS=1 timeout 150 "$PY" benchmarks/step_kernels.py --rows 65536 --classes 10 \
+      --no-compile 2>&1 | tee -a "$LOG"
+  MODES=fwd+bwd,graphed IMPLS=fused_ce,eager,copy switch_rows FUSED_CE_CUDA_WIDE_REDUCTIONS 1 \
+      "${WIDE_ROWS:-65536x10:fp32,65536x10:bf16}" wide
 fi
 
 if want percall; then

@@ -388,6 +388,49 @@ def test_reduce_loss(emu, dtype, n):
     emu.take_launch_log()
 
 
+# A 10-class step's reductions under FUSED_CE_CUDA_WIDE_REDUCTIONS, in a process of its own:
+# total_weight over R rows (weighted, some ignored) and reduce_loss over n losses, each checked
+# against the reference; prints the launches of each.
+_WIDE_REDUCTION_LAUNCHES = """
+from conftest import make_weight, reduced_loss_reference
+for rows in (2048, 2049, 65536, 65537):
+    x = make_logits((rows, 10, 1), torch.float32)
+    t = make_class_target((rows, 1), 10, ignore_index=-100)
+    print("weights", rows, _check_forward_with_grad(emu, x, t, "mean", weight=make_weight(10, torch.float32))[:-1])
+for n in (4096, 4097, 65536, 65537):
+    loss = torch.rand(n, dtype=torch.float64).float() * 5
+    total = torch.tensor(0.75 * n + 0.5)
+    for reduction, code in (("mean", 1), ("sum", 2)):
+        got = emu.reduce_loss(loss, total, code, torch.float32)
+        torch.testing.assert_close(got, reduced_loss_reference(loss, total, reduction, torch.float32),
+                                   rtol=4e-6, atol=0)
+        launches = emu.take_launch_log()
+    print("losses", n, launches)  # the sum's
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "1", "2"])
+def test_wide_reductions(emu, setting):
+    """FUSED_CE_CUDA_WIDE_REDUCTIONS=1 (read once per process): total_weight over up to 65536
+    rows and reduce_loss over up to 65536 losses take one block of 1024 threads each instead of
+    partials and their sum (two launches fewer for a step of 65536 rows), and are right; past
+    65536, and unset or any other value, the partials (one block of 256 up to 2048 rows and
+    4096 losses, as ever)."""
+    wide = setting == "1"
+    lines = _launches_with("FUSED_CE_CUDA_WIDE_REDUCTIONS", setting, _WIDE_REDUCTION_LAUNCHES)
+    one, wide_block = "[(1, 256, 1)]", "[(1, 1024, 1)]"
+    assert lines == [
+        f"2048 {one}",
+        f"2049 {wide_block if wide else '[(2, 256, 1), (1, 256, 1)]'}",
+        f"65536 {wide_block if wide else '[(32, 256, 1), (1, 256, 1)]'}",
+        "65537 [(33, 256, 1), (1, 256, 1)]",
+        f"4096 {one}",
+        f"4097 {wide_block if wide else '[(2, 256, 1), (1, 256, 1)]'}",
+        f"65536 {wide_block if wide else '[(16, 256, 1), (1, 256, 1)]'}",
+        "65537 [(17, 256, 1), (1, 256, 1)]",
+    ]
+
+
 def test_results_match_the_cpu_operators(emu):
     """Kernel for kernel, the emulated CUDA path agrees with fused_ce's CPU
     operator (both checked against PyTorch above; here against each other)."""

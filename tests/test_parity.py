@@ -792,6 +792,18 @@ def test_language_model_vocab_sizes(device, C, dtype):
     check_against_torch(fused_ce, x, t, None, reduction="none", what=f"vocab {C} none")
 
 
+# Many rows of 10 classes: the batch's total weight and its loss's sum over every row. On a GPU past
+# 2048 rows (4096 losses) each is a sum of per-block partials, or (FUSED_CE_CUDA_WIDE_REDUCTIONS=1)
+# one block of 1024 threads up to 65536; past that, partials either way.
+@pytest.mark.parametrize("N", [2049, 65536, 65537])
+def test_many_rows_of_few_classes(device, N):
+    x = make_logits((N, 10), torch.float32, device, scale=4.0)
+    t = make_class_target((N,), 10, device, ignore_index=-100, ignore_frac=0.2)
+    w = make_weight(10, torch.float32, device)
+    check_against_torch(fused_ce, x, t, w, reduction="mean", what=f"{N} rows")
+    check_against_torch(fused_ce, x, t, None, reduction="sum", label_smoothing=0.1, what=f"{N} rows, sum")
+
+
 # Rows that one block of 512 or more threads holds on a GPU, more of them than an H100 or H200 runs
 # at once (132 SMs x one or two such blocks): a kernel whose blocks loop over rows (the prefetching
 # one of FUSED_CE_CUDA_RESIDENT_PREFETCH=1) gives each block several, the next staged while the

@@ -38,7 +38,7 @@ def _reduce(loss, total_weight, reduction, dtype):
 
 # n: one element, a partial block, exactly one CUDA block, one more (two
 # stages), several CPU chunks of 32768.
-@pytest.mark.parametrize("n", [0, 1, 37, 4096, 4097, 100_003])
+@pytest.mark.parametrize("n", [0, 1, 37, 4096, 4097, 65536, 100_003])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_matches_the_float64_sum(device, dtype, reduction, n):

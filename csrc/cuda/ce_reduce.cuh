@@ -181,6 +181,30 @@ __device__ __forceinline__ bool group_any(bool v) {
   }
 }
 
+// One thread's share of a strided sum: term(load(i)) summed over i = first,
+// first + stride, ... below end, added in that order, with the loads of U
+// consecutive terms issued before any of them is added.  The loads are
+// independent, so a thread waits for memory once per U terms rather than
+// once per term (the reductions over a batch's targets and losses are
+// latency bound: few threads, each walking a long range); the order of the
+// additions, hence every bit of the sum, is the plain loop's.  `load(i)`
+// is only called for i < end.
+template <int U, typename Acc, typename Load, typename Term>
+__device__ __forceinline__ Acc strided_sum(int64_t first, int64_t end, int64_t stride, Load load, Term term) {
+  using Raw = decltype(load(first));
+  Acc sum = Acc(0);
+  for (int64_t base = first; base < end; base += U * stride) {
+    Raw raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * stride < end) raw[u] = load(base + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (base + u * stride < end) sum += term(raw[u]);
+  }
+  return sum;
+}
+
 // Convenience wrappers for a single value.
 template <int TPR, int BLOCK, typename Acc>
 __device__ __forceinline__ Acc group_max(Acc v) {

@@ -4,13 +4,16 @@
 //
 // It replaces ATen's sum, division and cast (three kernels, and the host
 // work of three TensorIterator calls) by one kernel for up to
-// kLossElemsPerPartial elements and two beyond. No atomics: stage 1 gives
+// kLossElemsPerPartial elements (kWideReduceElems in one wide block, under
+// FUSED_CE_CUDA_WIDE_REDUCTIONS) and two beyond. No atomics: stage 1 gives
 // each block a fixed contiguous range and writes one partial per block,
 // stage 2 (one block) folds the partials in index order. The partition
 // depends only on the element count, so the bits do not depend on the GPU.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "ce_common.cuh"
 #include "ce_memory.cuh"
@@ -24,6 +27,27 @@ constexpr int kLossReduceThreads = 256;
 // Elements per thread in a block of stage 1 (ce_params.cuh): few enough
 // that one block reads them in a few microseconds.
 static_assert(kLossElemsPerPartial == 16 * kLossReduceThreads, "16 elements per thread");
+// Losses a thread loads before it adds them (strided_sum).
+constexpr int kLossReduceUnroll = 8;
+// The wide block of FUSED_CE_CUDA_WIDE_REDUCTIONS and what it sums alone.
+constexpr int kWideLossReduceThreads = 1024;
+constexpr int64_t kWideReduceElems = 65536;
+
+// Whether reduce_loss sums up to kWideReduceElems elements in one block of
+// kWideLossReduceThreads rather than in partials past kLossElemsPerPartial,
+// from FUSED_CE_CUDA_WIDE_REDUCTIONS (read once per process): "1", or any
+// other value and unset for the partials.  With total_weight's wide block
+// (cross_entropy_kernels.cuh) a 65536-row step launches two kernels fewer:
+// an experiment for the rows of 10 classes, whose step is bound by launches
+// (on the H200 65536 x 10 fp32 took 0.19 ms launched, eager 0.29; 44 us
+// replayed from a CUDA graph, eager 105).  Not timed yet.
+inline bool wide_reductions() {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_WIDE_REDUCTIONS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
 
 // The mean's division, correctly rounded even under --use_fast_math (which
 // turns float `/` into an approximation), like ATen's.
@@ -36,22 +60,21 @@ __global__ void __launch_bounds__(kLossReduceThreads)
     ce_loss_partials_kernel(const Acc* __restrict__ values, int64_t n, int64_t chunk, Acc* __restrict__ partials) {
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
-  Acc sum = Acc(0);
-  for (int64_t i = begin + threadIdx.x; i < end; i += kLossReduceThreads) sum += values[i];
-  sum = group_sum<kLossReduceThreads, kLossReduceThreads>(sum);
+  const Acc sum = group_sum<kLossReduceThreads, kLossReduceThreads>(strided_sum<kLossReduceUnroll, Acc>(
+      begin + threadIdx.x, end, kLossReduceThreads, [&](int64_t i) { return values[i]; }, [](Acc v) { return v; }));
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
-// Stage 2, one block: *out = sum of values[0, n), over *total_weight for
-// the mean (0 / 0 is NaN, like PyTorch's mean of an all-ignored batch).
-template <typename T>
-__global__ void __launch_bounds__(kLossReduceThreads)
+// Stage 2, one block of THREADS: *out = sum of values[0, n), over
+// *total_weight for the mean (0 / 0 is NaN, like PyTorch's mean of an
+// all-ignored batch).
+template <typename T, int THREADS = kLossReduceThreads>
+__global__ void __launch_bounds__(THREADS)
     ce_finish_loss_kernel(const acc_t<T>* __restrict__ values, int64_t n, const acc_t<T>* __restrict__ total_weight,
                           int reduction, T* __restrict__ out) {
   using Acc = acc_t<T>;
-  Acc sum = Acc(0);
-  for (int64_t i = threadIdx.x; i < n; i += kLossReduceThreads) sum += values[i];
-  sum = group_sum<kLossReduceThreads, kLossReduceThreads>(sum);
+  const Acc sum = group_sum<THREADS, THREADS>(strided_sum<kLossReduceUnroll, Acc>(
+      threadIdx.x, n, THREADS, [&](int64_t i) { return values[i]; }, [](Acc v) { return v; }));
   if (threadIdx.x == 0) *out = from_acc<T>(reduction == kReductionMean ? divide_rn(sum, *total_weight) : sum);
 }
 
@@ -63,6 +86,11 @@ cudaError_t launch_reduce_loss(const acc_t<T>* loss, int64_t n, const acc_t<T>* 
     return cudaErrorInvalidValue;
   if (n <= kLossElemsPerPartial) {
     ce_finish_loss_kernel<T><<<1, kLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
+    return cudaGetLastError();
+  }
+  if (n <= kWideReduceElems && wide_reductions()) {
+    ce_finish_loss_kernel<T, kWideLossReduceThreads>
+        <<<1, kWideLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
     return cudaGetLastError();
   }
   if (workspace == nullptr) return cudaErrorInvalidValue;

@@ -28,6 +28,12 @@ namespace cuda {
 constexpr int kReduceThreads = 256;
 // Rows per stage-1 block before a second block is worth it.
 constexpr int64_t kMinRowsPerPartial = 8 * kReduceThreads;
+// Targets a thread loads before it adds their weights (strided_sum).
+constexpr int kReduceUnroll = 8;
+// FUSED_CE_CUDA_WIDE_REDUCTIONS (cross_entropy_kernels.cuh): one block of
+// kWideReduceThreads sums the weights of up to kWideReduceRows rows.
+constexpr int kWideReduceThreads = 1024;
+constexpr int64_t kWideReduceRows = 65536;
 
 // total_weight and the gradient scale from the final sum (thread 0).
 template <typename Acc>
@@ -38,26 +44,29 @@ __device__ __forceinline__ void write_total_weight(Acc total, int reduction, Acc
   workspace[kWorkspaceScaleSlot] = reduction == kReductionMean ? Acc(1) / total : Acc(1);
 }
 
-// Stage 1: partials[b] = sum of w[y] over rows [b * chunk, (b + 1) * chunk).
-// FINAL (a grid of one block, for up to kMinRowsPerPartial rows): the block
+// Stage 1: partials[b] = sum of w[y] over rows [b * chunk, (b + 1) * chunk),
+// by a block of THREADS.  FINAL (a grid of one block, for up to
+// kMinRowsPerPartial rows, or kWideReduceRows in a wide block): the block
 // writes total_weight and the scale itself, one launch instead of two (what
 // a small batch's step costs is mostly launches); the same bits, since stage
 // 2 would add zeros to the one partial.
-template <typename T, bool FINAL>
-__global__ void __launch_bounds__(kReduceThreads)
+template <typename T, bool FINAL, int THREADS = kReduceThreads>
+__global__ void __launch_bounds__(THREADS)
     ce_target_weight_partials_kernel(const CrossEntropyForwardParams<T> p, int64_t chunk) {
   using Acc = acc_t<T>;
   const int64_t rows = p.N * p.D;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < rows ? begin + chunk : rows;
-  Acc sum = Acc(0);
-  for (int64_t row = begin + threadIdx.x; row < end; row += kReduceThreads) {
+  auto target_of = [&](int64_t row) {
     const RowCoord rc = split_row(row, p.D);
-    const int64_t y = read_class_target(p.target, rc.n * p.target_stride_n + rc.d * p.target_stride_d,
-                                        p.ignore_index, p.C);
-    if (y >= 0) sum += class_weight(p.weight, y);
-  }
-  sum = group_sum<kReduceThreads, kReduceThreads>(sum);
+    return load_global<CachePolicy::kKeep>(p.target + rc.n * p.target_stride_n + rc.d * p.target_stride_d);
+  };
+  auto weight_of = [&](int64_t target) {
+    const int64_t y = checked_class_target(target, p.ignore_index, p.C);
+    return y >= 0 ? class_weight(p.weight, y) : Acc(0);
+  };
+  Acc sum = strided_sum<kReduceUnroll, Acc>(begin + threadIdx.x, end, THREADS, target_of, weight_of);
+  sum = group_sum<THREADS, THREADS>(sum);
   if (threadIdx.x == 0) {
     if constexpr (FINAL) {
       write_total_weight(sum, p.reduction, p.total_weight, p.workspace);
@@ -73,8 +82,8 @@ template <typename Acc>
 __global__ void __launch_bounds__(kReduceThreads)
     ce_finalize_total_weight_kernel(Acc* workspace, int num_partials, Acc base, int reduction,
                                     Acc* total_weight) {
-  Acc sum = Acc(0);
-  for (int i = static_cast<int>(threadIdx.x); i < num_partials; i += kReduceThreads) sum += workspace[i];
+  Acc sum = strided_sum<kReduceUnroll, Acc>(
+      threadIdx.x, num_partials, kReduceThreads, [&](int64_t i) { return workspace[i]; }, [](Acc v) { return v; });
   sum = group_sum<kReduceThreads, kReduceThreads>(sum);
   if (threadIdx.x == 0) write_total_weight(base + sum, reduction, total_weight, workspace);
 }

@@ -661,6 +661,8 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     return cudaErrorInvalidValue;
 
   // total_weight (and the gradient scale) first: they only need the targets.
+  // Under FUSED_CE_CUDA_WIDE_REDUCTIONS (ce_reduce_loss.cuh) one wide block
+  // takes up to kWideReduceRows rows alone.
   int num_partials = 0;
   if (!prob && rows > 0) {
     int64_t blocks = (rows + kMinRowsPerPartial - 1) / kMinRowsPerPartial;
@@ -669,6 +671,9 @@ cudaError_t run_forward(const CrossEntropyForwardParams<T>& p, cudaStream_t stre
     num_partials = static_cast<int>(blocks);
     if (num_partials == 1) {
       ce_target_weight_partials_kernel<T, true><<<1, kReduceThreads, 0, stream>>>(p, chunk);
+    } else if (rows <= kWideReduceRows && wide_reductions()) {
+      num_partials = 1;
+      ce_target_weight_partials_kernel<T, true, kWideReduceThreads><<<1, kWideReduceThreads, 0, stream>>>(p, rows);
     } else {
       ce_target_weight_partials_kernel<T, false><<<num_partials, kReduceThreads, 0, stream>>>(p, chunk);
     }
