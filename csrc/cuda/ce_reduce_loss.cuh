@@ -29,9 +29,11 @@ constexpr int kLossReduceThreads = 256;
 static_assert(kLossElemsPerPartial == 16 * kLossReduceThreads, "16 elements per thread");
 // Losses a thread loads before it adds them (strided_sum).
 constexpr int kLossReduceUnroll = 8;
-// The wide block of FUSED_CE_CUDA_WIDE_REDUCTIONS and what it sums alone.
+// The wide block of FUSED_CE_CUDA_WIDE_REDUCTIONS, what it sums alone, and
+// the losses each of its threads has in flight (64 each: 4 waits).
 constexpr int kWideLossReduceThreads = 1024;
 constexpr int64_t kWideReduceElems = 65536;
+constexpr int kWideLossReduceUnroll = 16;
 
 // Whether reduce_loss sums up to kWideReduceElems elements in one block of
 // kWideLossReduceThreads rather than in partials past kLossElemsPerPartial,
@@ -73,7 +75,8 @@ __global__ void __launch_bounds__(THREADS)
     ce_finish_loss_kernel(const acc_t<T>* __restrict__ values, int64_t n, const acc_t<T>* __restrict__ total_weight,
                           int reduction, T* __restrict__ out) {
   using Acc = acc_t<T>;
-  const Acc sum = group_sum<THREADS, THREADS>(strided_sum<kLossReduceUnroll, Acc>(
+  constexpr int U = THREADS == kWideLossReduceThreads ? kWideLossReduceUnroll : kLossReduceUnroll;
+  const Acc sum = group_sum<THREADS, THREADS>(strided_sum<U, Acc>(
       threadIdx.x, n, THREADS, [&](int64_t i) { return values[i]; }, [](Acc v) { return v; }));
   if (threadIdx.x == 0) *out = from_acc<T>(reduction == kReductionMean ? divide_rn(sum, *total_weight) : sum);
 }
