@@ -12,6 +12,9 @@
 // the logits), which has no derivative: differentiating these gradients
 // again raises (refuse_differentiation) rather than giving a silent zero.
 // cross_entropy_backward keeps autograd's "not implemented" kernel (ops.cpp).
+// Both nodes also run as steps of a compiled-autograd graph
+// (compiled_autograd_step.h): an exported model trained under torch.compile's
+// compiled_autograd.
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "autograd_node.h"
+#include "compiled_autograd_step.h"
 #include "cross_entropy.h"
 #include "double_backward.h"
 #include "operator_calls.h"
@@ -35,6 +39,8 @@ namespace {
 
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 
 // The backward of cross_entropy_forward(_with_grad)'s loss (output 0) and
 // lse (output 1); its edges lead to the input and the target.
@@ -45,6 +51,7 @@ class OperatorForwardBackward : public torch::autograd::Node {
       : input_(input, /*is_output=*/false),
         target_(target, /*is_output=*/false),
         weight_(weight.value_or(at::Tensor()), /*is_output=*/false),
+        has_weight_(weight.has_value() && weight->defined()),
         options_(options) {}
 
   // lse is one of this node's outputs: saved as such, once its history is set.
@@ -54,17 +61,11 @@ class OperatorForwardBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const at::Tensor &grad_loss = grads[0], &grad_lse = grads[1];
     const bool input_grad = task_should_compute_output(0), target_grad = task_should_compute_output(1);
-    if ((!grad_loss.defined() && !grad_lse.defined()) || !(input_grad || target_grad)) return {at::Tensor(), at::Tensor()};
     const auto self = getptr();
-    const at::Tensor input = input_.unpack(self), target = target_.unpack(self), lse = lse_.unpack(self);
-    // The operator needs grad_loss; a broadcast zero where only lse was used.
-    const at::Tensor loss_grad = grad_loss.defined() ? grad_loss : at::zeros({}, lse.options()).expand(lse.sizes());
-    auto [grad_input, grad_target] =
-        backward_op(loss_grad, grad_lse.defined() ? std::optional<at::Tensor>(grad_lse) : std::nullopt, input, target,
-                    optional_tensor(weight_.unpack(self)), lse, options_, input_grad, target_grad);
-    variable_list result{input_grad ? grad_input : at::Tensor(), target_grad ? grad_target : at::Tensor()};
+    variable_list result = gradients(grads, input_.unpack(self), target_.unpack(self),
+                                     optional_tensor(weight_.unpack(self)), lse_.unpack(self), options_, input_grad,
+                                     target_grad);
     if (at::GradMode::is_enabled()) {  // create_graph=True: no second derivative to give
       torch::autograd::edge_list depends_on{next_edge(0), next_edge(1)};
       for (const at::Tensor& g : grads)
@@ -85,8 +86,65 @@ class OperatorForwardBackward : public torch::autograd::Node {
     lse_.reset_data();
   }
 
+  // Compiled autograd: the saved tensors are the graph's inputs; the
+  // options and which gradients the edges want are its constants.
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(input_, /*is_output=*/false);
+    args.collect(target_, /*is_output=*/false);
+    args.collect(has_weight_);
+    if (has_weight_) args.collect(weight_, /*is_output=*/false);
+    args.collect(lse_, /*is_output=*/true);
+    collect_options(args, options_);
+    args.collect(should_compute_output(0));
+    args.collect(should_compute_output(1));
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved.before(input_);
+    saved.before(target_);
+    if (has_weight_) saved.before(weight_);
+    saved.before(lse_);
+    const auto self = getptr();
+    std::vector<c10::IValue> args{input_.unpack(self), target_.unpack(self),
+                                  optional_tensor_arg(has_weight_ ? weight_.unpack(self) : at::Tensor()),
+                                  lse_.unpack(self)};
+    pack_options(args, options_);
+    args.emplace_back(should_compute_output(0));
+    args.emplace_back(should_compute_output(1));
+    variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
+    saved.after(input_);
+    saved.after(target_);
+    if (has_weight_) saved.after(weight_);
+    saved.after(lse_);
+    return result;
+  }
+
  private:
+  // (grad_input, grad_target) from the upstream gradients of loss and lse,
+  // either of which may be undefined; undefined where not wanted.
+  static variable_list gradients(const variable_list& grads, const at::Tensor& input, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                 const LossOptions& options, bool input_grad, bool target_grad) {
+    const at::Tensor &grad_loss = grads[0], &grad_lse = grads[1];
+    if ((!grad_loss.defined() && !grad_lse.defined()) || !(input_grad || target_grad)) return {at::Tensor(), at::Tensor()};
+    // The operator needs grad_loss; a broadcast zero where only lse was used.
+    const at::Tensor loss_grad = grad_loss.defined() ? grad_loss : at::zeros({}, lse.options()).expand(lse.sizes());
+    auto [grad_input, grad_target] =
+        backward_op(loss_grad, grad_lse.defined() ? std::optional<at::Tensor>(grad_lse) : std::nullopt, input, target,
+                    weight, lse, options, input_grad, target_grad);
+    return {input_grad ? grad_input : at::Tensor(), target_grad ? grad_target : at::Tensor()};
+  }
+
+  // What the compiled graph calls, with apply_with_saved's arguments:
+  // (input, target, [weight], lse, 4 options, input_grad, target_grad).
+  static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    return gradients(grads, args[0].toTensor(), args[1].toTensor(), optional_tensor_from_arg(args[2]),
+                     args[3].toTensor(), unpack_options(args, 4), args[8].toBool(), args[9].toBool());
+  }
+
   SavedVariable input_, target_, weight_, lse_;
+  bool has_weight_;
   LossOptions options_;
 };
 
@@ -105,10 +163,8 @@ class ReduceLossBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!grads[0].defined() || !task_should_compute_output(0)) return {at::Tensor()};
-    at::Tensor grad = grads[0].to(loss_dtype_);
-    if (mean_) grad = grad / total_weight_.unpack(getptr());
-    return {grad.expand(loss_sizes_)};
+    if (!task_should_compute_output(0)) return {at::Tensor()};
+    return {spread(grads[0], total_weight_.unpack(getptr()), mean_, loss_sizes_, loss_dtype_)};
   }
 
   void release_variables() override {
@@ -116,7 +172,39 @@ class ReduceLossBackward : public torch::autograd::Node {
     total_weight_.reset_data();
   }
 
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(total_weight_, /*is_output=*/false);
+    args.collect(mean_);
+    args.collect(loss_sizes_);
+    args.collect(loss_dtype_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    saved.before(total_weight_);
+    const std::vector<c10::IValue> args{total_weight_.unpack(getptr()), mean_, loss_sizes_,
+                                        static_cast<int64_t>(loss_dtype_)};
+    variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
+    saved.after(total_weight_);
+    return result;
+  }
+
  private:
+  // The upstream gradient over the per-element losses (undefined stays so).
+  static at::Tensor spread(const at::Tensor& grad_output, const at::Tensor& total_weight, bool mean,
+                           at::IntArrayRef loss_sizes, at::ScalarType loss_dtype) {
+    if (!grad_output.defined()) return at::Tensor();
+    at::Tensor grad = grad_output.to(loss_dtype);
+    if (mean) grad = grad / total_weight;
+    return grad.expand(loss_sizes);
+  }
+
+  // The compiled graph's call: (total_weight, mean, loss sizes, loss dtype).
+  static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    return {spread(grads[0], args[0].toTensor(), args[1].toBool(), args[2].toIntVector(),
+                   static_cast<at::ScalarType>(args[3].toInt()))};
+  }
+
   SavedVariable total_weight_;
   bool mean_;
   std::vector<int64_t> loss_sizes_;

@@ -16,7 +16,7 @@ from torch._dynamo import compiled_autograd
 
 import fused_ce
 from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, assert_close_ref, grad_fn_name, make_class_target,
-                      make_logits, make_weight, ref_llm)
+                      make_logits, make_prob_target, make_weight, ref_llm)
 
 pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("fresh_dynamo")]
 
@@ -267,3 +267,77 @@ def test_the_python_functions_under_compiled_autograd(device):
         ours, ref = both(fn)
         for got, want in zip(ours, ref):
             assert_close_ref(got, want, torch.float32, what=fn.__name__)
+
+
+ops = torch.ops.fused_ce
+
+
+@pytest.mark.parametrize("kind, used", [("class", "both"), ("class", "lse"), ("class", "reduced"),
+                                        ("prob", "both")])
+def test_the_operators_nodes_under_compiled_autograd(device, kind, used):
+    """Graphs that hold the operators themselves (direct calls of torch.ops.fused_ce.*, an
+    exported model) differentiate through the operators' own nodes (csrc/operator_autograd.cpp),
+    which compiled autograd traces too: d(sum(a * loss + b * lse))/d(input) (and /d(target) for
+    probabilities), with only lse used (the loss's upstream gradient is undefined), and through
+    reduce_loss, against float64 PyTorch; two steps share one graph."""
+    compiler = _CountingCompiler()
+    for step in range(2):
+        x = make_logits((5, 9, 3), torch.float32, device)
+        t = make_class_target((5, 3), 9, device, ignore_index=-100) if kind == "class" else \
+            make_prob_target((5, 9, 3), torch.float32, device)
+        w = make_weight(9, torch.float32, device) if kind == "class" else None
+        a, b = torch.rand(5, 3, device=device), torch.rand(5, 3, device=device)
+
+        def objective(lib, x, t):
+            options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-2)
+            if lib is None and used == "reduced":
+                return ref_llm(x, t, w.double(), reduction="mean", **options)[0]
+            if lib is None:
+                loss, lse = ref_llm(x, t, None if w is None else w.double(), reduction="none", **options)
+            else:
+                loss, lse, total = ops.cross_entropy_forward(x, t, w, -100, 0.1, 1e-2, 0.0)
+                if used == "reduced":
+                    return ops.reduce_loss(loss, total, 1, torch.float32)
+            if used == "lse":
+                return (b.to(lse.dtype) * lse).sum()
+            return (a.to(loss.dtype) * loss + b.to(lse.dtype) * lse).sum()
+
+        xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_(kind == "prob")
+        with compiled_autograd._enable(compiler):
+            objective(fused_ce, xs, ts).backward()
+        xr, tr = x.double().requires_grad_(), (t.double() if kind == "prob" else t).requires_grad_(kind == "prob")
+        objective(None, xr, tr).backward()
+        assert_close_ref(xs.grad, xr.grad, torch.float32, what=f"step {step}: input gradient")
+        if kind == "prob":
+            assert_close_ref(ts.grad, tr.grad, torch.float32, what=f"step {step}: target gradient")
+    assert compiler.graphs == 1
+
+
+def test_an_exported_model_trains_under_compiled_autograd(device):
+    """A model exported with torch.export (its loss held as the operators) trained with its
+    backward under compiled autograd gives PyTorch's gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 20).to(device)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+            self.loss = fused_ce.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+
+        def forward(self, h, target):
+            return self.loss(self.head(h), target)
+
+    h = torch.randn(12, 16, device=device)
+    target = make_class_target((12,), 20, device, ignore_index=-100)
+    exported = torch.export.export(Model(), (h, target)).module()
+    compiler = _CountingCompiler()
+    with compiled_autograd._enable(compiler):
+        exported(h, target).backward()
+    assert compiler.graphs == 1
+    got = dict(exported.named_parameters())
+    ref_head = torch.nn.Linear(16, 20).to(device=device, dtype=torch.float64)
+    ref_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    F.cross_entropy(ref_head(h.double()), target, label_smoothing=0.1, ignore_index=-100).backward()
+    assert_close_ref(got["head.weight"].grad, ref_head.weight.grad, torch.float32, what="weight gradient")
+    assert_close_ref(got["head.bias"].grad, ref_head.bias.grad, torch.float32, what="bias gradient")
