@@ -33,6 +33,7 @@
 #include "cross_entropy.h"
 #include "double_backward.h"
 #include "operator_calls.h"
+#include "saved_operands.h"
 
 namespace fused_ce {
 namespace {
@@ -48,14 +49,10 @@ class OperatorForwardBackward : public torch::autograd::Node {
  public:
   OperatorForwardBackward(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                           LossOptions options)
-      : input_(input, /*is_output=*/false),
-        target_(target, /*is_output=*/false),
-        weight_(weight.value_or(at::Tensor()), /*is_output=*/false),
-        has_weight_(weight.has_value() && weight->defined()),
-        options_(options) {}
+      : saved_(input, target, weight, at::Tensor(), /*lse_is_output=*/true), options_(options) {}
 
   // lse is one of this node's outputs: saved as such, once its history is set.
-  void save_lse(const at::Tensor& lse) { lse_ = SavedVariable(lse, /*is_output=*/true); }
+  void save_lse(const at::Tensor& lse) { saved_.save_lse(lse); }
 
   std::string name() const override { return "fused_ce::CrossEntropyForwardBackward"; }
 
@@ -63,9 +60,8 @@ class OperatorForwardBackward : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     const bool input_grad = task_should_compute_output(0), target_grad = task_should_compute_output(1);
     const auto self = getptr();
-    variable_list result = gradients(grads, input_.unpack(self), target_.unpack(self),
-                                     optional_tensor(weight_.unpack(self)), lse_.unpack(self), options_, input_grad,
-                                     target_grad);
+    variable_list result = gradients(grads, saved_.input(self), saved_.target(self), saved_.weight(self),
+                                     saved_.lse(self), options_, input_grad, target_grad);
     if (at::GradMode::is_enabled()) {  // create_graph=True: no second derivative to give
       torch::autograd::edge_list depends_on{next_edge(0), next_edge(1)};
       for (const at::Tensor& g : grads)
@@ -80,20 +76,13 @@ class OperatorForwardBackward : public torch::autograd::Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    target_.reset_data();
-    weight_.reset_data();
-    lse_.reset_data();
+    saved_.release();
   }
 
   // Compiled autograd: the saved tensors are the graph's inputs; the
   // options and which gradients the edges want are its constants.
   void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(input_, /*is_output=*/false);
-    args.collect(target_, /*is_output=*/false);
-    args.collect(has_weight_);
-    if (has_weight_) args.collect(weight_, /*is_output=*/false);
-    args.collect(lse_, /*is_output=*/true);
+    saved_.collect(args);
     collect_options(args, options_);
     args.collect(should_compute_output(0));
     args.collect(should_compute_output(1));
@@ -101,22 +90,13 @@ class OperatorForwardBackward : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    saved.before(input_);
-    saved.before(target_);
-    if (has_weight_) saved.before(weight_);
-    saved.before(lse_);
-    const auto self = getptr();
-    std::vector<c10::IValue> args{input_.unpack(self), target_.unpack(self),
-                                  optional_tensor_arg(has_weight_ ? weight_.unpack(self) : at::Tensor()),
-                                  lse_.unpack(self)};
+    saved_.swap_in(saved);
+    std::vector<c10::IValue> args = saved_.packed(getptr());
     pack_options(args, options_);
     args.emplace_back(should_compute_output(0));
     args.emplace_back(should_compute_output(1));
     variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
-    saved.after(input_);
-    saved.after(target_);
-    if (has_weight_) saved.after(weight_);
-    saved.after(lse_);
+    saved_.swap_out(saved);
     return result;
   }
 
@@ -139,12 +119,13 @@ class OperatorForwardBackward : public torch::autograd::Node {
   // What the compiled graph calls, with apply_with_saved's arguments:
   // (input, target, [weight], lse, 4 options, input_grad, target_grad).
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    constexpr size_t kOptions = SavedLossOperands::kPackedArgs;
     return gradients(grads, args[0].toTensor(), args[1].toTensor(), optional_tensor_from_arg(args[2]),
-                     args[3].toTensor(), unpack_options(args, 4), args[8].toBool(), args[9].toBool());
+                     args[3].toTensor(), unpack_options(args, kOptions), args[kOptions + 4].toBool(),
+                     args[kOptions + 5].toBool());
   }
 
-  SavedVariable input_, target_, weight_, lse_;
-  bool has_weight_;
+  SavedLossOperands saved_;
   LossOptions options_;
 };
 

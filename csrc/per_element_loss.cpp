@@ -15,29 +15,25 @@
 #include "autograd_node.h"
 #include "compiled_autograd_step.h"
 #include "operator_calls.h"
+#include "saved_operands.h"
 
 namespace fused_ce {
 namespace {
 
-using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
 
 // The per-element loss's autograd node. Its one edge leads to the input.
-// Everything the backward reads is a saved variable, so that saved-tensor
-// hooks (offloading, activation checkpointing) see all of it and in-place
-// changes to the input, target or weight since the forward raise PyTorch's
-// error.
+// Everything the backward reads is a saved variable (saved_operands.h), so
+// that saved-tensor hooks (offloading, activation checkpointing) see all of
+// it and in-place changes to the input, target or weight since the forward
+// raise PyTorch's error.
 class PerElementLossBackward : public torch::autograd::Node {
  public:
   PerElementLossBackward(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          const at::Tensor& lse, LossOptions options)
-      : input_(input, /*is_output=*/false),
-        target_(target, /*is_output=*/false),
-        weight_(weight.value_or(at::Tensor()), /*is_output=*/false),
-        lse_(lse, /*is_output=*/false),
-        has_weight_(weight.has_value() && weight->defined()),
+      : saved_(input, target, weight, lse, /*lse_is_output=*/false),
         options_(options),
         input_sizes_(input.sizes().vec()) {}
 
@@ -48,8 +44,8 @@ class PerElementLossBackward : public torch::autograd::Node {
     const at::Tensor& grad_output = grads[0];
     if (!grad_output.defined() || !task_should_compute_output(0)) return {at::Tensor()};
     const auto self = getptr();
-    const at::Tensor input = input_.unpack(self), target = target_.unpack(self), lse = lse_.unpack(self);
-    const std::optional<at::Tensor> weight = optional_tensor(weight_.unpack(self));
+    const at::Tensor input = saved_.input(self), target = saved_.target(self), lse = saved_.lse(self);
+    const std::optional<at::Tensor> weight = saved_.weight(self);
     const bool create_graph = at::GradMode::is_enabled();
     at::Tensor gradient;
     {
@@ -79,42 +75,26 @@ class PerElementLossBackward : public torch::autograd::Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    target_.reset_data();
-    weight_.reset_data();
-    lse_.reset_data();
+    saved_.release();
   }
 
   // Compiled autograd (compiled_autograd_step.h): the graph gets the
   // backward operator's gradient for the upstream gradient of each element;
   // compiled_backward below.
   void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(input_, /*is_output=*/false);
-    args.collect(target_, /*is_output=*/false);
-    args.collect(has_weight_);
-    if (has_weight_) args.collect(weight_, /*is_output=*/false);
-    args.collect(lse_, /*is_output=*/false);
+    saved_.collect(args);
     collect_options(args, options_);
     args.collect(input_sizes_);
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    saved.before(input_);
-    saved.before(target_);
-    if (has_weight_) saved.before(weight_);
-    saved.before(lse_);
-    const auto self = getptr();
-    std::vector<c10::IValue> args{input_.unpack(self), target_.unpack(self),
-                                  optional_tensor_arg(has_weight_ ? weight_.unpack(self) : at::Tensor()),
-                                  lse_.unpack(self)};
+    saved_.swap_in(saved);
+    std::vector<c10::IValue> args = saved_.packed(getptr());
     pack_options(args, options_);
     args.emplace_back(input_sizes_);
     variable_list result = call_in_compiled_graph(*this, name(), compiled_backward, grads, args, saved);
-    saved.after(input_);
-    saved.after(target_);
-    if (has_weight_) saved.after(weight_);
-    saved.after(lse_);
+    saved_.swap_out(saved);
     return result;
   }
 
@@ -124,9 +104,10 @@ class PerElementLossBackward : public torch::autograd::Node {
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
     const at::Tensor& grad_output = grads[0];
     if (!grad_output.defined()) return {at::Tensor()};
+    constexpr size_t kOptions = SavedLossOperands::kPackedArgs;
     return {kernel_gradient(grad_output, canonical(args[0].toTensor(), args[1].toTensor()),
-                            optional_tensor_from_arg(args[2]), args[3].toTensor(), unpack_options(args, 4),
-                            args[8].toIntVector())};
+                            optional_tensor_from_arg(args[2]), args[3].toTensor(), unpack_options(args, kOptions),
+                            args[kOptions + 4].toIntVector())};
   }
 
   // The backward operator's input gradient for a per-element upstream
@@ -138,11 +119,9 @@ class PerElementLossBackward : public torch::autograd::Node {
     return input_gradient_op(grad_loss, args.input, args.target, weight, lse, options).reshape(input_sizes);
   }
 
-  SavedVariable input_;   // as the caller passed it: (N, C, d1, ..., dk)
-  SavedVariable target_;  // as the caller passed it: (N, d1, ..., dk) class indices or probabilities
-  SavedVariable weight_;  // or undefined
-  SavedVariable lse_;     // (N, D), accumulate type
-  bool has_weight_;
+  // input and target as the caller passed them: (N, C, d1, ..., dk) and
+  // (N, d1, ..., dk) class indices or probabilities; lse (N, D), accumulate type.
+  SavedLossOperands saved_;
   LossOptions options_;
   std::vector<int64_t> input_sizes_;
 };

@@ -452,3 +452,39 @@ def ref_llm(x, target, weight=None, *, ignore_index=-100, reduction="mean", labe
         # like torch: the mean over no elements is NaN, with a zero gradient
         return per_element.sum() * 0 + float("nan"), lse
     return per_element.sum() / denom, lse
+
+
+def train_exported_loss_model(device, dtype, backward=torch.Tensor.backward):
+    """A linear head and fused_ce's loss (label smoothing 0.1, ignored targets) exported with
+    torch.export, which keeps the loss as fused_ce's operators; one step of the exported module,
+    its loss passed to ``backward``; its loss and parameter gradients checked against PyTorch's
+    in float64."""
+    import fused_ce
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 20).to(device=device, dtype=dtype)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+            self.loss = fused_ce.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+
+        def forward(self, h, target):
+            return self.loss(self.head(h), target)
+
+    h = torch.randn(12, 16, device=device, dtype=dtype)
+    target = make_class_target((12,), 20, device, ignore_index=-100)
+    exported = torch.export.export(Model(), (h, target)).module()
+    loss = exported(h, target)
+    backward(loss)
+    got = {name: p.grad for name, p in exported.named_parameters()}
+    assert got and all(g is not None for g in got.values())
+
+    ref_head = torch.nn.Linear(16, 20).to(device=device, dtype=torch.float64)
+    ref_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    ref = F.cross_entropy(ref_head(h.double()), target, label_smoothing=0.1, ignore_index=-100)
+    ref.backward()
+    assert_close_ref(loss, ref, dtype, what="exported loss", floor=1.0)
+    assert_close_ref(got["head.weight"], ref_head.weight.grad, dtype, what="exported weight gradient")
+    assert_close_ref(got["head.bias"], ref_head.bias.grad, dtype, what="exported bias gradient")

@@ -16,7 +16,7 @@ from torch._dynamo import compiled_autograd
 
 import fused_ce
 from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, assert_close_ref, grad_fn_name, make_class_target,
-                      make_logits, make_prob_target, make_weight, ref_llm)
+                      make_logits, make_prob_target, make_weight, ref_llm, train_exported_loss_model)
 
 pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("fresh_dynamo")]
 
@@ -316,28 +316,11 @@ def test_the_operators_nodes_under_compiled_autograd(device, kind, used):
 def test_an_exported_model_trains_under_compiled_autograd(device):
     """A model exported with torch.export (its loss held as the operators) trained with its
     backward under compiled autograd gives PyTorch's gradients."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 20).to(device)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = head
-            self.loss = fused_ce.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
-
-        def forward(self, h, target):
-            return self.loss(self.head(h), target)
-
-    h = torch.randn(12, 16, device=device)
-    target = make_class_target((12,), 20, device, ignore_index=-100)
-    exported = torch.export.export(Model(), (h, target)).module()
     compiler = _CountingCompiler()
-    with compiled_autograd._enable(compiler):
-        exported(h, target).backward()
+
+    def backward(loss):
+        with compiled_autograd._enable(compiler):
+            loss.backward()
+
+    train_exported_loss_model(device, torch.float32, backward)
     assert compiler.graphs == 1
-    got = dict(exported.named_parameters())
-    ref_head = torch.nn.Linear(16, 20).to(device=device, dtype=torch.float64)
-    ref_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
-    F.cross_entropy(ref_head(h.double()), target, label_smoothing=0.1, ignore_index=-100).backward()
-    assert_close_ref(got["head.weight"].grad, ref_head.weight.grad, torch.float32, what="weight gradient")
-    assert_close_ref(got["head.bias"].grad, ref_head.bias.grad, torch.float32, what="bias gradient")

@@ -8,11 +8,10 @@ Checked against float64 PyTorch and with gradcheck; a second derivative raises.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import fused_ce
+import fused_ce  # noqa: F401  (registers the operators)
 from conftest import (assert_close_ref, make_class_target, make_logits, make_prob_target, make_weight,
-                      ref_llm)
+                      ref_llm, train_exported_loss_model)
 
 ops = torch.ops.fused_ce
 
@@ -103,33 +102,7 @@ def test_without_grad_the_operators_record_nothing(device):
 def test_an_exported_model_trains(device, dtype):
     """torch.export of a model whose forward returns fused_ce's loss keeps the operators; the
     exported module's backward runs through their derivatives and gives PyTorch's gradients."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 20).to(device=device, dtype=dtype)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = head
-            self.loss = fused_ce.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
-
-        def forward(self, h, target):
-            return self.loss(self.head(h), target)
-
-    h = torch.randn(12, 16, device=device, dtype=dtype)
-    target = make_class_target((12,), 20, device, ignore_index=-100)
-    exported = torch.export.export(Model(), (h, target)).module()
-    loss = exported(h, target)
-    loss.backward()
-    got = {name: p.grad for name, p in exported.named_parameters()}
-    assert got and all(g is not None for g in got.values())
-
-    ref_head = torch.nn.Linear(16, 20).to(device=device, dtype=torch.float64)
-    ref_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
-    ref = F.cross_entropy(ref_head(h.double()), target, label_smoothing=0.1, ignore_index=-100)
-    ref.backward()
-    assert_close_ref(loss, ref, dtype, what="exported loss", floor=1.0)
-    assert_close_ref(got["head.weight"], ref_head.weight.grad, dtype, what="exported weight gradient")
-    assert_close_ref(got["head.bias"], ref_head.bias.grad, dtype, what="exported bias gradient")
+    train_exported_loss_model(device, dtype)
 
 
 def test_opcheck_with_inputs_that_require_grad(device):
