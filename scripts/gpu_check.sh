@@ -279,7 +279,7 @@ if want warprows; then
 fi
 
 if want prefetch; then
-  # Rows one block of 512 or more threads holds, read through a persistent
+  # Rows one block of 128 or more threads holds, read through a persistent
   # grid that stages each block's next row in shared memory while it reduces
   # and writes the current one (FUSED_CE_CUDA_RESIDENT_PREFETCH=1, an
   # experiment) against the plain kernel: the tests of such rows under the
@@ -287,9 +287,9 @@ if want prefetch; then
   # several rows), a racecheck of the staging (each thread reads back only
   # its own slots: no barrier guards them), then,
   # alternating twice, the two rows furthest from the copy on the H200
-  # (8192 x 32000 fp32: 1024 threads, 1.65x; 16384 x 50304 bf16: 896, 2.22x)
-  # and float32 rows of 16384 classes (512 threads), each next to a copy of
-  # the logits (time_rows).
+  # (8192 x 32000 fp32: 1024 threads, 1.65x; 16384 x 50304 bf16: 896, 2.22x),
+  # float32 rows of 16384 classes (512 threads) and 65536 x 1000 float32
+  # (128 threads: 2.23x), each next to a copy of the logits (time_rows).
   stage "prefetched resident rows" | tee -a "$LOG"
   FUSED_CE_CUDA_RESIDENT_PREFETCH=1 timeout 150 "$PY" -m pytest tests/test_parity.py tests/test_hardening.py \
       tests/test_long_rows.py -q -p no:cacheprovider -k "cuda and (more_long_rows or vocab or resident or long_rows)" \
@@ -301,7 +301,7 @@ if want prefetch; then
     echo "racecheck (prefetch) exit status $?" | tee -a "$LOG"
     grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/prefetch-racecheck.log | head -n 5 | tee -a "$LOG"
   fi
-  switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32}" prefetch
+  switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32,65536x1000:fp32}" prefetch
 fi
 
 if want wide; then

@@ -693,15 +693,23 @@ def test_warp_rows_of_8_slots(emu, setting):
     assert _launches_with("FUSED_CE_CUDA_WARP_ROWS", setting, _WARP_ROW_LAUNCHES) == expected
 
 
-# Rows one block of 512 or more threads holds, under FUSED_CE_CUDA_RESIDENT_PREFETCH, 5 of each:
-# float32 rows of 32000 classes (1024 threads x 8 slots) new and in place, 16001 softcapped (512 x
-# 8), bfloat16 and float16 rows of GPT-2's 50257 (896 x 8; in place, softcapped), float64 rows of
-# 8000 (512 x 8), and a row of 256 threads (never prefetched).
-_PREFETCH_LAUNCHES = """_print_launches(emu, 5, [
-    (32000, torch.float32, "with_grad", None), (32000, torch.float32, "inplace", None),
-    (16001, torch.float32, "with_grad", 30.0), (50257, torch.bfloat16, "with_grad", None),
-    (50257, torch.float16, "inplace", 30.0), (8000, torch.float64, "with_grad", None),
-    (6000, torch.float32, "with_grad", None)])
+# Rows one block of 128 or more threads holds, under FUSED_CE_CUDA_RESIDENT_PREFETCH, 8 of each on
+# an emulated GPU of one SM: (C, dtype, mode, softcap), the block's threads and slots a thread, the
+# blocks of it the SM holds with its staging (the emulated SM: 80 registers a thread or what a block
+# of 1024 may have, 228 KB of shared memory), and whether 100 KB of shared memory per SM holds one.
+_PREFETCH_CASES = [
+    ((32000, torch.float32, "with_grad", None), 1024, 8, 1, False),
+    ((32000, torch.float32, "inplace", None), 1024, 8, 1, False),
+    ((16001, torch.float32, "with_grad", 30.0), 512, 8, 1, True),
+    ((50257, torch.bfloat16, "with_grad", None), 896, 8, 1, False),
+    ((50257, torch.float16, "inplace", 30.0), 896, 8, 1, False),
+    ((8000, torch.float64, "with_grad", None), 512, 8, 1, True),
+    ((6000, torch.float32, "with_grad", None), 256, 8, 3, True),
+    ((2000, torch.float32, "inplace", 30.0), 128, 4, 6, True),
+    ((2000, torch.bfloat16, "with_grad", None), 128, 4, 6, True),
+]
+_PREFETCH_LAUNCHES = f"""_print_launches(emu, 8, {[case for case, *_ in _PREFETCH_CASES]!r} + [
+    (200, torch.float32, "with_grad", None)])
 emu.watch_logits_and_gradients(True)
 x = make_logits((5, 32000, 1), torch.float32)
 _run_forward(emu, x, make_class_target((5, 1), 32000), "with_grad")
@@ -715,35 +723,23 @@ except RuntimeError as error:
 """
 
 
-def _prefetch_bytes(threads, slots):
-    """The dynamic shared memory of a prefetching block: ``slots`` 16-byte slots a thread."""
-    return threads * slots * 16
-
-
 @pytest.mark.parametrize("setting, shared_kb", [(None, None), ("1", None), ("1", "100"), ("2", None)])
 def test_resident_prefetch(emu, setting, shared_kb):
-    """FUSED_CE_CUDA_RESIDENT_PREFETCH=1 (read once per process): rows one block of 512 or more
-    threads holds take a persistent grid of as many blocks as the device holds (an emulated GPU
-    of 2 SMs, one such block each: each block loops over 2-3 of the 5 rows), each staging its
-    next row in shared memory (cp.async) while it reduces and writes the current one. Every case
-    is checked against the reference; each logit is still read once and each gradient element
-    written once; an out-of-range target, read a row ahead, still raises. Where the SM could not
-    hold the staging block (100 KB of shared memory: the 1024- and 896-thread rows) the plain
-    kernel runs; unset or any other value keeps the plain kernel everywhere."""
-    env = {"FUSED_CE_EMULATED_SMS": "2", "FUSED_CE_EMULATED_SHARED_KB_PER_SM": shared_kb}
+    """FUSED_CE_CUDA_RESIDENT_PREFETCH=1 (read once per process): rows one block of 128 or more
+    threads holds take a persistent grid of as many blocks as the device holds at once (on one
+    emulated SM, so each block loops over several of the 8 rows), each staging its next row in
+    shared memory (cp.async) while it reduces and writes the current one. Every case is checked
+    against the reference; each logit is still read once and each gradient element written once;
+    an out-of-range target, read a row ahead, still raises. Where the SM could not hold the
+    staging block (100 KB of shared memory: the 1024- and 896-thread rows) the plain kernel runs;
+    unset or any other value keeps the plain kernel everywhere; rows of a warp never stage."""
+    env = {"FUSED_CE_EMULATED_SMS": "1", "FUSED_CE_EMULATED_SHARED_KB_PER_SM": shared_kb}
     lines = _launches_with("FUSED_CE_CUDA_RESIDENT_PREFETCH", setting, _PREFETCH_LAUNCHES, **env)
-    plain = ["(5, 1024, 1)"] * 2 + ["(5, 512, 1)"] + ["(5, 896, 1)"] * 2 + ["(5, 512, 1)", "(5, 256, 1)"]
-    prefetched = ([f"(2, 1024, 1, {_prefetch_bytes(1024, 8)})"] * 2 + [f"(2, 512, 1, {_prefetch_bytes(512, 8)})"]
-                  + [f"(2, 896, 1, {_prefetch_bytes(896, 8)})"] * 2 + [f"(2, 512, 1, {_prefetch_bytes(512, 8)})",
-                                                                        "(5, 256, 1)"])
-    if setting != "1":
-        expected = plain
-    elif shared_kb == "100":
-        expected = plain[:2] + prefetched[2:3] + plain[3:5] + prefetched[5:]
-    else:
-        expected = prefetched
-    assert lines[:7] == expected
-    assert lines[7:] == ["1.0 True", "True"]  # after the labels "traffic" and "raised"
+    expected = []
+    for _, threads, slots, blocks, fits_in_100kb in _PREFETCH_CASES:
+        staged = setting == "1" and (shared_kb != "100" or fits_in_100kb)
+        expected.append(f"({blocks}, {threads}, 1, {threads * slots * 16})" if staged else f"(8, {threads}, 1)")
+    assert lines == expected + ["(1, 256, 1)", "1.0 True", "True"]  # the warp rows; "traffic", "raised"
 
 
 # How often forward_with_grad reads the logits of long rows (rounded to 0.01, and every gradient

@@ -804,16 +804,18 @@ def test_many_rows_of_few_classes(device, N):
     check_against_torch(fused_ce, x, t, None, reduction="sum", label_smoothing=0.1, what=f"{N} rows, sum")
 
 
-# Rows that one block of 512 or more threads holds on a GPU, more of them than an H100 or H200 runs
-# at once (132 SMs x one or two such blocks): a kernel whose blocks loop over rows (the prefetching
-# one of FUSED_CE_CUDA_RESIDENT_PREFETCH=1) gives each block several, the next staged while the
-# current one is written. Ignored rows, smoothing; class weights with sum; a gradient in place.
-@pytest.mark.parametrize("C, dtype", [(32000, torch.float32), (16001, torch.float32), (50257, torch.bfloat16),
-                                      (8000, torch.float64)], ids=["fp32-32000", "fp32-16001", "bf16-50257",
-                                                                   "fp64-8000"])
-def test_more_long_rows_than_the_gpu_runs_at_once(device, C, dtype):
-    x = make_logits((300, C), dtype, device, scale=4.0)
-    t = make_class_target((300,), C, device, ignore_index=-100, ignore_frac=0.2)
+# Rows that one block of 128 or more threads holds on a GPU, more of them than an H100 or H200 runs
+# at once (132 SMs x one or two blocks of 512-1024 threads, 2-3 of 256, 7-9 of 128): a kernel whose
+# blocks loop over rows (the prefetching one of FUSED_CE_CUDA_RESIDENT_PREFETCH=1) gives each block
+# several, the next staged while the current one is written. Ignored rows, smoothing; class
+# weights with sum; a gradient in place.
+@pytest.mark.parametrize("N, C, dtype", [(300, 32000, torch.float32), (300, 16001, torch.float32),
+                                         (300, 50257, torch.bfloat16), (300, 8000, torch.float64),
+                                         (1500, 6000, torch.bfloat16), (3000, 2000, torch.float32)],
+                         ids=["fp32-32000", "fp32-16001", "bf16-50257", "fp64-8000", "bf16-6000", "fp32-2000"])
+def test_more_long_rows_than_the_gpu_runs_at_once(device, N, C, dtype):
+    x = make_logits((N, C), dtype, device, scale=4.0)
+    t = make_class_target((N,), C, device, ignore_index=-100, ignore_frac=0.2)
     check_against_torch(fused_ce, x, t, None, reduction="mean", label_smoothing=0.1, what=f"{C} rows")
     w = make_weight(C, dtype, device)
     check_against_torch(fused_ce, x, t, w, reduction="sum", what=f"{C} rows, weights")

@@ -257,16 +257,17 @@ int blocks_per_sm(Kernel kernel, int threads, int shared_bytes) {
   return blocks;
 }
 
-// Whether the rows one block of 512 or more threads holds (one or two such
-// blocks per SM) are read through the PREFETCH kernel, a persistent grid
-// that stages each block's next row in shared memory while it reduces and
-// writes the current one (ce_resident_kernel.cuh), from
-// FUSED_CE_CUDA_RESIDENT_PREFETCH (read once per process): "1", or any other
-// value and unset for the plain kernel.  An experiment for the rows furthest
-// from the copy on the H200 (benchmarks/results/gpu-2026-11-28-h200):
-// 8192 x 32000 float32 (a block of 1024 threads) 1.65x, 16384 x 50304
-// bfloat16 (896) 2.22x.  Not timed yet.
-constexpr int kPrefetchFromBlock = 512;
+// Whether the rows one block of 128 or more threads holds are read through
+// the PREFETCH kernel, a persistent grid that stages each block's next row
+// in shared memory while it reduces and writes the current one
+// (ce_resident_kernel.cuh), from FUSED_CE_CUDA_RESIDENT_PREFETCH (read once
+// per process): "1", or any other value and unset for the plain kernel.  An
+// experiment for the rows furthest from the copy on the H200
+// (benchmarks/results/gpu-2026-11-28-h200): 8192 x 32000 float32 (a block
+// of 1024 threads, one per SM) 1.65x, 16384 x 50304 bfloat16 (896) 2.22x,
+// 65536 x 1000 float32 (128 threads: many per SM, each block's reductions
+// and exit a gap in its loads) 2.23x.  Not timed yet.
+constexpr int kPrefetchFromBlock = 128;
 inline bool resident_prefetch() {
   static const bool on = env_number("FUSED_CE_CUDA_RESIDENT_PREFETCH", {"1"}) == 1;
   return on;
@@ -275,8 +276,11 @@ inline bool resident_prefetch() {
 // One launch of the PREFETCH kernel over rows of one block of BLOCK threads
 // holding CH slots each, as a grid of at most as many blocks as the device
 // holds at once.  Returns false (launching nothing) where the device cannot
-// give the kernel its shared memory, or would hold fewer of its blocks per
-// SM than of the plain kernel's.
+// give the kernel its shared memory or hold one of its blocks per SM.  The
+// staging costs some configurations registers, hence blocks per SM (ptxas
+// on sm_90: float32 128 x 4 slots 56 -> 72 registers, 9 -> 7 blocks; 256 x 8
+// 80 -> 100, 3 -> 2; the 512- to 1024-thread rows keep their one block),
+// which the experiment's timings include; a default would weigh them.
 template <typename T, int BLOCK, int CH, bool CAP>
 bool launch_prefetching_rows(const CrossEntropyForwardParams<T>& p, cudaStream_t stream) {
   constexpr int V = vector_width<T>();
@@ -293,9 +297,7 @@ bool launch_prefetching_rows(const CrossEntropyForwardParams<T>& p, cudaStream_t
       (void)cudaGetLastError();
       return 0;
     }
-    const int blocks = blocks_per_sm(kernel, BLOCK, shared_bytes);
-    const int plain_blocks = blocks_per_sm(ce_forward_grad_resident_kernel<T, BLOCK, BLOCK, V, CH, CAP>, BLOCK, 0);
-    return blocks > 0 && blocks >= plain_blocks ? sms * blocks : 0;
+    return sms * blocks_per_sm(kernel, BLOCK, shared_bytes);
   });
   if (capacity == 0) return false;
   const int64_t blocks = p.N < capacity ? p.N : capacity;
