@@ -28,25 +28,24 @@
 #      runs the full suite instead); the classifier steps replayed from CUDA
 #      graphs, where 65536 x 10 is timed without the host. session.log ends
 #      with the targets' table (benchmarks/check_targets.py).
-#   2. at once: REUSE_ROWS=16384x128256:bf16 bash scripts/gpu_check.sh build,prefetch,reuse
-#      (about 5 minutes; the build is incremental on the warm machine):
-#      whether staging each block's next row in shared memory
-#      (FUSED_CE_CUDA_RESIDENT_PREFETCH=1, session 33) brings 8192 x 32000
-#      fp32 (1.65x the copy, 2.65x eager; the target is 1.6x and 3x) and
-#      16384 x 50304 bf16 (2.22x) towards the copy, with its tests and
-#      racecheck; then the racecheck of the shared-memory ring, default for
-#      streamed 16-bit rows since session 32 (it ran only under the tests
-#      there), and the ring against registers.
-#   3. at once, if the time is there: bash scripts/gpu_check.sh build,wide,percall
-#      (about 4 minutes): the 65536 x 10 step (2.41x eager from a CUDA graph,
-#      1.53x launched, where the target is 3x) with its two reductions in one
-#      wide block each (FUSED_CE_CUDA_WIDE_REDUCTIONS=1, session 33: a
-#      forward of three launches instead of five) against the partials,
-#      launched and graphed; each kernel of the step with its device time
-#      under both (step_kernels.py), and the host's cost of a step.
+#   2. at once: bash scripts/gpu_check.sh build,prefetch,wide
+#      (about 6.5 minutes; the build is incremental on the warm machine): the
+#      two open targets' experiments of session 33, each against the
+#      default. prefetch (FUSED_CE_CUDA_RESIDENT_PREFETCH=1: each block stages
+#      its next row in shared memory): its tests and racecheck, then 8192 x
+#      32000 fp32 (1.65x the copy, 2.65x eager; the target is 1.6x and 3x),
+#      16384 x 50304 bf16 (2.22x) and 65536 x 1000 fp32 (2.23x). wide
+#      (FUSED_CE_CUDA_WIDE_REDUCTIONS=1: a forward of three launches instead
+#      of five): its tests, each kernel of a 65536 x 10 step with its device
+#      time without and with it, then the step launched and graphed (2.41x
+#      eager graphed, 1.53x launched; the target is 3x).
+#   3. at once, if 4 minutes are left: REUSE_ROWS=none bash scripts/gpu_check.sh build,reuse,percall
+#      (about 3.5 minutes): the long-row tests and the racecheck of the
+#      shared-memory ring, default for streamed 16-bit rows since session 32
+#      (it ran only under the tests there); the host's cost of a step.
 #   Then, in a later session: build,warprows (whether rows of 513-1024
 #   float32 classes are faster held by a warp: 65536 x 1000 fp32 was 2.23x
-#   the copy in blocks of 128 threads).
+#   the copy in blocks of 128 threads; the prefetch times the same rows).
 # Sessions 26 and 28 ran
 #   TESTS_TIMEOUT=260 TEST_WORKERS=16 EMULATOR=0 bash scripts/gpu_check.sh build,smoke,repro,tests
 #   BENCH_TIMEOUT=280 BENCH_ARGS="--max-time 1" bash scripts/gpu_check.sh build,reuse,bench,profile
@@ -60,7 +59,7 @@
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
 # CLUSTER_ROWS, REUSE_ROWS, WARP_ROWS, PREFETCH_ROWS and WIDE_ROWS (the
-# shapes those experiments time),
+# shapes those experiments time; "none": their tests and sanitizers only),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage), EXPERIMENT_SANITIZE=0 (no compute-sanitizer in the clusters
 # and reuse stages), EMULATOR=0 (tests: leave the CPU emulator's out).
@@ -88,8 +87,9 @@ stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
 # logits (IMPLS and MODES: other implementations and benchmark modes), in a
 # process of its own under the caller's environment (the FUSED_CE_CUDA_*
 # settings are read once per process); the tables' rows only ($OUT brings
-# back 8 files).   time_rows SHAPES NAME
+# back 8 files); nothing for SHAPES "none".   time_rows SHAPES NAME
 time_rows() {
+  [ "$1" = none ] && return 0
   timeout 150 "$PY" -m fused_ce.bench --device cuda --modes "${MODES:-fwd+bwd}" --shapes "$1" \
       --impls "${IMPLS:-fused_ce,copy}" --no-compile --no-memory --max-time 1 --out "/tmp/rows-$2" 2>&1 \
       | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy|eager)  " | tee -a "$LOG"
@@ -287,9 +287,9 @@ if want prefetch; then
   # several rows), a racecheck of the staging (each thread reads back only
   # its own slots: no barrier guards them), then,
   # alternating twice, the two rows furthest from the copy on the H200
-  # (8192 x 32000 fp32: 1024 threads, 1.65x; 16384 x 50304 bf16: 896, 2.22x),
-  # float32 rows of 16384 classes (512 threads) and 65536 x 1000 float32
-  # (128 threads: 2.23x), each next to a copy of the logits (time_rows).
+  # (8192 x 32000 fp32: 1024 threads, 1.65x; 16384 x 50304 bf16: 896, 2.22x)
+  # and 65536 x 1000 float32 (128 threads: 2.23x), each next to a copy of
+  # the logits (time_rows).
   stage "prefetched resident rows" | tee -a "$LOG"
   FUSED_CE_CUDA_RESIDENT_PREFETCH=1 timeout 150 "$PY" -m pytest tests/test_parity.py tests/test_hardening.py \
       tests/test_long_rows.py -q -p no:cacheprovider -k "cuda and (more_long_rows or vocab or resident or long_rows)" \
@@ -301,7 +301,7 @@ if want prefetch; then
     echo "racecheck (prefetch) exit status $?" | tee -a "$LOG"
     grep -E "RACECHECK SUMMARY|hazard|passed|failed" /tmp/prefetch-racecheck.log | head -n 5 | tee -a "$LOG"
   fi
-  switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,8192x16384:fp32,65536x1000:fp32}" prefetch
+  switch_rows FUSED_CE_CUDA_RESIDENT_PREFETCH 1 "${PREFETCH_ROWS:-8192x32000:fp32,16384x50304:bf16,65536x1000:fp32}" prefetch
 fi
 
 if want wide; then
@@ -309,13 +309,16 @@ if want wide; then
   # block of 1024 threads each (FUSED_CE_CUDA_WIDE_REDUCTIONS=1, an
   # experiment: a forward of three launches instead of five) against their
   # partials: the tests of those sizes under the switch, each kernel of the
-  # step with its device time under it (step_kernels.py; the percall stage
-  # gives the default's), then, alternating twice, the step launched and
-  # replayed from a CUDA graph, next to eager and a copy (time_rows).
+  # step with its device time without and with it (step_kernels.py; eager's
+  # and torch.compile's too the first time), then, alternating twice, the
+  # step launched and replayed from a CUDA graph, next to eager and a copy
+  # (time_rows).
   stage "wide reductions" | tee -a "$LOG"
   FUSED_CE_CUDA_WIDE_REDUCTIONS=1 timeout 150 "$PY" -m pytest tests/test_reduce_loss.py tests/test_parity.py -q \
       -p no:cacheprovider -k "cuda and (many_rows_of_few or reduce_loss)" -rfE 2>&1 | tail -n 5 | cut -c1-300 \
       | tee -a "$LOG"
+  timeout 150 "$PY" benchmarks/step_kernels.py --rows 65536 --classes 10 2>&1 | tee -a "$LOG"
+  echo "FUSED_CE_CUDA_WIDE_REDUCTIONS=1:" | tee -a "$LOG"
   FUSED_CE_CUDA_WIDE_REDUCTIONS=1 timeout 150 "$PY" benchmarks/step_kernels.py --rows 65536 --classes 10 \
       --no-compile 2>&1 | tee -a "$LOG"
   MODES=fwd+bwd,graphed IMPLS=fused_ce,eager,copy switch_rows FUSED_CE_CUDA_WIDE_REDUCTIONS 1 \
@@ -332,9 +335,8 @@ if want percall; then
   # The per-element node (a masked step).
   timeout 120 "$PY" benchmarks/per_call_cost.py --device cuda --rows 4 --reduction none --steps 2000 \
       --rounds 3 2>&1 | tee -a "$LOG"
-  # And the device's: each kernel of a 65536 x 10 step (fused_ce, eager,
-  # torch.compile) with its time, what the graphed step's time is made of.
-  timeout 150 "$PY" benchmarks/step_kernels.py --rows 65536 --classes 10 2>&1 | tee -a "$LOG"
+  # (The device's side, each kernel of a 65536 x 10 step with its time: the
+  # wide stage.)
 fi
 
 if want graphed; then
