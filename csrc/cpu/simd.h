@@ -79,6 +79,21 @@ struct IntLanes<VecD> {
 template <typename Vec>
 using int_lanes_t = typename IntLanes<Vec>::type;
 
+// The vector in which long sums of a vector type's lanes are accumulated:
+// float lanes in double (two registers), double lanes as they are.
+template <typename Vec>
+struct WideLanes;
+template <>
+struct WideLanes<VecF> {
+  typedef double type __attribute__((vector_size(2 * kVectorBytes)));
+};
+template <>
+struct WideLanes<VecD> {
+  using type = VecD;
+};
+template <typename Vec>
+using wide_lanes_t = typename WideLanes<Vec>::type;
+
 // As many int64 lanes as a float vector has lanes (class targets).
 template <typename Vec>
 struct Int64Lanes;

@@ -185,20 +185,17 @@ class TileKernel {
     // S_t = sum_c w_c t'_c, which the probability gradient needs too.
     Vec shifted_wx{}, shifted_wtx{}, sum_wt{};
     if (is_prob) {
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec wt = Tp[c] * weight_at(c);
-        sum_wt += wt;
-        shifted_wtx += wt * (X[c] - vmax);
-      }
+      sum_wt = sum_over_classes(C, [&](int64_t c) FUSED_CE_INLINE_ATTRIBUTES { return Tp[c] * weight_at(c); });
+      shifted_wtx = sum_over_classes(
+          C, [&](int64_t c) FUSED_CE_INLINE_ATTRIBUTES { return Tp[c] * weight_at(c) * (X[c] - vmax); });
     } else if (eps != Acc(0)) {
-      for (int64_t c = 0; c < C; ++c) shifted_wx += (X[c] - vmax) * weight_at(c);
+      shifted_wx = sum_over_classes(C, [&](int64_t c) FUSED_CE_INLINE_ATTRIBUTES { return (X[c] - vmax) * weight_at(c); });
     }
-    Vec vsum{};
-    for (int64_t c = 0; c < C; ++c) {
+    const Vec vsum = sum_over_classes(C, [&](int64_t c) FUSED_CE_INLINE_ATTRIBUTES {
       const Vec e = exp_for<T>(X[c] - vmax);
-      vsum += e;
       if (want_grad) G[c] = e;
-    }
+      return e;
+    });
     const Vec log_sum = Simd<Acc>::log(vsum);
     const Vec lse = vmax + log_sum;
     // The z-loss of each lane is z_weight * lse^2, z_weight = z w_target, or z
@@ -276,6 +273,32 @@ class TileKernel {
 
   using IntVec = int_lanes_t<Vec>;
   using Int = typename std::remove_reference<decltype(IntVec{}[0])>::type;
+
+  // Classes per block of sum_over_classes.
+  static constexpr int64_t kSumBlock = 64;
+
+  // sum_c term(c) per lane over c in [0, C), in order. One running sum over
+  // tens of thousands of classes loses about sqrt(C) ulp (2.5e-5 relative
+  // for the loss of 30000 float32 classes with probability targets, where
+  // PyTorch's is 5e-8; 2e-4 with full label smoothing): the classes are
+  // summed in blocks of kSumBlock, and the blocks' sums in double, which
+  // keeps the error within a few ulp for any C. A row of up to kSumBlock
+  // classes is one block: the plain running sum, bit for bit.
+  template <typename Term>
+  static FUSED_CE_INLINE Vec sum_over_classes(int64_t C, Term term) {
+    using Wide = wide_lanes_t<Vec>;
+    int64_t c = 0;
+    Vec block{};
+    for (const int64_t end = std::min(C, kSumBlock); c < end; ++c) block += term(c);
+    if (c == C) return block;
+    Wide total = __builtin_convertvector(block, Wide);
+    while (c < C) {
+      block = Vec{};
+      for (const int64_t end = std::min(C, c + kSumBlock); c < end; ++c) block += term(c);
+      total += __builtin_convertvector(block, Wide);
+    }
+    return __builtin_convertvector(total, Vec);
+  }
 
   FUSED_CE_INLINE Acc weight_at(int64_t c) const { return a_.weight ? a_.weight[c] : Acc(1); }
 
