@@ -68,7 +68,9 @@ TORCH_LIBRARY(fused_ce, m) {
 
   // A per-element loss (any shape, in the accumulate type of `dtype`)
   // reduced to the loss itself, a 0-dim tensor of `dtype`: its sum
-  // (reduction 2), or its sum over total_weight (reduction 1, the mean).
+  // (reduction 2), or its sum over total_weight (reduction 1, the mean;
+  // NaN where total_weight is 0, as PyTorch's mean of a batch whose targets
+  // are all ignored or of class weight 0, label smoothing or not).
   // Summed in an order fixed by the number of elements alone, so the bits
   // do not depend on threads or scheduling. One operator instead of ATen's
   // sum, division and cast: on a GPU that is one or two small kernels

@@ -123,18 +123,21 @@ def cross_entropy(
     # Like PyTorch, a target with the input's shape holds class probabilities;
     # any other shape holds class indices (the dims first: the cheaper test).
     probability_target = target.dim() == input.dim() and target.shape == input.shape
-    # PyTorch finds integer logits in its log_softmax: after the checks of the
-    # class probabilities' path (below), before those of the class indices'.
-    if not input.is_floating_point() and not (probability_target and target.is_floating_point()):
-        raise _logits_not_implemented(input)
     if input.dim() == 0:
-        # PyTorch's exception types: a 0-d integer target is taken for class
-        # probabilities and refused as such; anything else fails when the
-        # class dimension is looked up.
+        # PyTorch's exception types, whatever the logits' dtype: a 0-d integer
+        # target is taken for class probabilities and refused as such;
+        # anything else fails when the class dimension is looked up.
         if probability_target and not target.is_floating_point():
             raise _target_not_probabilities(target)
         raise IndexError("cross_entropy(): input must have at least one dimension (the classes), "
                          "got a 0-d tensor")
+    # PyTorch finds integer logits in its log_softmax: after the checks of the
+    # class probabilities' path (below), before those of the class indices'.
+    # Empty logits skip that kernel: then the class indices' checks come
+    # first, and nll_loss's kernel refuses the dtype (below); class
+    # probabilities make them floating point.
+    if not input.is_floating_point() and not probability_target and input.numel() > 0:
+        raise _logits_not_implemented(input)
     device = input.device
     if target.device != device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found input on "
@@ -157,15 +160,11 @@ def cross_entropy(
             raise _target_not_probabilities(target)
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            # PyTorch differentiates its soft-target formula w.r.t. weight; we don't.
-            raise NotImplementedError("fused_ce.cross_entropy: gradients with respect to weight "
-                                      "are not supported (weight.requires_grad is True)")
         # PyTorch's soft-target formula promotes logits, probabilities and
         # weight to a common dtype (float32 logits + float64 targets -> float64).
         weight = _check_weight(weight, input, num_classes, check_dtype=False)
-        if not input.is_floating_point():
-            raise _logits_not_implemented(input)
+        if not input.is_floating_point() and input.numel() > 0:
+            raise _logits_not_implemented(input)  # (empty integer logits are promoted, as in PyTorch)
         common = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
             common = torch.promote_types(common, weight.dtype)
@@ -178,10 +177,13 @@ def cross_entropy(
             # element count: a (1, C) weight works there, so it works here.
             weight = weight.reshape(num_classes)
         _check_class_target(input, target, unbatched)
-        weight = _check_weight(weight, input, num_classes, check_dtype=True)
+        # (The weight's dtype against empty integer logits: their dtype is the fault, below.)
+        weight = _check_weight(weight, input, num_classes, check_dtype=input.is_floating_point())
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect "
                                "to argument 'weight'. This input cannot have requires_grad True.")
+        if not input.is_floating_point():
+            raise _logits_not_implemented(input)  # empty integer logits (see above)
         if target.dtype != torch.int64:
             target = target.long()
         if validate:
@@ -214,9 +216,15 @@ def cross_entropy(
     # written over logits that a transform wraps: inplace_backward only saves
     # memory elsewhere and is ignored here.
     in_transform = functorch_active()
-    if in_transform or has_tangent(input, target, weight):
+    # PyTorch's loss of probability targets is differentiable with respect to
+    # the class weights (that of class indices is not: the kernels refuse
+    # it). The kernels give no weight gradient, so such a call is built from
+    # torch operations, which do (inplace_backward does not apply).
+    weight_gradient = (probability_target and weight is not None and weight.requires_grad
+                       and torch.is_grad_enabled())
+    if in_transform or weight_gradient or has_tangent(input, target, weight):
         arguments = (input, target, weight, ignore_index, label_smoothing, reduction_code, z_loss, softcap)
-        if in_transform and not _functorch_needs_composite(input, target, weight):
+        if in_transform and not weight_gradient and not _functorch_needs_composite(input, target, weight):
             # A single reverse-mode transform (grad, vjp, jacrev; under vmap or
             # not) needs a Function with setup_context.
             loss, lse, _ = FunctorchCrossEntropyFunction.apply(*arguments)
@@ -565,8 +573,11 @@ def _check_class_target_shape(input: Tensor, target: Tensor, unbatched: bool) ->
     batch = target.shape[0] if target.dim() > 0 else 0
     if batch != input.shape[0]:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
-    if input.dim() == 2 and target.dim() == 0:
-        # (Only with a batch of 0, which the size check above lets through.)
+    if input.dim() == 2 and target.dim() == 0 and (target.dtype in (torch.int64, torch.uint8)
+                                                   or not _torch_checks_target_dtype_first()):
+        # (Only with a batch of 0, which the size check above lets through; a
+        # target of another dtype is refused for that first where torch checks
+        # the dtype first.)
         raise IndexError("Dimension specified as 0 but tensor has no dimensions")
     if input.dim() == 2 and target.dim() != 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")

@@ -384,7 +384,10 @@ def test_reduce_loss(emu, dtype, n):
         rtol = 1e-12 if dtype == torch.float64 else max(4e-6, 2 * torch.finfo(dtype).eps)
         torch.testing.assert_close(got, want, rtol=rtol, atol=0)
     assert emu.take_launch_log() == ([(1, 256, 1)] * 2 if n <= 4096 else [(min(1024, -(-n // 4096)), 256, 1), (1, 256, 1)] * 2)
+    # A total weight of 0: NaN, whether the losses sum to 0 (all ignored) or not (label smoothing
+    # over targets of class weight 0), as PyTorch's mean.
     assert math.isnan(emu.reduce_loss(torch.zeros(n, dtype=acc), torch.tensor(0.0, dtype=acc), 1, dtype).item())
+    assert math.isnan(emu.reduce_loss(loss, torch.tensor(0.0, dtype=acc), 1, dtype).item())
     emu.take_launch_log()
 
 

@@ -524,24 +524,25 @@ def test_class_target_with_requires_grad_weight(device):
     _check_same_error(device, make, [r"not differentiable with respect to argument 'weight'"], RuntimeError)
 
 
-def test_prob_target_with_requires_grad_weight_is_not_silently_wrong(device):
-    # torch differentiates w.r.t. the weight for probability targets; fused_ce must either do the
-    # same or refuse -- never return a loss whose weight gradient is silently missing.
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_prob_target_with_requires_grad_weight_gets_pytorchs_gradients(device, reduction, label_smoothing):
+    # PyTorch differentiates the loss of probability targets with respect to the class weights
+    # (built from torch operations here, the kernels giving no weight gradient): the loss and the
+    # gradients of logits, targets and weights, against float64.
     C = 5
-    x = make_logits((3, C), device=device)
-    t = make_prob_target((3, C), device=device)
+    x = make_logits((3, C, 2), device=device).requires_grad_()
+    t = make_prob_target((3, C, 2), device=device).requires_grad_()
     w = make_weight(C, device=device).requires_grad_()
-    try:
-        out = fused_ce.cross_entropy(x, t, weight=w)
-    except RuntimeError:
-        return
-    w64 = w.detach().double().cpu().requires_grad_()
-    ref = F.cross_entropy(x.double().cpu(), t.double().cpu(), weight=w64)
-    ref.backward()
-    assert out.requires_grad, "loss does not require grad although the weight does (torch: it does)"
-    out.backward()
-    assert w.grad is not None, "weight gradient silently missing"
-    assert_close_ref(w.grad, w64.grad, torch.float32, what="grad wrt weight")
+    upstream = torch.rand((3, 2) if reduction == "none" else (), dtype=torch.float64)
+    leaves64 = [v.detach().double().cpu().requires_grad_() for v in (x, t, w)]
+    ref = F.cross_entropy(*leaves64[:2], weight=leaves64[2], reduction=reduction, label_smoothing=label_smoothing)
+    ref_grads = torch.autograd.grad(ref, leaves64, upstream)
+    out = fused_ce.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    grads = torch.autograd.grad(out, (x, t, w), upstream.to(out.dtype).to(device))
+    assert_close_ref(out, ref, torch.float32, what="loss", floor=1.0)
+    for name, g, r in zip(("logits", "target", "weight"), grads, ref_grads):
+        assert_close_ref(g, r, torch.float32, what=f"gradient of the {name}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available (no GPU on this machine)")
@@ -826,3 +827,30 @@ def test_error_types_and_results_match_pytorch_over_a_sweep():
             if (a is None) != (b is None) or (a is not None and not _same(a, b)):
                 mismatches.append(f"{case}, {what}: torch {a}, fused_ce {b}")
     assert not mismatches, f"{len(mismatches)} of 5400 differ, e.g.\n" + "\n".join(mismatches[:10])
+
+
+def test_integer_and_empty_logits_fail_as_in_pytorch():
+    # Logits of an integer or bool dtype fail in PyTorch's log_softmax, which runs after the class
+    # probabilities' checks and before the class indices' -- unless the logits are empty or 0-d,
+    # where other checks (shape, weight, target dtype) come first and nll_loss refuses the dtype
+    # last. Every combination below must raise PyTorch's exception type, or compute where it does.
+    def outcome(fn, x, t, kwargs):
+        error = _capture(lambda: fn(x, t, **kwargs))
+        return "computes" if error is None else type(error).__name__
+
+    differ = []
+    for dtype in (torch.int32, torch.bool, torch.float32):
+        for shape in ((), (0,), (3,), (0, 2), (2, 3), (0, 2, 3), (2, 3, 0), (1, 4, 0)):
+            classes = shape[1] if len(shape) > 1 else (shape[0] if shape else 1)
+            x = torch.zeros(shape, dtype=dtype)
+            target_shapes = {(), (0,), (2,), shape, (shape[0],) + shape[2:] if len(shape) > 1 else ()}
+            for target_shape in target_shapes:
+                for target_dtype in (torch.long, torch.float32, torch.int32):
+                    t = torch.zeros(target_shape, dtype=target_dtype)
+                    for kwargs in ({}, {"weight": torch.rand(7)}, {"weight": torch.rand(max(classes, 1))},
+                                   {"label_smoothing": 0.1}):
+                        want, got = outcome(F.cross_entropy, x, t, kwargs), outcome(fused_ce.cross_entropy, x, t, kwargs)
+                        if want != got:
+                            differ.append(f"{dtype} {shape}, target {target_dtype} {target_shape}, "
+                                          f"{sorted(kwargs)}: torch {want}, fused_ce {got}")
+    assert not differ, f"{len(differ)} differ, e.g.\n" + "\n".join(differ[:10])

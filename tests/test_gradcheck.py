@@ -83,6 +83,19 @@ def test_gradcheck_prob_targets(device, grads, reduction, use_weight, label_smoo
     assert_close_ref(fn(x.detach(), t.detach()), ref, torch.float64)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck_prob_targets_with_weight_gradient(device, reduction):
+    # Probability targets are differentiable with respect to the class weights, as in PyTorch.
+    x = make_logits((4, 5, 2), torch.float64, device, scale=1.5).requires_grad_()
+    t = make_prob_target((4, 5, 2), torch.float64, device).requires_grad_()
+    w = make_weight(5, torch.float64, device).requires_grad_()
+
+    def fn(inp, tgt, weight):
+        return fused_ce.cross_entropy(inp, tgt, weight=weight, reduction=reduction, label_smoothing=0.2)
+
+    assert gradcheck(fn, (x, t, w), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
 def test_gradcheck_noncontiguous(device, layout):
     if layout == "transposed":

@@ -257,6 +257,23 @@ def test_all_ignored_batch(device, C, use_weight, label_smoothing):
                         ignore_index=1, label_smoothing=label_smoothing, what="all ignored K-dim")
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("shape", [(5, 4), (2, 4, 3)], ids=["2d", "3d"])
+def test_targets_of_class_weight_zero_only(device, shape, label_smoothing):
+    # Every counted target has class weight 0, so the mean's total weight is 0: PyTorch's mean is
+    # NaN, also with label smoothing, whose own term (positive here) it divides by the total
+    # weight apart from the NLL term (0 / 0).
+    x = make_logits(shape, torch.float64, device)
+    t = torch.full((shape[0],) + shape[2:], 1, dtype=torch.long, device=device)
+    t[0].fill_(-100)
+    w = make_weight(shape[1], torch.float64, device)
+    w[1] = 0.0
+    loss, *_ = check_against_torch(fused_ce, x, t, w, reduction="mean", label_smoothing=label_smoothing,
+                                   what="zero total weight")
+    assert torch.isnan(loss).item()
+    check_against_torch(fused_ce, x, t, w, reduction="sum", label_smoothing=label_smoothing, what="sum")
+
+
 def test_unbatched_ignored_element(device):
     x = make_logits((7,), torch.float64, device)
     t = torch.tensor(-100, device=device)

@@ -72,7 +72,11 @@ def test_special_values(device, dtype):
     assert math.isnan(reduce([1.0, math.nan, 2.0] * 3000, 5.0))
     assert reduce([1.0, math.inf] * 3000, 5.0) == math.inf
     assert math.isnan(reduce([math.inf, 1.0, -math.inf] * 2000, 5.0, "sum"))
-    assert reduce([1.0, 2.0], 0.0) == math.inf  # a positive sum over a zero weight
+    # A total weight of 0 is NaN whatever the sum (label smoothing over targets of class weight 0
+    # has a positive one): PyTorch's mean divides its NLL term, 0 there, by it apart.
+    assert math.isnan(reduce([1.0, 2.0], 0.0))
+    assert math.isnan(reduce([1.0, 2.0] * 3000, 0.0))
+    assert reduce([1.0, 2.0], 0.0, "sum") == 3.0
     # An empty or all-ignored batch: PyTorch's mean is 0 / 0 = NaN, its sum 0.
     assert math.isnan(reduce([], 0.0))
     assert math.isnan(reduce([0.0] * 10, 0.0))

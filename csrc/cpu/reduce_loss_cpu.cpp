@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "../cross_entropy.h"
@@ -70,7 +71,11 @@ at::Tensor reduce_loss_cpu(const at::Tensor& loss, const at::Tensor& total_weigh
     // be by a sum and a division in that type.
     Acc result = static_cast<Acc>(fixed_order_sum(values.const_data_ptr<Acc>(), values.numel()));
     if (reduction == static_cast<int64_t>(Reduction::Mean)) {
-      result = result / *total_weight.const_data_ptr<Acc>();  // 0 / 0 is NaN, like PyTorch's
+      // A total weight of 0 (every target ignored or of class weight 0) gives
+      // NaN, as PyTorch's mean: it divides the NLL term (0 there) and the
+      // label smoothing term by it apart, and 0 / 0 is NaN whatever the other.
+      const Acc total = *total_weight.const_data_ptr<Acc>();
+      result = total == 0 ? std::numeric_limits<Acc>::quiet_NaN() : result / total;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_ce_reduce_loss_cpu_out", [&] {
       *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(result);

@@ -68,8 +68,10 @@ __global__ void __launch_bounds__(kLossReduceThreads)
 }
 
 // Stage 2, one block of THREADS: *out = sum of values[0, n), over
-// *total_weight for the mean (0 / 0 is NaN, like PyTorch's mean of an
-// all-ignored batch).
+// *total_weight for the mean. A total weight of 0 (every target ignored or
+// of class weight 0) gives NaN, as PyTorch's mean: it divides the NLL term
+// (0 there) and the label smoothing term by it apart, and 0 / 0 is NaN
+// whatever the other.
 template <typename T, int THREADS = kLossReduceThreads>
 __global__ void __launch_bounds__(THREADS)
     ce_finish_loss_kernel(const acc_t<T>* __restrict__ values, int64_t n, const acc_t<T>* __restrict__ total_weight,
@@ -78,7 +80,14 @@ __global__ void __launch_bounds__(THREADS)
   constexpr int U = THREADS == kWideLossReduceThreads ? kWideLossReduceUnroll : kLossReduceUnroll;
   const Acc sum = group_sum<THREADS, THREADS>(strided_sum<U, Acc>(
       threadIdx.x, n, THREADS, [&](int64_t i) { return values[i]; }, [](Acc v) { return v; }));
-  if (threadIdx.x == 0) *out = from_acc<T>(reduction == kReductionMean ? divide_rn(sum, *total_weight) : sum);
+  if (threadIdx.x == 0) {
+    Acc result = sum;
+    if (reduction == kReductionMean) {
+      const Acc total = *total_weight;
+      result = total == Acc(0) ? acc_nan<Acc>() : divide_rn(sum, total);
+    }
+    *out = from_acc<T>(result);
+  }
 }
 
 template <typename T>
