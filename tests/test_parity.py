@@ -978,6 +978,21 @@ def test_half_gradient_is_the_float32_gradient_rounded_once(dtype, C):
     assert ((steps <= 1) | cancelling).all(), f"{steps[~cancelling].max().item()} steps"
 
 
+@pytest.mark.parametrize("shift", [0.0, 7.3, -123.4, 1000.3])
+@pytest.mark.parametrize("C", [2, 1000], ids=["tile", "row"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_half_loss_of_a_certain_prediction(device, dtype, C, shift):
+    # The target's logit 40 above every other: the exact loss is below 1e-14, PyTorch's 0. The
+    # shorter exp of half types must not bias it (it gave 2.6e-6 in bfloat16 and -6e-8, a negative
+    # cross-entropy, in float16): between 0 and a few float32 ulp of 1 (the losses are rounded to
+    # the logits' dtype, which holds both).
+    x = torch.full((5, C), shift - 40.0, dtype=torch.float64)
+    t = torch.randint(0, C, (5,))
+    x[torch.arange(5), t] = shift
+    loss = fused_ce.cross_entropy(x.to(dtype).to(device), t.to(device), reduction="none").float()
+    assert ((loss >= 0) & (loss <= 2.5e-7)).all(), loss.tolist()
+
+
 # --------------------------------------------------------------------------
 # Rows shorter than a SIMD vector, in every dtype: with AVX-512 each row is one masked load and
 # store, and the batch sizes leave a partial tile whose last row ends the tensor.

@@ -3,6 +3,9 @@
 // builds of the kernels (the slowest sources of the extension) run in
 // parallel. Selected by run_kernel() in cross_entropy_kernel.cpp.
 #define FUSED_CE_VECTOR_BYTES 32
+// This unit's entry point runs with FMA, into which kernel_exp.h folds the
+// shift of half-type rows.
+#define FUSED_CE_FUSED_MULTIPLY_ADD 1
 #include "cross_entropy_kernel_impl.h"
 #include "kernel_entry_points.h"
 

@@ -3,6 +3,9 @@
 // exp pass and in the bfloat16 conversions (AVX-512 narrows a register in
 // one instruction). Selected by run_kernel() in cross_entropy_kernel.cpp.
 #define FUSED_CE_VECTOR_BYTES 64
+// This unit's entry point runs with FMA, into which kernel_exp.h folds the
+// shift of half-type rows.
+#define FUSED_CE_FUSED_MULTIPLY_ADD 1
 #include "cross_entropy_kernel_impl.h"
 #include "kernel_entry_points.h"
 

@@ -5,6 +5,9 @@
 // bfloat16 row's time. Selected by run_kernel() in cross_entropy_kernel.cpp.
 #define FUSED_CE_VECTOR_BYTES 64
 #define FUSED_CE_AVX512_BF16 1
+// This unit's entry point runs with FMA, into which kernel_exp.h folds the
+// shift of half-type rows.
+#define FUSED_CE_FUSED_MULTIPLY_ADD 1
 #include "cross_entropy_kernel_impl.h"
 #include "kernel_entry_points.h"
 

@@ -422,7 +422,12 @@ class RowKernel {
                          : sum_exp_of_row<false>(x, C, shifted_exp, keep, next_row, row_bytes,
                                                  store_previous_row);
     if constexpr (kDeferStores) pending_.finish();
-    const Acc log_sum = std::log(sum) - shifted_exp.log_bias();
+    // At least 0: the row's largest logit adds exp(0) = 1 to the sum. The
+    // folded shift's bias (kernel_exp.h), taken out after the log, can leave
+    // it an ulp below, which would give a certain prediction a negative
+    // loss. (NaN stays NaN.)
+    Acc log_sum = std::log(sum) - shifted_exp.log_bias();
+    if (log_sum < Acc(0)) log_sum = Acc(0);
     const Acc lse = row_max + log_sum;
     const Acc inv_sum = Acc(1) / sum;
 
