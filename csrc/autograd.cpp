@@ -28,8 +28,10 @@ namespace fused_ce {
 namespace {
 
 using torch::autograd::variable_list;
+#if FUSED_CE_COMPILED_AUTOGRAD
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
 // ---------------------------------------------------------------------------
 // The reduction, exactly as fused_ce/autograd.py does it.
@@ -97,6 +99,7 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
     held_gradient_.reset();
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // Compiled autograd (compiled_autograd_step.h): the graph gets the
   // gradient times grad_output, out of place, the gradient being the held
   // one, the saved one, or (after a first backward took the held one)
@@ -132,11 +135,13 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
     saved.after(state_.weight);
     return result;
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
  private:
   // Whether the gradient must be recomputed from the saved input.
   bool recomputes() const { return device_scaled_ && !held_gradient_.defined(); }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // What the compiled graph calls, with apply_with_saved's arguments:
   // (recompute, gradient or input, target, [weight], 4 options, reduction,
   // input sizes). Tensor operations alone, out of place.
@@ -149,6 +154,7 @@ class CrossEntropyLossBackward : public torch::autograd::Node {
                                                  : args[1].toTensor();
     return {(gradient * grad_output).reshape(args[9].toIntVector())};
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
   // The gradient for an upstream gradient of 1: the held one (handed over
   // when `take`, so that it can be scaled in place), or, after a first

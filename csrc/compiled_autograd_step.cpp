@@ -2,6 +2,8 @@
 
 #include "compiled_autograd_step.h"
 
+#if FUSED_CE_COMPILED_AUTOGRAD
+
 #include <mutex>
 #include <optional>
 #include <set>
@@ -57,3 +59,5 @@ LossOptions unpack_options(const std::vector<c10::IValue>& args, size_t first) {
 }
 
 }  // namespace fused_ce
+
+#endif  // FUSED_CE_COMPILED_AUTOGRAD

@@ -12,10 +12,26 @@
 // which puts a call of it into the graph, then swaps the tensors back
 // (after). The function must be traceable: tensor operations alone (here the
 // library's operators, which have fake kernels), no reading of values.
+//
+// That protocol for C++ nodes (the compiler's Python interface, the packing
+// of arguments, compiled_args being const) exists from torch 2.7 on. Built
+// against an older torch, the nodes leave both methods out, and a compiled
+// backward through them raises PyTorch's "compiled_args not implemented",
+// while everything else works as before: FUSED_CE_COMPILED_AUTOGRAD says
+// which it is.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+#define FUSED_CE_COMPILED_AUTOGRAD 1
+#else
+#define FUSED_CE_COMPILED_AUTOGRAD 0
+#endif
+
+#if FUSED_CE_COMPILED_AUTOGRAD
 #include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <optional>
@@ -56,3 +72,5 @@ void pack_options(std::vector<c10::IValue>& args, const LossOptions& options);
 LossOptions unpack_options(const std::vector<c10::IValue>& args, size_t first);
 
 }  // namespace fused_ce
+
+#endif  // FUSED_CE_COMPILED_AUTOGRAD

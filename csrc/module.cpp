@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "autograd.h"
+#include "compiled_autograd_step.h"
 #include "cpu/cross_entropy_kernel.h"
 #include "cpu/gradient_cache.h"
 
@@ -19,6 +20,8 @@ bool built_with_cuda() {
 #endif
 }
 
+bool compiled_autograd_nodes() { return FUSED_CE_COMPILED_AUTOGRAD == 1; }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_capabilities", &fused_ce::cpu::supported_cpu_capabilities,
         "Instruction sets the CPU kernels can run with on this CPU, from default up.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("compiled_autograd_nodes", &compiled_autograd_nodes,
+        "Whether the autograd nodes take part in compiled autograd (built against torch 2.7+).");
   m.def("empty_gradient_cache", &fused_ce::cpu::empty_gradient_cache,
         "Frees the cached CPU gradient buffer, if any.");
   m.def("set_gradient_cache_enabled", &fused_ce::cpu::set_gradient_cache_enabled,

@@ -40,8 +40,10 @@ namespace {
 
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+#if FUSED_CE_COMPILED_AUTOGRAD
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
 // The backward of cross_entropy_forward(_with_grad)'s loss (output 0) and
 // lse (output 1); its edges lead to the input and the target.
@@ -79,6 +81,7 @@ class OperatorForwardBackward : public torch::autograd::Node {
     saved_.release();
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // Compiled autograd: the saved tensors are the graph's inputs; the
   // options and which gradients the edges want are its constants.
   void compiled_args(CompiledNodeArgs& args) const override {
@@ -99,6 +102,7 @@ class OperatorForwardBackward : public torch::autograd::Node {
     saved_.swap_out(saved);
     return result;
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
  private:
   // (grad_input, grad_target) from the upstream gradients of loss and lse,
@@ -116,6 +120,7 @@ class OperatorForwardBackward : public torch::autograd::Node {
     return {input_grad ? grad_input : at::Tensor(), target_grad ? grad_target : at::Tensor()};
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // What the compiled graph calls, with apply_with_saved's arguments:
   // (input, target, [weight], lse, 4 options, input_grad, target_grad).
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
@@ -124,6 +129,7 @@ class OperatorForwardBackward : public torch::autograd::Node {
                      args[3].toTensor(), unpack_options(args, kOptions), args[kOptions + 4].toBool(),
                      args[kOptions + 5].toBool());
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
   SavedLossOperands saved_;
   LossOptions options_;
@@ -153,6 +159,7 @@ class ReduceLossBackward : public torch::autograd::Node {
     total_weight_.reset_data();
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   void compiled_args(CompiledNodeArgs& args) const override {
     args.collect(total_weight_, /*is_output=*/false);
     args.collect(mean_);
@@ -169,6 +176,7 @@ class ReduceLossBackward : public torch::autograd::Node {
     saved.after(total_weight_);
     return result;
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
  private:
   // The upstream gradient over the per-element losses (undefined stays so).
@@ -180,11 +188,13 @@ class ReduceLossBackward : public torch::autograd::Node {
     return grad.expand(loss_sizes);
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // The compiled graph's call: (total_weight, mean, loss sizes, loss dtype).
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
     return {spread(grads[0], args[0].toTensor(), args[1].toBool(), args[2].toIntVector(),
                    static_cast<at::ScalarType>(args[3].toInt()))};
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
   SavedVariable total_weight_;
   bool mean_;

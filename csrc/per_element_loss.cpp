@@ -21,8 +21,10 @@ namespace fused_ce {
 namespace {
 
 using torch::autograd::variable_list;
+#if FUSED_CE_COMPILED_AUTOGRAD
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
 // The per-element loss's autograd node. Its one edge leads to the input.
 // Everything the backward reads is a saved variable (saved_operands.h), so
@@ -78,6 +80,7 @@ class PerElementLossBackward : public torch::autograd::Node {
     saved_.release();
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // Compiled autograd (compiled_autograd_step.h): the graph gets the
   // backward operator's gradient for the upstream gradient of each element;
   // compiled_backward below.
@@ -97,8 +100,10 @@ class PerElementLossBackward : public torch::autograd::Node {
     saved_.swap_out(saved);
     return result;
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
  private:
+#if FUSED_CE_COMPILED_AUTOGRAD
   // What the compiled graph calls, with apply_with_saved's arguments:
   // (input, target, [weight], lse, 4 options, input sizes).
   static variable_list compiled_backward(const variable_list& grads, const std::vector<c10::IValue>& args) {
@@ -109,6 +114,7 @@ class PerElementLossBackward : public torch::autograd::Node {
                             optional_tensor_from_arg(args[2]), args[3].toTensor(), unpack_options(args, kOptions),
                             args[kOptions + 4].toIntVector())};
   }
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
   // The backward operator's input gradient for a per-element upstream
   // gradient shaped like the loss, in the input's sizes.

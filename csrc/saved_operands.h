@@ -10,7 +10,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <optional>
 #include <vector>
@@ -51,6 +50,7 @@ class SavedLossOperands {
     lse_.reset_data();
   }
 
+#if FUSED_CE_COMPILED_AUTOGRAD
   // Compiled autograd: the tensors as the graph's inputs (compiled_args),
   // swapped for the compiler's proxies around the call (apply_with_saved),
   // and as the first packed arguments: (input, target, [weight], lse).
@@ -79,6 +79,7 @@ class SavedLossOperands {
   }
   // The number of arguments packed() gives, where the node's own follow.
   static constexpr size_t kPackedArgs = 4;
+#endif  // FUSED_CE_COMPILED_AUTOGRAD
 
  private:
   torch::autograd::SavedVariable input_, target_, weight_, lse_;

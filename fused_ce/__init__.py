@@ -5,7 +5,15 @@ Drop-in replacements for ``torch.nn.functional.cross_entropy`` and
 registered as ``torch.ops.fused_ce.*``.
 """
 
-from . import _vmap, distributed  # noqa: F401  (_vmap registers the batching rules)
+import torch
+
+# torch 2.4's compiler traced the loss's autograd Function wrongly when logits and probability
+# targets both require grad (a wrong gradient of the logits under torch.compile): 2.5 is the
+# oldest torch fused_ce runs with (README, "Torch versions").
+if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+    raise ImportError(f"fused_ce needs torch 2.5 or newer, found torch {torch.__version__}")
+
+from . import _vmap, distributed  # noqa: F401,E402  (_vmap registers the batching rules)
 from ._ops import built_with_cuda, cpu_capability, supported_cpu_capabilities
 from .autograd import CrossEntropyFunction
 from .cache import empty_cache, gradient_cache_bytes, set_gradient_cache

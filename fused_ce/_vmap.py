@@ -11,12 +11,22 @@ are themselves vmapped cannot be folded; those calls run one batch element
 at a time, and so do the reductions of ``reduce_loss`` (one loss per
 element, each over its own total weight).
 
-Importing this module registers the rules.
+Importing this module registers the rules, with torch 2.6 or newer: in torch
+2.5 a rule under two nested vmaps fails an internal assertion of PyTorch's,
+so there ``torch.vmap`` runs the operators with PyTorch's own fallback, one
+batch element at a time, with its performance warning.
 """
 
 import torch
 
 from ._ops import ops
+
+
+def _register_vmap(name):
+    """``torch.library.register_vmap(name)`` from torch 2.6 on (see above)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        return lambda rule: rule
+    return torch.library.register_vmap(name)
 
 
 def _batch_first(t, dim, batch_size):
@@ -68,7 +78,7 @@ def total_weight_per_element(target, weight, ignore_index, dtype):
     return total.to(dtype)
 
 
-@torch.library.register_vmap("fused_ce::cross_entropy_forward")
+@_register_vmap("fused_ce::cross_entropy_forward")
 def _forward_rule(info, in_dims, input, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     options = (ignore_index, label_smoothing, z_loss, softcap)
     batch_size = info.batch_size
@@ -85,7 +95,7 @@ def _forward_rule(info, in_dims, input, target, weight, ignore_index, label_smoo
     return (_unfold(loss, batch_size, rows), _unfold(lse, batch_size, rows), total_weight), (0, 0, 0)
 
 
-@torch.library.register_vmap("fused_ce::cross_entropy_backward")
+@_register_vmap("fused_ce::cross_entropy_backward")
 def _backward_rule(info, in_dims, grad_loss, grad_lse, input, target, weight, lse, ignore_index,
                    label_smoothing, z_loss, softcap, input_grad, target_grad):
     options = (ignore_index, label_smoothing, z_loss, softcap, input_grad, target_grad)
@@ -110,7 +120,7 @@ def _backward_rule(info, in_dims, grad_loss, grad_lse, input, target, weight, ls
             _unfold(grad_target, batch_size, rows) if target_grad else grad_target), out_dims
 
 
-@torch.library.register_vmap("fused_ce::reduce_loss")
+@_register_vmap("fused_ce::reduce_loss")
 def _reduce_loss_rule(info, in_dims, loss, total_weight, reduction, dtype):
     batch_size = info.batch_size
     loss = _batch_first(loss, in_dims[0], batch_size)

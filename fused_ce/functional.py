@@ -305,9 +305,21 @@ def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduc
     return reduction_code, device.type in DEVICE_SCALED_GRADIENT
 
 
-def _logits_not_implemented(input: Tensor) -> NotImplementedError:
-    """PyTorch's error for logits that are not floating point."""
-    return NotImplementedError(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
+def _logits_not_implemented(input: Tensor) -> Exception:
+    """PyTorch's error for logits that are not floating point: a NotImplementedError,
+    or a RuntimeError from the torch releases that raised those for a dtype a kernel
+    lacks (2.5 and older; asked of torch itself, once, on this error path)."""
+    global _missing_dtype_error
+    if _missing_dtype_error is None:
+        try:
+            torch.log_softmax(torch.zeros(1, dtype=torch.int64), 0)
+            _missing_dtype_error = NotImplementedError  # (accepted: unreachable)
+        except Exception as error:  # noqa: BLE001 - the type is the answer
+            _missing_dtype_error = type(error)
+    return _missing_dtype_error(f'"cross_entropy" not implemented for \'{_dtype_name(input.dtype)}\'')
+
+
+_missing_dtype_error: Optional[type] = None
 
 
 def _target_not_probabilities(target: Tensor) -> RuntimeError:
@@ -534,13 +546,17 @@ def _check_class_target(input: Tensor, target: Tensor, unbatched: bool) -> None:
 
 def _raise_target_size(input: Tensor, target: Tensor, unbatched_size: bool) -> None:
     """The size error of an unbatched input's 1-D target, or of an (N, C, H, W)
-    input's (N, H', W') target (PyTorch's nll_loss2d, in its words)."""
+    input's (N, H', W') target (PyTorch's nll_loss2d, in its words; torch
+    before 2.11 words the first as nll_loss does, see _torch_checks_target_dtype_first)."""
+    if unbatched_size and _unbatched_size_as_mismatch:
+        raise RuntimeError(f"size mismatch (got input: {list(input.shape)}, target: {list(target.shape)})")
     if unbatched_size:
         raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
     raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
 
 
 _target_dtype_first: Optional[bool] = None
+_unbatched_size_as_mismatch = False
 
 
 def _torch_checks_target_dtype_first() -> bool:
@@ -548,16 +564,20 @@ def _torch_checks_target_dtype_first() -> bool:
     wrong target size (of an unbatched input's 1-D target, or of an (N, C,
     H, W) input's target): torch 2.13 checks the dtype first; torch 2.11
     only finds it in the kernel, after every size check (and words it
-    "expected scalar type Long but found Int"). Asked of torch itself, once,
-    and only on these error paths: a float (2,) target for a (3,) input has
-    both faults."""
-    global _target_dtype_first
+    "expected scalar type Long but found Int"), and so does torch 2.4-2.5,
+    whose nll_loss refuses every 1-D target of an unbatched input, (1,)
+    included, as a "size mismatch" (_unbatched_size_as_mismatch). Asked of torch
+    itself, once, and only on these error paths: a float (2,) target for a
+    (3,) input has both faults."""
+    global _target_dtype_first, _unbatched_size_as_mismatch
     if _target_dtype_first is None:
         try:
             torch._C._nn.cross_entropy_loss(torch.zeros(3), torch.zeros(2), None, 1, -100, 0.0)
             _target_dtype_first = True  # (accepted: unreachable; keep the newer order)
         except Exception as error:  # noqa: BLE001 - any of torch's messages answers the question
-            _target_dtype_first = "must have size 1" not in str(error)
+            message = str(error)
+            _target_dtype_first = "must have size 1" not in message and "size mismatch" not in message
+            _unbatched_size_as_mismatch = "size mismatch" in message
     return _target_dtype_first
 
 

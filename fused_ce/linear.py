@@ -58,8 +58,6 @@ reduction "none" ``fused_ce::linear_cross_entropy_chunk_losses``, whose
 backward recomputes the chunks (``..._chunk_gradients``).
 """
 
-from __future__ import annotations
-
 import math
 from typing import NamedTuple, Optional, Tuple
 

@@ -251,6 +251,25 @@ PER_ELEMENT_NODE = "fused_ce::PerElementLossBackward"
 PYTHON_NODE = "CrossEntropyFunctionBackward"
 
 
+def _torch_takes_unbatched_one_element_target() -> bool:
+    try:
+        F.cross_entropy(torch.zeros(3), torch.tensor([0]))
+    except RuntimeError:
+        return False
+    return True
+
+
+# torch 2.11 and newer take a (1,) class-index target for an unbatched (C,) input, as fused_ce does;
+# torch 2.4-2.5 refuse it ("size mismatch"): the references of such calls take the 0-d target there,
+# the same loss.
+TORCH_TAKES_UNBATCHED_ONE_ELEMENT_TARGET = _torch_takes_unbatched_one_element_target()
+
+
+def unbatched_reference_target(t):
+    """A (1,) target of an unbatched input as the installed torch takes it (see above)."""
+    return t if TORCH_TAKES_UNBATCHED_ONE_ELEMENT_TARGET else t.reshape(())
+
+
 def outcome(fn, *args, **kwargs):
     """What a call gives: its result, or the exception it raised (for comparing failures)."""
     try:

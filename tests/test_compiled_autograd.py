@@ -18,7 +18,32 @@ import fused_ce
 from conftest import (NATIVE_NODE, PER_ELEMENT_NODE, assert_close_ref, grad_fn_name, make_class_target,
                       make_logits, make_prob_target, make_weight, ref_llm, train_exported_loss_model)
 
+# The C++ nodes take part in compiled autograd when built against torch 2.7 or newer, whose API for
+# it they use (csrc/compiled_autograd_step.h); built against an older torch, a compiled backward
+# through them raises PyTorch's error, which test_the_nodes_take_part_from_torch_2_7 checks there
+# instead of the cases below.
 pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("fresh_dynamo")]
+requires_compiled_autograd_nodes = pytest.mark.skipif(
+    not fused_ce._C.compiled_autograd_nodes(),
+    reason=f"fused_ce was built against torch {torch.__version__}: its nodes take part in compiled autograd "
+           f"from torch 2.7 on")
+
+
+def test_the_nodes_take_part_from_torch_2_7(device):
+    supported = fused_ce._C.compiled_autograd_nodes()
+    assert supported == (torch.torch_version.TorchVersion(torch.__version__) >= (2, 7))
+    x = make_logits((8, 10), device=device).requires_grad_()
+    t = make_class_target((8,), 10, device)
+    compiler = _CountingCompiler()
+    # (torch 2.5 and older name the context manager enable)
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable
+    with enable(compiler):
+        if supported:
+            fused_ce.cross_entropy(x, t).backward()
+        else:
+            with pytest.raises(RuntimeError, match="compiled_args not implemented"):
+                fused_ce.cross_entropy(x, t).backward()
+    assert compiler.graphs == (1 if supported else 0)
 
 
 class _CountingCompiler:
@@ -55,6 +80,7 @@ CASES = [
 ]
 
 
+@requires_compiled_autograd_nodes
 @pytest.mark.parametrize("shape, dtype, options", CASES,
                          ids=["mean", "sum-smoothing-weight", "spatial-ignored-weight", "bf16-zloss-softcap",
                               "none-smoothing-weight", "none-spatial-bf16-zloss-softcap"])
@@ -89,6 +115,7 @@ def test_backward_under_compiled_autograd_matches_torch(device, shape, dtype, op
     assert_close_ref(x.grad, ref, dtype, what="gradient under compiled autograd")
 
 
+@requires_compiled_autograd_nodes
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_a_cached_graph_takes_the_next_steps_tensors(device, reduction):
     """The second and third steps reuse the compiled graph (same shapes, same options) with their
@@ -109,6 +136,7 @@ def test_a_cached_graph_takes_the_next_steps_tensors(device, reduction):
     assert compiler.graphs == 1
 
 
+@requires_compiled_autograd_nodes
 def test_options_that_change_the_backward_compile_a_new_graph(device):
     """The options are constants of the graph (collected into its cache key): a step with other
     options must not reuse a graph compiled for the first ones."""
@@ -124,6 +152,7 @@ def test_options_that_change_the_backward_compile_a_new_graph(device):
     assert compiler.graphs == 2
 
 
+@requires_compiled_autograd_nodes
 def test_retain_graph_then_a_second_compiled_backward(device):
     """retain_graph=True keeps what the node saved (on CUDA the gradient it held is recomputed
     from the saved input once a backward took it); both backwards give the same gradient."""
@@ -140,6 +169,7 @@ def test_retain_graph_then_a_second_compiled_backward(device):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@requires_compiled_autograd_nodes
 def test_saved_tensor_hooks_run_inside_the_compiled_graph(device):
     """The per-element node's saved tensors go through saved-tensor hooks (offloading, activation
     checkpointing); under compiled autograd the unpack hooks become part of the graph."""
@@ -166,6 +196,7 @@ def test_saved_tensor_hooks_run_inside_the_compiled_graph(device):
                      what="gradient through hooks")
 
 
+@requires_compiled_autograd_nodes
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_aot_eager_traces_the_nodes_backward(device, reduction):
     """With a backend that traces the graph through AOTAutograd (aot_eager), the nodes' backward
@@ -183,6 +214,7 @@ def test_aot_eager_traces_the_nodes_backward(device, reduction):
     assert_close_ref(x.grad, ref, torch.float32, what=f"{reduction} under aot_eager")
 
 
+@requires_compiled_autograd_nodes
 def test_a_model_step_with_compile_and_compiled_autograd(device):
     """torch.compile's own switch: a compiled training step (linear head, loss, backward) with
     torch._dynamo.config.compiled_autograd on gives the eager step's gradients. (Dynamo traces
@@ -208,6 +240,7 @@ def test_a_model_step_with_compile_and_compiled_autograd(device):
     torch.testing.assert_close(head.weight.grad, want, rtol=1e-4, atol=1e-6)
 
 
+@requires_compiled_autograd_nodes
 def test_the_python_functions_under_compiled_autograd(device):
     """The cases that take the Python autograd Functions, which compiled autograd traces by
     itself: probability targets with a gradient for the target, return_lse, inplace_backward,
@@ -272,6 +305,7 @@ def test_the_python_functions_under_compiled_autograd(device):
 ops = torch.ops.fused_ce
 
 
+@requires_compiled_autograd_nodes
 @pytest.mark.parametrize("kind, used", [("class", "both"), ("class", "lse"), ("class", "reduced"),
                                         ("prob", "both")])
 def test_the_operators_nodes_under_compiled_autograd(device, kind, used):
@@ -313,6 +347,7 @@ def test_the_operators_nodes_under_compiled_autograd(device, kind, used):
     assert compiler.graphs == 1
 
 
+@requires_compiled_autograd_nodes
 def test_an_exported_model_trains_under_compiled_autograd(device):
     """A model exported with torch.export (its loss held as the operators) trained with its
     backward under compiled autograd gives PyTorch's gradients."""

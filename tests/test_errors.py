@@ -27,6 +27,7 @@ from conftest import (
     make_target_in_walk_layout,
     make_weight,
     outcome,
+    unbatched_reference_target,
 )
 
 
@@ -472,30 +473,39 @@ def test_spatial_target_errors_in_pytorch_order(device, target, label_smoothing)
 
 def test_target_size_and_dtype_order_of_older_torch(monkeypatch):
     # torch 2.11 reports the size of an unbatched input's 1-D target, or of an
-    # (N, C, H, W) input's target, before its dtype; 2.13 the dtype first.
+    # (N, C, H, W) input's target, before its dtype; 2.13 the dtype first;
+    # 2.4-2.5 the size first too, an unbatched input's in nll_loss's words.
     # fused_ce asks the installed torch which (the two tests above compare
-    # with it). Both orders, whichever torch runs this:
+    # with it). Every generation, whichever torch runs this:
     import fused_ce.functional as functional
 
     x, t = make_logits((5,)), torch.rand(3)
-    assert functional._torch_checks_target_dtype_first() == ("dtype" in str(_capture(lambda: F.cross_entropy(x, t))))
+    torch_error = str(_capture(lambda: F.cross_entropy(x, t)))
+    assert functional._torch_checks_target_dtype_first() == ("dtype" in torch_error)
+    assert functional._unbatched_size_as_mismatch == torch_error.startswith("size mismatch")
     x4, t4 = make_logits((2, 5, 2, 2)), torch.zeros(2, 3, 3, dtype=torch.int32)
     size_4d = re.escape("size mismatch (got input: [2, 5, 2, 2] , target: [2, 3, 3]")
-    monkeypatch.setattr(functional, "_target_dtype_first", False)
-    with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
-        fused_ce.cross_entropy(x, t)
-    with pytest.raises(RuntimeError, match=size_4d):
-        fused_ce.cross_entropy(x4, t4)
-    monkeypatch.setattr(functional, "_target_dtype_first", True)
-    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Float"):
-        fused_ce.cross_entropy(x, t)
-    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Int"):
-        fused_ce.cross_entropy(x4, t4)
-    # A size fault alone is one whatever the order.
-    with pytest.raises(ValueError, match="1D target must have size 1, but got target size: 3"):
-        fused_ce.cross_entropy(x, torch.tensor([0, 1, 2]))
-    with pytest.raises(RuntimeError, match=size_4d):
-        fused_ce.cross_entropy(x4, t4.long())
+    unbatched_sizes = {False: (ValueError, "1D target must have size 1, but got target size: 3"),
+                       True: (RuntimeError, re.escape("size mismatch (got input: [5], target: [3])"))}
+    for dtype_first, as_mismatch in ((True, False), (False, False), (False, True)):
+        monkeypatch.setattr(functional, "_target_dtype_first", dtype_first)
+        monkeypatch.setattr(functional, "_unbatched_size_as_mismatch", as_mismatch)
+        size_type, size_message = unbatched_sizes[as_mismatch]
+        if dtype_first:
+            with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Float"):
+                fused_ce.cross_entropy(x, t)
+            with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte, but got Int"):
+                fused_ce.cross_entropy(x4, t4)
+        else:
+            with pytest.raises(size_type, match=size_message):
+                fused_ce.cross_entropy(x, t)
+            with pytest.raises(RuntimeError, match=size_4d):
+                fused_ce.cross_entropy(x4, t4)
+        # A size fault alone is one whatever the order.
+        with pytest.raises(size_type, match=size_message):
+            fused_ce.cross_entropy(x, torch.tensor([0, 1, 2]))
+        with pytest.raises(RuntimeError, match=size_4d):
+            fused_ce.cross_entropy(x4, t4.long())
 
 
 @pytest.mark.parametrize("weight_shape", [(1, 5), (5, 1)])
@@ -598,11 +608,12 @@ def test_uint8_kdim_targets(device):
 
 
 def test_unbatched_input_with_one_element_target(device):
-    # torch accepts a (C,) input with a (1,) class-index target (returns a 0-d loss)
+    # torch accepts a (C,) input with a (1,) class-index target (returns a 0-d loss; before 2.11
+    # it refused it: conftest.unbatched_reference_target)
     x = make_logits((5,), device=device)
     t = torch.tensor([3], device=device)
     for reduction in ("none", "mean", "sum"):
-        ref = F.cross_entropy(x.double().cpu(), t.cpu(), reduction=reduction)
+        ref = F.cross_entropy(x.double().cpu(), unbatched_reference_target(t.cpu()), reduction=reduction)
         out = fused_ce.cross_entropy(x, t, reduction=reduction)
         assert_close_ref(out, ref, torch.float32, what=f"(C,) input with (1,) target, {reduction}")
 

@@ -16,7 +16,7 @@ from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_ce.linear as linear_mod
-from conftest import assert_close_ref, make_prob_target, make_weight, outcome, ref_llm
+from conftest import assert_close_ref, make_prob_target, make_weight, outcome, ref_llm, unbatched_reference_target
 from fused_ce.linear import default_chunk_size, linear_cross_entropy
 
 N, H, V = 40, 16, 33  # N chosen so that chunk 7 does not divide it and chunk 8 does
@@ -173,7 +173,7 @@ def test_unbatched(reduction, target_kind):
     if target_kind == "class1":
         # torch accepts a (1,) target for an unbatched input in the forward, but its backward
         # fails on it ("size mismatch"): the gradients are checked against the () target
-        ref = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)
+        ref = F.cross_entropy(F.linear(x, w, b), unbatched_reference_target(t), reduction=reduction)
         got = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref)

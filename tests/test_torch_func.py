@@ -73,7 +73,9 @@ def test_lse_and_z_loss(device):
 
 
 # vmap batching rules (fused_ce/_vmap.py): the operators run once for the
-# whole batch, the vmapped dimension folded into the rows.
+# whole batch, the vmapped dimension folded into the rows. Registered from
+# torch 2.6 on; with an older torch its fallback runs them element by element.
+VMAP_RULES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
 
 @pytest.mark.parametrize("soft", [False, True], ids=["classes", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -92,7 +94,9 @@ def test_vmap_matches_torch_without_fallback(device, reduction, soft, weighted):
         return torch.func.vmap(torch.func.grad_and_value(lambda a, b: loss_fn(a, b, **kwargs).sum()))(x, t)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # functorch's "no batching rule" warning
+        # functorch's "no batching rule" warning: an error where the rules are registered, from
+        # torch 2.6 on (fused_ce/_vmap.py); before, the results must still match.
+        warnings.simplefilter("error" if VMAP_RULES else "ignore")
         got = loss_and_grad(fused_ce.cross_entropy)
     for g, w in zip(got, loss_and_grad(F.cross_entropy)):
         torch.testing.assert_close(g.cpu(), w.cpu(), rtol=1e-9, atol=1e-12, equal_nan=True)
