@@ -307,8 +307,8 @@ def _plain_call(input, target, weight, size_average, reduce, ignore_index, reduc
 
 def _logits_not_implemented(input: Tensor) -> Exception:
     """PyTorch's error for logits that are not floating point: a NotImplementedError,
-    or a RuntimeError from the torch releases that raised those for a dtype a kernel
-    lacks (2.5 and older; asked of torch itself, once, on this error path)."""
+    or a RuntimeError with the older torch releases that raised those for a dtype a
+    kernel lacks (2.5 does; asked of torch itself, once, on this error path)."""
     global _missing_dtype_error
     if _missing_dtype_error is None:
         try:
