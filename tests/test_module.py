@@ -276,3 +276,17 @@ def test_torchscript_keeps_models_scriptable(reduction):
     torch.testing.assert_close(scripted(x, target), reference(model.head(x), target))
     with pytest.raises((RuntimeError, torch.jit.Error), match="not supported in TorchScript"):
         torch.jit.script(fused_ce.CrossEntropyLoss(z_loss=1e-3))(torch.randn(3, 5), target[:3])
+
+
+def test_an_older_torch_is_refused_at_import():
+    # Under torch 2.4 torch.compile gave the loss a wrong gradient (README, "Torch versions"): the
+    # package refuses that torch by name instead. A fresh interpreter whose torch says it is 2.4.1.
+    import subprocess
+    import sys
+
+    code = "import torch; torch.__version__ = '2.4.1'; import fused_ce"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ImportError: fused_ce needs torch 2.5 or newer, found torch 2.4.1" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", "import fused_ce"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
