@@ -253,6 +253,30 @@ def test_probability_targets(emu, C, dtype):
     _check_forward_with_grad(emu, x, t, "sum", z_loss=1e-3, softcap=20.0)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 1.0])
+def test_one_thread_rows_sum_probability_masses_in_blocks(emu, label_smoothing):
+    """Class-strided rows of 30000 classes, one thread each: the thread's sums of the probability
+    masses (V, and sum u_c (y_c - ref)) over the row. With full smoothing every mass is 1/C and a
+    running float sum drifts one way: the loss was 3.3e-4 off and the gradient 2.9e-4 (of its
+    largest element), in the forward and in the backward's V. In blocks: 2e-6 and 3e-5, the rest
+    being the row's float sum of exps (PyTorch's CPU kernel is at 2e-6 and 2.9e-4 here)."""
+    C = 30000
+    x = make_logits((1, C, 2), torch.float32)
+    t = make_prob_target((1, C, 2), torch.float32)
+    ref_loss, _, _, ref_grad = _reference(x, t, "sum", label_smoothing=label_smoothing)
+    loss, saved_lse, _, grad = _run_forward(emu, x, t, "with_grad", "sum", label_smoothing=label_smoothing)
+    assert _relative_error(loss, ref_loss) < 2e-5
+    assert _relative_error(grad, ref_grad) < 1e-4
+    grad_input, _ = emu.backward(torch.ones(1, 2), None, x, t, None, saved_lse, -100, label_smoothing, 0.0, 0.0,
+                                 True, False)
+    assert _relative_error(grad_input, ref_grad) < 1e-4
+
+
+def _relative_error(actual, ref):
+    """Largest error, relative to the reference's largest magnitude."""
+    return ((actual.double().reshape(ref.shape) - ref).abs().max() / ref.abs().max()).item()
+
+
 @pytest.mark.parametrize("layout", ["class-strided", "transposed", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layouts(emu, layout, dtype):

@@ -141,6 +141,11 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     //   class targets, smoothing on:  s2 = sum_c w_c (y_c - ref), s3 = W = sum_c w_c
     //   probability targets:          s2 = V = sum_c u_c,  s3 = sum_c u_c (y_c - ref)
     Fields<Acc, 4> st{{acc_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)}};
+    // The probability terms go into double totals in blocks (BlockedSums):
+    // their masses often share one rounding direction (smoothing's eps / C).
+    // Class-target kernels keep plain sums: their extra terms (w_c (y_c -
+    // ref), and W) do not, and their registers are capped.
+    [[maybe_unused]] BlockedSums<blocked_sum_steps(U * VEC), 2> prob_sums;
     auto add_extras = [&](Acc ya, int c, T tv) {
       if constexpr (PROB) {
         const Acc u = math.prob_mass(p.weight, c, to_acc(tv));
@@ -198,6 +203,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
           }
         }
       }
+      if constexpr (PROB) prob_sums.end_step(&st.v[2]);
     };
     // A thread's steps of the body: step k starts at slot lane + k * kStep.
     // (Computed again for the second pass rather than kept live across the
@@ -215,6 +221,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
         fold_step(first, xv, tv);
       }
     }
+    if constexpr (PROB) prob_sums.finish(&st.v[2]);
     // Also the barrier between this row's reads and its in-place writes.
     st = group_allreduce<TPR, BLOCK>(st, LseSumOp{});
 
@@ -407,6 +414,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       Acc v_total = Acc(0);
       if (want_gx) {
         Acc v_sum = Acc(0);
+        BlockedSums<blocked_sum_steps(U * VEC), 1> v_blocks;  // as in the forward
         if constexpr (VEC > 1) {
           T te[kEdges];
           load_edges<CachePolicy::kKeep>(t, rs, lane, zero, te);
@@ -427,7 +435,9 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
             for (int j = 0; j < VEC; ++j)
               v_sum += math.prob_mass(p.weight, rs.slot_class(slot) + j, to_acc(tv[u][j]));
           }
+          v_blocks.end_step(&v_sum);
         }
+        v_blocks.finish(&v_sum);
         v_total = group_sum<TPR, BLOCK>(v_sum);
       }
       if (!active) continue;  // no collectives past this point
