@@ -18,6 +18,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "ce_common.cuh"
 
@@ -39,6 +41,30 @@ constexpr int kWorkspaceElems = kMaxWeightPartials + 2;
 // block, at most kMaxLossPartials of them.
 constexpr int64_t kLossElemsPerPartial = 4096;
 constexpr int kMaxLossPartials = 1024;
+// Under FUSED_CE_CUDA_WIDE_REDUCTIONS, up to kWideReduceElems in one block.
+constexpr int64_t kWideReduceElems = 65536;
+
+// Whether reduce_loss sums up to kWideReduceElems elements in one wide block
+// rather than in partials past kLossElemsPerPartial, from
+// FUSED_CE_CUDA_WIDE_REDUCTIONS (read once per process): "1", or any other
+// value and unset for the partials.  With total_weight's wide block
+// (cross_entropy_kernels.cuh) a 65536-row step launches two kernels fewer:
+// an experiment for the rows of 10 classes, whose step is bound by launches
+// (on the H200 65536 x 10 fp32 took 0.19 ms launched, eager 0.29; 44 us
+// replayed from a CUDA graph, eager 105).  Not timed yet.
+inline bool wide_reductions() {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_WIDE_REDUCTIONS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// Whether reduce_loss sums n elements through partials, in a workspace of
+// kMaxLossPartials elements (the caller allocates one only then).
+inline bool reduce_loss_uses_workspace(int64_t n) {
+  return n > kLossElemsPerPartial && !(n <= kWideReduceElems && wide_reductions());
+}
 
 template <typename T>
 struct CrossEntropyForwardParams {
@@ -147,7 +173,7 @@ cudaError_t launch_scale_gradient(T* grad, int64_t numel, GradientScale<T> scale
 
 // *out = sum of loss[0, n), divided by *total_weight for kReductionMean
 // (kReductionSum: the sum), in T; workspace holds kMaxLossPartials
-// elements (it may be null for n <= kLossElemsPerPartial).  See
+// elements (it may be null where !reduce_loss_uses_workspace(n)).  See
 // ce_reduce_loss.cuh.
 template <typename T>
 cudaError_t launch_reduce_loss(const acc_t<T>* loss, int64_t n, const acc_t<T>* total_weight, int reduction,

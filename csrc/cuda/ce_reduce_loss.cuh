@@ -12,8 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "ce_common.cuh"
 #include "ce_memory.cuh"
@@ -29,27 +27,11 @@ constexpr int kLossReduceThreads = 256;
 static_assert(kLossElemsPerPartial == 16 * kLossReduceThreads, "16 elements per thread");
 // Losses a thread loads before it adds them (strided_sum).
 constexpr int kLossReduceUnroll = 8;
-// The wide block of FUSED_CE_CUDA_WIDE_REDUCTIONS, what it sums alone, and
-// the losses each of its threads has in flight (64 each: 4 waits).
+// The wide block of FUSED_CE_CUDA_WIDE_REDUCTIONS (wide_reductions() in
+// ce_params.cuh) and the losses each of its threads has in flight (64 each:
+// 4 waits).
 constexpr int kWideLossReduceThreads = 1024;
-constexpr int64_t kWideReduceElems = 65536;
 constexpr int kWideLossReduceUnroll = 16;
-
-// Whether reduce_loss sums up to kWideReduceElems elements in one block of
-// kWideLossReduceThreads rather than in partials past kLossElemsPerPartial,
-// from FUSED_CE_CUDA_WIDE_REDUCTIONS (read once per process): "1", or any
-// other value and unset for the partials.  With total_weight's wide block
-// (cross_entropy_kernels.cuh) a 65536-row step launches two kernels fewer:
-// an experiment for the rows of 10 classes, whose step is bound by launches
-// (on the H200 65536 x 10 fp32 took 0.19 ms launched, eager 0.29; 44 us
-// replayed from a CUDA graph, eager 105).  Not timed yet.
-inline bool wide_reductions() {
-  static const bool on = [] {
-    const char* v = std::getenv("FUSED_CE_CUDA_WIDE_REDUCTIONS");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
 
 // The mean's division, correctly rounded even under --use_fast_math (which
 // turns float `/` into an approximation), like ATen's.
@@ -96,13 +78,13 @@ cudaError_t launch_reduce_loss(const acc_t<T>* loss, int64_t n, const acc_t<T>* 
   if (n < 0 || out == nullptr || total_weight == nullptr || (n > 0 && loss == nullptr) ||
       (reduction != kReductionMean && reduction != kReductionSum))
     return cudaErrorInvalidValue;
-  if (n <= kLossElemsPerPartial) {
-    ce_finish_loss_kernel<T><<<1, kLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
-    return cudaGetLastError();
-  }
-  if (n <= kWideReduceElems && wide_reductions()) {
-    ce_finish_loss_kernel<T, kWideLossReduceThreads>
-        <<<1, kWideLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
+  if (!reduce_loss_uses_workspace(n)) {
+    if (n <= kLossElemsPerPartial) {
+      ce_finish_loss_kernel<T><<<1, kLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
+    } else {
+      ce_finish_loss_kernel<T, kWideLossReduceThreads>
+          <<<1, kWideLossReduceThreads, 0, stream>>>(loss, n, total_weight, reduction, out);
+    }
     return cudaGetLastError();
   }
   if (workspace == nullptr) return cudaErrorInvalidValue;

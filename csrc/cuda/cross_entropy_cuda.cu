@@ -354,7 +354,7 @@ at::Tensor reduce_loss_cuda(const at::Tensor& loss, const at::Tensor& total_weig
   const at::Tensor values = loss.contiguous();
   at::Tensor out = at::empty({}, loss.options().dtype(dtype));
   const at::Tensor workspace =
-      values.numel() > ce::kLossElemsPerPartial ? at::empty({ce::kMaxLossPartials}, loss.options()) : at::Tensor();
+      ce::reduce_loss_uses_workspace(values.numel()) ? at::empty({ce::kMaxLossPartials}, loss.options()) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_ce_reduce_loss_cuda", [&] {
     using T = typename KernelType<scalar_t>::type;
