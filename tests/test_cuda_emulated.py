@@ -292,6 +292,86 @@ def test_layouts(emu, layout, dtype):
     _check_forward_with_grad(emu, x, t, weight=make_weight(x.shape[1], dtype), label_smoothing=0.05)
 
 
+def _class_last(shape, dtype, prob=False):
+    """An (N, C, D) view of a contiguous (N, D, C) tensor: F.cross_entropy(logits.transpose(1, 2), y)."""
+    n, c, d = shape
+    return (make_prob_target((n, d, c), dtype) if prob else make_logits((n, d, c), dtype)).transpose(1, 2)
+
+
+def _as_rows(t3):
+    """The (N * D, C, 1) problem of a class-last (N, C, D) view (class indices: (N * D, 1))."""
+    if t3.dim() == 2:
+        return t3.reshape(-1, 1)
+    return t3.transpose(1, 2).reshape(-1, t3.shape[1], 1)
+
+
+@pytest.mark.parametrize("C, dtype", [(100, torch.float32), (2000, torch.bfloat16), (40000, torch.float32),
+                                      (5, torch.float16)])
+def test_class_last_positions_run_as_rows(emu, C, dtype):
+    """A class-contiguous (N, C, D) problem whose positions follow one another at one stride (class-last
+    logits seen through a transpose) runs as the (N * D, C) problem it is (ce::fold_positions): the
+    same launches as the 2-D call, where it took one thread per position before, and the gradient
+    written as the rows it then is."""
+    N, D = 2, 3
+    x = _class_last((N, C, D), dtype)
+    t = make_class_target((N, D), C, ignore_index=-100)
+    opts = dict(weight=make_weight(C, dtype), label_smoothing=0.1)
+    log = _check_forward_with_grad(emu, x, t, **opts)
+    assert log == _check_forward_with_grad(emu, _as_rows(x), _as_rows(t), **opts)
+    grad = _run_forward(emu, x, t, "with_grad", **opts)[3]
+    assert grad.transpose(1, 2).is_contiguous()
+    emu.take_launch_log()
+
+    soft = _class_last((N, C, D), dtype, prob=True)
+    log = _check_forward_with_grad(emu, x, soft, label_smoothing=0.1)
+    assert log == _check_forward_with_grad(emu, _as_rows(x), _as_rows(soft), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["class", "prob"])
+def test_class_last_backward_runs_as_rows(emu, soft):
+    N, C, D = 2, 3000, 4
+    x = _class_last((N, C, D), torch.float32)
+    t = _class_last((N, C, D), torch.float32, prob=True) if soft else make_class_target((N, D), C, ignore_index=-100)
+    acc = torch.float32
+    grad_loss = torch.randn(N, D, dtype=acc)
+    grad_lse = torch.randn(N, D, dtype=acc)
+    xr = x.detach().double().requires_grad_()
+    tr = t.detach().double().requires_grad_() if soft else t
+    loss, lse = ref_llm(xr, tr, None, label_smoothing=0.1, reduction="none")
+    grads = torch.autograd.grad((loss * grad_loss.double()).sum() + (lse * grad_lse.double()).sum(),
+                                (xr, tr) if soft else (xr,))
+    saved_lse = _run_forward(emu, x, t, "forward", label_smoothing=0.1)[1]
+    emu.take_launch_log()
+    grad_input, grad_target = emu.backward(grad_loss, grad_lse, x, t, None, saved_lse, -100, 0.1, 0.0, 0.0,
+                                           True, soft)
+    log = emu.take_launch_log()
+    assert_close_ref(grad_input, grads[0], torch.float32, "grad_input")
+    assert grad_input.transpose(1, 2).is_contiguous()
+    if soft:
+        assert_close_ref(grad_target, grads[1], torch.float32, "grad_target")
+    emu.backward(grad_loss.reshape(-1, 1), grad_lse.reshape(-1, 1), _as_rows(x), _as_rows(t), None,
+                 saved_lse.reshape(-1, 1), -100, 0.1, 0.0, 0.0, True, soft)
+    assert log == emu.take_launch_log()
+
+
+@pytest.mark.parametrize("layout", ["positions out of sequence", "target out of sequence", "channels-last"])
+def test_which_class_contiguous_layouts_fold(emu, layout):
+    """Positions fold into rows only where every tensor they index steps through them at one stride;
+    elsewhere one thread per position, right either way."""
+    N, C, D = 3, 300, 4
+    t = make_class_target((N, D), C, ignore_index=-100)
+    if layout == "positions out of sequence":  # (D, N, C) logits seen as (N, C, D)
+        x = make_logits((D, N, C), torch.float32).permute(1, 2, 0)
+    elif layout == "target out of sequence":
+        x = _class_last((N, C, D), torch.float32)
+        t = make_class_target((D, N), C, ignore_index=-100).t()
+    else:  # (N, C, 2, 2) channels-last images, as the autograd function reshapes them
+        x = make_logits((N, C, 2, 2), torch.float32).to(memory_format=torch.channels_last).reshape(N, C, D)
+    log = _check_forward_with_grad(emu, x, t)
+    one_thread_per_position = [(1, 256, 1)]  # 12 positions, one block
+    assert (log[-1:] == one_thread_per_position) == (layout != "channels-last"), log
+
+
 @pytest.mark.parametrize("C, dtype", [(10, torch.float32), (1000, torch.bfloat16), (5000, torch.float64),
                                       (140000, torch.float32)])
 def test_forward_only(emu, C, dtype):

@@ -349,7 +349,7 @@ def test_zero_classes_linear_cross_entropy(device):
 # 5. Non-contiguous inputs.
 
 LAYOUTS = ["transposed", "sliced", "expanded_input", "expanded_target", "channels_last", "permuted_3d",
-           "class_sliced", "offset_rows"]
+           "class_last_3d", "class_sliced", "offset_rows"]
 
 
 def _layout_case(layout, C, dtype, device):
@@ -378,6 +378,10 @@ def _layout_case(layout, C, dtype, device):
         x = make_logits((6, 5, C), dtype, device)
         t = make_class_target((6, 5), C, device, ignore_index=-100)
         return x, t, lambda a: a.permute(1, 2, 0), lambda b: b.t()
+    if layout == "class_last_3d":  # F.cross_entropy(logits.transpose(1, 2), y) of (N, d, C) logits
+        x = make_logits((4, 7, C), dtype, device)
+        t = make_class_target((4, 7), C, device, ignore_index=-100)
+        return x, t, lambda a: a.transpose(1, 2), None
     if layout == "class_sliced":  # negative-free but odd class stride with spatial dims
         x = make_logits((4, 3 * C, 6), dtype, device)
         t = make_class_target((4, 3), C, device, ignore_index=-100)
@@ -396,8 +400,8 @@ def _layout_case(layout, C, dtype, device):
 def test_noncontiguous_class_targets(device, layout, C, dtype, reduction):
     x, t, view, tview = _layout_case(layout, C, dtype, device)
     xv = view(x) if view else x
-    if layout in ("transposed", "sliced", "channels_last", "permuted_3d", "class_sliced", "expanded_input",
-                  "offset_rows"):
+    if layout in ("transposed", "sliced", "channels_last", "permuted_3d", "class_last_3d", "class_sliced",
+                  "expanded_input", "offset_rows"):
         assert not xv.is_contiguous()
     if layout == "channels_last":
         assert xv.stride(1) == 1

@@ -135,6 +135,90 @@ struct CrossEntropyBackwardParams {
   Acc* workspace = nullptr;  // kWorkspaceElems
 };
 
+// ---------------------------------------------------------------------------
+// Positions folded into rows.
+//
+// The kernels' fast paths (a thread group per row, 16-byte accesses, rows held
+// on chip) need class-contiguous rows and a class-contiguous gradient, and
+// the gradient they write is laid out as a contiguous (N, C, D): so a problem
+// with D > 1 takes one thread per position, whose row is one long strided
+// walk. Yet a class-contiguous (N, C, D) problem whose positions (n, d)
+// follow one another at one stride, in every tensor they index, is the 2-D
+// problem (N * D, C): F.cross_entropy(logits.transpose(1, 2), target) on
+// (B, T, V) logits, or channels-last images. fold_positions() rewrites the
+// parameter block as that problem, which runs exactly as the 2-D call would;
+// the caller then hands the kernels gradients laid out as its rows, i.e.
+// (N, C, D) tensors of strides (D * C, 1, C) (an (N, D, C) contiguous
+// tensor, transposed). FUSED_CE_CUDA_FOLD_POSITIONS=0 turns it off (read once
+// per process), for comparisons.
+
+// Whether the positions (n, d) of a tensor with these strides are one
+// sequence of step stride_d (position n * D + d at (n * D + d) * stride_d).
+inline bool positions_in_sequence(int64_t N, int64_t D, int64_t stride_n, int64_t stride_d) {
+  return N <= 1 || stride_n == D * stride_d;
+}
+
+inline bool fold_positions_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSED_CE_CUDA_FOLD_POSITIONS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+namespace detail {
+
+template <typename Params>
+bool inputs_fold(const Params& p) {
+  if (p.D <= 1 || p.N * p.D == 0 || !fold_positions_enabled()) return false;
+  if ((p.input_stride_c != 1 && p.C != 1) || !positions_in_sequence(p.N, p.D, p.input_stride_n, p.input_stride_d))
+    return false;
+  if (p.target_prob != nullptr)
+    return (p.prob_stride_c == 1 || p.C == 1) && positions_in_sequence(p.N, p.D, p.prob_stride_n, p.prob_stride_d);
+  return positions_in_sequence(p.N, p.D, p.target_stride_n, p.target_stride_d);
+}
+
+template <typename Params>
+void fold_inputs(Params& p) {
+  p.input_stride_n = p.input_stride_d;
+  p.prob_stride_n = p.prob_stride_d;
+  p.target_stride_n = p.target_stride_d;
+  p.N *= p.D;
+  p.D = 1;
+}
+
+}  // namespace detail
+
+// Whether fold_positions(p) applies: decided from the inputs' strides (and,
+// for the backward, those of grad_loss, grad_lse and lse); the gradients'
+// pointers play no part.  The loss and lse a forward writes are contiguous
+// (N, D), the same memory as the folded (N * D, 1).
+template <typename T>
+bool positions_fold(const CrossEntropyForwardParams<T>& p) {
+  return detail::inputs_fold(p);
+}
+
+template <typename T>
+bool positions_fold(const CrossEntropyBackwardParams<T>& p) {
+  return detail::inputs_fold(p) && positions_in_sequence(p.N, p.D, p.grad_loss_stride_n, p.grad_loss_stride_d) &&
+         (p.grad_lse == nullptr || positions_in_sequence(p.N, p.D, p.grad_lse_stride_n, p.grad_lse_stride_d)) &&
+         positions_in_sequence(p.N, p.D, p.lse_stride_n, p.lse_stride_d);
+}
+
+// (N, C, D) -> (N * D, C, 1), where positions_fold(p).
+template <typename T>
+void fold_positions(CrossEntropyForwardParams<T>& p) {
+  detail::fold_inputs(p);
+}
+
+template <typename T>
+void fold_positions(CrossEntropyBackwardParams<T>& p) {
+  p.grad_loss_stride_n = p.grad_loss_stride_d;
+  p.grad_lse_stride_n = p.grad_lse_stride_d;
+  p.lse_stride_n = p.lse_stride_d;
+  detail::fold_inputs(p);
+}
+
 // Launchers: enqueue the work on `stream` without synchronising and return
 // cudaGetLastError() (or cudaErrorInvalidValue for a contract violation).
 // All three accept N * D == 0 (they then only write total_weight).

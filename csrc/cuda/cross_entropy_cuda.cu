@@ -11,8 +11,10 @@
 // is 0-d in that dtype, gradients are laid out like torch.empty_like of the
 // tensor they belong to (the input, or a probability target), and a gradient
 // that is not requested is an empty (0,) tensor of that tensor's dtype.  The
-// kernels write contiguous (N, C, D) gradients: for any other layout (class
-// axis last, transposed) the binding copies them once into the result.  The
+// kernels write contiguous (N, C, D) gradients, or contiguous (N, D, C) ones
+// where the positions fold into rows (class-last logits seen through a
+// transpose, channels-last images: ce::fold_positions in ce_params.cuh): for
+// any other layout the binding copies them once into the result.  The
 // in-place forward_with_grad writes the gradient over its (contiguous) input
 // instead.
 #include <ATen/ATen.h>
@@ -163,14 +165,22 @@ at::Tensor per_element(const char* op, const char* name, const at::Tensor& t, co
 enum class GradOutput { kNone, kNewTensor, kInPlace };
 
 // A gradient shaped and laid out like `like` (the operator's result), and the
-// contiguous (N, C, D) tensor the kernels write: the result itself in the
-// usual case, else a scratch tensor that finish() copies into the result.
+// tensor the kernels write, contiguous (N, C, D), or (N, D, C) transposed
+// where the positions are folded into rows (ce::fold_positions): the result
+// itself in the usual case, else a scratch tensor that finish() copies into
+// the result.
 struct GradientOutput {
   at::Tensor result;
   at::Tensor kernel_out;
 
-  explicit GradientOutput(const at::Tensor& like) : result(at::empty_like(like)) {
-    kernel_out = result.is_contiguous() ? result : at::empty(like.sizes(), like.options());
+  GradientOutput(const at::Tensor& like, bool rows_folded) : result(at::empty_like(like)) {
+    if (rows_folded) {
+      kernel_out = result.transpose(1, 2).is_contiguous()
+                       ? result
+                       : at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+    } else {
+      kernel_out = result.is_contiguous() ? result : at::empty(like.sizes(), like.options());
+    }
   }
   // The result, once the kernels have written kernel_out.
   at::Tensor finish() {
@@ -212,10 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor lse = at::empty({in.N, in.D}, acc_options);
   at::Tensor total_weight = at::empty({}, acc_options);
   std::optional<GradientOutput> new_grad;
-  if (grad_output == GradOutput::kNewTensor) new_grad.emplace(input);
   // What the kernel writes the gradient into.
   at::Tensor grad_input;
-  if (grad_output == GradOutput::kNewTensor) grad_input = new_grad->kernel_out;
   if (grad_output == GradOutput::kInPlace) grad_input = input;
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, acc_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -226,6 +234,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     using Acc = ce::acc_t<T>;
     ce::CrossEntropyForwardParams<T> p;
     fill_common<scalar_t>(p, input, in, options);
+    const bool fold = ce::positions_fold(p);
+    if (fold) ce::fold_positions(p);
+    if (grad_output == GradOutput::kNewTensor) {
+      new_grad.emplace(input, fold);
+      grad_input = new_grad->kernel_out;
+    }
     p.loss = loss.mutable_data_ptr<Acc>();
     p.lse = lse.mutable_data_ptr<Acc>();
     p.total_weight = total_weight.mutable_data_ptr<Acc>();
@@ -287,8 +301,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
   c10::cuda::CUDAGuard device_guard(input.device());
 
   std::optional<GradientOutput> grad_input, grad_target;
-  if (input_grad) grad_input.emplace(input);
-  if (target_grad) grad_target.emplace(target);
   if (!input_grad && !target_grad) {
     return {finished_or_empty(grad_input, input), finished_or_empty(grad_target, target)};
   }
@@ -312,6 +324,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_backward_cuda(
     p.lse = lse_acc.const_data_ptr<Acc>();
     p.lse_stride_n = lse_acc.stride(0);
     p.lse_stride_d = lse_acc.stride(1);
+    const bool fold = ce::positions_fold(p);
+    if (fold) ce::fold_positions(p);
+    if (input_grad) grad_input.emplace(input, fold);
+    if (target_grad) grad_target.emplace(target, fold);
     p.grad_input = input_grad ? kernel_mutable_ptr<scalar_t>(grad_input->kernel_out) : nullptr;
     p.grad_target = target_grad ? kernel_mutable_ptr<scalar_t>(grad_target->kernel_out) : nullptr;
     p.workspace = workspace.mutable_data_ptr<Acc>();

@@ -91,8 +91,18 @@ void fill_common(Params& p, const at::Tensor& input, const at::Tensor& target,
   p.softcap = softcap;
 }
 
-// mode: "forward", "with_grad" (a new contiguous gradient) or "inplace"
-// (the gradient over the input). Returns loss, lse, total_weight, gradient.
+// A new gradient of an (N, C, D) input, laid out as the kernels write it (see
+// ce::fold_positions): contiguous, or as contiguous (N, D, C) rows where the
+// positions are folded into rows.
+at::Tensor kernel_gradient(const at::Tensor& input, bool rows_folded) {
+  if (!rows_folded) return at::empty(input.sizes(), input.options());
+  return at::empty({input.size(0), input.size(2), input.size(1)}, input.options()).transpose(1, 2);
+}
+
+// mode: "forward", "with_grad" (a new gradient) or "inplace" (the gradient
+// over the input). Returns loss, lse, total_weight, gradient. The positions
+// are folded into rows where ce::positions_fold says so, as the CUDA binding
+// does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t reduction,
@@ -103,14 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor total_weight = at::empty({}, acc);
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, acc);
   at::Tensor grad;
-  if (mode == "with_grad") grad = at::empty(input.sizes(), input.options());
   if (mode == "inplace") grad = input;
-  watch(input, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_forward", [&] {
     using T = typename KernelType<scalar_t>::type;
     using Acc = ce::acc_t<T>;
     ce::CrossEntropyForwardParams<T> p;
     fill_common<scalar_t>(p, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+    const bool fold = ce::positions_fold(p);
+    if (fold) ce::fold_positions(p);
+    if (mode == "with_grad") grad = kernel_gradient(input, fold);
+    watch(input, grad);
     p.loss = loss.data_ptr<Acc>();
     p.lse = lse.data_ptr<Acc>();
     p.total_weight = total_weight.data_ptr<Acc>();
@@ -131,9 +143,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const s
                                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                             int64_t ignore_index, double label_smoothing, double z_loss,
                                             double softcap, bool input_grad, bool target_grad) {
-  at::Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
-  at::Tensor grad_target = target_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
-  watch(input, grad_input);
+  at::Tensor grad_input, grad_target;
   at::Tensor workspace = at::empty({ce::kWorkspaceElems}, input.options().dtype(acc_dtype(input.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_backward", [&] {
     using T = typename KernelType<scalar_t>::type;
@@ -151,6 +161,11 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const s
     p.lse = lse.data_ptr<Acc>();
     p.lse_stride_n = lse.stride(0);
     p.lse_stride_d = lse.stride(1);
+    const bool fold = ce::positions_fold(p);
+    if (fold) ce::fold_positions(p);
+    if (input_grad) grad_input = kernel_gradient(input, fold);
+    if (target_grad) grad_target = kernel_gradient(input, fold);
+    watch(input, grad_input);
     p.grad_input = input_grad ? kernel_ptr<scalar_t>(grad_input) : nullptr;
     p.grad_target = target_grad ? kernel_ptr<scalar_t>(grad_target) : nullptr;
     p.workspace = workspace.data_ptr<Acc>();
