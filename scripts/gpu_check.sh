@@ -5,7 +5,7 @@
 # limit, so a hang or a crash in one still leaves the later ones their turn,
 # and everything is logged under $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,prefetch,wide,percall,graphed,bench,profile,sanitize
+#   bash scripts/gpu_check.sh [STAGES]     STAGES: any of build,smoke,repro,tests,clusters,reuse,warprows,prefetch,wide,fold,percall,graphed,bench,profile,sanitize
 #
 # A session's device time (15 minutes, machine start included) fits about two
 # calls of at most 10 minutes each on one warm machine (it goes back after 30 s
@@ -39,8 +39,11 @@
 #      of five): its tests, each kernel of a 65536 x 10 step with its device
 #      time without and with it, then the step launched and graphed (2.41x
 #      eager graphed, 1.53x launched; the target is 3x).
-#   3. at once, if 4 minutes are left: REUSE_ROWS=none bash scripts/gpu_check.sh build,reuse,percall
-#      (about 3.5 minutes): the long-row tests and the racecheck of the
+#   3. at once, if 4 minutes are left: REUSE_ROWS=none bash scripts/gpu_check.sh build,fold,reuse,percall
+#      (about 4.5 minutes): class-last logits (F.cross_entropy(x.transpose(1,
+#      2), y)) and channels-last images, whose positions fold into rows since
+#      session 35 (ce::fold_positions; their tests ran in call 1), against one
+#      thread per position; the long-row tests and the racecheck of the
 #      shared-memory ring, default for streamed 16-bit rows since session 32
 #      (it ran only under the tests there); the host's cost of a step.
 #   Then, in a later session: build,warprows (whether rows of 513-1024
@@ -58,7 +61,7 @@
 # device call) the benchmark also times Liger-Kernel and Cut Cross-Entropy.
 #
 # Environment: TEST_ARGS (extra pytest arguments, e.g. a -k expression),
-# CLUSTER_ROWS, REUSE_ROWS, WARP_ROWS, PREFETCH_ROWS and WIDE_ROWS (the
+# CLUSTER_ROWS, REUSE_ROWS, WARP_ROWS, PREFETCH_ROWS, WIDE_ROWS and FOLD_ROWS (the
 # shapes those experiments time; "none": their tests and sanitizers only),
 # BENCH_ARGS (replaces the default benchmark selection), *_TIMEOUT (seconds
 # per stage), EXPERIMENT_SANITIZE=0 (no compute-sanitizer in the clusters
@@ -90,7 +93,7 @@ stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
 # back 8 files); nothing for SHAPES "none".   time_rows SHAPES NAME
 time_rows() {
   [ "$1" = none ] && return 0
-  timeout 150 "$PY" -m fused_ce.bench --device cuda --modes "${MODES:-fwd+bwd}" --shapes "$1" \
+  timeout 150 "$PY" -m fused_ce.bench --device cuda --modes "${MODES:-fwd+bwd}" --shapes "$1" ${ROWS_ARGS:-} \
       --impls "${IMPLS:-fused_ce,copy}" --no-compile --no-memory --max-time 1 --out "/tmp/rows-$2" 2>&1 \
       | grep -E "^[0-9]+x[0-9]+|  (fused_ce|copy|eager)  " | tee -a "$LOG"
 }
@@ -323,6 +326,18 @@ if want wide; then
       --no-compile 2>&1 | tee -a "$LOG"
   MODES=fwd+bwd,graphed IMPLS=fused_ce,eager,copy switch_rows FUSED_CE_CUDA_WIDE_REDUCTIONS 1 \
       "${WIDE_ROWS:-65536x10:fp32,65536x10:bf16}" wide
+fi
+
+if want fold; then
+  # Logits stored class axis last and passed through a transpose, (B, T, V)
+  # -> (B, V, T), and channels-last images: their positions fold into rows
+  # (ce::fold_positions, the default since session 35, not timed before)
+  # against one thread per position and a copy of the gradient into the
+  # result's layout (FUSED_CE_CUDA_FOLD_POSITIONS=0), next to eager and a
+  # copy, alternating twice (time_rows).
+  stage "positions folded into rows" | tee -a "$LOG"
+  IMPLS=fused_ce,eager,copy ROWS_ARGS=--class-last switch_rows FUSED_CE_CUDA_FOLD_POSITIONS 0 \
+      "${FOLD_ROWS:-8x32000x1024:bf16,4x21x256x256:fp32}" fold
 fi
 
 if want percall; then

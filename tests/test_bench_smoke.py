@@ -35,6 +35,22 @@ def test_bench_cli_small_run(tmp_path):
         assert abs(r["ratio_to_copy"] - r["timing"]["median_ms"] / alongside["median_ms"]) < 1e-9
 
 
+def test_class_last_workloads_pass_a_view_of_class_last_logits(tmp_path):
+    from fused_ce.bench import workloads
+
+    chosen = workloads.with_options(workloads.parse_shapes("8x10,2x7x3x4"), class_last=True)
+    assert [w.class_last for w in chosen] == [False, True]  # 2-D logits have no other layout
+    assert chosen[1].name == "2x7x3x4-fp32-class-last"
+    x = workloads.make_inputs(chosen[1], "cpu", buffers=1).logits[0]
+    assert x.shape == (2, 7, 3, 4) and x.movedim(1, -1).is_contiguous()
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "fused_ce.bench", "--shapes", "2x7x3x4", "--class-last", "--repeat", "3",
+           "--warmup", "1", "--no-compile", "--no-memory", "--no-plot", "--strict", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "2x7x3x4-fp32-class-last" in (out / "table.txt").read_text()
+
+
 def test_graphed_mode_is_opt_in_and_needs_cuda():
     from fused_ce.bench import cli, runner, steps
 

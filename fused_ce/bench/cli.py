@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                    help="fraction of targets set to ignore_index (-100)")
     g.add_argument("--weight", action="store_true", help="random per-class weights")
     g.add_argument("--reduction", choices=("mean", "sum"), help="default: mean")
+    g.add_argument("--class-last", action="store_true",
+                   help="logits of 3 or more dimensions stored class axis last and passed as a view, "
+                        "as F.cross_entropy(logits.transpose(1, 2), target) of (B, T, V) logits")
 
     g = p.add_argument_group("measurement")
     g.add_argument("--repeat", type=int, metavar="N",
@@ -117,9 +120,10 @@ def select_workloads(args, device: str) -> List[workloads.Workload]:
         chosen = workloads.parse_shapes(args.shapes, args.dtype)
     else:
         chosen = workloads.suite(device, args.quick)
-    if any(v is not None for v in (args.label_smoothing, args.ignore_fraction, args.reduction)) or args.weight:
+    if (any(v is not None for v in (args.label_smoothing, args.ignore_fraction, args.reduction)) or args.weight
+            or args.class_last):
         chosen = workloads.with_options(chosen, args.label_smoothing, args.ignore_fraction, args.weight,
-                                        args.reduction)
+                                        args.reduction, args.class_last)
     return workloads.select(chosen, _split(args.filter))
 
 

@@ -50,6 +50,9 @@ class Workload:
     softcap: Optional[float] = None
     inplace_backward: bool = False
     hidden: int = 0  # > 0: an LM-head ("linear") workload, hidden states (N, hidden) @ weight (C, hidden)^T
+    # Logits stored class axis last, (N, d1, ..., C), and passed as their (N, C, d1, ...) view:
+    # F.cross_entropy(logits.transpose(1, 2), target) of a sequence model's (B, T, V) logits.
+    class_last: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -152,7 +155,11 @@ def make_inputs(workload: Workload, device: str, buffers: int, seed: int = 0) ->
     dtype = workload.torch_dtype
     logits, targets = [], []
     for _ in range(buffers):
-        x = torch.randn(workload.shape, generator=gen, dtype=dtype, device=device).mul_(2)
+        if workload.class_last:
+            stored = workload.shape[:1] + workload.shape[2:] + workload.shape[1:2]
+            x = torch.randn(stored, generator=gen, dtype=dtype, device=device).mul_(2).movedim(-1, 1)
+        else:
+            x = torch.randn(workload.shape, generator=gen, dtype=dtype, device=device).mul_(2)
         t = torch.randint(0, workload.classes, workload.target_shape, generator=gen, device=device)
         if workload.ignore_fraction:
             mask = torch.rand(workload.target_shape, generator=gen, device=device) < workload.ignore_fraction
@@ -319,11 +326,14 @@ def parse_shapes(spec: str, default_dtype: str = "fp32") -> List[Workload]:
 
 def with_options(workloads: Sequence[Workload], label_smoothing: Optional[float] = None,
                  ignore_fraction: Optional[float] = None, weighted: bool = False,
-                 reduction: Optional[str] = None) -> List[Workload]:
+                 reduction: Optional[str] = None, class_last: bool = False) -> List[Workload]:
     """Apply command-line loss options to every workload (renaming them so results stay distinct)."""
     out = []
     for w in workloads:
         changes, tags = {}, []
+        if class_last and len(w.shape) > 2 and not w.hidden:
+            changes["class_last"] = True
+            tags.append("class-last")
         if label_smoothing is not None:
             changes["label_smoothing"] = label_smoothing
             tags.append(f"ls{label_smoothing:g}")
