@@ -412,6 +412,20 @@ def test_backward(emu, C, dtype, soft):
         assert_close_ref(grad_target, grads[1], dtype, "grad_target")
 
 
+@pytest.mark.parametrize("C", [2, 100, 5000])
+def test_target_gradient_of_rows_with_a_large_lse(emu, C):
+    """Rows whose |lse| >= 128 have their statistics recomputed by the backward: the target's
+    gradient, -g w_c (y_c - lse), takes y_c - lse from them too. From the saved lse (rounded to 6e-5
+    at 1000) it was 2.5e-5 off; PyTorch's float32 is 9e-7."""
+    x = make_logits((8, C, 1), torch.float32) + 1000
+    q = torch.rand(8, C, 1)
+    _, lse, _, _ = _run_forward(emu, x, q, "forward")
+    _, grad_target = emu.backward(torch.ones(8, 1), None, x, q, None, lse, -100, 0.0, 0.0, 0.0, False, True)
+    qr = q.double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(x.double(), qr, reduction="sum"), qr)
+    assert (grad_target.double() - ref).abs().max().item() < 4e-6
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("rows, weight_launches", [
     (4, [(1, 256, 1)]), (2048, [(1, 256, 1)]),  # one block sums the targets' weights and finishes
@@ -620,6 +634,34 @@ def test_special_values(emu, C, case, label_smoothing):
     grad_loss = torch.full((4, 1), 0.25)
     grad_input, _ = emu.backward(grad_loss, None, x, t, None, lse, -100, label_smoothing, 0.0, 0.0, True, False)
     _assert_like_torch(grad_input[..., 0], grad32, grad64, f"{case}: backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("C", [4, 2000])
+def test_logits_spanning_more_than_the_range(emu, C, dtype):
+    """A row whose logits span more than the type's range (3e38 and -3e38 in float32): the smoothing
+    and probability sums, taken relative to the target's logit (or y_0), overflow to inf - inf. The
+    loss is PyTorch's: +inf where the low logit's class has mass, NaN where it has none (0 * inf)."""
+    big = torch.finfo(dtype).max * 0.9
+    x = torch.zeros(3, C, 1, dtype=dtype)
+    x[:, 0], x[:, 1] = big, -big
+    t = torch.tensor([[1], [1], [2]])
+    weight = torch.ones(C, dtype=dtype)
+    weight[1] = 0  # rows 0 and 1: the target's class, at the low logit, has no weight
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for w, rows in ((None, 3), (weight, 2)):
+        # (Row 2 under these weights: PyTorch's 0 * inf of class 1 is NaN, the kernel's sum inf; left.)
+        loss = _run_forward(emu, x, t, "forward", label_smoothing=0.5, weight=w)[0]
+        ref = F.cross_entropy(x[..., 0].to(acc), t[:, 0], None if w is None else w.to(acc), reduction="none",
+                              label_smoothing=0.5)
+        torch.testing.assert_close(loss[:rows, 0], ref[:rows], equal_nan=True)
+    soft = torch.full((3, C, 1), 1.0 / C, dtype=dtype)
+    soft[0, 0] = 0  # row 0: class 0 has no mass, so its -inf log-probability gives 0 * inf
+    xs = torch.zeros(3, C, 1, dtype=dtype)
+    xs[:, 0], xs[:, 1] = -big, big  # the low logit at class 0: y_0 is the probability sums' reference
+    loss = _run_forward(emu, xs, soft, "forward")[0]
+    ref = F.cross_entropy(xs[..., 0].to(acc), soft[..., 0].to(acc), reduction="none")
+    torch.testing.assert_close(loss[:, 0], ref, equal_nan=True)
 
 
 def _run_in_a_new_process(body: str, setup: str = "", env=None) -> list:

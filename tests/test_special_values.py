@@ -104,6 +104,32 @@ def test_row_all_neginf(device, C):
         _compare(x, t, device, f"row of -inf {reduction}", reduction=reduction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 10), (4, 1000), (2, 10, 3), (2, 1000, 3)])
+def test_lse_of_a_row_of_neginf_is_neginf(device, shape, dtype):
+    # torch.logsumexp's -inf, where the CPU kernels gave NaN (exp(-inf - -inf) in the sum); the loss
+    # stays NaN (or 0 where ignored), as PyTorch's.
+    x = make_logits(shape, dtype, device)
+    x[1] = -INF
+    t = torch.zeros((shape[0],) + shape[2:], dtype=torch.long, device=device)
+    t[0] = -100
+    loss, lse = fused_ce.cross_entropy(x, t, reduction="none", return_lse=True)
+    torch.testing.assert_close(lse, torch.logsumexp(x.float() if dtype != torch.float64 else x, 1))
+    assert torch.isnan(loss[1]).all() and (loss[0] == 0).all()
+
+
+@pytest.mark.parametrize("C", [10, 2000])
+def test_lse_gradient_of_ignored_rows_with_tied_huge_maxima(device, C):
+    # Only the lse's gradient reaches ignored rows: softmax, 1/2 at each of two tied maxima of 1e30.
+    # From exp(x - lse), lse rounded to the maxima's magnitude, each got 1 on the CPU's long rows.
+    x = make_logits((4, C), torch.float32, device)
+    x[:, 1:3] = 1e30
+    x.requires_grad_()
+    _, lse = fused_ce.cross_entropy(x, torch.full((4,), -100, device=device), reduction="none", return_lse=True)
+    (grad,) = torch.autograd.grad(lse.sum(), x)
+    torch.testing.assert_close(grad, torch.softmax(x.detach().double(), 1).float())
+
+
 @pytest.mark.parametrize("C", [4, 80])
 def test_neginf_kdim_and_channels_last(device, C):
     x = make_logits((2, C, 3, 2), torch.float32)

@@ -428,7 +428,9 @@ class RowKernel {
     // loss. (NaN stays NaN.)
     Acc log_sum = std::log(sum) - shifted_exp.log_bias();
     if (log_sum < Acc(0)) log_sum = Acc(0);
-    const Acc lse = row_max + log_sum;
+    // A row of -inf only: lse is -inf, torch.logsumexp's (its log_sum is
+    // NaN, from exp(-inf - -inf), and so are its loss and p, as PyTorch's).
+    const Acc lse = row_max == -std::numeric_limits<Acc>::infinity() ? row_max : row_max + log_sum;
     const Acc inv_sum = Acc(1) / sum;
 
     Acc loss = 0;
@@ -471,15 +473,18 @@ class RowKernel {
       finish.target = target;
       finish.target_delta = g * (Acc(1) - eps) * w_target;
     } else {
-      // No exponentials were kept: grad_row = p = exp(x - lse).
+      // No exponentials were kept: grad_row = p = exp((x - max) - log_sum),
+      // not exp(x - lse): lse is rounded at the logits' magnitude, which
+      // two tied maxima of 1e30 would each see as p = 1.
       finish.scale = coef_p;
       int64_t c = 0;
       for (; c + kLanes <= C; c += kLanes) {
-        store_vec(grad_row + c, exp_for<X>(load_widened<Vec>(x + c) - lse));
+        store_vec(grad_row + c, exp_for<X>((load_widened<Vec>(x + c) - row_max) - log_sum));
       }
       if (c < C) {
-        // Padding lanes read lse itself: exp(0), never an overflow.
-        store_partial(grad_row + c, exp_for<X>(load_partial<Vec>(x + c, C - c, lse) - lse), C - c);
+        // Padding lanes read the max itself: exp(-log_sum), never an overflow.
+        store_partial(grad_row + c, exp_for<X>((load_partial<Vec>(x + c, C - c, row_max) - row_max) - log_sum),
+                      C - c);
       }
     }
     if constexpr (kCapped) {

@@ -197,7 +197,10 @@ class TileKernel {
       return e;
     });
     const Vec log_sum = Simd<Acc>::log(vsum);
-    const Vec lse = vmax + log_sum;
+    // A position whose logits are all -inf: lse -inf, torch.logsumexp's
+    // (log_sum is NaN there, from exp(-inf - -inf), and so is the loss).
+    const Vec neg_inf = Vec{} - std::numeric_limits<Acc>::infinity();
+    const Vec lse = vmax == neg_inf ? vmax : vmax + log_sum;
     // The z-loss of each lane is z_weight * lse^2, z_weight = z w_target, or z
     // for probability targets. Ignored lanes have none, and skip it outright
     // (0 * lse is NaN for an infinite lse).

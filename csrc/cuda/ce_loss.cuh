@@ -141,23 +141,39 @@ struct LossMath {
     return class_weight(weight, c) * (q * one_minus_eps + eps_per_class);
   }
 
-  // Loss of a row with class target t (not ignored):
+  // sum_c m_c (lse - y_c) from its parts relative to ref, one of the row's
+  // logits: M (lse - ref) - dev_sum, with M = sum_c m_c and dev_sum =
+  // sum_c m_c (y_c - ref). Logits that span more than the type's range
+  // (3e38 and -3e38 in float32) overflow both parts to +inf when ref is the
+  // low one, and inf - inf is NaN; the sum itself, whose terms are all >= 0,
+  // is then +inf, PyTorch's result, as long as ref's own term m_ref (lse -
+  // ref) is one of them (m_ref > 0; with m_ref = 0, PyTorch's 0 * inf is NaN
+  // too). A NaN of the row's own (a NaN logit or mass, inf - inf in lse)
+  // stays NaN.
+  __device__ __forceinline__ Acc mass_weighted_gaps(const RowStats<Acc>& st, Acc ref, Acc ref_mass, Acc mass_sum,
+                                                    Acc dev_sum) const {
+    const Acc sum = mass_sum * st.lse_minus(ref) - dev_sum;
+    if (isnan(sum) && !isnan(st.lse()) && !isnan(mass_sum) && ref_mass > Acc(0)) return -acc_neg_inf<Acc>();
+    return sum;
+  }
+
+  // Loss of a row with class target t (not ignored), ref = y_t:
   //   (1 - eps) w_t (lse - y_t) + eps/C sum_c w_c (lse - y_c) + z w_t lse^2
   // dev_sum = sum_c w_c (y_c - ref), weight_sum = W (both only with smoothing).
   __device__ __forceinline__ Acc class_loss(const RowStats<Acc>& st, Acc y_target, Acc w_target, Acc ref,
                                             Acc dev_sum, Acc weight_sum) const {
     Acc loss = one_minus_eps * w_target * st.lse_minus(y_target);
-    if (smoothing) loss += eps_per_class * (weight_sum * st.lse_minus(ref) - dev_sum);
+    if (smoothing) loss += eps_per_class * mass_weighted_gaps(st, ref, w_target, weight_sum, dev_sum);
     if (has_z_loss) loss += z_loss * w_target * square(st.lse());
     return loss;
   }
 
-  // Loss of a row with probability targets:
+  // Loss of a row with probability targets, ref = y_0 (of mass u_0):
   //   sum_c u_c (lse - y_c) + z lse^2
   // mass_sum = V, dev_sum = sum_c u_c (y_c - ref).
-  __device__ __forceinline__ Acc prob_loss(const RowStats<Acc>& st, Acc ref, Acc mass_sum,
+  __device__ __forceinline__ Acc prob_loss(const RowStats<Acc>& st, Acc ref, Acc ref_mass, Acc mass_sum,
                                            Acc dev_sum) const {
-    Acc loss = mass_sum * st.lse_minus(ref) - dev_sum;
+    Acc loss = mass_weighted_gaps(st, ref, ref_mass, mass_sum, dev_sum);
     if (has_z_loss) loss += z_loss * square(st.lse());
     return loss;
   }

@@ -235,7 +235,9 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
     if (lane == 0) {
       Acc loss;
       if constexpr (PROB) {
-        loss = math.prob_loss(stats, ref, st.v[2], st.v[3]);
+        // ref's mass: the mass of class 0 (read again by this lane only).
+        const Acc ref_mass = math.prob_mass(p.weight, 0, to_acc(load_global<CachePolicy::kCoherent>(t)));
+        loss = math.prob_loss(stats, ref, ref_mass, st.v[2], st.v[3]);
       } else {
         loss = y < 0 ? Acc(0) : math.class_loss(stats, y_target, w_target, ref, st.v[2], weight_sum);
       }
@@ -443,7 +445,9 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
       if (!active) continue;  // no collectives past this point
 
       // d/dx_c: RowGradient;  d/dq_c = -g (1 - eps) w_c (y_c - lse), no chain
-      // rule (the cap acts on the logits only).
+      // rule (the cap acts on the logits only), y_c - lse from the row's
+      // recomputed statistics where it has them (an lse of 1000 is rounded
+      // to 6e-5).
       const RowGradient<Acc> grad = math.prob_gradient(g, g_lse, v_total, lse);
       const Acc gt_scale = -g * math.one_minus_eps;
       T* gx = want_gx ? p.grad_input + out_offset : nullptr;
@@ -452,7 +456,7 @@ __global__ void __launch_bounds__(BLOCK, (stream_min_blocks<T, BLOCK, PROB>()))
         const Logit<Acc> l = math.logit(to_acc(xv));
         if (want_gx)
           gx_out = from_acc<T>(grad.at(stats, l, c, [&] { return math.prob_mass(p.weight, c, to_acc(tv)); }));
-        if (want_gt) gt_out = from_acc<T>(gt_scale * class_weight(p.weight, c) * (l.y - lse));
+        if (want_gt) gt_out = from_acc<T>(gt_scale * class_weight(p.weight, c) * -stats.lse_minus(l.y));
       };
       if constexpr (VEC > 1) {
         T xe[kEdges], te[kEdges] = {zero, zero}, gxe[kEdges] = {zero, zero}, gte[kEdges] = {zero, zero};
