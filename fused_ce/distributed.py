@@ -147,19 +147,22 @@ def vocab_parallel_cross_entropy(
     t = target.reshape(n).long()
 
     # The log-sum-exp of this rank's classes, by the fused forward operator
-    # (one read of the logits). Its lse of a row of nothing but -inf (this
-    # rank's part of a padded vocabulary) is NaN, as its loss must be; that
-    # row's log-sum-exp is -inf, the row maximum. Whether any rank has a NaN
-    # comes back with the validation, so the maxima are only read then.
+    # (one read of the logits). A row of nothing but -inf (this rank's part
+    # of a padded vocabulary) has the log-sum-exp -inf, which the operators
+    # give (torch.logsumexp's value), and its softmax is 0, which the
+    # backward has to write itself (the operator's softmax of such a row is
+    # NaN). Whether any rank has such a row, or a NaN, comes back with the
+    # validation; a NaN lse is then replaced by the row maximum (still NaN
+    # for a NaN logit).
     with torch.no_grad():  # (the Function below is the autograd of all this)
         local_lse = _local_lse(x, softcap)
-        any_nan = _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction,
-                                         label_smoothing, z_loss, softcap, local_lse)
-        if any_nan:  # (a NaN logit keeps its row's NaN)
+        any_degenerate = _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction,
+                                                label_smoothing, z_loss, softcap, local_lse)
+        if any_degenerate:  # (a NaN logit keeps its row's NaN)
             local_lse = torch.where(local_lse.isnan(), x.amax(dim=1).to(local_lse.dtype), local_lse)
 
-    loss = _VocabParallelCrossEntropy.apply(x, t, local_lse, any_nan, group, rank, world_size, ignore_index,
-                                            _REDUCTIONS[reduction], label_smoothing, z_loss, softcap)
+    loss = _VocabParallelCrossEntropy.apply(x, t, local_lse, any_degenerate, group, rank, world_size,
+                                            ignore_index, _REDUCTIONS[reduction], label_smoothing, z_loss, softcap)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     return loss
@@ -188,7 +191,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reduction, label_smoothing,
                            z_loss, softcap, local_lse) -> bool:
     """One small all_reduce(MAX) that makes every rank agree the call is valid;
-    returns whether any rank's ``local_lse`` holds a NaN.
+    returns whether any rank's ``local_lse`` holds a NaN or -inf (a NaN logit, or a row
+    of nothing but -inf).
 
     Out-of-range targets would otherwise silently contribute nothing (no rank
     owns them), and ranks disagreeing on the row count or shard width would
@@ -222,7 +226,8 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
     values = torch.tensor(list(agreed.values()), dtype=torch.long).to(device)
     values[-1] = checksum
     local_bad = bad.any().long().reshape(1)
-    packet = torch.cat([local_bad, values, -values, local_lse.isnan().any().long().reshape(1)])
+    degenerate = (local_lse.isnan() | (local_lse == -math.inf)).any()
+    packet = torch.cat([local_bad, values, -values, degenerate.long().reshape(1)])
     dist.all_reduce(packet, op=dist.ReduceOp.MAX, group=group)
     result = packet.tolist()  # the one host synchronisation of the call
     k = len(agreed)
@@ -247,15 +252,15 @@ def _validate_across_ranks(x, t, rank, world_size, group, ignore_index, reductio
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward with O(N) all-reduces; communication-free backward.
 
-    ``apply(x, t, local_lse, any_nan, group, rank, world_size, ignore_index, reduction, eps,
+    ``apply(x, t, local_lse, any_degenerate, group, rank, world_size, ignore_index, reduction, eps,
     z_loss, softcap)`` on ``x`` ``(N, Vs)`` and int64 ``t`` ``(N,)`` (validated by the
     caller), with the log-sum-exp of each row's local classes and whether any rank had
-    a NaN there (a padded vocabulary's all -inf rows);
+    a NaN or -inf there (a NaN logit, a padded vocabulary's all -inf rows);
     ``reduction`` 0 none, 1 mean, 2 sum; ``softcap`` 0 for none.
     """
 
     @staticmethod
-    def forward(ctx, x_in, t, local_lse, any_nan, group, rank, world_size, ignore_index, reduction, eps, z_loss,
+    def forward(ctx, x_in, t, local_lse, any_degenerate, group, rank, world_size, ignore_index, reduction, eps, z_loss,
                 softcap):
         cdtype = _compute_dtype(x_in.dtype)
         n, vocab_shard = x_in.shape
@@ -302,7 +307,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = per_row.sum() / valid.sum()  # all ignored: 0 / 0 = NaN, like PyTorch
 
         ctx.save_for_backward(x_in, t, lse, local_lse)  # the capped logits are recomputed
-        ctx.rank, ctx.world_size, ctx.any_nan = rank, world_size, any_nan
+        ctx.rank, ctx.world_size, ctx.any_degenerate = rank, world_size, any_degenerate
         ctx.ignore_index, ctx.reduction, ctx.eps = ignore_index, reduction, eps
         ctx.z_loss, ctx.softcap = z_loss, softcap
         return loss.to(x_in.dtype)
@@ -350,7 +355,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_coef = torch.where(own, coef * (1.0 - eps), 0.0)
         op_target = torch.where(own, local_t, _IGNORED)
         grad = _fused_gradient(x_in, local_lse, op_target, target_coef, p_coef * ratio - target_coef, softcap)
-        if ctx.any_nan:
+        if ctx.any_degenerate:
             # A rank's part of a padded vocabulary, all -inf (lse_local =
             # -inf), is NaN from the operator, whose softmax of such a row
             # is; the loss's softmax is 0 there.
