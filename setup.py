@@ -31,9 +31,11 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # No -std: BuildExtension adds the standard the installed torch's headers
+    # need (C++17 up to torch 2.11, C++20 from 2.13; torch 2.15 refuses C++17).
+    # The sources are C++17 and C++20 alike.
     cxx_flags = [
         "-O3",
-        "-std=c++17",
         # Let a * b + c become one FMA instruction (ISO C++ mode disables it).
         "-ffp-contract=fast",
         # std::exp / std::log never set errno here; lets the compiler inline them.
@@ -54,7 +56,7 @@ def extension():
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         define_macros.append(("FUSED_CE_WITH_CUDA", "1"))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         return CUDAExtension(
             "fused_ce._C",
             sources,

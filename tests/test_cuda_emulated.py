@@ -11,6 +11,7 @@ collectives over exited lanes, device-side assertions). What it cannot show
 tests/cuda_emulator/README.md.
 """
 
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -710,11 +711,19 @@ def _launches_with(variable, value, body, **more_variables):
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(emu):
     """torch's extension builder waits for as long as the file "lock" exists in the build folder,
     and a process killed while it builds leaves it there (an xdist worker past pytest's time
-    limit, on the GPU machine): build.load() clears it under its own lock, an flock."""
+    limit, on the GPU machine): build.load() clears it under its own lock, an flock. (From torch
+    2.15 the builder's "lock" is itself an flock, which the kernel releases when its holder dies,
+    and the file stays after a build: then it must only be free.)"""
     stale = Path(emu.__file__).parent / "lock"
     stale.write_text("")
     assert _run_in_a_new_process("print('loaded')") == ["loaded"]
-    assert not stale.exists()
+    from torch.utils import cpp_extension
+
+    if hasattr(cpp_extension, "FileLock"):
+        with open(stale) as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+    else:
+        assert not stale.exists()
 
 
 _CLUSTER_MODE_LAUNCHES = """_print_launches(emu, 3, [
