@@ -34,9 +34,13 @@ fi
 inc="$root/torch/include"
 version=$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$root/torch/version.py")
 python_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-flags=(-std=c++17 -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
+# The standard the extension build would use with this torch (setup.py leaves
+# it to torch): C++20 where the headers demand it (torch 2.15), else C++17.
+std=c++17
+grep -q "C++20 or later" "$inc/ATen/ATen.h" && std=c++20
+flags=(-std=$std -D_GLIBCXX_USE_CXX11_ABI=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
        -I"$inc" -I"$inc/torch/csrc/api/include" -I"$python_inc" -Icsrc)
-echo "== torch $version headers from $(basename "$wheel")"
+echo "== torch $version headers from $(basename "$wheel") (-std=$std)"
 
 status=0
 # Every host source that includes torch (the CPU kernel files do not).
